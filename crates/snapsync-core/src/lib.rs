@@ -1,0 +1,30 @@
+//! The pure core of snapsync.
+//!
+//! Everything here is logic without I/O, in the spirit of raft-rs: the caller (the
+//! engine, a store) feeds in what it read and gets back decisions and data structures.
+//! That keeps the hard parts — extent algebra, delta chains, base selection — testable
+//! with property tests against simple models, without disks or sockets.
+//!
+//! - [`ids`]: content ids ([`BlockId`]) and stable snapshot identities ([`SnapshotId`]).
+//! - [`time`]: snapshot ages ([`Timestamp`]).
+//! - [`extent`]: byte ranges and their algebra ([`ExtentList`]).
+//! - [`blockmap`]: a snapshot's content as a map of blocks, and deltas between maps.
+//! - [`snapshot`]: what stores list (volumes, snapshots) and what destinations remember (hints).
+//! - [`plan`]: which base a replication uses, from hints and listings.
+//! - [`names`]: validation of volume and snapshot names (they become object keys and paths).
+
+pub mod blockmap;
+pub mod extent;
+pub mod ids;
+pub mod names;
+pub mod plan;
+pub mod snapshot;
+pub mod time;
+
+pub use blockmap::{BlockMap, BlockRef, Delta};
+pub use extent::{Extent, ExtentList};
+pub use ids::{BlockId, SnapshotId};
+pub use names::{validate_name, NameError};
+pub use plan::{choose_base, common_snapshots, missing_snapshots, BaseChoice, BaseReason, CommonSnapshot};
+pub use snapshot::{Hint, Origin, SnapshotInfo, VolumeInfo};
+pub use time::Timestamp;

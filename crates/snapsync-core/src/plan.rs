@@ -1,0 +1,253 @@
+//! Replication planning: which snapshots to send, and against which base.
+//!
+//! This is the decision half of the Pure Storage seed's coordinator, kept free of I/O:
+//! the engine gathers the source listing, the destination's hints and listing, and this
+//! module answers. Hints are only trusted when both sides still have the snapshot.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::ids::SnapshotId;
+use crate::snapshot::{Hint, SnapshotInfo, VolumeInfo};
+
+/// A snapshot both the source and the destination hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommonSnapshot {
+    /// The source's view of it.
+    pub source: SnapshotInfo,
+    /// Destination volume holding it.
+    pub dest_volume: String,
+    /// Destination snapshot name holding it.
+    pub dest_snapshot: String,
+}
+
+/// Why a base was chosen; reported by `replicate --json` as `base_reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaseReason {
+    /// The nearest common snapshot older than (or as old as) the target.
+    NearestOlder,
+    /// The nearest common snapshot, younger than the target.
+    NearestYounger,
+    /// The common snapshot with the smallest estimated difference.
+    SmallestDiff,
+    /// Nothing in common: a full replication.
+    NoCommonBase,
+}
+
+impl BaseReason {
+    /// The string used in JSON output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BaseReason::NearestOlder => "nearest-older",
+            BaseReason::NearestYounger => "nearest-younger",
+            BaseReason::SmallestDiff => "smallest-diff",
+            BaseReason::NoCommonBase => "no-common-base",
+        }
+    }
+}
+
+/// The chosen base, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseChoice {
+    /// The base, or `None` for a full replication.
+    pub base: Option<CommonSnapshot>,
+    /// Why.
+    pub reason: BaseReason,
+}
+
+/// The snapshots of `source` that the destination holds, found through the
+/// destination's hints and, failing those, through identities in the destination's
+/// same-named volume (a cascade or a rebuilt hint store). Hints naming a snapshot that
+/// either side no longer has are dropped.
+pub fn common_snapshots(
+    source: &VolumeInfo,
+    hints: &[Hint],
+    dest_volumes: &[VolumeInfo],
+) -> Vec<CommonSnapshot> {
+    let dest_has = |volume: &str, name: &str, id: &SnapshotId| {
+        dest_volumes
+            .iter()
+            .find(|v| v.name == volume)
+            .and_then(|v| v.snapshot(name))
+            .is_some_and(|s| &s.id == id)
+    };
+    let mut out: HashMap<SnapshotId, CommonSnapshot> = HashMap::new();
+    for h in hints {
+        let Some(src) = source.snapshot_by_id(&h.id) else {
+            continue;
+        };
+        if dest_has(&h.local_volume, &h.local_snapshot, &h.id) {
+            out.entry(h.id).or_insert_with(|| CommonSnapshot {
+                source: src.clone(),
+                dest_volume: h.local_volume.clone(),
+                dest_snapshot: h.local_snapshot.clone(),
+            });
+        }
+    }
+    if let Some(dv) = dest_volumes.iter().find(|v| v.name == source.name) {
+        for s in &dv.snapshots {
+            if let Some(src) = source.snapshot_by_id(&s.id) {
+                out.entry(s.id).or_insert_with(|| CommonSnapshot {
+                    source: src.clone(),
+                    dest_volume: dv.name.clone(),
+                    dest_snapshot: s.name.clone(),
+                });
+            }
+        }
+    }
+    let mut v: Vec<CommonSnapshot> = out.into_values().collect();
+    v.sort_by(|a, b| {
+        (a.source.created, &a.source.name).cmp(&(b.source.created, &b.source.name))
+    });
+    v
+}
+
+/// Choose the base for replicating `target`: among `common` (excluding the target
+/// itself), the one nearest in age, preferring the older on a tie. When `estimates`
+/// gives a difference size for candidates (sources that can estimate cheaply, from
+/// metadata), the smallest estimated difference wins instead, ties going to the nearest.
+pub fn choose_base(
+    target: &SnapshotInfo,
+    common: &[CommonSnapshot],
+    estimates: Option<&HashMap<SnapshotId, u64>>,
+) -> BaseChoice {
+    let candidates: Vec<&CommonSnapshot> =
+        common.iter().filter(|c| c.source.id != target.id).collect();
+    let nearness = |c: &CommonSnapshot| {
+        (
+            c.source.created.distance(&target.created),
+            c.source.created > target.created,
+            c.source.name.clone(),
+        )
+    };
+    let nearest = candidates.iter().min_by_key(|c| nearness(c)).copied();
+    let Some(nearest) = nearest else {
+        return BaseChoice {
+            base: None,
+            reason: BaseReason::NoCommonBase,
+        };
+    };
+    let age_reason = if nearest.source.created > target.created {
+        BaseReason::NearestYounger
+    } else {
+        BaseReason::NearestOlder
+    };
+    if let Some(est) = estimates {
+        let best = candidates
+            .iter()
+            .filter_map(|c| est.get(&c.source.id).map(|cost| (*cost, nearness(c), *c)))
+            .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        if let Some((cost, _, best)) = best {
+            let nearest_cost = est.get(&nearest.source.id).copied();
+            if best.source.id != nearest.source.id && nearest_cost.is_none_or(|n| cost < n) {
+                return BaseChoice {
+                    base: Some(best.clone()),
+                    reason: BaseReason::SmallestDiff,
+                };
+            }
+        }
+    }
+    BaseChoice {
+        base: Some(nearest.clone()),
+        reason: age_reason,
+    }
+}
+
+/// The source snapshots the destination lacks, oldest first: what `replicate` without
+/// `--snapshot` sends.
+pub fn missing_snapshots<'a>(
+    source: &'a VolumeInfo,
+    common: &[CommonSnapshot],
+) -> Vec<&'a SnapshotInfo> {
+    let mut v: Vec<&SnapshotInfo> = source
+        .snapshots
+        .iter()
+        .filter(|s| !common.iter().any(|c| c.source.id == s.id))
+        .collect();
+    v.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::Timestamp;
+
+    fn snap(name: &str, t: i64) -> SnapshotInfo {
+        SnapshotInfo {
+            name: name.into(),
+            id: SnapshotId::derive("src", "vol", name, Timestamp::new(t, 0)),
+            created: Timestamp::new(t, 0),
+            size: 100,
+        }
+    }
+
+    fn volume(snaps: &[SnapshotInfo]) -> VolumeInfo {
+        VolumeInfo {
+            name: "vol".into(),
+            size: 100,
+            snapshots: snaps.to_vec(),
+            origin: None,
+        }
+    }
+
+    fn hint(s: &SnapshotInfo) -> Hint {
+        Hint {
+            source_snapshot: s.name.clone(),
+            id: s.id,
+            created: s.created,
+            local_volume: "vol".into(),
+            local_snapshot: s.name.clone(),
+        }
+    }
+
+    #[test]
+    fn stale_hints_are_dropped_and_nearest_base_chosen() {
+        let (s1, s2, s3, s4) = (snap("s1", 10), snap("s2", 20), snap("s3", 30), snap("s4", 40));
+        // Source lost s1; destination lost s2; both have s3.
+        let source = volume(&[s2.clone(), s3.clone(), s4.clone()]);
+        let dest = vec![volume(&[s1.clone(), s3.clone()])];
+        let hints = vec![hint(&s1), hint(&s2), hint(&s3)];
+        let common = common_snapshots(&source, &hints, &dest);
+        assert_eq!(common.len(), 1);
+        assert_eq!(common[0].source.name, "s3");
+        let choice = choose_base(&s4, &common, None);
+        assert_eq!(choice.reason, BaseReason::NearestOlder);
+        assert_eq!(choice.base.unwrap().dest_snapshot, "s3");
+        let missing: Vec<_> = missing_snapshots(&source, &common)
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        assert_eq!(missing, vec!["s2", "s4"]);
+        // s2 is older than the only common snapshot: the base is younger.
+        assert_eq!(choose_base(&s2, &common, None).reason, BaseReason::NearestYounger);
+    }
+
+    #[test]
+    fn no_common_base_and_tie_prefers_older() {
+        let (s1, s2, s3) = (snap("s1", 10), snap("s2", 20), snap("s3", 30));
+        assert_eq!(choose_base(&s2, &[], None).reason, BaseReason::NoCommonBase);
+        let source = volume(&[s1.clone(), s2.clone(), s3.clone()]);
+        let dest = vec![volume(&[s1.clone(), s3.clone()])];
+        let common = common_snapshots(&source, &[], &dest);
+        let c = choose_base(&s2, &common, None);
+        assert_eq!(c.base.unwrap().dest_snapshot, "s1");
+        assert_eq!(c.reason, BaseReason::NearestOlder);
+    }
+
+    #[test]
+    fn smallest_estimate_wins_over_nearest() {
+        let (s1, s2, s3) = (snap("s1", 10), snap("s2", 20), snap("s3", 30));
+        let source = volume(&[s1.clone(), s2.clone(), s3.clone()]);
+        let dest = vec![volume(&[s1.clone(), s2.clone()])];
+        let common = common_snapshots(&source, &[], &dest);
+        let est: HashMap<_, _> = [(s1.id, 5u64), (s2.id, 50u64)].into();
+        let c = choose_base(&s3, &common, Some(&est));
+        assert_eq!(c.reason, BaseReason::SmallestDiff);
+        assert_eq!(c.base.unwrap().dest_snapshot, "s1");
+        let est: HashMap<_, _> = [(s1.id, 50u64), (s2.id, 5u64)].into();
+        assert_eq!(choose_base(&s3, &common, Some(&est)).reason, BaseReason::NearestOlder);
+    }
+}

@@ -1,0 +1,100 @@
+//! Snapshot ages.
+//!
+//! Age (creation time) orders snapshots of a volume on every system, so it is kept with
+//! nanosecond precision: qcow2 records nanoseconds and file systems keep them in mtimes.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds and nanoseconds since the Unix epoch (UTC).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Timestamp {
+    /// Whole seconds since 1970-01-01T00:00:00Z; negative before.
+    pub secs: i64,
+    /// Nanoseconds within the second, `0..1_000_000_000`.
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    /// Build from parts; nanoseconds past a second carry into `secs`.
+    pub fn new(secs: i64, nanos: u32) -> Self {
+        Self {
+            secs: secs.saturating_add(i64::from(nanos / 1_000_000_000)),
+            nanos: nanos % 1_000_000_000,
+        }
+    }
+
+    /// From a [`SystemTime`] (e.g. a file's modification time).
+    pub fn from_system_time(t: SystemTime) -> Self {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Self::new(d.as_secs() as i64, d.subsec_nanos()),
+            Err(e) => {
+                let d = e.duration();
+                let mut secs = -(d.as_secs() as i64);
+                let mut nanos = d.subsec_nanos();
+                if nanos > 0 {
+                    secs -= 1;
+                    nanos = 1_000_000_000 - nanos;
+                }
+                Self::new(secs, nanos)
+            }
+        }
+    }
+
+    /// Total nanoseconds since the epoch, for distances between ages.
+    pub fn as_nanos(&self) -> i128 {
+        i128::from(self.secs) * 1_000_000_000 + i128::from(self.nanos)
+    }
+
+    /// Absolute distance in nanoseconds.
+    pub fn distance(&self, other: &Timestamp) -> u128 {
+        (self.as_nanos() - other.as_nanos()).unsigned_abs()
+    }
+
+    /// RFC 3339 in UTC, with nanoseconds when non-zero.
+    pub fn to_rfc3339(&self) -> String {
+        match ::time::OffsetDateTime::from_unix_timestamp_nanos(self.as_nanos()) {
+            Ok(dt) => dt
+                .format(&::time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| format!("@{}.{:09}", self.secs, self.nanos)),
+            Err(_) => format!("@{}.{:09}", self.secs, self.nanos),
+        }
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Timestamp({})", self.to_rfc3339())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(Timestamp::new(0, 0).to_rfc3339(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            Timestamp::new(1_700_000_000, 5).to_rfc3339(),
+            "2023-11-14T22:13:20.000000005Z"
+        );
+    }
+
+    #[test]
+    fn order_and_distance() {
+        let a = Timestamp::new(10, 999_999_999);
+        let b = Timestamp::new(11, 0);
+        assert!(a < b);
+        assert_eq!(a.distance(&b), 1);
+        assert_eq!(Timestamp::new(1, 1_500_000_000), Timestamp::new(2, 500_000_000));
+    }
+}

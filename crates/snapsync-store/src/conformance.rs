@@ -1,0 +1,353 @@
+//! The conformance suite: one set of checks that every store runs.
+//!
+//! Each store's test file builds its store from a [`Fixture`] (for sources) or fresh
+//! (for sinks) and calls [`check_source`] / [`check_sink`]. The checks panic with a
+//! message naming the store and what diverged, like `assert!` does.
+//!
+//! They compare against the fixture's plain bytes: the model is "a `Vec<u8>` per
+//! snapshot", and a store conforms when everything it reports and returns agrees.
+
+use snapsync_core::{BlockId, Extent, ExtentList, SnapshotInfo, Timestamp};
+
+use crate::{
+    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotSink, SnapshotSource,
+    StoreError,
+};
+
+/// One snapshot of the fixture.
+#[derive(Clone, Debug)]
+pub struct FixtureSnapshot {
+    /// Name.
+    pub name: String,
+    /// Age.
+    pub created: Timestamp,
+    /// Exact content.
+    pub content: Vec<u8>,
+}
+
+/// One volume of the fixture, snapshots oldest first.
+#[derive(Clone, Debug)]
+pub struct FixtureVolume {
+    /// Name.
+    pub name: String,
+    /// Snapshots, oldest first.
+    pub snapshots: Vec<FixtureSnapshot>,
+}
+
+/// Volumes and snapshots a store is populated with before the source checks.
+#[derive(Clone, Debug)]
+pub struct Fixture {
+    /// The volumes.
+    pub volumes: Vec<FixtureVolume>,
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so fixtures need no RNG crate.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+const KIB: usize = 1024;
+
+/// The standard fixture: sizes that are not block multiples, zero regions, blocks that
+/// become zero, a volume that grows, and a second volume sharing data with the first.
+pub fn standard_fixture() -> Fixture {
+    let t = |s: i64| Timestamp::new(1_700_000_000 + s, 123_456_789);
+    let mut s1 = pseudo_random(1, 640 * KIB + 100);
+    s1[128 * KIB..256 * KIB].fill(0);
+    let mut s2 = s1.clone();
+    s2[10 * KIB..12 * KIB].copy_from_slice(&pseudo_random(2, 2 * KIB));
+    s2[300 * KIB..364 * KIB].fill(0);
+    s2[130 * KIB..131 * KIB].fill(7);
+    let mut s3 = s2.clone();
+    s3.extend_from_slice(&pseudo_random(3, 200 * KIB));
+    s3.extend_from_slice(&[0u8; 70 * KIB]);
+    s3[500 * KIB] ^= 0xff;
+    let mut other = s1[..320 * KIB].to_vec();
+    other.extend_from_slice(&pseudo_random(4, 64 * KIB));
+    Fixture {
+        volumes: vec![
+            FixtureVolume {
+                name: "alpha".into(),
+                snapshots: vec![
+                    FixtureSnapshot { name: "s1".into(), created: t(0), content: s1 },
+                    FixtureSnapshot { name: "s2".into(), created: t(60), content: s2 },
+                    FixtureSnapshot { name: "s3".into(), created: t(3600), content: s3 },
+                ],
+            },
+            FixtureVolume {
+                name: "beta".into(),
+                snapshots: vec![FixtureSnapshot {
+                    name: "only".into(),
+                    created: t(10),
+                    content: other,
+                }],
+            },
+        ],
+    }
+}
+
+fn read_all(src: &dyn SnapshotSource, volume: &str, snap: &str, len: usize) -> Vec<u8> {
+    let mut r = src.open_snapshot(volume, snap).expect("open_snapshot");
+    let mut out = vec![0u8; len];
+    // Odd-sized reads at odd offsets exercise the reader's arithmetic.
+    let mut off = 0;
+    let mut step = 1000;
+    while off < len {
+        let n = step.min(len - off);
+        r.read_at(off as u64, &mut out[off..off + n]).expect("read_at");
+        off += n;
+        step = step * 3 % 70_001 + 4096;
+    }
+    out
+}
+
+fn real_changes(target: &[u8], base: Option<&[u8]>) -> ExtentList {
+    let mut l = ExtentList::new();
+    for (i, b) in target.iter().enumerate() {
+        let old = base.and_then(|x| x.get(i)).copied().unwrap_or(0);
+        if *b != old {
+            l.push(Extent::new(i as u64, 1));
+        }
+    }
+    l
+}
+
+/// Source checks. `granularity` is the coarsest unit in which this store reports
+/// differences; diffs may be that much larger than the real change, never more.
+pub fn check_source(src: &dyn SnapshotSource, fixture: &Fixture, granularity: u64) {
+    let loc = src.location();
+    let listed = src.list().expect("list");
+    assert_eq!(listed, src.list().expect("list again"), "{loc}: listing is not stable");
+    let id = src.system_id().expect("system_id");
+    assert_eq!(id, src.system_id().expect("system_id"), "{loc}: system id is not stable");
+    for fv in &fixture.volumes {
+        let v = listed
+            .iter()
+            .find(|v| v.name == fv.name)
+            .unwrap_or_else(|| panic!("{loc}: volume {} not listed", fv.name));
+        let names: Vec<&str> = v.snapshots.iter().map(|s| s.name.as_str()).collect();
+        let want: Vec<&str> = fv.snapshots.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, want, "{loc}: snapshots of {} not listed oldest first", fv.name);
+        assert_eq!(v.size, fv.snapshots.last().unwrap().content.len() as u64, "{loc}: volume size");
+        for (s, f) in v.snapshots.iter().zip(&fv.snapshots) {
+            assert_eq!(s.size, f.content.len() as u64, "{loc}: size of {}@{}", fv.name, f.name);
+            assert_eq!(s.created, f.created, "{loc}: age of {}@{}", fv.name, f.name);
+        }
+        let ids: std::collections::HashSet<_> = v.snapshots.iter().map(|s| s.id).collect();
+        assert_eq!(ids.len(), v.snapshots.len(), "{loc}: snapshot ids not unique");
+
+        for (k, f) in fv.snapshots.iter().enumerate() {
+            let got = read_all(src, &fv.name, &f.name, f.content.len());
+            assert!(got == f.content, "{loc}: content of {}@{} differs", fv.name, f.name);
+            let mut past = [1u8; 100];
+            let mut r = src.open_snapshot(&fv.name, &f.name).unwrap();
+            r.read_at(f.content.len() as u64 + 10, &mut past).unwrap();
+            assert!(past.iter().all(|b| *b == 0), "{loc}: reading past the end is not zero");
+
+            let mut bases: Vec<Option<&FixtureSnapshot>> = vec![None];
+            bases.extend(fv.snapshots.iter().filter(|b| b.name != f.name).map(Some));
+            let _ = k;
+            for base in bases {
+                let d = src
+                    .diff(&fv.name, &f.name, base.map(|b| b.name.as_str()))
+                    .expect("diff");
+                let what = format!(
+                    "{loc}: diff {}@{} against {:?}",
+                    fv.name,
+                    f.name,
+                    base.map(|b| &b.name)
+                );
+                let changed = d.changed();
+                assert!(
+                    d.data.union(&d.zero).total_len() == d.data.total_len() + d.zero.total_len(),
+                    "{what}: data and zero overlap"
+                );
+                let real = real_changes(&f.content, base.map(|b| b.content.as_slice()));
+                assert!(
+                    real.subtract(&changed).is_empty(),
+                    "{what}: misses changed bytes {:?}",
+                    &real.subtract(&changed).as_slice()[..1]
+                );
+                assert!(
+                    changed.clip(f.content.len() as u64) == changed,
+                    "{what}: extends past the end"
+                );
+                let bound = real.align(granularity, f.content.len() as u64).clip(f.content.len() as u64);
+                if base.is_some() {
+                    assert!(
+                        changed.subtract(&bound).is_empty(),
+                        "{what}: reports unchanged bytes beyond its granularity"
+                    );
+                }
+                for e in d.zero.as_slice() {
+                    let r = &f.content[e.offset as usize..e.end() as usize];
+                    assert!(r.iter().all(|b| *b == 0), "{what}: zero extent {e:?} holds data");
+                }
+            }
+        }
+    }
+    for (vol, snap) in [("nope", "s1"), ("alpha", "nope")] {
+        match src.open_snapshot(vol, snap) {
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => panic!("{loc}: {vol}@{snap} gave {e}, not NotFound"),
+            Ok(_) => panic!("{loc}: {vol}@{snap} opened"),
+        }
+        assert!(src.diff(vol, snap, None).is_err(), "{loc}: diff of missing {vol}@{snap}");
+    }
+    assert!(src.open_snapshot("../alpha", "s1").is_err(), "{loc}: path traversal");
+}
+
+/// Send one snapshot to `sink` the simple way (every block of `content`, or those that
+/// differ from `base_content`), without the engine.
+fn send(
+    sink: &dyn SnapshotSink,
+    volume: &str,
+    info: &SnapshotInfo,
+    content: &[u8],
+    base: Option<(&str, &[u8])>,
+    commit: bool,
+) -> u64 {
+    let bs = sink.block_size() as usize;
+    let mut rx = sink
+        .begin_receive(ReceiveRequest {
+            volume: volume.into(),
+            snapshot: info.clone(),
+            base: base.map(|(name, _)| BaseRef { volume: volume.into(), snapshot: name.into() }),
+            source_system: "conformance-source".into(),
+            source_volume: volume.into(),
+            source_snapshot: info.name.clone(),
+            origin: None,
+        })
+        .expect("begin_receive");
+    let mut stored = 0;
+    for (i, chunk) in content.chunks(bs).enumerate() {
+        let mut block = chunk.to_vec();
+        block.resize(bs, 0);
+        if let Some((_, b)) = base {
+            let mut old = b.get(i * bs..).unwrap_or(&[]).to_vec();
+            old.truncate(bs);
+            old.resize(bs, 0);
+            if old == block {
+                continue;
+            }
+        }
+        let content = if block.iter().all(|b| *b == 0) {
+            BlockContent::Zero
+        } else {
+            let id = BlockId::of(&block);
+            if rx.missing(&[id]).expect("missing")[0] {
+                BlockContent::Data { id, data: block }
+            } else {
+                BlockContent::Existing(id)
+            }
+        };
+        stored += rx
+            .write(vec![IncomingBlock { index: i as u64, content }])
+            .expect("write");
+    }
+    if commit {
+        rx.commit().expect("commit");
+    }
+    stored
+}
+
+/// Sink checks, on a fresh, empty store that is also a source (to read back).
+pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
+    let loc = store.location();
+    let fixture = standard_fixture();
+    let alpha = &fixture.volumes[0];
+    let info = |f: &FixtureSnapshot| SnapshotInfo {
+        name: f.name.clone(),
+        id: snapsync_core::SnapshotId::derive("conformance-source", "alpha", &f.name, f.created),
+        created: f.created,
+        size: f.content.len() as u64,
+    };
+    let (s1, s2, s3) = (&alpha.snapshots[0], &alpha.snapshots[1], &alpha.snapshots[2]);
+
+    // An abandoned receive leaves nothing visible.
+    send(store, "alpha", &info(s1), &s1.content, None, false);
+    assert!(
+        store.list().expect("list").iter().all(|v| v.snapshots.is_empty()),
+        "{loc}: an uncommitted snapshot is visible"
+    );
+
+    let full = send(store, "alpha", &info(s1), &s1.content, None, true);
+    assert!(full > 0, "{loc}: a full receive stored nothing");
+    let incr = send(store, "alpha", &info(s2), &s2.content, Some(("s1", &s1.content)), true);
+    assert!(incr < full / 4, "{loc}: incremental stored {incr} of {full}");
+    // Base younger than target is allowed: the sink must not assume order.
+    send(store, "alpha", &info(s3), &s3.content, Some(("s2", &s2.content)), true);
+
+    let v = store.volume("alpha").expect("volume");
+    let names: Vec<_> = v.snapshots.iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names, ["s1", "s2", "s3"], "{loc}: listing after receive");
+    for f in [s1, s2, s3] {
+        let s = v.snapshot(&f.name).unwrap();
+        assert_eq!(s, &info(f), "{loc}: identity, age or size not preserved for {}", f.name);
+        let got = read_all(store, "alpha", &f.name, f.content.len());
+        assert!(got == f.content, "{loc}: {} does not read back", f.name);
+    }
+
+    let hints = store.hints("conformance-source", "alpha").expect("hints");
+    let mut hinted: Vec<_> = hints.iter().map(|h| h.source_snapshot.clone()).collect();
+    hinted.sort();
+    assert_eq!(hinted, ["s1", "s2", "s3"], "{loc}: hints after receive");
+    assert!(hints.iter().all(|h| h.local_volume == "alpha" && h.id == info(
+        alpha.snapshots.iter().find(|s| s.name == h.source_snapshot).unwrap()
+    ).id), "{loc}: hint fields");
+    assert!(store.hints("other", "alpha").expect("hints").is_empty(), "{loc}: hints leak across sources");
+
+    // Blocks are deduplicated: a second volume with the same data stores nothing new.
+    let mut copy = info(s1);
+    copy.id = snapsync_core::SnapshotId::derive("conformance-source", "gamma", "s1", s1.created);
+    let again = send(store, "gamma", &copy, &s1.content, None, true);
+    assert_eq!(again, 0, "{loc}: identical data in another volume was stored again");
+
+    // A second receive of an existing snapshot name is refused, and changes nothing.
+    let mut rx_err = store.begin_receive(ReceiveRequest {
+        volume: "alpha".into(),
+        snapshot: info(s1),
+        base: None,
+        source_system: "conformance-source".into(),
+        source_volume: "alpha".into(),
+        source_snapshot: "s1".into(),
+        origin: None,
+    });
+    if let Ok(rx) = rx_err.as_mut() {
+        let _ = rx;
+    }
+    let refused = match rx_err {
+        Err(_) => true,
+        Ok(rx) => rx.commit().is_err(),
+    };
+    assert!(refused, "{loc}: a snapshot was received twice under the same name");
+    let got = read_all(store, "alpha", "s1", s1.content.len());
+    assert!(got == s1.content, "{loc}: s1 damaged by a refused receive");
+
+    // Names that could escape a directory or key prefix are refused.
+    let mut bad = info(s1);
+    bad.name = "../evil".into();
+    assert!(
+        store
+            .begin_receive(ReceiveRequest {
+                volume: "alpha".into(),
+                snapshot: bad,
+                base: None,
+                source_system: "x".into(),
+                source_volume: "alpha".into(),
+                source_snapshot: "x".into(),
+                origin: None,
+            })
+            .is_err(),
+        "{loc}: a path-like snapshot name was accepted"
+    );
+}

@@ -1,0 +1,169 @@
+//! The storage-system trait family.
+//!
+//! Every kind of storage system snapsync talks to (a directory of raw images, a qcow2
+//! image, a repository on disk or S3, a remote server) implements the same few traits,
+//! so the replication engine is written once:
+//!
+//! - [`Store`]: who the system is, and what volumes and snapshots it holds.
+//! - [`SnapshotSource`]: the differences between two snapshots, and their data.
+//! - [`SnapshotSink`]: the destination's hints, which blocks it lacks, and an atomic
+//!   receive-then-commit of one snapshot.
+//!
+//! [`memory::MemoryStore`] implements all three in memory; [`conformance`] is the one
+//! suite every implementation runs, so that behaviour cannot drift between stores.
+
+pub mod conformance;
+mod error;
+pub mod memory;
+
+use snapsync_core::{BlockId, ExtentList, Hint, Origin, SnapshotInfo, VolumeInfo};
+
+pub use error::{Result, StoreError};
+
+/// A storage system: its identity and its listing.
+pub trait Store: Send + Sync {
+    /// A human-readable location, used in messages.
+    fn location(&self) -> String;
+    /// A stable identity of this storage system, used to key hints at destinations and
+    /// to derive snapshot identities. It must not change when the system is reopened.
+    fn system_id(&self) -> Result<String>;
+    /// All volumes, each with its snapshots sorted oldest first.
+    fn list(&self) -> Result<Vec<VolumeInfo>>;
+
+    /// One volume's listing.
+    fn volume(&self, volume: &str) -> Result<VolumeInfo> {
+        self.list()?
+            .into_iter()
+            .find(|v| v.name == volume)
+            .ok_or_else(|| StoreError::NotFound {
+                what: format!("volume {volume:?} in {}", self.location()),
+            })
+    }
+}
+
+/// The changes between two snapshots of a volume, in bytes of the target.
+///
+/// `data` and `zero` are disjoint. Bytes in neither are equal to the base (or, without a
+/// base, zero). Sources report at the granularity they know; the engine aligns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Ranges whose content changed and must be read.
+    pub data: ExtentList,
+    /// Ranges that changed and now read as zeros: nothing to read or send.
+    pub zero: ExtentList,
+}
+
+impl Diff {
+    /// All changed bytes.
+    pub fn changed(&self) -> ExtentList {
+        self.data.union(&self.zero)
+    }
+}
+
+/// Reads the content of one snapshot.
+pub trait SnapshotReader: Send {
+    /// Fill `buf` from `offset`. Bytes past the snapshot's size read as zeros.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// The engine reports the id it computed for the block at `offset`; sources that
+    /// cache block hashes (the raw store) may keep it, so that they do not hash the same
+    /// image twice. Ignoring it is always correct.
+    fn observe_block(&mut self, _offset: u64, _len: usize, _id: &BlockId) {}
+
+    /// Called after a complete, successful pass; a place to persist caches.
+    fn finish(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A storage system that snapshots can be replicated from.
+pub trait SnapshotSource: Store {
+    /// The differences between `target` and `base` (both snapshots of `volume`), or,
+    /// without a base, the extents of `target` that hold data or are known to be zero.
+    fn diff(&self, volume: &str, target: &str, base: Option<&str>) -> Result<Diff>;
+
+    /// A cheap estimate of the size of `diff(volume, target, base)`, for sources that
+    /// can get it from metadata. `None` means "not cheap here": the engine then picks the
+    /// base by age alone.
+    fn estimate_diff(&self, _volume: &str, _target: &str, _base: &str) -> Option<u64> {
+        None
+    }
+
+    /// Open a snapshot for reading.
+    fn open_snapshot(&self, volume: &str, snapshot: &str)
+        -> Result<Box<dyn SnapshotReader + '_>>;
+}
+
+/// A snapshot the destination already holds, used as the base of a delta.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseRef {
+    /// Destination volume (differs from the target volume for clones).
+    pub volume: String,
+    /// Destination snapshot name.
+    pub snapshot: String,
+}
+
+/// What the engine asks a sink to receive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiveRequest {
+    /// Destination volume.
+    pub volume: String,
+    /// The snapshot, with its identity and age preserved from the source.
+    pub snapshot: SnapshotInfo,
+    /// The destination snapshot whose content the unsent blocks equal.
+    pub base: Option<BaseRef>,
+    /// The source's [`Store::system_id`], to key the hint.
+    pub source_system: String,
+    /// The source's volume name, to key the hint.
+    pub source_volume: String,
+    /// The source snapshot name, recorded in the hint.
+    pub source_snapshot: String,
+    /// Lineage when the volume is a clone.
+    pub origin: Option<Origin>,
+}
+
+/// The content of one block sent to a sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockContent {
+    /// All zeros.
+    Zero,
+    /// A block the sink already has (it said so in [`Receiver::missing`]).
+    Existing(BlockId),
+    /// New data; `id` is BLAKE3 of `data`.
+    Data {
+        /// BLAKE3 of the plaintext.
+        id: BlockId,
+        /// Plaintext, exactly the sink's block size.
+        data: Vec<u8>,
+    },
+}
+
+/// One block of the snapshot being received, by index in the sink's block size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IncomingBlock {
+    /// Block index.
+    pub index: u64,
+    /// Its content.
+    pub content: BlockContent,
+}
+
+/// One snapshot being received. Nothing is visible until [`Receiver::commit`]; dropping
+/// the receiver abandons the snapshot (blocks already stored may be reused by a rerun).
+pub trait Receiver: Send {
+    /// For each id, whether the sink lacks that block (so its data must be sent).
+    fn missing(&mut self, ids: &[BlockId]) -> Result<Vec<bool>>;
+    /// Store blocks; returns the bytes this added to the sink (after compression).
+    fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64>;
+    /// Make the snapshot and its hint visible, atomically.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// A storage system that snapshots can be replicated to.
+pub trait SnapshotSink: Store {
+    /// The size of the blocks the sink stores; the engine sends whole blocks of it.
+    fn block_size(&self) -> u64;
+    /// What this destination holds of `source_volume` on `source_system`.
+    fn hints(&self, source_system: &str, source_volume: &str) -> Result<Vec<Hint>>;
+    /// Start receiving one snapshot.
+    fn begin_receive(&self, request: ReceiveRequest) -> Result<Box<dyn Receiver + '_>>;
+}

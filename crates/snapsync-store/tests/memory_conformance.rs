@@ -1,0 +1,21 @@
+//! The in-memory store runs the conformance suite first: it is the reference.
+
+use snapsync_store::conformance::{check_sink, check_source, standard_fixture};
+use snapsync_store::memory::MemoryStore;
+
+#[test]
+fn memory_store_is_a_conforming_source() {
+    let fixture = standard_fixture();
+    let store = MemoryStore::new("fixture", 4096);
+    for v in &fixture.volumes {
+        for s in &v.snapshots {
+            store.add_snapshot(&v.name, &s.name, s.created, s.content.clone());
+        }
+    }
+    check_source(&store, &fixture, 4096);
+}
+
+#[test]
+fn memory_store_is_a_conforming_sink() {
+    check_sink(&MemoryStore::new("dest", 4096));
+}
