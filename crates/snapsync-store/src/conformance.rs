@@ -181,7 +181,14 @@ pub fn check_source(src: &dyn SnapshotSource, fixture: &Fixture, granularity: u6
                     changed.clip(f.content.len() as u64) == changed,
                     "{what}: extends past the end"
                 );
-                let bound = real.align(granularity, f.content.len() as u64).clip(f.content.len() as u64);
+                let len = f.content.len() as u64;
+                let mut bound = real.align(granularity, len).clip(len);
+                if base.is_some_and(|b| b.content.len() as u64 != len) && len % granularity != 0 {
+                    // A store that compares padded blocks cannot tell the bytes of a
+                    // partial last block apart when the sizes differ.
+                    let tail = len / granularity * granularity;
+                    bound = bound.union(&ExtentList::from_extents([Extent::new(tail, len - tail)]));
+                }
                 if base.is_some() {
                     assert!(
                         changed.subtract(&bound).is_empty(),

@@ -1,0 +1,409 @@
+//! `replicate`: send every snapshot the destination lacks, or one chosen snapshot.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+use snapsync_core::{
+    choose_base, common_snapshots, is_zero, missing_snapshots, BaseReason, BlockId, Extent,
+    ExtentList, SnapshotInfo, VolumeInfo,
+};
+use snapsync_store::{
+    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotSink, SnapshotSource,
+    StoreError,
+};
+use tracing::{debug, info};
+
+use crate::{EngineError, Progress, Result};
+
+/// What to replicate.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicateOptions {
+    /// Volumes to replicate; empty means all.
+    pub volumes: Vec<String>,
+    /// Only this snapshot (of each selected volume), instead of every missing one.
+    pub snapshot: Option<String>,
+}
+
+/// What happened to one snapshot; printed as one JSON line by `replicate --json`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// Volume.
+    pub volume: String,
+    /// Snapshot.
+    pub snapshot: String,
+    /// Name of the base snapshot, or `None` for a full replication.
+    pub base: Option<String>,
+    /// Why that base.
+    pub base_reason: BaseReason,
+    /// Bytes in the diff reported by the source.
+    pub changed_bytes: u64,
+    /// Bytes read from the source.
+    pub read_bytes: u64,
+    /// Block data stored at the destination, after dedup and compression.
+    pub sent_bytes: u64,
+    /// Bytes of blocks not sent because the destination already had them.
+    pub dedup_bytes: u64,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// Blocks read and hashed together: large sequential reads, and enough blocks for the
+/// hashing to spread over all cores.
+const BATCH_BYTES: u64 = 8 << 20;
+/// Batches in flight between the reading and the storing side.
+const PIPELINE_DEPTH: usize = 2;
+
+/// Replicate from `source` to `sink`, calling `on_report` after each snapshot commits.
+pub fn replicate(
+    source: &dyn SnapshotSource,
+    sink: &dyn SnapshotSink,
+    options: &ReplicateOptions,
+    progress: &dyn Progress,
+    on_report: &mut dyn FnMut(&SnapshotReport),
+) -> Result<Vec<SnapshotReport>> {
+    let src_err = |e: StoreError| EngineError::Source {
+        location: source.location(),
+        source: e,
+    };
+    let dst_err = |e: StoreError| EngineError::Destination {
+        location: sink.location(),
+        source: e,
+    };
+    let source_system = source.system_id().map_err(src_err)?;
+    let listing = source.list().map_err(src_err)?;
+    let volumes: Vec<&VolumeInfo> = if options.volumes.is_empty() {
+        listing.iter().collect()
+    } else {
+        options
+            .volumes
+            .iter()
+            .map(|name| {
+                listing.iter().find(|v| &v.name == name).ok_or_else(|| {
+                    EngineError::NotFound(format!(
+                        "volume {name:?} not found in {}",
+                        source.location()
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    if let Some(s) = &options.snapshot {
+        if volumes.iter().all(|v| v.snapshot(s).is_none()) {
+            return Err(EngineError::NotFound(format!(
+                "snapshot {s:?} not found in any selected volume of {}",
+                source.location()
+            )));
+        }
+    }
+
+    let mut reports = Vec::new();
+    for volume in volumes {
+        let hints = sink.hints(&source_system, &volume.name).map_err(dst_err)?;
+        let mut dest_listing = sink.list().map_err(dst_err)?;
+        let mut common = common_snapshots(volume, &hints, &dest_listing);
+        let targets: Vec<SnapshotInfo> = match &options.snapshot {
+            Some(name) => match volume.snapshot(name) {
+                Some(s) if !common.iter().any(|c| c.source.id == s.id) => vec![s.clone()],
+                Some(_) => {
+                    info!(volume = %volume.name, snapshot = %name, "already at destination");
+                    vec![]
+                }
+                None => vec![],
+            },
+            None => missing_snapshots(volume, &common).into_iter().cloned().collect(),
+        };
+        for target in targets {
+            let estimates: HashMap<_, _> = common
+                .iter()
+                .filter_map(|c| {
+                    source
+                        .estimate_diff(&volume.name, &target.name, &c.source.name)
+                        .map(|e| (c.source.id, e))
+                })
+                .collect();
+            let choice = choose_base(
+                &target,
+                &common,
+                (!estimates.is_empty()).then_some(&estimates),
+            );
+            let report = replicate_one(
+                source,
+                sink,
+                &source_system,
+                volume,
+                &target,
+                choice.base.as_ref().map(|b| (b.source.clone(), BaseRef {
+                    volume: b.dest_volume.clone(),
+                    snapshot: b.dest_snapshot.clone(),
+                })),
+                choice.reason,
+                progress,
+            )?;
+            on_report(&report);
+            reports.push(report);
+            dest_listing = sink.list().map_err(dst_err)?;
+            let hints = sink.hints(&source_system, &volume.name).map_err(dst_err)?;
+            common = common_snapshots(volume, &hints, &dest_listing);
+        }
+    }
+    Ok(reports)
+}
+
+/// The blocks the destination must be told about, from the source's diff.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct BlockPlan {
+    /// Extents (block-aligned) whose blocks must be read.
+    pub(crate) read: ExtentList,
+    /// Blocks known to be all zero without reading.
+    pub(crate) zero_blocks: Vec<u64>,
+}
+
+/// Map a diff at the source's granularity onto whole destination blocks. A block is
+/// zero without reading only when every byte of it the volume has is covered by zero
+/// extents; when the size changed, the blocks between the two sizes are re-read so the
+/// padding of a partial last block is always exact.
+pub(crate) fn plan_blocks(
+    data: &ExtentList,
+    zero: &ExtentList,
+    block_size: u64,
+    size: u64,
+    base_size: Option<u64>,
+) -> BlockPlan {
+    let mut read = data.align(block_size, size);
+    if let Some(bsz) = base_size {
+        if bsz != size {
+            let from = bsz.min(size) / block_size * block_size;
+            let tail = ExtentList::from_extents([Extent::new(from, size.saturating_sub(from))]);
+            read = read.union(&tail.align(block_size, size));
+        }
+    }
+    let mut zero_blocks = Vec::new();
+    for b in zero.align(block_size, size).blocks(block_size) {
+        let off = b * block_size;
+        let len = block_size.min(size - off);
+        if zero.covers(off, len) && !read.covers(off, 1) {
+            zero_blocks.push(b);
+        }
+    }
+    let zero_set = ExtentList::from_extents(
+        zero_blocks
+            .iter()
+            .map(|b| Extent::new(b * block_size, block_size)),
+    );
+    let partial_zero = zero.align(block_size, size).subtract(&zero_set);
+    BlockPlan {
+        read: read.union(&partial_zero),
+        zero_blocks,
+    }
+}
+
+struct Batch {
+    first_index: u64,
+    data: Vec<u8>,
+    ids: Vec<Option<BlockId>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn replicate_one(
+    source: &dyn SnapshotSource,
+    sink: &dyn SnapshotSink,
+    source_system: &str,
+    volume: &VolumeInfo,
+    target: &SnapshotInfo,
+    base: Option<(SnapshotInfo, BaseRef)>,
+    reason: BaseReason,
+    progress: &dyn Progress,
+) -> Result<SnapshotReport> {
+    let started = Instant::now();
+    let src_err = |e: StoreError| EngineError::Source {
+        location: source.location(),
+        source: e,
+    };
+    let dst_err = |e: StoreError| EngineError::Destination {
+        location: sink.location(),
+        source: e,
+    };
+    let bs = sink.block_size();
+    let diff = source
+        .diff(&volume.name, &target.name, base.as_ref().map(|b| b.0.name.as_str()))
+        .map_err(src_err)?;
+    let changed_bytes = diff.changed().total_len();
+    let plan = plan_blocks(
+        &diff.data,
+        &diff.zero,
+        bs,
+        target.size,
+        base.as_ref().map(|b| b.0.size),
+    );
+    debug!(
+        volume = %volume.name,
+        snapshot = %target.name,
+        base = ?base.as_ref().map(|b| &b.0.name),
+        changed_bytes,
+        read = plan.read.total_len(),
+        "replicating"
+    );
+    let mut receiver = sink
+        .begin_receive(ReceiveRequest {
+            volume: volume.name.clone(),
+            snapshot: target.clone(),
+            base: base.as_ref().map(|b| b.1.clone()),
+            source_system: source_system.to_string(),
+            source_volume: volume.name.clone(),
+            source_snapshot: target.name.clone(),
+            origin: volume.origin.clone(),
+        })
+        .map_err(dst_err)?;
+    if !plan.zero_blocks.is_empty() {
+        receiver
+            .write(
+                plan.zero_blocks
+                    .iter()
+                    .map(|&index| IncomingBlock { index, content: BlockContent::Zero })
+                    .collect(),
+            )
+            .map_err(dst_err)?;
+    }
+
+    progress.begin(&format!("{}@{}", volume.name, target.name), plan.read.total_len());
+    let mut reader = source
+        .open_snapshot(&volume.name, &target.name)
+        .map_err(src_err)?;
+    let mut read_bytes = 0u64;
+    let mut sent_bytes = 0u64;
+    let mut dedup_bytes = 0u64;
+    let batch_blocks = (BATCH_BYTES / bs).max(1);
+
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Batch>>(PIPELINE_DEPTH);
+        let plan = &plan;
+        let reading = scope.spawn(move || {
+            for e in plan.read.as_slice() {
+                let (first, end) = (e.offset / bs, e.end() / bs);
+                let mut index = first;
+                while index < end {
+                    let n = batch_blocks.min(end - index);
+                    let mut data = vec![0u8; (n * bs) as usize];
+                    if let Err(err) = reader.read_at(index * bs, &mut data) {
+                        let _ = tx.send(Err(src_err(err)));
+                        return None;
+                    }
+                    let ids: Vec<Option<BlockId>> = data
+                        .par_chunks(bs as usize)
+                        .map(|b| (!is_zero(b)).then(|| BlockId::of(b)))
+                        .collect();
+                    for (k, id) in ids.iter().enumerate() {
+                        let id = id.unwrap_or_else(|| zero_block_id(bs));
+                        reader.observe_block((index + k as u64) * bs, bs as usize, &id);
+                    }
+                    if tx.send(Ok(Batch { first_index: index, data, ids })).is_err() {
+                        return None;
+                    }
+                    index += n;
+                }
+            }
+            Some(reader)
+        });
+        for batch in rx {
+            let batch = batch?;
+            read_bytes += batch.data.len() as u64;
+            progress.advance(batch.data.len() as u64);
+            let unique: Vec<BlockId> = {
+                let mut seen = HashSet::new();
+                batch.ids.iter().flatten().filter(|id| seen.insert(**id)).copied().collect()
+            };
+            let missing: HashSet<BlockId> = receiver
+                .missing(&unique)
+                .map_err(dst_err)?
+                .into_iter()
+                .zip(&unique)
+                .filter_map(|(m, id)| m.then_some(*id))
+                .collect();
+            let mut sent_now = HashSet::new();
+            let blocks: Vec<IncomingBlock> = batch
+                .ids
+                .iter()
+                .enumerate()
+                .map(|(k, id)| {
+                    let index = batch.first_index + k as u64;
+                    let content = match id {
+                        None => BlockContent::Zero,
+                        Some(id) if missing.contains(id) && sent_now.insert(*id) => {
+                            let start = k * bs as usize;
+                            BlockContent::Data {
+                                id: *id,
+                                data: batch.data[start..start + bs as usize].to_vec(),
+                            }
+                        }
+                        Some(id) => {
+                            if !missing.contains(id) {
+                                dedup_bytes += bs;
+                            }
+                            BlockContent::Existing(*id)
+                        }
+                    };
+                    IncomingBlock { index, content }
+                })
+                .collect();
+            sent_bytes += receiver.write(blocks).map_err(dst_err)?;
+        }
+        match reading.join() {
+            Ok(Some(reader)) => reader.finish().map_err(src_err),
+            Ok(None) => Ok(()),
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })?;
+    receiver.commit().map_err(dst_err)?;
+    progress.end();
+    Ok(SnapshotReport {
+        volume: volume.name.clone(),
+        snapshot: target.name.clone(),
+        base: base.map(|b| b.0.name),
+        base_reason: reason,
+        changed_bytes,
+        read_bytes,
+        sent_bytes,
+        dedup_bytes,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// BLAKE3 of an all-zero block, told to sources that cache hashes.
+fn zero_block_id(block_size: u64) -> BlockId {
+    use std::sync::OnceLock;
+    static CACHE: OnceLock<std::sync::Mutex<HashMap<u64, BlockId>>> = OnceLock::new();
+    let mut m = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    *m.entry(block_size)
+        .or_insert_with(|| BlockId::of(&vec![0u8; block_size as usize]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn el(v: &[(u64, u64)]) -> ExtentList {
+        v.iter().map(|&(o, l)| Extent::new(o, l)).collect()
+    }
+
+    #[test]
+    fn plan_aligns_and_keeps_partial_zero_blocks_read() {
+        let p = plan_blocks(&el(&[(10, 5)]), &el(&[(100, 100), (250, 10)]), 50, 300, Some(300));
+        assert_eq!(p.zero_blocks, vec![2, 3]);
+        assert_eq!(p.read, el(&[(0, 50), (250, 50)]));
+    }
+
+    #[test]
+    fn plan_rereads_tail_when_size_changes() {
+        let p = plan_blocks(&el(&[]), &el(&[]), 64, 100, Some(150));
+        assert_eq!(p.read, el(&[(64, 64)]));
+        let p = plan_blocks(&el(&[]), &el(&[]), 64, 300, Some(100));
+        assert_eq!(p.read, el(&[(64, 256)]));
+        let p = plan_blocks(&el(&[]), &el(&[]), 64, 128, Some(128));
+        assert!(p.read.is_empty());
+    }
+}
