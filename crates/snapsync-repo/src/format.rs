@@ -1,0 +1,417 @@
+//! The on-disk (on-object) format, version 1. `docs/FORMAT.md` is the prose version of
+//! this file; the two must agree.
+//!
+//! Every metadata object is wrapped in an [`envelope`](encode_envelope):
+//!
+//! ```text
+//! magic    8 bytes  one of the MAGIC_* constants, fixed forever
+//! version  u32 LE   format version of this object (1)
+//! length   u64 LE   payload length
+//! payload  length bytes
+//! check    32 bytes BLAKE3 of all the bytes before
+//! ```
+//!
+//! so a truncated, damaged or foreign file is recognised as such before any of it is
+//! parsed. Pack files hold block data only and are checked block by block against the
+//! block ids (BLAKE3 of the plaintext), so they need no checksum of their own.
+
+use serde::{Deserialize, Serialize};
+use snapsync_core::{BlockId, BlockRef, Delta, Hint, Origin, SnapshotId, Timestamp};
+use snapsync_store::{Result, StoreError};
+
+/// The repository format version this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Magic of the repository configuration object.
+pub const MAGIC_CONFIG: &[u8; 8] = b"SNSYCONF";
+/// Magic of a pack index.
+pub const MAGIC_INDEX: &[u8; 8] = b"SNSYINDX";
+/// Magic of a snapshot manifest.
+pub const MAGIC_MANIFEST: &[u8; 8] = b"SNSYMANI";
+/// Magic of a volume catalog generation.
+pub const MAGIC_CATALOG: &[u8; 8] = b"SNSYCATL";
+/// Magic at the start of a pack file.
+pub const MAGIC_PACK: &[u8; 8] = b"SNSYPACK";
+
+/// Envelope header: magic, version, length.
+pub const ENVELOPE_HEADER: usize = 8 + 4 + 8;
+/// Envelope trailer: the checksum.
+pub const ENVELOPE_TRAILER: usize = 32;
+/// Pack header: magic, version, reserved.
+pub const PACK_HEADER: usize = 16;
+
+const _: () = assert!(ENVELOPE_HEADER == 20 && PACK_HEADER == 16);
+
+/// Wrap a payload.
+pub fn encode_envelope(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(ENVELOPE_HEADER + payload.len() + ENVELOPE_TRAILER);
+    v.extend_from_slice(magic);
+    v.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    v.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    v.extend_from_slice(payload);
+    let check = blake3::hash(&v);
+    v.extend_from_slice(check.as_bytes());
+    v
+}
+
+/// Unwrap and check a payload; `location` names the object in errors.
+pub fn decode_envelope<'a>(magic: &[u8; 8], bytes: &'a [u8], location: &str) -> Result<&'a [u8]> {
+    let corrupt = |d: String| StoreError::corrupt(location, d);
+    if bytes.len() < ENVELOPE_HEADER + ENVELOPE_TRAILER {
+        return Err(corrupt(format!(
+            "too short to be a snapsync object ({} bytes; truncated?)",
+            bytes.len()
+        )));
+    }
+    if &bytes[..8] != magic {
+        let known = [MAGIC_CONFIG, MAGIC_INDEX, MAGIC_MANIFEST, MAGIC_CATALOG, MAGIC_PACK];
+        return Err(if known.iter().any(|m| &bytes[..8] == *m) {
+            corrupt(format!(
+                "wrong object type {:?} (expected {:?})",
+                String::from_utf8_lossy(&bytes[..8]),
+                String::from_utf8_lossy(magic)
+            ))
+        } else {
+            corrupt("not a snapsync object (foreign file: bad magic)".into())
+        });
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(StoreError::Unsupported {
+            what: format!(
+                "{location} has format version {version}; this snapsync reads version {FORMAT_VERSION}"
+            ),
+        });
+    }
+    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    let expect = (ENVELOPE_HEADER as u64)
+        .checked_add(len)
+        .and_then(|x| x.checked_add(ENVELOPE_TRAILER as u64));
+    if expect != Some(bytes.len() as u64) {
+        return Err(corrupt(format!(
+            "length field says {len} payload bytes but the object has {} bytes (truncated?)",
+            bytes.len()
+        )));
+    }
+    let (body, check) = bytes.split_at(bytes.len() - ENVELOPE_TRAILER);
+    if blake3::hash(body).as_bytes() != check {
+        return Err(corrupt("checksum mismatch (damaged)".into()));
+    }
+    Ok(&body[ENVELOPE_HEADER..])
+}
+
+/// Repository configuration, stored at `config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// Random id of this repository; also its system id as a replication source.
+    pub repository_id: String,
+    /// Block size in bytes, fixed at init.
+    pub block_size: u64,
+    /// When it was created.
+    pub created: Timestamp,
+}
+
+/// How a block is stored in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Compression {
+    /// Stored as is (incompressible data).
+    None = 0,
+    /// A zstd frame.
+    Zstd = 1,
+}
+
+/// Where a block lives: one entry of a pack index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// BLAKE3 of the plaintext.
+    pub id: BlockId,
+    /// Byte offset in the pack.
+    pub offset: u64,
+    /// Stored (possibly compressed) length.
+    pub stored_len: u32,
+    /// Plaintext length (the block size).
+    pub raw_len: u32,
+    /// How it is stored.
+    pub compression: Compression,
+}
+
+/// Size of one encoded [`IndexEntry`].
+pub const INDEX_ENTRY_LEN: usize = 32 + 8 + 4 + 4 + 1;
+
+/// Encode a pack index payload: `count u64`, then entries.
+pub fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + entries.len() * INDEX_ENTRY_LEN);
+    v.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for e in entries {
+        v.extend_from_slice(e.id.as_bytes());
+        v.extend_from_slice(&e.offset.to_le_bytes());
+        v.extend_from_slice(&e.stored_len.to_le_bytes());
+        v.extend_from_slice(&e.raw_len.to_le_bytes());
+        v.push(e.compression as u8);
+    }
+    encode_envelope(MAGIC_INDEX, &v)
+}
+
+/// Decode a pack index.
+pub fn decode_index(bytes: &[u8], location: &str) -> Result<Vec<IndexEntry>> {
+    let p = decode_envelope(MAGIC_INDEX, bytes, location)?;
+    let corrupt = |d: &str| StoreError::corrupt(location, d.to_string());
+    if p.len() < 8 {
+        return Err(corrupt("index payload too short"));
+    }
+    let count = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
+    let body = &p[8..];
+    if count.checked_mul(INDEX_ENTRY_LEN as u64) != Some(body.len() as u64) {
+        return Err(corrupt("index entry count does not match its length"));
+    }
+    body.chunks_exact(INDEX_ENTRY_LEN)
+        .map(|c| {
+            let compression = match c[48] {
+                0 => Compression::None,
+                1 => Compression::Zstd,
+                x => return Err(corrupt(&format!("unknown compression {x}"))),
+            };
+            Ok(IndexEntry {
+                id: BlockId(c[..32].try_into().expect("32 bytes")),
+                offset: u64::from_le_bytes(c[32..40].try_into().expect("8 bytes")),
+                stored_len: u32::from_le_bytes(c[40..44].try_into().expect("4 bytes")),
+                raw_len: u32::from_le_bytes(c[44..48].try_into().expect("4 bytes")),
+                compression,
+            })
+        })
+        .collect()
+}
+
+/// Content-addressed id of a manifest: BLAKE3 of its encoded bytes.
+pub type ManifestId = BlockId;
+
+/// The fixed fields of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestHeader {
+    /// Volume it was committed to.
+    pub volume: String,
+    /// Snapshot name.
+    pub name: String,
+    /// Identity (preserved from the source).
+    pub id: SnapshotId,
+    /// Age.
+    pub created: Timestamp,
+    /// Size in bytes.
+    pub size: u64,
+    /// Block size of the map.
+    pub block_size: u64,
+    /// The manifest this delta is relative to; `None` for a full map.
+    pub delta_base: Option<ManifestId>,
+    /// Number of deltas between this manifest and a full map (0 for a full map).
+    pub depth: u32,
+    /// Root hash of the snapshot's whole block map.
+    pub root: BlockId,
+}
+
+/// A snapshot manifest: header plus the delta entries against `delta_base`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// Fixed fields.
+    pub header: ManifestHeader,
+    /// Entries that differ from the base.
+    pub delta: Delta,
+}
+
+/// Encode a manifest: `header_len u32`, header JSON, `count u64`, then entries of
+/// `index u64, kind u8 (0 zero, 1 data), id [32] (data only)`, in index order.
+pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
+    let header = serde_json::to_vec(&m.header).expect("manifest header serialises");
+    let mut v = Vec::with_capacity(4 + header.len() + 16 + m.delta.entries.len() * 41);
+    v.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    v.extend_from_slice(&header);
+    v.extend_from_slice(&m.delta.block_count.to_le_bytes());
+    v.extend_from_slice(&(m.delta.entries.len() as u64).to_le_bytes());
+    for (i, r) in &m.delta.entries {
+        v.extend_from_slice(&i.to_le_bytes());
+        match r {
+            BlockRef::Zero => v.push(0),
+            BlockRef::Data(id) => {
+                v.push(1);
+                v.extend_from_slice(id.as_bytes());
+            }
+        }
+    }
+    encode_envelope(MAGIC_MANIFEST, &v)
+}
+
+/// Decode a manifest, checking its structure (entries sorted and in range).
+pub fn decode_manifest(bytes: &[u8], location: &str) -> Result<Manifest> {
+    let p = decode_envelope(MAGIC_MANIFEST, bytes, location)?;
+    let corrupt = |d: String| StoreError::corrupt(location, d);
+    let mut r = Cursor { p, pos: 0 };
+    let hlen = r.u32().ok_or_else(|| corrupt("truncated header length".into()))? as usize;
+    let hbytes = r.take(hlen).ok_or_else(|| corrupt("truncated header".into()))?;
+    let header: ManifestHeader = serde_json::from_slice(hbytes)
+        .map_err(|e| corrupt(format!("bad manifest header: {e}")))?;
+    let block_count = r.u64().ok_or_else(|| corrupt("truncated block count".into()))?;
+    let count = r.u64().ok_or_else(|| corrupt("truncated entry count".into()))?;
+    if count > block_count || count > (p.len() as u64) / 9 {
+        return Err(corrupt(format!("implausible entry count {count}")));
+    }
+    if header.size.div_ceil(header.block_size.max(1)) != block_count || header.block_size == 0 {
+        return Err(corrupt("block count does not match size and block size".into()));
+    }
+    let mut delta = Delta {
+        block_count,
+        entries: Default::default(),
+    };
+    let mut last: Option<u64> = None;
+    for _ in 0..count {
+        let i = r.u64().ok_or_else(|| corrupt("truncated entry".into()))?;
+        if last.is_some_and(|l| l >= i) || i >= block_count {
+            return Err(corrupt(format!("entry {i} out of order or range")));
+        }
+        last = Some(i);
+        let kind = r.take(1).ok_or_else(|| corrupt("truncated entry".into()))?[0];
+        let b = match kind {
+            0 => BlockRef::Zero,
+            1 => BlockRef::Data(BlockId(
+                r.take(32)
+                    .ok_or_else(|| corrupt("truncated entry".into()))?
+                    .try_into()
+                    .expect("32 bytes"),
+            )),
+            k => return Err(corrupt(format!("unknown entry kind {k}"))),
+        };
+        delta.entries.insert(i, b);
+    }
+    if r.pos != p.len() {
+        return Err(corrupt("trailing bytes after entries".into()));
+    }
+    Ok(Manifest { header, delta })
+}
+
+struct Cursor<'a> {
+    p: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.p.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// One snapshot in a catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogSnapshot {
+    /// Name.
+    pub name: String,
+    /// Identity.
+    pub id: SnapshotId,
+    /// Age.
+    pub created: Timestamp,
+    /// Size.
+    pub size: u64,
+    /// Its manifest.
+    pub manifest: ManifestId,
+}
+
+/// Hints from one source volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceHints {
+    /// The source's system id.
+    pub source_system: String,
+    /// The source's volume.
+    pub source_volume: String,
+    /// What this repository holds of it.
+    pub snapshots: Vec<Hint>,
+}
+
+/// One generation of a volume's catalog: the commit point of the volume. Stored at
+/// `volumes/<volume>/<generation as 16 hex digits>`, created with a create-only put, so
+/// of two writers committing the same generation exactly one wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Catalog {
+    /// Volume name.
+    pub volume: String,
+    /// Generation number, starting at 1.
+    pub generation: u64,
+    /// Lineage if the volume is a clone.
+    pub origin: Option<Origin>,
+    /// Snapshots, oldest first.
+    pub snapshots: Vec<CatalogSnapshot>,
+    /// Hints about the sources of this volume's snapshots.
+    pub hints: Vec<SourceHints>,
+}
+
+/// Encode anything JSON-shaped in an envelope.
+pub fn encode_json<T: Serialize>(magic: &[u8; 8], value: &T) -> Vec<u8> {
+    encode_envelope(magic, &serde_json::to_vec(value).expect("serialisable"))
+}
+
+/// Decode an enveloped JSON object.
+pub fn decode_json<T: for<'de> Deserialize<'de>>(magic: &[u8; 8], bytes: &[u8], location: &str) -> Result<T> {
+    let p = decode_envelope(magic, bytes, location)?;
+    serde_json::from_slice(p).map_err(|e| StoreError::corrupt(location, format!("bad content: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_detects_damage() {
+        let e = encode_envelope(MAGIC_CONFIG, b"hello");
+        assert_eq!(decode_envelope(MAGIC_CONFIG, &e, "x").unwrap(), b"hello");
+        for i in 0..e.len() {
+            let mut bad = e.clone();
+            bad[i] ^= 1;
+            assert!(decode_envelope(MAGIC_CONFIG, &bad, "x").is_err(), "flip at {i}");
+        }
+        for n in 0..e.len() {
+            assert!(decode_envelope(MAGIC_CONFIG, &e[..n], "x").is_err());
+        }
+        assert!(decode_envelope(MAGIC_INDEX, &e, "x").is_err());
+    }
+
+    #[test]
+    fn manifest_roundtrip() {
+        let mut delta = Delta { block_count: 10, entries: Default::default() };
+        delta.entries.insert(1, BlockRef::Zero);
+        delta.entries.insert(7, BlockRef::Data(BlockId::of(b"x")));
+        let m = Manifest {
+            header: ManifestHeader {
+                volume: "v".into(),
+                name: "s".into(),
+                id: SnapshotId::derive("a", "b", "c", Timestamp::new(1, 2)),
+                created: Timestamp::new(1, 2),
+                size: 10 * 4096 - 5,
+                block_size: 4096,
+                delta_base: Some(BlockId::of(b"base")),
+                depth: 3,
+                root: BlockId::of(b"root"),
+            },
+            delta,
+        };
+        let bytes = encode_manifest(&m);
+        assert_eq!(decode_manifest(&bytes, "m").unwrap(), m);
+    }
+
+    #[test]
+    fn index_roundtrip() {
+        let e = vec![IndexEntry {
+            id: BlockId::of(b"a"),
+            offset: 16,
+            stored_len: 10,
+            raw_len: 4096,
+            compression: Compression::Zstd,
+        }];
+        assert_eq!(decode_index(&encode_index(&e), "i").unwrap(), e);
+    }
+}

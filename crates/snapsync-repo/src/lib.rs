@@ -1,0 +1,39 @@
+//! The snapsync repository.
+//!
+//! A repository is a set of objects in an object store (a local directory or an S3
+//! bucket), laid out for immutability: every object is written once and never changed.
+//!
+//! ```text
+//! config                          repository id and block size
+//! packs/<hh>/<pack id>            block data, zstd-compressed where that pays
+//! index/<pack id>                 where each block of that pack is
+//! manifests/<hh>/<manifest id>    one snapshot: its delta against a base manifest
+//! volumes/<volume>/<generation>   the volume's catalog: snapshots, lineage, hints
+//! ```
+//!
+//! - Blocks are content-addressed by BLAKE3 of the plaintext, so identical blocks are
+//!   stored once across all volumes, and packed so that a 1 TiB volume is a few
+//!   thousand objects, not millions.
+//! - A snapshot is a manifest holding only the entries that differ from its delta base,
+//!   with the base's id, the snapshot's identity, age, size and a root hash over its
+//!   whole block map. Every [`CHECKPOINT_INTERVAL`] deltas a full map is written instead,
+//!   so reading the newest snapshot of a long chain stays cheap.
+//! - The volume catalog is the only commit point. A new generation is written with a
+//!   create-only put after the packs, indexes and manifest it references are stored, so
+//!   a replication killed at any point leaves no partial snapshot visible, and two
+//!   writers committing at once cannot lose each other's snapshots: the loser rereads
+//!   and retries.
+//!
+//! The format is specified in `docs/FORMAT.md` and in [`format`].
+
+mod backend;
+pub mod format;
+mod index;
+mod receive;
+mod repo;
+mod source;
+mod verify;
+
+pub use backend::Location;
+pub use repo::{Repository, CHECKPOINT_INTERVAL, DEFAULT_BLOCK_SIZE};
+pub use verify::{Damage, VerifyReport};

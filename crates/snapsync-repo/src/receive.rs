@@ -1,0 +1,316 @@
+//! Receiving a snapshot: compress new blocks into packs, then commit a manifest and a
+//! new catalog generation.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use rayon::prelude::*;
+use snapsync_core::{validate_name, BlockId, BlockMap, BlockRef, Delta, Hint};
+use snapsync_store::{
+    BlockContent, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotSink,
+    StoreError,
+};
+use tracing::debug;
+
+use crate::backend::Put;
+use crate::format::{
+    self, Catalog, CatalogSnapshot, Compression, IndexEntry, Manifest, ManifestHeader,
+    ManifestId, SourceHints, MAGIC_PACK, PACK_HEADER,
+};
+use crate::repo::{key_index, key_pack, Repository, CHECKPOINT_INTERVAL};
+
+/// Packs are flushed at this size: large objects for object stores, small enough that a
+/// killed replication loses little and a rerun reuses the rest.
+const PACK_TARGET: usize = 32 << 20;
+/// zstd level: fast, and most of the ratio of higher levels on disk images.
+const ZSTD_LEVEL: i32 = 3;
+
+/// How many times a commit retries after losing a race with another writer.
+const COMMIT_ATTEMPTS: u32 = 20;
+
+impl SnapshotSink for Repository {
+    fn block_size(&self) -> u64 {
+        self.config.block_size
+    }
+
+    fn hints(&self, source_system: &str, source_volume: &str) -> Result<Vec<Hint>> {
+        Ok(self
+            .catalogs()?
+            .into_iter()
+            .flat_map(|c| c.hints)
+            .filter(|h| h.source_system == source_system && h.source_volume == source_volume)
+            .flat_map(|h| h.snapshots)
+            .collect())
+    }
+
+    fn begin_receive(&self, request: ReceiveRequest) -> Result<Box<dyn Receiver + '_>> {
+        validate_name("volume", &request.volume)?;
+        validate_name("snapshot", &request.snapshot.name)?;
+        if let Some(c) = self.catalog(&request.volume)? {
+            if c.snapshots.iter().any(|s| s.name == request.snapshot.name) {
+                return Err(StoreError::AlreadyExists {
+                    what: format!(
+                        "snapshot {}@{} in {}",
+                        request.volume,
+                        request.snapshot.name,
+                        self.location()
+                    ),
+                });
+            }
+        }
+        let (base_manifest, mut map) = match &request.base {
+            None => (None, BlockMap::zeroed(0)),
+            Some(b) => {
+                let cat = self.catalog(&b.volume)?;
+                let snap = cat
+                    .as_ref()
+                    .and_then(|c| c.snapshots.iter().find(|s| s.name == b.snapshot))
+                    .ok_or_else(|| {
+                        StoreError::not_found(format!(
+                            "base snapshot {}@{} in {}",
+                            b.volume,
+                            b.snapshot,
+                            self.location()
+                        ))
+                    })?;
+                let (m, map) = self.resolve(&snap.manifest)?;
+                (Some((snap.manifest, m.header.depth)), map)
+            }
+        };
+        map.resize(request.snapshot.size.div_ceil(self.config.block_size));
+        Ok(Box::new(RepoReceiver {
+            repo: self,
+            request,
+            base_manifest,
+            map,
+            pack: PackBuilder::default(),
+            session: HashMap::new(),
+            written: Vec::new(),
+        }))
+    }
+}
+
+#[derive(Default)]
+struct PackBuilder {
+    buf: Vec<u8>,
+    entries: Vec<IndexEntry>,
+}
+
+struct RepoReceiver<'a> {
+    repo: &'a Repository,
+    request: ReceiveRequest,
+    base_manifest: Option<(ManifestId, u32)>,
+    map: BlockMap,
+    pack: PackBuilder,
+    /// Blocks stored by this receive (pending or flushed).
+    session: HashMap<BlockId, ()>,
+    /// Packs flushed by this receive, added to the shared index on commit.
+    written: Vec<(BlockId, Vec<IndexEntry>)>,
+}
+
+/// Compress a block if that saves at least 1/16 of it; otherwise store it as is, so
+/// incompressible data costs one quick failed attempt and no decompression on read.
+fn compress(data: &[u8]) -> (Compression, Vec<u8>) {
+    match zstd::bulk::compress(data, ZSTD_LEVEL) {
+        Ok(c) if c.len() < data.len() - data.len() / 16 => (Compression::Zstd, c),
+        _ => (Compression::None, data.to_vec()),
+    }
+}
+
+impl RepoReceiver<'_> {
+    fn flush(&mut self) -> Result<()> {
+        if self.pack.entries.is_empty() {
+            return Ok(());
+        }
+        let pack = std::mem::take(&mut self.pack);
+        let id = BlockId::of(&pack.buf);
+        let size = pack.buf.len();
+        // The pack before its index: an index never names a pack that is not there.
+        self.repo
+            .backend
+            .put(&key_pack(&id), Bytes::from(pack.buf), Put::Overwrite)?;
+        self.repo.backend.put(
+            &key_index(&id),
+            Bytes::from(format::encode_index(&pack.entries)),
+            Put::Overwrite,
+        )?;
+        debug!(pack = %id, size, blocks = pack.entries.len(), "pack stored");
+        self.written.push((id, pack.entries));
+        Ok(())
+    }
+}
+
+impl Receiver for RepoReceiver<'_> {
+    fn missing(&mut self, ids: &[BlockId]) -> Result<Vec<bool>> {
+        let session = &self.session;
+        self.repo.with_index(|ix| {
+            ids.iter()
+                .map(|id| !session.contains_key(id) && !ix.contains(id))
+                .collect()
+        })
+    }
+
+    fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64> {
+        let bs = self.repo.config.block_size as usize;
+        let mut fresh: Vec<(BlockId, &[u8])> = Vec::new();
+        for b in &blocks {
+            match &b.content {
+                BlockContent::Zero => self.map.set(b.index, BlockRef::Zero),
+                BlockContent::Existing(id) => self.map.set(b.index, BlockRef::Data(*id)),
+                BlockContent::Data { id, data } => {
+                    if data.len() != bs {
+                        return Err(StoreError::Malformed {
+                            location: format!("block {} sent to {}", b.index, self.repo.location()),
+                            detail: format!("{} bytes, expected the block size {bs}", data.len()),
+                        });
+                    }
+                    self.map.set(b.index, BlockRef::Data(*id));
+                    if !self.session.contains_key(id) {
+                        self.session.insert(*id, ());
+                        fresh.push((*id, data));
+                    }
+                }
+            }
+        }
+        let encoded: Vec<(BlockId, Compression, Vec<u8>)> = fresh
+            .par_iter()
+            .map(|(id, data)| {
+                if BlockId::of(data) != *id {
+                    return Err(StoreError::corrupt(
+                        format!("block {id} sent to {}", self.repo.location()),
+                        "data does not match its id",
+                    ));
+                }
+                let (c, bytes) = compress(data);
+                Ok((*id, c, bytes))
+            })
+            .collect::<Result<_>>()?;
+        let mut added = 0u64;
+        for (id, compression, bytes) in encoded {
+            if self.pack.buf.is_empty() {
+                self.pack.buf.extend_from_slice(MAGIC_PACK);
+                self.pack.buf.extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
+                self.pack.buf.extend_from_slice(&[0u8; PACK_HEADER - 12]);
+            }
+            self.pack.entries.push(IndexEntry {
+                id,
+                offset: self.pack.buf.len() as u64,
+                stored_len: bytes.len() as u32,
+                raw_len: bs as u32,
+                compression,
+            });
+            added += bytes.len() as u64;
+            self.pack.buf.extend_from_slice(&bytes);
+            if self.pack.buf.len() >= PACK_TARGET {
+                self.flush()?;
+            }
+        }
+        Ok(added)
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        self.flush()?;
+        let repo = self.repo;
+        let r = &self.request;
+        // A checkpoint (full map) every CHECKPOINT_INTERVAL deltas bounds chain reads.
+        let (delta_base, depth, delta) = match self.base_manifest {
+            Some((id, depth)) if depth + 1 < CHECKPOINT_INTERVAL => {
+                let (_, base_map) = repo.resolve(&id)?;
+                (Some(id), depth + 1, Delta::between(&base_map, &self.map))
+            }
+            _ => (None, 0, Delta::full(&self.map)),
+        };
+        let manifest = Manifest {
+            header: ManifestHeader {
+                volume: r.volume.clone(),
+                name: r.snapshot.name.clone(),
+                id: r.snapshot.id,
+                created: r.snapshot.created,
+                size: r.snapshot.size,
+                block_size: repo.config.block_size,
+                delta_base,
+                depth,
+                root: self.map.root_hash(),
+            },
+            delta,
+        };
+        let manifest_id = repo.put_manifest(&manifest)?;
+        let entry = CatalogSnapshot {
+            name: r.snapshot.name.clone(),
+            id: r.snapshot.id,
+            created: r.snapshot.created,
+            size: r.snapshot.size,
+            manifest: manifest_id,
+        };
+        let hint = Hint {
+            source_snapshot: r.source_snapshot.clone(),
+            id: r.snapshot.id,
+            created: r.snapshot.created,
+            local_volume: r.volume.clone(),
+            local_snapshot: r.snapshot.name.clone(),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut cat = repo.catalog(&r.volume)?.unwrap_or_else(|| Catalog {
+                volume: r.volume.clone(),
+                ..Default::default()
+            });
+            if let Some(existing) = cat.snapshots.iter().find(|s| s.name == entry.name) {
+                if existing.id == entry.id && existing.size == entry.size {
+                    // Another writer committed the same snapshot: nothing is lost.
+                    break;
+                }
+                return Err(StoreError::AlreadyExists {
+                    what: format!(
+                        "snapshot {}@{} (committed meanwhile by another writer, with another identity) in {}",
+                        r.volume, entry.name, repo.location()
+                    ),
+                });
+            }
+            cat.snapshots.push(entry.clone());
+            cat.snapshots
+                .sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+            if cat.origin.is_none() {
+                cat.origin = r.origin.clone();
+            }
+            let held: Vec<String> = cat.snapshots.iter().map(|s| s.name.clone()).collect();
+            let pos = cat.hints.iter().position(|h| {
+                h.source_system == r.source_system && h.source_volume == r.source_volume
+            });
+            let hints = match pos {
+                Some(p) => &mut cat.hints[p],
+                None => {
+                    cat.hints.push(SourceHints {
+                        source_system: r.source_system.clone(),
+                        source_volume: r.source_volume.clone(),
+                        snapshots: vec![],
+                    });
+                    cat.hints.last_mut().expect("pushed")
+                }
+            };
+            hints.snapshots.retain(|h| h.id != hint.id);
+            hints.snapshots.push(hint.clone());
+            for h in &mut cat.hints {
+                h.snapshots
+                    .retain(|x| x.local_volume != r.volume || held.contains(&x.local_snapshot));
+            }
+            cat.generation += 1;
+            match repo.put_catalog(&cat) {
+                Ok(()) => break,
+                Err(StoreError::Conflict { what }) if attempt < COMMIT_ATTEMPTS => {
+                    debug!(%what, attempt, "commit raced; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(5 * u64::from(attempt)));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let written = std::mem::take(&mut self.written);
+        repo.with_index(|ix| {
+            for (pack, entries) in &written {
+                ix.add_pack(*pack, entries);
+            }
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,437 @@
+//! Opening and reading a repository: configuration, catalogs, manifests, blocks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use rayon::prelude::*;
+use snapsync_core::{validate_name, BlockId, BlockMap, Timestamp, VolumeInfo};
+use snapsync_store::{Result, StoreError};
+
+use crate::backend::{Backend, Location, Put};
+use crate::format::{
+    self, Catalog, Compression, Config, Manifest, ManifestId, MAGIC_CATALOG, MAGIC_CONFIG,
+};
+use crate::index::BlockIndex;
+
+/// Default block size: the qcow2 default cluster size, a good balance of dedup
+/// granularity and metadata size.
+pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
+
+/// A full block map is stored instead of a delta once a chain is this deep, so that
+/// resolving any snapshot reads at most this many manifests.
+pub const CHECKPOINT_INTERVAL: u32 = 16;
+
+/// Catalog generations kept behind the newest, so that a reader that listed an older
+/// generation a moment ago can still read it.
+const KEEP_GENERATIONS: u64 = 8;
+
+/// A snapsync repository.
+pub struct Repository {
+    pub(crate) backend: Backend,
+    pub(crate) config: Config,
+    index: Mutex<Option<BlockIndex>>,
+    manifests: Mutex<HashMap<ManifestId, Arc<Manifest>>>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repository({})", self.backend.location())
+    }
+}
+
+pub(crate) fn key_pack(id: &BlockId) -> String {
+    let h = id.to_hex();
+    format!("packs/{}/{h}", &h[..2])
+}
+pub(crate) fn key_index(id: &BlockId) -> String {
+    format!("index/{}", id.to_hex())
+}
+pub(crate) fn key_manifest(id: &ManifestId) -> String {
+    let h = id.to_hex();
+    format!("manifests/{}/{h}", &h[..2])
+}
+pub(crate) fn key_catalog(volume: &str, generation: u64) -> String {
+    format!("volumes/{volume}/{generation:016x}")
+}
+
+/// Parse `volumes/<volume>/<generation>` keys.
+fn parse_catalog_key(key: &str) -> Option<(String, u64)> {
+    let rest = key.strip_prefix("volumes/")?;
+    let (vol, gen) = rest.split_once('/')?;
+    if gen.len() != 16 || validate_name("volume", vol).is_err() {
+        return None;
+    }
+    Some((vol.to_string(), u64::from_str_radix(gen, 16).ok()?))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Repository {
+    /// Create a repository at `location` with the given block size (a power of two
+    /// from 512 B to 16 MiB). The location must be empty.
+    pub fn init(location: Location, block_size: u64) -> Result<Self> {
+        if !block_size.is_power_of_two() || !(512..=16 << 20).contains(&block_size) {
+            return Err(StoreError::Unsupported {
+                what: format!(
+                    "block size {block_size}: it must be a power of two from 512 to 16777216"
+                ),
+            });
+        }
+        let backend = Backend::open(location, true)?;
+        if let Some((key, _)) = backend.list("")?.into_iter().next() {
+            return Err(StoreError::AlreadyExists {
+                what: format!(
+                    "{} is not empty (found {key}); a repository is created in an empty place",
+                    backend.location()
+                ),
+            });
+        }
+        let config = Config {
+            repository_id: random_id(),
+            block_size,
+            created: Timestamp::from_system_time(std::time::SystemTime::now()),
+        };
+        let bytes = format::encode_json(MAGIC_CONFIG, &config);
+        backend
+            .put("config", Bytes::from(bytes), Put::Create)
+            .map_err(|e| match e {
+                StoreError::AlreadyExists { .. } => StoreError::AlreadyExists {
+                    what: format!("a repository at {}", backend.location()),
+                },
+                other => other,
+            })?;
+        Ok(Self::from_parts(backend, config))
+    }
+
+    /// Open an existing repository.
+    pub fn open(location: Location) -> Result<Self> {
+        let backend = Backend::open(location, false).map_err(|e| match e {
+            StoreError::NotFound { what } => StoreError::NotFound {
+                what: format!("{what} (no snapsync repository there; create one with `snapsync init`)"),
+            },
+            other => other,
+        })?;
+        let loc = format!("{}/config", backend.location());
+        let Some(bytes) = backend.get("config")? else {
+            return Err(StoreError::NotFound {
+                what: format!(
+                    "snapsync repository at {} (no config object; create one with `snapsync init`)",
+                    backend.location()
+                ),
+            });
+        };
+        let config: Config = format::decode_json(MAGIC_CONFIG, &bytes, &loc)?;
+        if !config.block_size.is_power_of_two() || config.block_size < 512 {
+            return Err(StoreError::corrupt(loc, format!("invalid block size {}", config.block_size)));
+        }
+        Ok(Self::from_parts(backend, config))
+    }
+
+    fn from_parts(backend: Backend, config: Config) -> Self {
+        Self {
+            backend,
+            config,
+            index: Mutex::new(None),
+            manifests: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Block size set at init.
+    pub fn block_size(&self) -> u64 {
+        self.config.block_size
+    }
+
+    /// The repository's random id.
+    pub fn repository_id(&self) -> &str {
+        &self.config.repository_id
+    }
+
+    /// Where it is.
+    pub fn location(&self) -> &Location {
+        self.backend.location()
+    }
+
+    pub(crate) fn describe(&self, key: &str) -> String {
+        format!("{}/{key}", self.backend.location())
+    }
+
+    /// The newest catalog generation of every volume.
+    pub fn catalogs(&self) -> Result<Vec<Catalog>> {
+        for _ in 0..10 {
+            let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+            for (key, _) in self.backend.list("volumes")? {
+                if let Some((vol, gen)) = parse_catalog_key(&key) {
+                    let e = newest.entry(vol).or_insert(gen);
+                    *e = (*e).max(gen);
+                }
+            }
+            let keys: Vec<String> = newest.iter().map(|(v, g)| key_catalog(v, *g)).collect();
+            let got = self.backend.get_many(&keys)?;
+            if got.iter().any(Option::is_none) {
+                // A generation vanished between list and read: a newer one exists.
+                continue;
+            }
+            return keys
+                .iter()
+                .zip(got)
+                .map(|(k, b)| self.decode_catalog(k, &b.expect("checked")))
+                .collect();
+        }
+        Err(StoreError::Conflict {
+            what: format!("catalogs of {} keep changing while being read", self.backend.location()),
+        })
+    }
+
+    fn decode_catalog(&self, key: &str, bytes: &[u8]) -> Result<Catalog> {
+        let cat: Catalog = format::decode_json(MAGIC_CATALOG, bytes, &self.describe(key))?;
+        match parse_catalog_key(key) {
+            Some((v, g)) if v == cat.volume && g == cat.generation => Ok(cat),
+            _ => Err(StoreError::corrupt(
+                self.describe(key),
+                "catalog content does not match its key",
+            )),
+        }
+    }
+
+    /// The newest catalog generation of one volume.
+    pub fn catalog(&self, volume: &str) -> Result<Option<Catalog>> {
+        validate_name("volume", volume)?;
+        for _ in 0..10 {
+            let newest = self
+                .backend
+                .list(&format!("volumes/{volume}"))?
+                .into_iter()
+                .filter_map(|(k, _)| parse_catalog_key(&k))
+                .filter(|(v, _)| v == volume)
+                .map(|(_, g)| g)
+                .max();
+            let Some(gen) = newest else { return Ok(None) };
+            let key = key_catalog(volume, gen);
+            match self.backend.get(&key)? {
+                Some(b) => return self.decode_catalog(&key, &b).map(Some),
+                None => continue,
+            }
+        }
+        Err(StoreError::Conflict {
+            what: format!("catalog of volume {volume} keeps changing while being read"),
+        })
+    }
+
+    /// Write the next catalog generation; `Conflict` when another writer took it.
+    pub(crate) fn put_catalog(&self, catalog: &Catalog) -> Result<()> {
+        let key = key_catalog(&catalog.volume, catalog.generation);
+        let bytes = format::encode_json(MAGIC_CATALOG, catalog);
+        match self.backend.put(&key, Bytes::from(bytes), Put::Create) {
+            Err(StoreError::AlreadyExists { .. }) => Err(StoreError::Conflict {
+                what: format!(
+                    "generation {} of volume {} was committed by another writer",
+                    catalog.generation, catalog.volume
+                ),
+            }),
+            other => other,
+        }?;
+        if catalog.generation > KEEP_GENERATIONS {
+            let old = catalog.generation - KEEP_GENERATIONS;
+            for (k, _) in self.backend.list(&format!("volumes/{}", catalog.volume))? {
+                if let Some((v, g)) = parse_catalog_key(&k) {
+                    if v == catalog.volume && g < old {
+                        let _ = self.backend.delete(&k);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Listing of all volumes.
+    pub(crate) fn volume_infos(&self) -> Result<Vec<VolumeInfo>> {
+        Ok(self
+            .catalogs()?
+            .into_iter()
+            .filter(|c| !c.snapshots.is_empty())
+            .map(|c| VolumeInfo {
+                size: c.snapshots.last().map_or(0, |s| s.size),
+                snapshots: c
+                    .snapshots
+                    .iter()
+                    .map(|s| snapsync_core::SnapshotInfo {
+                        name: s.name.clone(),
+                        id: s.id,
+                        created: s.created,
+                        size: s.size,
+                    })
+                    .collect(),
+                name: c.volume,
+                origin: c.origin,
+            })
+            .collect())
+    }
+
+    /// Read a manifest (cached: manifests are immutable).
+    pub fn manifest(&self, id: &ManifestId) -> Result<Arc<Manifest>> {
+        if let Some(m) = lock(&self.manifests).get(id) {
+            return Ok(m.clone());
+        }
+        let key = key_manifest(id);
+        let bytes = self.backend.get(&key)?.ok_or_else(|| {
+            StoreError::corrupt(self.describe(&key), "manifest is missing")
+        })?;
+        if BlockId::of(&bytes) != *id {
+            return Err(StoreError::corrupt(
+                self.describe(&key),
+                "content does not match its id (damaged)",
+            ));
+        }
+        let m = Arc::new(format::decode_manifest(&bytes, &self.describe(&key))?);
+        lock(&self.manifests).insert(*id, m.clone());
+        Ok(m)
+    }
+
+    /// Store a manifest; returns its id.
+    pub(crate) fn put_manifest(&self, m: &Manifest) -> Result<ManifestId> {
+        let bytes = format::encode_manifest(m);
+        let id = BlockId::of(&bytes);
+        match self.backend.put(&key_manifest(&id), Bytes::from(bytes), Put::Create) {
+            Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        lock(&self.manifests).insert(id, Arc::new(m.clone()));
+        Ok(id)
+    }
+
+    /// The full block map of a manifest, resolving its delta chain.
+    pub fn resolve(&self, id: &ManifestId) -> Result<(Arc<Manifest>, BlockMap)> {
+        let top = self.manifest(id)?;
+        let mut chain = vec![top.clone()];
+        let mut cur = top.clone();
+        while let Some(base) = cur.header.delta_base {
+            if chain.len() > CHECKPOINT_INTERVAL as usize * 4 + 1 {
+                return Err(StoreError::corrupt(
+                    self.describe(&key_manifest(id)),
+                    "delta chain is too long or cyclic",
+                ));
+            }
+            cur = self.manifest(&base)?;
+            chain.push(cur.clone());
+        }
+        let mut map = BlockMap::zeroed(0);
+        for m in chain.iter().rev() {
+            map.apply_in_place(&m.delta);
+        }
+        Ok((top, map))
+    }
+
+    /// Run `f` with the block index, loading it on first use.
+    pub(crate) fn with_index<T>(&self, f: impl FnOnce(&mut BlockIndex) -> T) -> Result<T> {
+        let mut guard = lock(&self.index);
+        if guard.is_none() {
+            *guard = Some(self.load_index()?);
+        }
+        Ok(f(guard.as_mut().expect("loaded")))
+    }
+
+    fn load_index(&self) -> Result<BlockIndex> {
+        let keys: Vec<String> = self
+            .backend
+            .list("index")?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.len() == "index/".len() + 64)
+            .collect();
+        let got = self.backend.get_many(&keys)?;
+        let mut index = BlockIndex::default();
+        for (k, b) in keys.iter().zip(got) {
+            let Some(b) = b else { continue };
+            let pack: BlockId = k["index/".len()..]
+                .parse()
+                .map_err(|_| StoreError::corrupt(self.describe(k), "bad index name"))?;
+            let entries = format::decode_index(&b, &self.describe(k))?;
+            index.add_pack(pack, &entries);
+        }
+        Ok(index)
+    }
+
+    /// Read blocks by id, verifying each against its id. Reads are grouped by pack and
+    /// issued concurrently; decompression and hashing run on all cores.
+    pub fn read_blocks(&self, ids: &[BlockId]) -> Result<Vec<Vec<u8>>> {
+        let located = self.with_index(|ix| {
+            ids.iter()
+                .map(|id| ix.get(id).ok_or(*id))
+                .collect::<Vec<_>>()
+        })?;
+        let mut by_pack: BTreeMap<BlockId, Vec<usize>> = BTreeMap::new();
+        for (i, l) in located.iter().enumerate() {
+            match l {
+                Ok((pack, _)) => by_pack.entry(*pack).or_default().push(i),
+                Err(id) => {
+                    return Err(StoreError::corrupt(
+                        self.backend.location().to_string(),
+                        format!("block {id} is referenced but not in any pack index"),
+                    ))
+                }
+            }
+        }
+        let requests: Vec<(String, Vec<std::ops::Range<u64>>)> = by_pack
+            .iter()
+            .map(|(pack, idxs)| {
+                let ranges = idxs
+                    .iter()
+                    .map(|&i| {
+                        let l = located[i].as_ref().expect("located").1;
+                        l.offset..l.offset + u64::from(l.stored_len)
+                    })
+                    .collect();
+                (key_pack(pack), ranges)
+            })
+            .collect();
+        let fetched = self.backend.get_ranges_many(requests)?;
+        let mut stored: Vec<(usize, Bytes)> = Vec::with_capacity(ids.len());
+        for ((_, idxs), bytes) in by_pack.iter().zip(fetched) {
+            stored.extend(idxs.iter().copied().zip(bytes));
+        }
+        let mut out: Vec<(usize, Vec<u8>)> = stored
+            .into_par_iter()
+            .map(|(i, raw)| {
+                let (pack, l) = located[i].as_ref().expect("located");
+                let data = decode_block(&raw, l.compression, l.raw_len)
+                    .filter(|d| BlockId::of(d) == ids[i])
+                    .ok_or_else(|| {
+                        StoreError::corrupt(
+                            self.describe(&key_pack(pack)),
+                            format!("block {} at offset {} is damaged", ids[i], l.offset),
+                        )
+                    })?;
+                Ok((i, data))
+            })
+            .collect::<Result<_>>()?;
+        out.sort_unstable_by_key(|(i, _)| *i);
+        Ok(out.into_iter().map(|(_, d)| d).collect())
+    }
+}
+
+/// Decompress (or copy) a stored block; `None` when it does not decode to `raw_len` bytes.
+pub(crate) fn decode_block(stored: &[u8], compression: Compression, raw_len: u32) -> Option<Vec<u8>> {
+    match compression {
+        Compression::None => (stored.len() == raw_len as usize).then(|| stored.to_vec()),
+        Compression::Zstd => {
+            let d = zstd::bulk::decompress(stored, raw_len as usize).ok()?;
+            (d.len() == raw_len as usize).then_some(d)
+        }
+    }
+}
+
+/// A random 128-bit id in hex, from the OS's randomness through the hasher's keys.
+pub(crate) fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = blake3::Hasher::new();
+    for _ in 0..4 {
+        let mut s = std::collections::hash_map::RandomState::new().build_hasher();
+        s.write_u64(0);
+        h.update(&s.finish().to_le_bytes());
+    }
+    h.update(&format!("{:?}{}", std::time::SystemTime::now(), std::process::id()).into_bytes());
+    h.finalize().to_hex()[..32].to_string()
+}
