@@ -1,1 +1,138 @@
-fn main() {}
+//! `snapsync`: replicate block-volume snapshots between storage systems, sending only
+//! what changed.
+//!
+//! This binary is the thin edge: it parses arguments, opens stores from URLs, adapts
+//! progress to a terminal and prints results. Everything else lives in the library
+//! crates under `crates/`.
+
+mod commands;
+mod demo;
+mod progress;
+mod stores;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Replicate block-volume snapshots between storage systems, sending only what changed.
+#[derive(Debug, Parser)]
+#[command(name = "snapsync", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a repository.
+    Init {
+        /// Where: file:///ABS/PATH or a plain path.
+        repo: String,
+        /// Block size in bytes (a power of two, 512 B to 16 MiB).
+        #[arg(long, default_value_t = snapsync_repo::DEFAULT_BLOCK_SIZE)]
+        block_size: u64,
+    },
+    /// List volumes and their snapshots.
+    List {
+        /// Store URL.
+        store: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the changed extents between two snapshots.
+    Diff {
+        /// Store URL.
+        store: String,
+        /// VOLUME@SNAPSHOT
+        target: String,
+        /// Base snapshot of the same volume; without it, the snapshot's data extents.
+        #[arg(long)]
+        base: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replicate snapshots from SOURCE to DEST.
+    Replicate {
+        /// Source store URL.
+        source: String,
+        /// Destination store URL.
+        dest: String,
+        /// Only these volumes (repeatable).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+        /// Only this snapshot, instead of every one the destination lacks.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Print one JSON object per replicated snapshot.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a snapshot out as an image, identical to the snapshot.
+    Restore {
+        /// Store URL.
+        store: String,
+        /// VOLUME@SNAPSHOT
+        target: String,
+        /// Output file (or device).
+        output: std::path::PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = commands::OutputFormat::Raw)]
+        format: commands::OutputFormat,
+    },
+    /// Check a repository; exits 1 naming every damaged snapshot.
+    Verify {
+        /// Repository URL.
+        repo: String,
+        /// Also read and re-hash every stored block.
+        #[arg(long)]
+        read_data: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A self-contained walkthrough on generated sample data.
+    Demo {
+        /// Work directory (default: a temporary directory, removed afterwards).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Size of the sample volume in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SNAPSYNC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Init { repo, block_size } => commands::init(&repo, block_size),
+        Command::List { store, json } => commands::list(&store, json),
+        Command::Diff { store, target, base, json } => {
+            commands::diff(&store, &target, base.as_deref(), json)
+        }
+        Command::Replicate { source, dest, volumes, snapshot, json } => {
+            commands::replicate(&source, &dest, volumes, snapshot, json)
+        }
+        Command::Restore { store, target, output, format } => {
+            commands::restore(&store, &target, &output, format)
+        }
+        Command::Verify { repo, read_data, json } => commands::verify(&repo, read_data, json),
+        Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: what failed and why, outermost context first.
+            eprintln!("snapsync: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

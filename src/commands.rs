@@ -1,0 +1,270 @@
+//! One function per subcommand: open stores, call the library, print.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use snapsync_engine::{ReplicateOptions, SnapshotReport};
+use snapsync_repo::{Location, Repository};
+
+use crate::stores::{self, StoreUrl};
+
+/// Image formats `restore` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// A raw image, sparse where the snapshot is zero.
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+/// Split `VOLUME@SNAPSHOT`.
+fn split_target(s: &str) -> Result<(&str, &str)> {
+    match s.split_once('@') {
+        Some((v, n)) if !v.is_empty() && !n.is_empty() => Ok((v, n)),
+        _ => bail!("{s:?} is not VOLUME@SNAPSHOT"),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn init(repo: &str, block_size: u64) -> Result<ExitCode> {
+    let StoreUrl::Repo(loc) = StoreUrl::parse(repo)? else {
+        bail!("{repo:?} is not a repository URL (use file:///path or a plain path)");
+    };
+    let r = Repository::init(loc, block_size)
+        .with_context(|| format!("cannot create a repository at {repo}"))?;
+    println!(
+        "created repository {} (id {}, block size {})",
+        r.location(),
+        r.repository_id(),
+        human(r.block_size())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(store: &str, as_json: bool) -> Result<ExitCode> {
+    let s = stores::open(store)?;
+    let volumes = s.source().list()?;
+    if as_json {
+        let v: Vec<_> = volumes
+            .iter()
+            .map(|v| {
+                json!({
+                    "name": v.name,
+                    "size": v.size,
+                    "origin": v.origin.as_ref().map(|o| json!({"volume": o.volume, "snapshot": o.snapshot, "id": o.id})),
+                    "snapshots": v.snapshots.iter().map(|s| json!({
+                        "name": s.name,
+                        "id": s.id,
+                        "created": s.created.to_rfc3339(),
+                        "size": s.size,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", json!({ "volumes": v }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if volumes.is_empty() {
+        println!("no volumes");
+    }
+    for v in &volumes {
+        let origin = v
+            .origin
+            .as_ref()
+            .map(|o| format!("  (clone of {}@{})", o.volume, o.snapshot))
+            .unwrap_or_default();
+        println!("{}  {}{origin}", v.name, human(v.size));
+        for s in &v.snapshots {
+            println!(
+                "  {:<24} {}  {:>10}  {}",
+                s.name,
+                s.created.to_rfc3339(),
+                human(s.size),
+                &s.id.to_hex()[..16]
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn diff(store: &str, target: &str, base: Option<&str>, as_json: bool) -> Result<ExitCode> {
+    let (volume, snap) = split_target(target)?;
+    let s = stores::open(store)?;
+    let d = s.source().diff(volume, snap, base)?;
+    let changed = d.changed();
+    let pairs = |l: &snapsync_core::ExtentList| {
+        l.as_slice().iter().map(|e| [e.offset, e.len]).collect::<Vec<_>>()
+    };
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "extents": pairs(&changed),
+                "changed_bytes": changed.total_len(),
+                "zero_extents": pairs(&d.zero),
+            })
+        );
+    } else {
+        for e in changed.as_slice() {
+            let kind = if d.zero.covers(e.offset, e.len) { "zero" } else { "data" };
+            println!("{:>16} {:>12} {kind}", e.offset, e.len);
+        }
+        println!(
+            "{} changed in {} extents",
+            human(changed.total_len()),
+            changed.as_slice().len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &SnapshotReport, as_json: bool) {
+    if as_json {
+        println!("{}", serde_json::to_string(r).expect("serialisable"));
+    } else {
+        let how = match &r.base {
+            Some(b) => format!("incremental from {b} ({})", r.base_reason.as_str()),
+            None => "full".to_string(),
+        };
+        println!(
+            "{}@{}: {how}: changed {}, read {}, sent {}, dedup {}, {} ms",
+            r.volume,
+            r.snapshot,
+            human(r.changed_bytes),
+            human(r.read_bytes),
+            human(r.sent_bytes),
+            human(r.dedup_bytes),
+            r.duration_ms
+        );
+    }
+}
+
+pub fn replicate(
+    source: &str,
+    dest: &str,
+    volumes: Vec<String>,
+    snapshot: Option<String>,
+    as_json: bool,
+) -> Result<ExitCode> {
+    let src = stores::open(source)?;
+    let dst = stores::open(dest)?;
+    let progress = crate::progress::for_terminal(as_json);
+    let opts = ReplicateOptions { volumes, snapshot };
+    let reports = snapsync_engine::replicate(
+        src.source(),
+        dst.sink()?,
+        &opts,
+        progress.as_ref(),
+        &mut |r| print_report(r, as_json),
+    )?;
+    if reports.is_empty() && !as_json {
+        println!("nothing to replicate: the destination holds every selected snapshot");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn restore(store: &str, target: &str, output: &Path, format: OutputFormat) -> Result<ExitCode> {
+    let (volume, snap) = split_target(target)?;
+    let s = stores::open(store)?;
+    if format == OutputFormat::Qcow2 {
+        bail!("restore --format qcow2 is not available in this build");
+    }
+    let progress = crate::progress::for_terminal(false);
+    let stats = snapsync_engine::restore(s.source(), volume, snap, output, progress.as_ref())?;
+    println!(
+        "restored {volume}@{snap} to {} ({}, {} of data)",
+        output.display(),
+        human(stats.size),
+        human(stats.written_bytes)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
+    let s = stores::open(repo)?;
+    let r = s.repository()?;
+    let progress = crate::progress::for_terminal(as_json);
+    if read_data {
+        progress.begin("verify", pack_bytes(r));
+    }
+    let report = r.verify(read_data, &|n| progress.advance(n))?;
+    progress.end();
+    if as_json {
+        println!("{}", serde_json::to_string(&report).expect("serialisable"));
+    } else {
+        println!(
+            "checked {} snapshots, {} blocks referenced{}",
+            report.snapshots_checked,
+            report.blocks_referenced,
+            if read_data {
+                format!(", {} blocks re-hashed ({})", report.blocks_read, human(report.bytes_read))
+            } else {
+                String::new()
+            }
+        );
+        for e in &report.repository_errors {
+            println!("repository damage: {e}");
+        }
+        for d in &report.damaged {
+            println!("damaged snapshot {}@{}: {}", d.volume, d.snapshot, d.problems.join("; "));
+        }
+    }
+    if report.ok {
+        if !as_json {
+            println!("no damage found");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let names: Vec<String> = report
+            .damaged
+            .iter()
+            .map(|d| format!("{}@{}", d.volume, d.snapshot))
+            .collect();
+        eprintln!(
+            "snapsync: error: repository {} is damaged: {}",
+            r.location(),
+            if names.is_empty() {
+                format!("{} repository errors", report.repository_errors.len())
+            } else {
+                format!("damaged snapshots: {}", names.join(", "))
+            }
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn pack_bytes(r: &Repository) -> u64 {
+    match r.location() {
+        Location::Local(p) => dir_size(&p.join("packs")),
+    }
+}
+
+fn dir_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
