@@ -57,23 +57,24 @@ pub fn encode_envelope(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
 /// Unwrap and check a payload; `location` names the object in errors.
 pub fn decode_envelope<'a>(magic: &[u8; 8], bytes: &'a [u8], location: &str) -> Result<&'a [u8]> {
     let corrupt = |d: String| StoreError::corrupt(location, d);
-    if bytes.len() < ENVELOPE_HEADER + ENVELOPE_TRAILER {
-        return Err(corrupt(format!(
-            "too short to be a snapsync object ({} bytes; truncated?)",
-            bytes.len()
-        )));
-    }
-    if &bytes[..8] != magic {
-        let known = [MAGIC_CONFIG, MAGIC_INDEX, MAGIC_MANIFEST, MAGIC_CATALOG, MAGIC_PACK];
-        return Err(if known.iter().any(|m| &bytes[..8] == *m) {
+    let known = [MAGIC_CONFIG, MAGIC_INDEX, MAGIC_MANIFEST, MAGIC_CATALOG, MAGIC_PACK];
+    let head = &bytes[..bytes.len().min(8)];
+    if head != &magic[..head.len()] || (head.len() == 8 && head != magic) {
+        return Err(if known.iter().any(|m| head == &m[..]) {
             corrupt(format!(
                 "wrong object type {:?} (expected {:?})",
-                String::from_utf8_lossy(&bytes[..8]),
+                String::from_utf8_lossy(head),
                 String::from_utf8_lossy(magic)
             ))
         } else {
             corrupt("not a snapsync object (foreign file: bad magic)".into())
         });
+    }
+    if bytes.len() < ENVELOPE_HEADER + ENVELOPE_TRAILER {
+        return Err(corrupt(format!(
+            "too short to be a snapsync object ({} bytes; truncated?)",
+            bytes.len()
+        )));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != FORMAT_VERSION {
