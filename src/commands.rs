@@ -109,7 +109,10 @@ pub fn diff(store: &str, target: &str, base: Option<&str>, as_json: bool) -> Res
     let d = s.source().diff(volume, snap, base)?;
     let changed = d.changed();
     let pairs = |l: &snapsync_core::ExtentList| {
-        l.as_slice().iter().map(|e| [e.offset, e.len]).collect::<Vec<_>>()
+        l.as_slice()
+            .iter()
+            .map(|e| [e.offset, e.len])
+            .collect::<Vec<_>>()
     };
     if as_json {
         println!(
@@ -122,7 +125,11 @@ pub fn diff(store: &str, target: &str, base: Option<&str>, as_json: bool) -> Res
         );
     } else {
         for e in changed.as_slice() {
-            let kind = if d.zero.covers(e.offset, e.len) { "zero" } else { "data" };
+            let kind = if d.zero.covers(e.offset, e.len) {
+                "zero"
+            } else {
+                "data"
+            };
             println!("{:>16} {:>12} {kind}", e.offset, e.len);
         }
         println!(
@@ -213,7 +220,11 @@ pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
             report.snapshots_checked,
             report.blocks_referenced,
             if read_data {
-                format!(", {} blocks re-hashed ({})", report.blocks_read, human(report.bytes_read))
+                format!(
+                    ", {} blocks re-hashed ({})",
+                    report.blocks_read,
+                    human(report.bytes_read)
+                )
             } else {
                 String::new()
             }
@@ -222,7 +233,12 @@ pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
             println!("repository damage: {e}");
         }
         for d in &report.damaged {
-            println!("damaged snapshot {}@{}: {}", d.volume, d.snapshot, d.problems.join("; "));
+            println!(
+                "damaged snapshot {}@{}: {}",
+                d.volume,
+                d.snapshot,
+                d.problems.join("; ")
+            );
         }
     }
     if report.ok {

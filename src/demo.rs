@@ -26,7 +26,10 @@ fn sample(size: usize, seed: u64) -> Vec<u8> {
     let text = b"snapsync demo: the quick brown fox replicates the lazy snapshot. ";
     for (i, block) in v.chunks_mut(BLOCK).enumerate() {
         match i % 4 {
-            2 => block.iter_mut().enumerate().for_each(|(k, b)| *b = text[k % text.len()]),
+            2 => block
+                .iter_mut()
+                .enumerate()
+                .for_each(|(k, b)| *b = text[k % text.len()]),
             3 => block.fill(0),
             _ => {}
         }
@@ -38,9 +41,12 @@ fn sample(size: usize, seed: u64) -> Vec<u8> {
 fn scatter(v: &mut [u8], count: usize, seed: u64) {
     let len = v.len();
     for k in 0..count {
-        let off = (pseudo_random(seed + k as u64, 8).iter().fold(0usize, |a, b| a * 256 + *b as usize))
+        let off = (pseudo_random(seed + k as u64, 8)
+            .iter()
+            .fold(0usize, |a, b| a * 256 + *b as usize))
             % (len - 100 * 1024);
-        v[off..off + 100 * 1024].copy_from_slice(&pseudo_random(seed * 1000 + k as u64, 100 * 1024));
+        v[off..off + 100 * 1024]
+            .copy_from_slice(&pseudo_random(seed * 1000 + k as u64, 100 * 1024));
     }
 }
 
@@ -89,11 +95,16 @@ pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<ExitCode> {
     let images = work.join("images");
     let repo_dir = work.join("repo");
     if repo_dir.exists() {
-        bail!("{} already exists; give --dir an empty directory", repo_dir.display());
+        bail!(
+            "{} already exists; give --dir an empty directory",
+            repo_dir.display()
+        );
     }
     let size = size_mib as usize * MIB;
     println!("snapsync demo in {}", work.display());
-    println!("1. generating sample raw images ({size_mib} MiB volume, 3 snapshots, plus a near-copy)");
+    println!(
+        "1. generating sample raw images ({size_mib} MiB volume, 3 snapshots, plus a near-copy)"
+    );
     let mut data = sample(size, 1);
     write_image(&images, "vm-disk", "monday", &data, 3 * 86400)?;
     scatter(&mut data, size / (100 * 1024) / 100 + 1, 2);
@@ -109,14 +120,29 @@ pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<ExitCode> {
     println!("2. created repository {}", repo.location());
 
     println!("3. full replication of the first snapshot:");
-    let first = ReplicateOptions { volumes: vec!["vm-disk".into()], snapshot: Some("monday".into()) };
+    let first = ReplicateOptions {
+        volumes: vec!["vm-disk".into()],
+        snapshot: Some("monday".into()),
+    };
     snapsync_engine::replicate(&raw, &repo, &first, &NoProgress, &mut show)?;
 
     println!("4. replicating everything else (incremental, deduplicated):");
-    let all = snapsync_engine::replicate(&raw, &repo, &ReplicateOptions::default(), &NoProgress, &mut show)?;
+    let all = snapsync_engine::replicate(
+        &raw,
+        &repo,
+        &ReplicateOptions::default(),
+        &NoProgress,
+        &mut show,
+    )?;
 
     println!("5. rerun: the repository already holds everything");
-    let again = snapsync_engine::replicate(&raw, &repo, &ReplicateOptions::default(), &NoProgress, &mut show)?;
+    let again = snapsync_engine::replicate(
+        &raw,
+        &repo,
+        &ReplicateOptions::default(),
+        &NoProgress,
+        &mut show,
+    )?;
     println!("  {} snapshots sent", again.len());
 
     let logical = 4 * size as u64;
@@ -127,8 +153,15 @@ pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<ExitCode> {
         stored as f64 / MIB as f64,
         logical as f64 / stored.max(1) as f64
     );
-    let incr: u64 = all.iter().filter(|r| r.base.is_some()).map(|r| r.sent_bytes).sum();
-    println!("  incremental snapshots sent {:.2} MiB in total", incr as f64 / MIB as f64);
+    let incr: u64 = all
+        .iter()
+        .filter(|r| r.base.is_some())
+        .map(|r| r.sent_bytes)
+        .sum();
+    println!(
+        "  incremental snapshots sent {:.2} MiB in total",
+        incr as f64 / MIB as f64
+    );
 
     let out = work.join("restored-wednesday.img");
     snapsync_engine::restore(&repo, "vm-disk", "wednesday", &out, &NoProgress)?;
@@ -137,7 +170,10 @@ pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<ExitCode> {
     if a != b {
         bail!("restored image differs from the original");
     }
-    println!("7. restored vm-disk@wednesday: identical to the original (BLAKE3 {})", &a.to_hex()[..16]);
+    println!(
+        "7. restored vm-disk@wednesday: identical to the original (BLAKE3 {})",
+        &a.to_hex()[..16]
+    );
 
     let report = repo.verify(true, &|_| {})?;
     if !report.ok {

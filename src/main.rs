@@ -115,16 +115,30 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init { repo, block_size } => commands::init(&repo, block_size),
         Command::List { store, json } => commands::list(&store, json),
-        Command::Diff { store, target, base, json } => {
-            commands::diff(&store, &target, base.as_deref(), json)
-        }
-        Command::Replicate { source, dest, volumes, snapshot, json } => {
-            commands::replicate(&source, &dest, volumes, snapshot, json)
-        }
-        Command::Restore { store, target, output, format } => {
-            commands::restore(&store, &target, &output, format)
-        }
-        Command::Verify { repo, read_data, json } => commands::verify(&repo, read_data, json),
+        Command::Diff {
+            store,
+            target,
+            base,
+            json,
+        } => commands::diff(&store, &target, base.as_deref(), json),
+        Command::Replicate {
+            source,
+            dest,
+            volumes,
+            snapshot,
+            json,
+        } => commands::replicate(&source, &dest, volumes, snapshot, json),
+        Command::Restore {
+            store,
+            target,
+            output,
+            format,
+        } => commands::restore(&store, &target, &output, format),
+        Command::Verify {
+            repo,
+            read_data,
+            json,
+        } => commands::verify(&repo, read_data, json),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     };
     match result {

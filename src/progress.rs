@@ -41,7 +41,9 @@ impl Progress for Bar {
 /// A bar when stderr is a terminal and output is for humans; otherwise nothing.
 pub fn for_terminal(json: bool) -> Box<dyn Progress> {
     if !json && std::io::stderr().is_terminal() {
-        Box::new(Bar { bar: Mutex::new(None) })
+        Box::new(Bar {
+            bar: Mutex::new(None),
+        })
     } else {
         Box::new(NoProgress)
     }

@@ -17,7 +17,7 @@ pub enum AnyStore {
     /// `raw:`
     Raw(RawStore),
     /// A repository.
-    Repo(Repository),
+    Repo(Box<Repository>),
 }
 
 /// What a URL names, before opening.
@@ -68,7 +68,7 @@ impl StoreUrl {
     pub fn open(&self) -> Result<AnyStore> {
         Ok(match self {
             StoreUrl::Raw(p) => AnyStore::Raw(RawStore::open(p)?),
-            StoreUrl::Repo(loc) => AnyStore::Repo(Repository::open(loc.clone())?),
+            StoreUrl::Repo(loc) => AnyStore::Repo(Box::new(Repository::open(loc.clone())?)),
         })
     }
 }
@@ -83,14 +83,14 @@ impl AnyStore {
     pub fn source(&self) -> &dyn SnapshotSource {
         match self {
             AnyStore::Raw(r) => r,
-            AnyStore::Repo(r) => r,
+            AnyStore::Repo(r) => r.as_ref(),
         }
     }
 
     /// As a destination, if it can be one.
     pub fn sink(&self) -> Result<&dyn SnapshotSink> {
         match self {
-            AnyStore::Repo(r) => Ok(r),
+            AnyStore::Repo(r) => Ok(r.as_ref()),
             AnyStore::Raw(r) => bail!(
                 "{} is a raw image directory, which is a source only; replicate into a repository",
                 snapsync_store::Store::location(r)
@@ -102,10 +102,7 @@ impl AnyStore {
     pub fn repository(&self) -> Result<&Repository> {
         match self {
             AnyStore::Repo(r) => Ok(r),
-            AnyStore::Raw(r) => bail!(
-                "{} is not a repository",
-                snapsync_store::Store::location(r)
-            ),
+            AnyStore::Raw(r) => bail!("{} is not a repository", snapsync_store::Store::location(r)),
         }
     }
 }
@@ -116,8 +113,14 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        assert_eq!(StoreUrl::parse("raw:/x").unwrap(), StoreUrl::Raw("/x".into()));
-        assert_eq!(StoreUrl::parse("raw:///x").unwrap(), StoreUrl::Raw("/x".into()));
+        assert_eq!(
+            StoreUrl::parse("raw:/x").unwrap(),
+            StoreUrl::Raw("/x".into())
+        );
+        assert_eq!(
+            StoreUrl::parse("raw:///x").unwrap(),
+            StoreUrl::Raw("/x".into())
+        );
         assert_eq!(
             StoreUrl::parse("file:///r").unwrap(),
             StoreUrl::Repo(Location::Local("/r".into()))

@@ -54,7 +54,10 @@ fn kill_9_mid_transfer_loses_nothing_and_a_rerun_completes_reusing_packs() {
         .unwrap();
     let start = Instant::now();
     while files_under(&packs).len() < before + 2 {
-        assert!(start.elapsed() < Duration::from_secs(60), "no pack appeared");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no pack appeared"
+        );
         if child.try_wait().unwrap().is_some() {
             panic!("replication finished before it could be killed");
         }
@@ -78,7 +81,10 @@ fn kill_9_mid_transfer_loses_nothing_and_a_rerun_completes_reusing_packs() {
     let r = replicate_json(&[&src, &repo]);
     assert_eq!(r.len(), 1);
     let sent = num(&r[0], "sent_bytes");
-    assert!(sent <= 192 * MIB as u64 - 32 * MIB as u64, "rerun resent everything: {sent}");
+    assert!(
+        sent <= 192 * MIB as u64 - 32 * MIB as u64,
+        "rerun resent everything: {sent}"
+    );
     assert!(num(&r[0], "dedup_bytes") >= 32 * MIB as u64);
     let out = dir.path().join("s2.out");
     ok(&["restore", &repo, "vm@s2", out.to_str().unwrap()]);
@@ -111,7 +117,9 @@ fn a_flipped_byte_in_a_pack_is_found_and_the_snapshot_named() {
         .iter()
         .find_map(|p| {
             let b = std::fs::read(p).unwrap();
-            b.windows(64).position(|w| w == needle).map(|i| (p.clone(), i))
+            b.windows(64)
+                .position(|w| w == needle)
+                .map(|i| (p.clone(), i))
         })
         .expect("block found uncompressed in a pack");
     let mut bytes = std::fs::read(&pack).unwrap();
@@ -125,17 +133,30 @@ fn a_flipped_byte_in_a_pack_is_found_and_the_snapshot_named() {
     assert!(err.contains("vm@s1"), "{err}");
     assert!(!err.contains("other@s1"), "{err}");
     assert!(stdout.contains("damaged snapshot vm@s1"), "{stdout}");
-    assert!(stdout.contains(&pack.file_name().unwrap().to_string_lossy().to_string()), "{stdout}");
+    assert!(
+        stdout.contains(&pack.file_name().unwrap().to_string_lossy().to_string()),
+        "{stdout}"
+    );
     let json: serde_json::Value =
         serde_json::from_slice(&run(&["verify", &repo, "--read-data", "--json"]).stdout).unwrap();
     assert_eq!(json["ok"], false);
     assert_eq!(json["damaged"][0]["volume"], "vm");
     // Restoring the damaged snapshot fails clearly rather than writing bad data.
-    let out = run(&["restore", &repo, "vm@s1", dir.path().join("x").to_str().unwrap()]);
+    let out = run(&[
+        "restore",
+        &repo,
+        "vm@s1",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_line(&out).contains("damaged"));
     // The other volume is unaffected.
-    ok(&["restore", &repo, "other@s1", dir.path().join("y").to_str().unwrap()]);
+    ok(&[
+        "restore",
+        &repo,
+        "other@s1",
+        dir.path().join("y").to_str().unwrap(),
+    ]);
 }
 
 #[test]
@@ -152,7 +173,12 @@ fn truncated_or_foreign_manifests_give_clear_errors() {
                 _ => std::fs::write(m, b"#!/bin/sh\necho this is not a manifest\n").unwrap(),
             }
         }
-        let out = run(&["restore", &repo, "vm@s1", dir.path().join("x").to_str().unwrap()]);
+        let out = run(&[
+            "restore",
+            &repo,
+            "vm@s1",
+            dir.path().join("x").to_str().unwrap(),
+        ]);
         assert_eq!(out.status.code(), Some(1), "{damage}");
         let err = stderr_line(&out);
         assert!(err.contains("manifests/"), "{damage}: {err}");
@@ -193,7 +219,10 @@ fn foreign_or_missing_repository_files_are_refused_clearly() {
 #[test]
 fn a_malformed_raw_source_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run(&["list", &format!("raw:{}", dir.path().join("missing").display())]);
+    let out = run(&[
+        "list",
+        &format!("raw:{}", dir.path().join("missing").display()),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     stderr_line(&out);
     let file = dir.path().join("file");

@@ -24,7 +24,10 @@ fn full_then_incremental_then_rerun_sends_nothing_and_restores_identical() {
     assert_eq!(num(&full[0], "read_bytes"), 32 * MIB as u64);
     // Random data does not compress; the zero region costs nothing.
     let sent = num(&full[0], "sent_bytes");
-    assert!(sent <= 24 * MIB as u64 + 4096 && sent >= 23 * MIB as u64, "sent {sent}");
+    assert!(
+        sent <= 24 * MIB as u64 + 4096 && sent >= 23 * MIB as u64,
+        "sent {sent}"
+    );
 
     let incr = replicate_json(&[&src, &repo]);
     assert_eq!(incr.len(), 1);
@@ -36,18 +39,31 @@ fn full_then_incremental_then_rerun_sends_nothing_and_restores_identical() {
     assert!(num(&incr[0], "read_bytes") <= 20 * 3 * 65536);
     assert!(num(&incr[0], "sent_bytes") <= 20 * 3 * 65536);
     assert!(num(&incr[0], "sent_bytes") >= 20 * 100 * 1024);
-    for key in ["volume", "snapshot", "base", "changed_bytes", "read_bytes", "sent_bytes", "dedup_bytes", "duration_ms"] {
+    for key in [
+        "volume",
+        "snapshot",
+        "base",
+        "changed_bytes",
+        "read_bytes",
+        "sent_bytes",
+        "dedup_bytes",
+        "duration_ms",
+    ] {
         assert!(incr[0].get(key).is_some(), "{key} missing");
     }
 
-    assert!(replicate_json(&[&src, &repo]).is_empty(), "rerun sent something");
+    assert!(
+        replicate_json(&[&src, &repo]).is_empty(),
+        "rerun sent something"
+    );
     assert!(replicate_json(&[&src, &repo, "--snapshot", "s2"]).is_empty());
 
-    for (snap, want) in [("s2", data.clone())] {
-        let out = dir.path().join(format!("{snap}.out"));
-        ok(&["restore", &repo, &format!("vm@{snap}"), out.to_str().unwrap()]);
-        assert!(std::fs::read(&out).unwrap() == want, "restore of {snap} differs");
-    }
+    let s2_out = dir.path().join("s2.out");
+    ok(&["restore", &repo, "vm@s2", s2_out.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&s2_out).unwrap() == data,
+        "restore of s2 differs"
+    );
     let s1_out = dir.path().join("s1.out");
     ok(&["restore", &repo, "vm@s1", s1_out.to_str().unwrap()]);
     let original = std::fs::read(images.join("vm/s1.img")).unwrap();
@@ -55,7 +71,10 @@ fn full_then_incremental_then_rerun_sends_nothing_and_restores_identical() {
     // Sparse: the 8 MiB zero region is a hole.
     use std::os::unix::fs::MetadataExt;
     let blocks = std::fs::metadata(&s1_out).unwrap().blocks() * 512;
-    assert!(blocks < 26 * MIB as u64, "restore is not sparse: {blocks} bytes allocated");
+    assert!(
+        blocks < 26 * MIB as u64,
+        "restore is not sparse: {blocks} bytes allocated"
+    );
 
     let list: serde_json::Value = serde_json::from_str(&ok(&["list", &repo, "--json"])).unwrap();
     let vol = &list["volumes"][0];
@@ -158,13 +177,19 @@ fn diff_reports_changed_extents() {
     let d: serde_json::Value =
         serde_json::from_str(&ok(&["diff", &src, "vm@s2", "--base", "s1", "--json"])).unwrap();
     assert_eq!(d["changed_bytes"], 2 * 65536);
-    assert_eq!(d["extents"], serde_json::json!([[MIB, 65536], [3 * MIB, 65536]]));
+    assert_eq!(
+        d["extents"],
+        serde_json::json!([[MIB, 65536], [3 * MIB, 65536]])
+    );
     let repo = init_repo(dir.path(), &["--block-size", "4096"]);
     replicate_json(&[&src, &repo]);
     let d: serde_json::Value =
         serde_json::from_str(&ok(&["diff", &repo, "vm@s2", "--base", "s1", "--json"])).unwrap();
     // The repository knows 4 KiB blocks: a finer diff, from metadata alone.
-    assert_eq!(d["extents"], serde_json::json!([[MIB, 4096], [3 * MIB, 65536]]));
+    assert_eq!(
+        d["extents"],
+        serde_json::json!([[MIB, 4096], [3 * MIB, 65536]])
+    );
     assert_eq!(d["changed_bytes"], 4096 + 65536);
 }
 
@@ -189,7 +214,12 @@ fn usage_errors_exit_2_and_failures_exit_1_with_one_line() {
     let repo = init_repo(dir.path(), &[]);
     let out = run(&["init", &repo]);
     assert_eq!(out.status.code(), Some(1));
-    let out = run(&["init", dir.path().join("r2").to_str().unwrap(), "--block-size", "1000"]);
+    let out = run(&[
+        "init",
+        dir.path().join("r2").to_str().unwrap(),
+        "--block-size",
+        "1000",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
     let out = run(&["restore", &repo, "vm@nope", "/tmp/x"]);

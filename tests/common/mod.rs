@@ -83,7 +83,9 @@ pub fn write_image(dir: &Path, volume: &str, name: &str, data: &[u8], age: u64) 
 
 /// Field of a JSON object as u64.
 pub fn num(v: &serde_json::Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 /// A fresh repository in `dir/repo`; returns its path as a string.

@@ -194,7 +194,10 @@ mod tests {
     }
 
     fn to_set(l: &ExtentList) -> BTreeSet<u64> {
-        l.as_slice().iter().flat_map(|e| e.offset..e.end()).collect()
+        l.as_slice()
+            .iter()
+            .flat_map(|e| e.offset..e.end())
+            .collect()
     }
 
     fn arb() -> impl Strategy<Value = Vec<(u64, u64)>> {

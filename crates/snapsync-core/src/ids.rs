@@ -110,7 +110,10 @@ mod tests {
         assert_ne!(base, SnapshotId::derive("sys2", "vol", "s1", t));
         assert_ne!(base, SnapshotId::derive("sys", "vol2", "s1", t));
         assert_ne!(base, SnapshotId::derive("sys", "vol", "s2", t));
-        assert_ne!(base, SnapshotId::derive("sys", "vol", "s1", Timestamp::new(100, 6)));
+        assert_ne!(
+            base,
+            SnapshotId::derive("sys", "vol", "s1", Timestamp::new(100, 6))
+        );
         assert_ne!(
             SnapshotId::derive("ab", "c", "s", t),
             SnapshotId::derive("a", "bc", "s", t)

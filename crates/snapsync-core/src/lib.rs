@@ -25,7 +25,9 @@ pub use blockmap::{BlockMap, BlockRef, Delta};
 pub use extent::{Extent, ExtentList};
 pub use ids::{BlockId, SnapshotId};
 pub use names::{validate_name, NameError};
-pub use plan::{choose_base, common_snapshots, missing_snapshots, BaseChoice, BaseReason, CommonSnapshot};
+pub use plan::{
+    choose_base, common_snapshots, missing_snapshots, BaseChoice, BaseReason, CommonSnapshot,
+};
 pub use snapshot::{Hint, Origin, SnapshotInfo, VolumeInfo};
 pub use time::Timestamp;
 

@@ -98,9 +98,7 @@ pub fn common_snapshots(
         }
     }
     let mut v: Vec<CommonSnapshot> = out.into_values().collect();
-    v.sort_by(|a, b| {
-        (a.source.created, &a.source.name).cmp(&(b.source.created, &b.source.name))
-    });
+    v.sort_by(|a, b| (a.source.created, &a.source.name).cmp(&(b.source.created, &b.source.name)));
     v
 }
 
@@ -205,7 +203,12 @@ mod tests {
 
     #[test]
     fn stale_hints_are_dropped_and_nearest_base_chosen() {
-        let (s1, s2, s3, s4) = (snap("s1", 10), snap("s2", 20), snap("s3", 30), snap("s4", 40));
+        let (s1, s2, s3, s4) = (
+            snap("s1", 10),
+            snap("s2", 20),
+            snap("s3", 30),
+            snap("s4", 40),
+        );
         // Source lost s1; destination lost s2; both have s3.
         let source = volume(&[s2.clone(), s3.clone(), s4.clone()]);
         let dest = vec![volume(&[s1.clone(), s3.clone()])];
@@ -222,7 +225,10 @@ mod tests {
             .collect();
         assert_eq!(missing, vec!["s2", "s4"]);
         // s2 is older than the only common snapshot: the base is younger.
-        assert_eq!(choose_base(&s2, &common, None).reason, BaseReason::NearestYounger);
+        assert_eq!(
+            choose_base(&s2, &common, None).reason,
+            BaseReason::NearestYounger
+        );
     }
 
     #[test]
@@ -248,6 +254,9 @@ mod tests {
         assert_eq!(c.reason, BaseReason::SmallestDiff);
         assert_eq!(c.base.unwrap().dest_snapshot, "s1");
         let est: HashMap<_, _> = [(s1.id, 50u64), (s2.id, 5u64)].into();
-        assert_eq!(choose_base(&s3, &common, Some(&est)).reason, BaseReason::NearestOlder);
+        assert_eq!(
+            choose_base(&s3, &common, Some(&est)).reason,
+            BaseReason::NearestOlder
+        );
     }
 }

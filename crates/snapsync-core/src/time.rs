@@ -95,6 +95,9 @@ mod tests {
         let b = Timestamp::new(11, 0);
         assert!(a < b);
         assert_eq!(a.distance(&b), 1);
-        assert_eq!(Timestamp::new(1, 1_500_000_000), Timestamp::new(2, 500_000_000));
+        assert_eq!(
+            Timestamp::new(1, 1_500_000_000),
+            Timestamp::new(2, 500_000_000)
+        );
     }
 }

@@ -10,8 +10,7 @@ use snapsync_core::{
     ExtentList, SnapshotInfo, VolumeInfo,
 };
 use snapsync_store::{
-    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotSink, SnapshotSource,
-    StoreError,
+    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotSink, SnapshotSource, StoreError,
 };
 use tracing::{debug, info};
 
@@ -112,7 +111,10 @@ pub fn replicate(
                 }
                 None => vec![],
             },
-            None => missing_snapshots(volume, &common).into_iter().cloned().collect(),
+            None => missing_snapshots(volume, &common)
+                .into_iter()
+                .cloned()
+                .collect(),
         };
         for target in targets {
             let estimates: HashMap<_, _> = common
@@ -134,10 +136,15 @@ pub fn replicate(
                 &source_system,
                 volume,
                 &target,
-                choice.base.as_ref().map(|b| (b.source.clone(), BaseRef {
-                    volume: b.dest_volume.clone(),
-                    snapshot: b.dest_snapshot.clone(),
-                })),
+                choice.base.as_ref().map(|b| {
+                    (
+                        b.source.clone(),
+                        BaseRef {
+                            volume: b.dest_volume.clone(),
+                            snapshot: b.dest_snapshot.clone(),
+                        },
+                    )
+                }),
                 choice.reason,
                 progress,
             )?;
@@ -227,7 +234,11 @@ fn replicate_one(
     };
     let bs = sink.block_size();
     let diff = source
-        .diff(&volume.name, &target.name, base.as_ref().map(|b| b.0.name.as_str()))
+        .diff(
+            &volume.name,
+            &target.name,
+            base.as_ref().map(|b| b.0.name.as_str()),
+        )
         .map_err(src_err)?;
     let changed_bytes = diff.changed().total_len();
     let plan = plan_blocks(
@@ -261,13 +272,19 @@ fn replicate_one(
             .write(
                 plan.zero_blocks
                     .iter()
-                    .map(|&index| IncomingBlock { index, content: BlockContent::Zero })
+                    .map(|&index| IncomingBlock {
+                        index,
+                        content: BlockContent::Zero,
+                    })
                     .collect(),
             )
             .map_err(dst_err)?;
     }
 
-    progress.begin(&format!("{}@{}", volume.name, target.name), plan.read.total_len());
+    progress.begin(
+        &format!("{}@{}", volume.name, target.name),
+        plan.read.total_len(),
+    );
     let mut reader = source
         .open_snapshot(&volume.name, &target.name)
         .map_err(src_err)?;
@@ -298,7 +315,14 @@ fn replicate_one(
                         let id = id.unwrap_or_else(|| zero_block_id(bs));
                         reader.observe_block((index + k as u64) * bs, bs as usize, &id);
                     }
-                    if tx.send(Ok(Batch { first_index: index, data, ids })).is_err() {
+                    if tx
+                        .send(Ok(Batch {
+                            first_index: index,
+                            data,
+                            ids,
+                        }))
+                        .is_err()
+                    {
                         return None;
                     }
                     index += n;
@@ -312,7 +336,13 @@ fn replicate_one(
             progress.advance(batch.data.len() as u64);
             let unique: Vec<BlockId> = {
                 let mut seen = HashSet::new();
-                batch.ids.iter().flatten().filter(|id| seen.insert(**id)).copied().collect()
+                batch
+                    .ids
+                    .iter()
+                    .flatten()
+                    .filter(|id| seen.insert(**id))
+                    .copied()
+                    .collect()
             };
             let missing: HashSet<BlockId> = receiver
                 .missing(&unique)
@@ -392,7 +422,13 @@ mod tests {
 
     #[test]
     fn plan_aligns_and_keeps_partial_zero_blocks_read() {
-        let p = plan_blocks(&el(&[(10, 5)]), &el(&[(100, 100), (250, 10)]), 50, 300, Some(300));
+        let p = plan_blocks(
+            &el(&[(10, 5)]),
+            &el(&[(100, 100), (250, 10)]),
+            50,
+            300,
+            Some(300),
+        );
         assert_eq!(p.zero_blocks, vec![2, 3]);
         assert_eq!(p.read, el(&[(0, 50), (250, 50)]));
     }

@@ -61,9 +61,13 @@ pub fn restore(
     let is_regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
     if is_regular {
         file.set_len(0).map_err(|e| out_err("cannot truncate", e))?;
-        file.set_len(info.size).map_err(|e| out_err("cannot size", e))?;
+        file.set_len(info.size)
+            .map_err(|e| out_err("cannot size", e))?;
     }
-    let mut stats = RestoreStats { size: info.size, written_bytes: 0 };
+    let mut stats = RestoreStats {
+        size: info.size,
+        written_bytes: 0,
+    };
     progress.begin(&format!("{volume}@{snapshot}"), diff.data.total_len());
     let mut buf = Vec::new();
     for e in diff.data.as_slice() {
@@ -88,8 +92,9 @@ pub fn restore(
     if !is_regular {
         // A device or pipe cannot have holes: write the zero ranges explicitly.
         let zeros = vec![0u8; HOLE_GRANULE];
-        let holes = snapsync_core::ExtentList::from_extents([snapsync_core::Extent::new(0, info.size)])
-            .subtract(&diff.data);
+        let holes =
+            snapsync_core::ExtentList::from_extents([snapsync_core::Extent::new(0, info.size)])
+                .subtract(&diff.data);
         for h in holes.as_slice() {
             let mut off = h.offset;
             while off < h.end() {

@@ -33,10 +33,16 @@ fn full_then_incremental_then_nothing() {
     assert_eq!(reports[1].base.as_deref(), Some("s1"));
     assert_eq!(reports[1].read_bytes, BS);
     assert_eq!(reports[1].sent_bytes, BS);
-    assert_eq!(dst.content("vol", "s2").unwrap().as_slice(), content.as_slice());
+    assert_eq!(
+        dst.content("vol", "s2").unwrap().as_slice(),
+        content.as_slice()
+    );
 
     assert!(run(&src, &dst, &ReplicateOptions::default()).is_empty());
-    let one = ReplicateOptions { snapshot: Some("s2".into()), ..Default::default() };
+    let one = ReplicateOptions {
+        snapshot: Some("s2".into()),
+        ..Default::default()
+    };
     assert!(run(&src, &dst, &one).is_empty());
 }
 
@@ -49,21 +55,54 @@ fn base_found_through_hints_after_source_lost_older_snapshots() {
         content[i * BS as usize] ^= 0xff;
         src.add_snapshot("vol", name, t(i as i64), content.clone());
     }
-    run(&src, &dst, &ReplicateOptions { snapshot: Some("s1".into()), ..Default::default() });
-    run(&src, &dst, &ReplicateOptions { snapshot: Some("s2".into()), ..Default::default() });
+    run(
+        &src,
+        &dst,
+        &ReplicateOptions {
+            snapshot: Some("s1".into()),
+            ..Default::default()
+        },
+    );
+    run(
+        &src,
+        &dst,
+        &ReplicateOptions {
+            snapshot: Some("s2".into()),
+            ..Default::default()
+        },
+    );
     src.remove_snapshot("vol", "s1");
     dst.remove_snapshot("vol", "s2");
     content[20 * BS as usize] ^= 1;
     src.add_snapshot("vol", "s4", t(4), content.clone());
     // s1 is gone at the source, s2 at the destination: nothing in common, full.
-    let r = run(&src, &dst, &ReplicateOptions { snapshot: Some("s3".into()), ..Default::default() });
+    let r = run(
+        &src,
+        &dst,
+        &ReplicateOptions {
+            snapshot: Some("s3".into()),
+            ..Default::default()
+        },
+    );
     assert_eq!(r[0].base, None);
     let r = run(&src, &dst, &ReplicateOptions::default());
-    let names: Vec<_> = r.iter().map(|x| (x.snapshot.clone(), x.base.clone())).collect();
-    assert_eq!(names, vec![("s2".into(), Some("s3".into())), ("s4".into(), Some("s3".into()))]);
+    let names: Vec<_> = r
+        .iter()
+        .map(|x| (x.snapshot.clone(), x.base.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("s2".into(), Some("s3".into())),
+            ("s4".into(), Some("s3".into()))
+        ]
+    );
     assert_eq!(r[0].base_reason, BaseReason::NearestYounger);
     assert_eq!(r[1].sent_bytes, BS);
-    assert_eq!(dst.content("vol", "s4").unwrap().as_slice(), content.as_slice());
+    assert_eq!(
+        dst.content("vol", "s4").unwrap().as_slice(),
+        content.as_slice()
+    );
 }
 
 #[test]
@@ -85,16 +124,25 @@ fn unknown_volume_or_snapshot_is_an_error() {
     let src = MemoryStore::new("src", BS);
     let dst = MemoryStore::new("dst", BS);
     src.add_snapshot("a", "s1", t(1), vec![1; 100]);
-    let bad = ReplicateOptions { volumes: vec!["zz".into()], ..Default::default() };
+    let bad = ReplicateOptions {
+        volumes: vec!["zz".into()],
+        ..Default::default()
+    };
     assert!(replicate(&src, &dst, &bad, &NoProgress, &mut |_| {}).is_err());
-    let bad = ReplicateOptions { snapshot: Some("zz".into()), ..Default::default() };
+    let bad = ReplicateOptions {
+        snapshot: Some("zz".into()),
+        ..Default::default()
+    };
     assert!(replicate(&src, &dst, &bad, &NoProgress, &mut |_| {}).is_err());
 }
 
 fn arb_snapshots() -> impl Strategy<Value = Vec<(usize, Vec<(usize, u8)>)>> {
     // Each snapshot: a size in blocks-ish and writes (block, fill byte) on the previous.
     proptest::collection::vec(
-        (1usize..12, proptest::collection::vec((0usize..12, 0u8..4), 0..5)),
+        (
+            1usize..12,
+            proptest::collection::vec((0usize..12, 0u8..4), 0..5),
+        ),
         1..6,
     )
 }

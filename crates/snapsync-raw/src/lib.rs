@@ -76,7 +76,12 @@ impl RawStore {
             .join(format!("{snapshot}.b3"))
     }
 
-    fn snapshot_info(&self, system: &str, volume: &str, path: &Path) -> Result<Option<SnapshotInfo>> {
+    fn snapshot_info(
+        &self,
+        system: &str,
+        volume: &str,
+        path: &Path,
+    ) -> Result<Option<SnapshotInfo>> {
         let Some(name) = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -122,7 +127,8 @@ impl RawStore {
 /// hashing on all cores, overlapped through a small channel.
 fn hash_image(path: &Path, size: u64) -> Result<Vec<BlockId>> {
     const CHUNK: usize = 8 << 20;
-    let file = File::open(path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
+    let file =
+        File::open(path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
     let mut out = Vec::with_capacity(size.div_ceil(HASH_BLOCK_SIZE) as usize);
     std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<u8>>>(2);
@@ -182,7 +188,10 @@ impl Store for RawStore {
                 Ok(s) if !s.trim().is_empty() => Ok(format!("raw:{}", s.trim())),
                 _ => Ok(format!(
                     "raw-path:{}",
-                    self.root.canonicalize().unwrap_or(self.root.clone()).display()
+                    self.root
+                        .canonicalize()
+                        .unwrap_or(self.root.clone())
+                        .display()
                 )),
             },
         }
@@ -194,7 +203,8 @@ impl Store for RawStore {
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| StoreError::io(format!("list {}", self.root.display()), e))?;
         for entry in entries {
-            let entry = entry.map_err(|e| StoreError::io(format!("list {}", self.root.display()), e))?;
+            let entry =
+                entry.map_err(|e| StoreError::io(format!("list {}", self.root.display()), e))?;
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
@@ -205,7 +215,8 @@ impl Store for RawStore {
             let files = std::fs::read_dir(entry.path())
                 .map_err(|e| StoreError::io(format!("list {}", entry.path().display()), e))?;
             for f in files {
-                let f = f.map_err(|e| StoreError::io(format!("list {}", entry.path().display()), e))?;
+                let f =
+                    f.map_err(|e| StoreError::io(format!("list {}", entry.path().display()), e))?;
                 if let Some(info) = self.snapshot_info(&system, &name, &f.path())? {
                     snapshots.push(info);
                 }
@@ -311,7 +322,7 @@ impl SnapshotReader for RawReader {
 
     fn observe_block(&mut self, offset: u64, len: usize, id: &BlockId) {
         if let Some(obs) = self.observed.as_mut() {
-            if len as u64 == HASH_BLOCK_SIZE && offset % HASH_BLOCK_SIZE == 0 {
+            if len as u64 == HASH_BLOCK_SIZE && offset.is_multiple_of(HASH_BLOCK_SIZE) {
                 if let Some(slot) = obs.get_mut((offset / HASH_BLOCK_SIZE) as usize) {
                     *slot = Some(*id);
                 }

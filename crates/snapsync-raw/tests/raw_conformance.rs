@@ -14,7 +14,12 @@ fn populate(dir: &std::path::Path, fixture: &Fixture) {
             let p = dir.join(&v.name).join(format!("{}.img", s.name));
             std::fs::write(&p, &s.content).unwrap();
             let t = UNIX_EPOCH + Duration::new(s.created.secs as u64, s.created.nanos);
-            File::options().write(true).open(&p).unwrap().set_modified(t).unwrap();
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
         }
     }
 }
@@ -48,7 +53,12 @@ fn a_changed_image_is_never_diffed_from_a_stale_cache() {
     let mut content = std::fs::read(&p).unwrap();
     content[600 * 1024] ^= 0x55;
     std::fs::write(&p, &content).unwrap();
-    File::options().write(true).open(&p).unwrap().set_modified(md.modified().unwrap()).unwrap();
+    File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(md.modified().unwrap())
+        .unwrap();
     let after = store.diff("alpha", "s2", Some("s1")).unwrap();
     assert_ne!(before, after);
     assert!(after.data.covers(600 * 1024, 1));

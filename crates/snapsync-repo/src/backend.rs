@@ -37,8 +37,22 @@ impl std::fmt::Display for Location {
 pub(crate) enum Put {
     /// Fail with [`StoreError::AlreadyExists`] if the key exists (a commit point).
     Create,
-    /// Replace (content-addressed objects, where any writer writes the same bytes).
-    Overwrite,
+}
+
+/// Writes running in the background; see [`Backend::spawn_puts`].
+#[derive(Debug)]
+pub(crate) struct PendingPuts(tokio::task::JoinHandle<Result<()>>);
+
+/// fsync a local object and its directory (no-op for remote stores).
+fn sync_local(location: &Location, key: &str) -> Result<()> {
+    let Location::Local(root) = location;
+    let p = root.join(key);
+    let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+    sync(&p).map_err(|e| StoreError::io(format!("fsync {}", p.display()), e))?;
+    if let Some(dir) = p.parent() {
+        sync(dir).map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))?;
+    }
+    Ok(())
 }
 
 /// A synchronous handle on an object store.
@@ -147,7 +161,6 @@ impl Backend {
         let opts = PutOptions {
             mode: match mode {
                 Put::Create => PutMode::Create,
-                Put::Overwrite => PutMode::Overwrite,
             },
             ..Default::default()
         };
@@ -157,17 +170,46 @@ impl Backend {
         self.sync_local(key)
     }
 
+    /// Start writing objects in order (e.g. a pack, then its index) in the background;
+    /// the returned handle reports the outcome. This lets packs upload (and fsync)
+    /// while the next one is being filled.
+    pub(crate) fn spawn_puts(&self, objects: Vec<(String, Bytes)>) -> PendingPuts {
+        let store = self.store.clone();
+        let location = self.location.clone();
+        let handle = self.runtime.spawn(async move {
+            for (key, data) in objects {
+                let path = ObjectPath::from(key.as_str());
+                store
+                    .put_opts(&path, PutPayload::from(data), PutOptions::default())
+                    .await
+                    .map_err(|e| backend_err(format!("{location}/{key}"), e))?;
+                let loc = location.clone();
+                tokio::task::spawn_blocking(move || sync_local(&loc, &key))
+                    .await
+                    .map_err(|e| StoreError::Backend {
+                        context: "fsync task".into(),
+                        source: Box::new(e),
+                    })??;
+            }
+            Ok(())
+        });
+        PendingPuts(handle)
+    }
+
+    /// Wait for background writes.
+    pub(crate) fn wait(&self, pending: PendingPuts) -> Result<()> {
+        self.runtime
+            .block_on(pending.0)
+            .map_err(|e| StoreError::Backend {
+                context: "background write".into(),
+                source: Box::new(e),
+            })?
+    }
+
     /// Make a local write durable: the object store renames a staged file into place but
     /// does not fsync, so a power loss could otherwise lose a committed object.
     fn sync_local(&self, key: &str) -> Result<()> {
-        let Location::Local(root) = &self.location;
-        let p = root.join(key);
-        let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
-        sync(&p).map_err(|e| StoreError::io(format!("fsync {}", p.display()), e))?;
-        if let Some(dir) = p.parent() {
-            sync(dir).map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))?;
-        }
-        Ok(())
+        sync_local(&self.location, key)
     }
 
     /// Keys (relative to the repository) and sizes under `prefix`.

@@ -57,7 +57,13 @@ pub fn encode_envelope(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
 /// Unwrap and check a payload; `location` names the object in errors.
 pub fn decode_envelope<'a>(magic: &[u8; 8], bytes: &'a [u8], location: &str) -> Result<&'a [u8]> {
     let corrupt = |d: String| StoreError::corrupt(location, d);
-    let known = [MAGIC_CONFIG, MAGIC_INDEX, MAGIC_MANIFEST, MAGIC_CATALOG, MAGIC_PACK];
+    let known = [
+        MAGIC_CONFIG,
+        MAGIC_INDEX,
+        MAGIC_MANIFEST,
+        MAGIC_CATALOG,
+        MAGIC_PACK,
+    ];
     let head = &bytes[..bytes.len().min(8)];
     if head != &magic[..head.len()] || (head.len() == 8 && head != magic) {
         return Err(if known.iter().any(|m| head == &m[..]) {
@@ -246,17 +252,27 @@ pub fn decode_manifest(bytes: &[u8], location: &str) -> Result<Manifest> {
     let p = decode_envelope(MAGIC_MANIFEST, bytes, location)?;
     let corrupt = |d: String| StoreError::corrupt(location, d);
     let mut r = Cursor { p, pos: 0 };
-    let hlen = r.u32().ok_or_else(|| corrupt("truncated header length".into()))? as usize;
-    let hbytes = r.take(hlen).ok_or_else(|| corrupt("truncated header".into()))?;
-    let header: ManifestHeader = serde_json::from_slice(hbytes)
-        .map_err(|e| corrupt(format!("bad manifest header: {e}")))?;
-    let block_count = r.u64().ok_or_else(|| corrupt("truncated block count".into()))?;
-    let count = r.u64().ok_or_else(|| corrupt("truncated entry count".into()))?;
+    let hlen = r
+        .u32()
+        .ok_or_else(|| corrupt("truncated header length".into()))? as usize;
+    let hbytes = r
+        .take(hlen)
+        .ok_or_else(|| corrupt("truncated header".into()))?;
+    let header: ManifestHeader =
+        serde_json::from_slice(hbytes).map_err(|e| corrupt(format!("bad manifest header: {e}")))?;
+    let block_count = r
+        .u64()
+        .ok_or_else(|| corrupt("truncated block count".into()))?;
+    let count = r
+        .u64()
+        .ok_or_else(|| corrupt("truncated entry count".into()))?;
     if count > block_count || count > (p.len() as u64) / 9 {
         return Err(corrupt(format!("implausible entry count {count}")));
     }
     if header.size.div_ceil(header.block_size.max(1)) != block_count || header.block_size == 0 {
-        return Err(corrupt("block count does not match size and block size".into()));
+        return Err(corrupt(
+            "block count does not match size and block size".into(),
+        ));
     }
     let mut delta = Delta {
         block_count,
@@ -357,9 +373,14 @@ pub fn encode_json<T: Serialize>(magic: &[u8; 8], value: &T) -> Vec<u8> {
 }
 
 /// Decode an enveloped JSON object.
-pub fn decode_json<T: for<'de> Deserialize<'de>>(magic: &[u8; 8], bytes: &[u8], location: &str) -> Result<T> {
+pub fn decode_json<T: for<'de> Deserialize<'de>>(
+    magic: &[u8; 8],
+    bytes: &[u8],
+    location: &str,
+) -> Result<T> {
     let p = decode_envelope(magic, bytes, location)?;
-    serde_json::from_slice(p).map_err(|e| StoreError::corrupt(location, format!("bad content: {e}")))
+    serde_json::from_slice(p)
+        .map_err(|e| StoreError::corrupt(location, format!("bad content: {e}")))
 }
 
 #[cfg(test)]
@@ -373,7 +394,10 @@ mod tests {
         for i in 0..e.len() {
             let mut bad = e.clone();
             bad[i] ^= 1;
-            assert!(decode_envelope(MAGIC_CONFIG, &bad, "x").is_err(), "flip at {i}");
+            assert!(
+                decode_envelope(MAGIC_CONFIG, &bad, "x").is_err(),
+                "flip at {i}"
+            );
         }
         for n in 0..e.len() {
             assert!(decode_envelope(MAGIC_CONFIG, &e[..n], "x").is_err());
@@ -383,7 +407,10 @@ mod tests {
 
     #[test]
     fn manifest_roundtrip() {
-        let mut delta = Delta { block_count: 10, entries: Default::default() };
+        let mut delta = Delta {
+            block_count: 10,
+            entries: Default::default(),
+        };
         delta.entries.insert(1, BlockRef::Zero);
         delta.entries.insert(7, BlockRef::Data(BlockId::of(b"x")));
         let m = Manifest {

@@ -1,21 +1,20 @@
 //! Receiving a snapshot: compress new blocks into packs, then commit a manifest and a
 //! new catalog generation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use rayon::prelude::*;
 use snapsync_core::{validate_name, BlockId, BlockMap, BlockRef, Delta, Hint};
 use snapsync_store::{
-    BlockContent, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotSink,
-    StoreError,
+    BlockContent, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotSink, StoreError,
 };
 use tracing::debug;
 
-use crate::backend::Put;
+use crate::backend::PendingPuts;
 use crate::format::{
-    self, Catalog, CatalogSnapshot, Compression, IndexEntry, Manifest, ManifestHeader,
-    ManifestId, SourceHints, MAGIC_PACK, PACK_HEADER,
+    self, Catalog, CatalogSnapshot, Compression, IndexEntry, Manifest, ManifestHeader, ManifestId,
+    SourceHints, MAGIC_PACK, PACK_HEADER,
 };
 use crate::repo::{key_index, key_pack, Repository, CHECKPOINT_INTERVAL};
 
@@ -24,6 +23,11 @@ use crate::repo::{key_index, key_pack, Repository, CHECKPOINT_INTERVAL};
 const PACK_TARGET: usize = 32 << 20;
 /// zstd level: fast, and most of the ratio of higher levels on disk images.
 const ZSTD_LEVEL: i32 = 3;
+/// Packs stored in the background at once; bounds memory to about
+/// `(MAX_UPLOADS + 1) * PACK_TARGET`.
+const MAX_UPLOADS: usize = 2;
+/// Bytes of a block tried first to detect incompressible data cheaply.
+const PROBE_LEN: usize = 4096;
 
 /// How many times a commit retries after losing a race with another writer.
 const COMMIT_ATTEMPTS: u32 = 20;
@@ -86,6 +90,7 @@ impl SnapshotSink for Repository {
             pack: PackBuilder::default(),
             session: HashMap::new(),
             written: Vec::new(),
+            uploads: VecDeque::new(),
         }))
     }
 }
@@ -106,11 +111,23 @@ struct RepoReceiver<'a> {
     session: HashMap<BlockId, ()>,
     /// Packs flushed by this receive, added to the shared index on commit.
     written: Vec<(BlockId, Vec<IndexEntry>)>,
+    /// Packs being stored in the background.
+    uploads: VecDeque<PendingPuts>,
 }
 
 /// Compress a block if that saves at least 1/16 of it; otherwise store it as is, so
 /// incompressible data costs one quick failed attempt and no decompression on read.
 fn compress(data: &[u8]) -> (Compression, Vec<u8>) {
+    // Random or already-compressed data: a fast level-1 attempt on a sample is enough to
+    // tell, and costs a fraction of compressing the whole block.
+    if data.len() > 2 * PROBE_LEN {
+        let mid = data.len() / 2;
+        let sample = &data[mid..mid + PROBE_LEN];
+        match zstd::bulk::compress(sample, 1) {
+            Ok(c) if c.len() < PROBE_LEN - PROBE_LEN / 32 => {}
+            _ => return (Compression::None, data.to_vec()),
+        }
+    }
     match zstd::bulk::compress(data, ZSTD_LEVEL) {
         Ok(c) if c.len() < data.len() - data.len() / 16 => (Compression::Zstd, c),
         _ => (Compression::None, data.to_vec()),
@@ -124,18 +141,31 @@ impl RepoReceiver<'_> {
         }
         let pack = std::mem::take(&mut self.pack);
         let id = BlockId::of(&pack.buf);
-        let size = pack.buf.len();
-        // The pack before its index: an index never names a pack that is not there.
-        self.repo
-            .backend
-            .put(&key_pack(&id), Bytes::from(pack.buf), Put::Overwrite)?;
-        self.repo.backend.put(
-            &key_index(&id),
-            Bytes::from(format::encode_index(&pack.entries)),
-            Put::Overwrite,
-        )?;
-        debug!(pack = %id, size, blocks = pack.entries.len(), "pack stored");
+        debug!(pack = %id, size = pack.buf.len(), blocks = pack.entries.len(), "storing pack");
+        // The pack before its index, in one ordered background job: an index never
+        // names a pack that is not there.
+        let job = self.repo.backend.spawn_puts(vec![
+            (key_pack(&id), Bytes::from(pack.buf)),
+            (
+                key_index(&id),
+                Bytes::from(format::encode_index(&pack.entries)),
+            ),
+        ]);
+        self.uploads.push_back(job);
         self.written.push((id, pack.entries));
+        while self.uploads.len() > MAX_UPLOADS {
+            let job = self.uploads.pop_front().expect("non-empty");
+            self.repo.backend.wait(job)?;
+        }
+        Ok(())
+    }
+
+    /// Flush the last pack and wait until every pack is stored.
+    fn finish_uploads(&mut self) -> Result<()> {
+        self.flush()?;
+        while let Some(job) = self.uploads.pop_front() {
+            self.repo.backend.wait(job)?;
+        }
         Ok(())
     }
 }
@@ -189,7 +219,9 @@ impl Receiver for RepoReceiver<'_> {
         for (id, compression, bytes) in encoded {
             if self.pack.buf.is_empty() {
                 self.pack.buf.extend_from_slice(MAGIC_PACK);
-                self.pack.buf.extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
+                self.pack
+                    .buf
+                    .extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
                 self.pack.buf.extend_from_slice(&[0u8; PACK_HEADER - 12]);
             }
             self.pack.entries.push(IndexEntry {
@@ -209,7 +241,7 @@ impl Receiver for RepoReceiver<'_> {
     }
 
     fn commit(mut self: Box<Self>) -> Result<()> {
-        self.flush()?;
+        self.finish_uploads()?;
         let repo = self.repo;
         let r = &self.request;
         // A checkpoint (full map) every CHECKPOINT_INTERVAL deltas bounds chain reads.

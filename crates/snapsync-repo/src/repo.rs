@@ -110,7 +110,9 @@ impl Repository {
     pub fn open(location: Location) -> Result<Self> {
         let backend = Backend::open(location, false).map_err(|e| match e {
             StoreError::NotFound { what } => StoreError::NotFound {
-                what: format!("{what} (no snapsync repository there; create one with `snapsync init`)"),
+                what: format!(
+                    "{what} (no snapsync repository there; create one with `snapsync init`)"
+                ),
             },
             other => other,
         })?;
@@ -125,7 +127,10 @@ impl Repository {
         };
         let config: Config = format::decode_json(MAGIC_CONFIG, &bytes, &loc)?;
         if !config.block_size.is_power_of_two() || config.block_size < 512 {
-            return Err(StoreError::corrupt(loc, format!("invalid block size {}", config.block_size)));
+            return Err(StoreError::corrupt(
+                loc,
+                format!("invalid block size {}", config.block_size),
+            ));
         }
         Ok(Self::from_parts(backend, config))
     }
@@ -181,7 +186,10 @@ impl Repository {
                 .collect();
         }
         Err(StoreError::Conflict {
-            what: format!("catalogs of {} keep changing while being read", self.backend.location()),
+            what: format!(
+                "catalogs of {} keep changing while being read",
+                self.backend.location()
+            ),
         })
     }
 
@@ -276,9 +284,10 @@ impl Repository {
             return Ok(m.clone());
         }
         let key = key_manifest(id);
-        let bytes = self.backend.get(&key)?.ok_or_else(|| {
-            StoreError::corrupt(self.describe(&key), "manifest is missing")
-        })?;
+        let bytes = self
+            .backend
+            .get(&key)?
+            .ok_or_else(|| StoreError::corrupt(self.describe(&key), "manifest is missing"))?;
         if BlockId::of(&bytes) != *id {
             return Err(StoreError::corrupt(
                 self.describe(&key),
@@ -294,7 +303,10 @@ impl Repository {
     pub(crate) fn put_manifest(&self, m: &Manifest) -> Result<ManifestId> {
         let bytes = format::encode_manifest(m);
         let id = BlockId::of(&bytes);
-        match self.backend.put(&key_manifest(&id), Bytes::from(bytes), Put::Create) {
+        match self
+            .backend
+            .put(&key_manifest(&id), Bytes::from(bytes), Put::Create)
+        {
             Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
             Err(e) => return Err(e),
         }
@@ -413,7 +425,11 @@ impl Repository {
 }
 
 /// Decompress (or copy) a stored block; `None` when it does not decode to `raw_len` bytes.
-pub(crate) fn decode_block(stored: &[u8], compression: Compression, raw_len: u32) -> Option<Vec<u8>> {
+pub(crate) fn decode_block(
+    stored: &[u8],
+    compression: Compression,
+    raw_len: u32,
+) -> Option<Vec<u8>> {
     match compression {
         Compression::None => (stored.len() == raw_len as usize).then(|| stored.to_vec()),
         Compression::Zstd => {

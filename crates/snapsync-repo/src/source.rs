@@ -30,7 +30,10 @@ impl Repository {
             .as_ref()
             .and_then(|c| c.snapshots.iter().find(|s| s.name == snapshot))
             .ok_or_else(|| {
-                StoreError::not_found(format!("snapshot {volume}@{snapshot} in {}", self.location()))
+                StoreError::not_found(format!(
+                    "snapshot {volume}@{snapshot} in {}",
+                    self.location()
+                ))
             })?;
         let (_, map) = self.resolve(&s.manifest)?;
         Ok((s.size, map))
@@ -68,7 +71,12 @@ impl SnapshotSource for Repository {
     fn diff(&self, volume: &str, target: &str, base: Option<&str>) -> Result<Diff> {
         let (size, t) = self.snapshot_map(volume, target)?;
         let b = base.map(|b| self.snapshot_map(volume, b)).transpose()?;
-        Ok(diff_maps(&t, b.as_ref().map(|x| &x.1), self.block_size(), size))
+        Ok(diff_maps(
+            &t,
+            b.as_ref().map(|x| &x.1),
+            self.block_size(),
+            size,
+        ))
     }
 
     fn estimate_diff(&self, volume: &str, target: &str, base: &str) -> Option<u64> {

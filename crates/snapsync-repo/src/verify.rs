@@ -124,7 +124,9 @@ impl Repository {
             for (pack, entries) in &pack_entries {
                 let key = key_pack(pack);
                 let Some(bytes) = self.backend.get(&key)? else {
-                    report.repository_errors.push(format!("{} vanished", self.describe(&key)));
+                    report
+                        .repository_errors
+                        .push(format!("{} vanished", self.describe(&key)));
                     continue;
                 };
                 report.bytes_read += bytes.len() as u64;

@@ -29,7 +29,14 @@ fn repository_is_a_conforming_source() {
         }
     }
     let repo = fresh(dir.path(), 16 << 10);
-    replicate(&mem, &repo, &ReplicateOptions::default(), &NoProgress, &mut |_| {}).unwrap();
+    replicate(
+        &mem,
+        &repo,
+        &ReplicateOptions::default(),
+        &NoProgress,
+        &mut |_| {},
+    )
+    .unwrap();
     check_source(&repo, &fixture, 16 << 10);
     // And reopened from disk, without any cache.
     let reopened = Repository::open(Location::Local(dir.path().join("repo"))).unwrap();

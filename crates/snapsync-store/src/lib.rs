@@ -90,8 +90,7 @@ pub trait SnapshotSource: Store {
     }
 
     /// Open a snapshot for reading.
-    fn open_snapshot(&self, volume: &str, snapshot: &str)
-        -> Result<Box<dyn SnapshotReader + '_>>;
+    fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>>;
 }
 
 /// A snapshot the destination already holds, used as the base of a delta.

@@ -91,7 +91,10 @@ impl MemoryStore {
 
     fn lookup(&self, volume: &str, snapshot: &str) -> Result<Arc<Vec<u8>>> {
         self.content(volume, snapshot).ok_or_else(|| {
-            StoreError::not_found(format!("snapshot {volume}@{snapshot} in {}", self.location()))
+            StoreError::not_found(format!(
+                "snapshot {volume}@{snapshot} in {}",
+                self.location()
+            ))
         })
     }
 }
@@ -153,14 +156,14 @@ impl SnapshotSource for MemoryStore {
     fn diff(&self, volume: &str, target: &str, base: Option<&str>) -> Result<Diff> {
         let t = self.lookup(volume, target)?;
         let b = base.map(|b| self.lookup(volume, b)).transpose()?;
-        Ok(diff_contents(&t, b.as_ref().map(|b| b.as_slice()), self.block_size))
+        Ok(diff_contents(
+            &t,
+            b.as_ref().map(|b| b.as_slice()),
+            self.block_size,
+        ))
     }
 
-    fn open_snapshot(
-        &self,
-        volume: &str,
-        snapshot: &str,
-    ) -> Result<Box<dyn SnapshotReader + '_>> {
+    fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>> {
         Ok(Box::new(MemReader(self.lookup(volume, snapshot)?)))
     }
 }
@@ -217,8 +220,9 @@ impl SnapshotSink for MemoryStore {
             Some(b) => self.lookup(&b.volume, &b.snapshot)?.as_ref().clone(),
             None => Vec::new(),
         };
-        let size = usize::try_from(request.snapshot.size)
-            .map_err(|_| StoreError::Unsupported { what: "huge volume in memory".into() })?;
+        let size = usize::try_from(request.snapshot.size).map_err(|_| StoreError::Unsupported {
+            what: "huge volume in memory".into(),
+        })?;
         content.resize(size, 0);
         Ok(Box::new(MemReceiver {
             store: self,
@@ -280,9 +284,9 @@ impl Receiver for MemReceiver<'_> {
                         ));
                     }
                     self.put(b.index, &data);
-                    if !self.pending.contains_key(&id) {
+                    if let std::collections::hash_map::Entry::Vacant(e) = self.pending.entry(id) {
                         added += data.len() as u64;
-                        self.pending.insert(id, Arc::new(data));
+                        e.insert(Arc::new(data));
                     }
                 }
             }
