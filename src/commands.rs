@@ -106,6 +106,12 @@ pub fn list(store: &str, as_json: bool) -> Result<ExitCode> {
 pub fn diff(store: &str, target: &str, base: Option<&str>, as_json: bool) -> Result<ExitCode> {
     let (volume, snap) = split_target(target)?;
     let s = stores::open(store)?;
+    // --base SNAP names a snapshot of the same volume; --base VOLUME@SNAP another
+    // volume's (a clone's origin).
+    let base = base.map(|b| match b.split_once('@') {
+        Some((v, n)) => snapsync_store::SnapshotRef::new(v, n),
+        None => snapsync_store::SnapshotRef::new(volume, b),
+    });
     let d = s.source().diff(volume, snap, base)?;
     let changed = d.changed();
     let pairs = |l: &snapsync_core::ExtentList| {
@@ -268,6 +274,8 @@ pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
 fn pack_bytes(r: &Repository) -> u64 {
     match r.location() {
         Location::Local(p) => dir_size(&p.join("packs")),
+        // Unknown without listing every pack; the bar then counts without a total.
+        Location::S3 { .. } => 0,
     }
 }
 

@@ -16,6 +16,9 @@ use crate::snapshot::{Hint, SnapshotInfo, VolumeInfo};
 pub struct CommonSnapshot {
     /// The source's view of it.
     pub source: SnapshotInfo,
+    /// The source volume holding it: the replicated volume itself, or for a clone the
+    /// volume it was cloned from.
+    pub source_volume: String,
     /// Destination volume holding it.
     pub dest_volume: String,
     /// Destination snapshot name holding it.
@@ -61,8 +64,13 @@ pub struct BaseChoice {
 /// destination's hints and, failing those, through identities in the destination's
 /// same-named volume (a cascade or a rebuilt hint store). Hints naming a snapshot that
 /// either side no longer has are dropped.
+///
+/// For a clone, `origin` is the snapshot (in `origin_volume`) it was cloned from: it is
+/// common too when the destination holds its identity in any volume, so a clone's first
+/// replication is a delta against its parent.
 pub fn common_snapshots(
     source: &VolumeInfo,
+    origin: Option<(&str, &SnapshotInfo)>,
     hints: &[Hint],
     dest_volumes: &[VolumeInfo],
 ) -> Vec<CommonSnapshot> {
@@ -81,6 +89,7 @@ pub fn common_snapshots(
         if dest_has(&h.local_volume, &h.local_snapshot, &h.id) {
             out.entry(h.id).or_insert_with(|| CommonSnapshot {
                 source: src.clone(),
+                source_volume: source.name.clone(),
                 dest_volume: h.local_volume.clone(),
                 dest_snapshot: h.local_snapshot.clone(),
             });
@@ -91,10 +100,25 @@ pub fn common_snapshots(
             if let Some(src) = source.snapshot_by_id(&s.id) {
                 out.entry(s.id).or_insert_with(|| CommonSnapshot {
                     source: src.clone(),
+                    source_volume: source.name.clone(),
                     dest_volume: dv.name.clone(),
                     dest_snapshot: s.name.clone(),
                 });
             }
+        }
+    }
+    if let Some((origin_volume, o)) = origin {
+        let held = dest_volumes.iter().find_map(|v| {
+            v.snapshot_by_id(&o.id)
+                .map(|s| (v.name.clone(), s.name.clone()))
+        });
+        if let Some((dest_volume, dest_snapshot)) = held {
+            out.entry(o.id).or_insert_with(|| CommonSnapshot {
+                source: o.clone(),
+                source_volume: origin_volume.to_string(),
+                dest_volume,
+                dest_snapshot,
+            });
         }
     }
     let mut v: Vec<CommonSnapshot> = out.into_values().collect();
@@ -213,7 +237,7 @@ mod tests {
         let source = volume(&[s2.clone(), s3.clone(), s4.clone()]);
         let dest = vec![volume(&[s1.clone(), s3.clone()])];
         let hints = vec![hint(&s1), hint(&s2), hint(&s3)];
-        let common = common_snapshots(&source, &hints, &dest);
+        let common = common_snapshots(&source, None, &hints, &dest);
         assert_eq!(common.len(), 1);
         assert_eq!(common[0].source.name, "s3");
         let choice = choose_base(&s4, &common, None);
@@ -237,7 +261,7 @@ mod tests {
         assert_eq!(choose_base(&s2, &[], None).reason, BaseReason::NoCommonBase);
         let source = volume(&[s1.clone(), s2.clone(), s3.clone()]);
         let dest = vec![volume(&[s1.clone(), s3.clone()])];
-        let common = common_snapshots(&source, &[], &dest);
+        let common = common_snapshots(&source, None, &[], &dest);
         let c = choose_base(&s2, &common, None);
         assert_eq!(c.base.unwrap().dest_snapshot, "s1");
         assert_eq!(c.reason, BaseReason::NearestOlder);
@@ -248,7 +272,7 @@ mod tests {
         let (s1, s2, s3) = (snap("s1", 10), snap("s2", 20), snap("s3", 30));
         let source = volume(&[s1.clone(), s2.clone(), s3.clone()]);
         let dest = vec![volume(&[s1.clone(), s2.clone()])];
-        let common = common_snapshots(&source, &[], &dest);
+        let common = common_snapshots(&source, None, &[], &dest);
         let est: HashMap<_, _> = [(s1.id, 5u64), (s2.id, 50u64)].into();
         let c = choose_base(&s3, &common, Some(&est));
         assert_eq!(c.reason, BaseReason::SmallestDiff);

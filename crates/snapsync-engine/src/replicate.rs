@@ -6,11 +6,12 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 use snapsync_core::{
-    choose_base, common_snapshots, is_zero, missing_snapshots, BaseReason, BlockId, Extent,
-    ExtentList, SnapshotInfo, VolumeInfo,
+    choose_base, common_snapshots, is_zero, missing_snapshots, BaseReason, BlockId, CommonSnapshot,
+    Extent, ExtentList, SnapshotInfo, VolumeInfo,
 };
 use snapsync_store::{
-    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotSink, SnapshotSource, StoreError,
+    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
+    SnapshotSource, StoreError,
 };
 use tracing::{debug, info};
 
@@ -66,10 +67,6 @@ pub fn replicate(
         location: source.location(),
         source: e,
     };
-    let dst_err = |e: StoreError| EngineError::Destination {
-        location: sink.location(),
-        source: e,
-    };
     let source_system = source.system_id().map_err(src_err)?;
     let listing = source.list().map_err(src_err)?;
     let volumes: Vec<&VolumeInfo> = if options.volumes.is_empty() {
@@ -97,12 +94,92 @@ pub fn replicate(
         }
     }
 
-    let mut reports = Vec::new();
+    let mut ctx = Ctx {
+        source,
+        sink,
+        source_system,
+        listing: &listing,
+        progress,
+        on_report,
+        reports: Vec::new(),
+    };
     for volume in volumes {
-        let hints = sink.hints(&source_system, &volume.name).map_err(dst_err)?;
-        let mut dest_listing = sink.list().map_err(dst_err)?;
-        let mut common = common_snapshots(volume, &hints, &dest_listing);
-        let targets: Vec<SnapshotInfo> = match &options.snapshot {
+        ctx.replicate_volume(volume, options.snapshot.as_deref(), 0)?;
+    }
+    Ok(ctx.reports)
+}
+
+/// Clones of clones are followed this deep at most (a cycle in lineage is a bug in a
+/// store, not a reason to recurse forever).
+const MAX_LINEAGE_DEPTH: usize = 64;
+
+struct Ctx<'a> {
+    source: &'a dyn SnapshotSource,
+    sink: &'a dyn SnapshotSink,
+    source_system: String,
+    listing: &'a [VolumeInfo],
+    progress: &'a dyn Progress,
+    on_report: &'a mut dyn FnMut(&SnapshotReport),
+    reports: Vec<SnapshotReport>,
+}
+
+impl Ctx<'_> {
+    fn dst_err(&self, e: StoreError) -> EngineError {
+        EngineError::Destination {
+            location: self.sink.location(),
+            source: e,
+        }
+    }
+
+    /// The snapshot a clone was cloned from, if the source still has it.
+    fn origin_of(&self, volume: &VolumeInfo) -> Option<(&str, SnapshotInfo)> {
+        let o = volume.origin.as_ref()?;
+        let v = self.listing.iter().find(|v| v.name == o.volume)?;
+        Some((v.name.as_str(), v.snapshot_by_id(&o.id)?.clone()))
+    }
+
+    fn common(&self, volume: &VolumeInfo) -> Result<Vec<snapsync_core::CommonSnapshot>> {
+        let hints = self
+            .sink
+            .hints(&self.source_system, &volume.name)
+            .map_err(|e| self.dst_err(e))?;
+        let dest_listing = self.sink.list().map_err(|e| self.dst_err(e))?;
+        let origin = self.origin_of(volume);
+        Ok(common_snapshots(
+            volume,
+            origin.as_ref().map(|(v, s)| (*v, s)),
+            &hints,
+            &dest_listing,
+        ))
+    }
+
+    /// Replicate one volume: `only` one snapshot, or every snapshot it lacks.
+    fn replicate_volume(
+        &mut self,
+        volume: &VolumeInfo,
+        only: Option<&str>,
+        depth: usize,
+    ) -> Result<()> {
+        let mut common = self.common(volume)?;
+        // A clone whose parent snapshot the destination lacks: send the parent first,
+        // so that the clone is a delta against it rather than a full copy.
+        if depth < MAX_LINEAGE_DEPTH {
+            if let Some((origin_volume, origin)) = self.origin_of(volume) {
+                let held_in_volume = common.iter().any(|c| c.source_volume == volume.name);
+                let origin_held = common.iter().any(|c| c.source.id == origin.id);
+                if !held_in_volume && !origin_held {
+                    let parent = self
+                        .listing
+                        .iter()
+                        .find(|v| v.name == origin_volume)
+                        .expect("origin_of found it");
+                    info!(volume = %volume.name, parent = %origin_volume, snapshot = %origin.name, "replicating the clone's parent snapshot first");
+                    self.replicate_volume(parent, Some(&origin.name), depth + 1)?;
+                    common = self.common(volume)?;
+                }
+            }
+        }
+        let targets: Vec<SnapshotInfo> = match only {
             Some(name) => match volume.snapshot(name) {
                 Some(s) if !common.iter().any(|c| c.source.id == s.id) => vec![s.clone()],
                 Some(_) => {
@@ -120,8 +197,12 @@ pub fn replicate(
             let estimates: HashMap<_, _> = common
                 .iter()
                 .filter_map(|c| {
-                    source
-                        .estimate_diff(&volume.name, &target.name, &c.source.name)
+                    self.source
+                        .estimate_diff(
+                            &volume.name,
+                            &target.name,
+                            SnapshotRef::new(&c.source_volume, &c.source.name),
+                        )
                         .map(|e| (c.source.id, e))
                 })
                 .collect();
@@ -131,31 +212,21 @@ pub fn replicate(
                 (!estimates.is_empty()).then_some(&estimates),
             );
             let report = replicate_one(
-                source,
-                sink,
-                &source_system,
+                self.source,
+                self.sink,
+                &self.source_system,
                 volume,
                 &target,
-                choice.base.as_ref().map(|b| {
-                    (
-                        b.source.clone(),
-                        BaseRef {
-                            volume: b.dest_volume.clone(),
-                            snapshot: b.dest_snapshot.clone(),
-                        },
-                    )
-                }),
+                choice.base.as_ref(),
                 choice.reason,
-                progress,
+                self.progress,
             )?;
-            on_report(&report);
-            reports.push(report);
-            dest_listing = sink.list().map_err(dst_err)?;
-            let hints = sink.hints(&source_system, &volume.name).map_err(dst_err)?;
-            common = common_snapshots(volume, &hints, &dest_listing);
+            (self.on_report)(&report);
+            self.reports.push(report);
+            common = self.common(volume)?;
         }
+        Ok(())
     }
-    Ok(reports)
 }
 
 /// The blocks the destination must be told about, from the source's diff.
@@ -219,7 +290,7 @@ fn replicate_one(
     source_system: &str,
     volume: &VolumeInfo,
     target: &SnapshotInfo,
-    base: Option<(SnapshotInfo, BaseRef)>,
+    base: Option<&CommonSnapshot>,
     reason: BaseReason,
     progress: &dyn Progress,
 ) -> Result<SnapshotReport> {
@@ -237,7 +308,7 @@ fn replicate_one(
         .diff(
             &volume.name,
             &target.name,
-            base.as_ref().map(|b| b.0.name.as_str()),
+            base.map(|b| SnapshotRef::new(&b.source_volume, &b.source.name)),
         )
         .map_err(src_err)?;
     let changed_bytes = diff.changed().total_len();
@@ -246,12 +317,12 @@ fn replicate_one(
         &diff.zero,
         bs,
         target.size,
-        base.as_ref().map(|b| b.0.size),
+        base.map(|b| b.source.size),
     );
     debug!(
         volume = %volume.name,
         snapshot = %target.name,
-        base = ?base.as_ref().map(|b| &b.0.name),
+        base = ?base.map(|b| &b.source.name),
         changed_bytes,
         read = plan.read.total_len(),
         "replicating"
@@ -260,7 +331,10 @@ fn replicate_one(
         .begin_receive(ReceiveRequest {
             volume: volume.name.clone(),
             snapshot: target.clone(),
-            base: base.as_ref().map(|b| b.1.clone()),
+            base: base.map(|b| BaseRef {
+                volume: b.dest_volume.clone(),
+                snapshot: b.dest_snapshot.clone(),
+            }),
             source_system: source_system.to_string(),
             source_volume: volume.name.clone(),
             source_snapshot: target.name.clone(),
@@ -390,7 +464,7 @@ fn replicate_one(
     Ok(SnapshotReport {
         volume: volume.name.clone(),
         snapshot: target.name.clone(),
-        base: base.map(|b| b.0.name),
+        base: base.map(|b| b.source.name.clone()),
         base_reason: reason,
         changed_bytes,
         read_bytes,

@@ -5,6 +5,7 @@ use snapsync_core::{BaseReason, Timestamp};
 use snapsync_engine::{replicate, NoProgress, ReplicateOptions, SnapshotReport};
 use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
+use snapsync_store::Store;
 
 const BS: u64 = 4096;
 
@@ -134,6 +135,58 @@ fn unknown_volume_or_snapshot_is_an_error() {
         ..Default::default()
     };
     assert!(replicate(&src, &dst, &bad, &NoProgress, &mut |_| {}).is_err());
+}
+
+#[test]
+fn a_clone_replicates_as_a_delta_against_its_parent_which_is_sent_first() {
+    let src = MemoryStore::new("src", BS);
+    let dst = MemoryStore::new("dst", BS);
+    let golden = pseudo_random(7, 64 * BS as usize);
+    src.add_snapshot("golden", "base", t(1), golden.clone());
+    src.add_snapshot("golden", "later", t(5), pseudo_random(8, 64 * BS as usize));
+    let parent = src
+        .volume("golden")
+        .unwrap()
+        .snapshot("base")
+        .unwrap()
+        .clone();
+    let mut vm = golden.clone();
+    vm[3 * BS as usize..4 * BS as usize].fill(9);
+    src.set_origin(
+        "vm",
+        snapsync_core::Origin {
+            volume: "golden".into(),
+            snapshot: "base".into(),
+            id: parent.id,
+        },
+    );
+    src.add_snapshot("vm", "s1", t(2), vm.clone());
+    // Only the clone is asked for: its parent snapshot goes first, then the clone as a
+    // delta of one block against it.
+    let r = run(
+        &src,
+        &dst,
+        &ReplicateOptions {
+            volumes: vec!["vm".into()],
+            ..Default::default()
+        },
+    );
+    let got: Vec<_> = r
+        .iter()
+        .map(|x| (x.volume.as_str(), x.snapshot.as_str(), x.base.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("golden", "base", None),
+            ("vm", "s1", Some("base".to_string()))
+        ]
+    );
+    assert_eq!(r[1].read_bytes, BS);
+    assert_eq!(r[1].sent_bytes, BS);
+    assert_eq!(dst.content("vm", "s1").unwrap().as_slice(), vm.as_slice());
+    assert_eq!(dst.volume("vm").unwrap().origin.unwrap().snapshot, "base");
+    assert!(dst.content("golden", "later").is_none());
 }
 
 fn arb_snapshots() -> impl Strategy<Value = Vec<(usize, Vec<(usize, u8)>)>> {

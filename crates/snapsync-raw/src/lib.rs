@@ -23,7 +23,9 @@ use rayon::prelude::*;
 use snapsync_core::{
     validate_name, BlockId, Extent, ExtentList, SnapshotId, SnapshotInfo, Timestamp, VolumeInfo,
 };
-use snapsync_store::{Diff, Result, SnapshotReader, SnapshotSource, Store, StoreError};
+use snapsync_store::{
+    Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
+};
 
 pub use cache::{FileKey, HASH_BLOCK_SIZE};
 
@@ -238,7 +240,7 @@ impl Store for RawStore {
 }
 
 impl SnapshotSource for RawStore {
-    fn diff(&self, volume: &str, target: &str, base: Option<&str>) -> Result<Diff> {
+    fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
         let tpath = self.image_path(volume, target)?;
         let size = FileKey::of(&tpath)?.size;
         let Some(base) = base else {
@@ -253,8 +255,11 @@ impl SnapshotSource for RawStore {
                 },
             });
         };
-        self.image_path(volume, base)?;
-        let (t, b) = rayon::join(|| self.hashes(volume, target), || self.hashes(volume, base));
+        self.image_path(base.volume, base.snapshot)?;
+        let (t, b) = rayon::join(
+            || self.hashes(volume, target),
+            || self.hashes(base.volume, base.snapshot),
+        );
         Ok(compare(&t?, Some(&b?), size))
     }
 

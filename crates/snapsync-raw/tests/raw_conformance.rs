@@ -46,7 +46,8 @@ fn a_changed_image_is_never_diffed_from_a_stale_cache() {
     let fixture = standard_fixture();
     populate(dir.path(), &fixture);
     let store = RawStore::open(dir.path()).unwrap();
-    let before = store.diff("alpha", "s2", Some("s1")).unwrap();
+    let base = Some(snapsync_store::SnapshotRef::new("alpha", "s1"));
+    let before = store.diff("alpha", "s2", base).unwrap();
     // Rewrite one block of s2 while keeping its size and mtime.
     let p = dir.path().join("alpha/s2.img");
     let md = std::fs::metadata(&p).unwrap();
@@ -59,7 +60,7 @@ fn a_changed_image_is_never_diffed_from_a_stale_cache() {
         .unwrap()
         .set_modified(md.modified().unwrap())
         .unwrap();
-    let after = store.diff("alpha", "s2", Some("s1")).unwrap();
+    let after = store.diff("alpha", "s2", base).unwrap();
     assert_ne!(before, after);
     assert!(after.data.covers(600 * 1024, 1));
 }

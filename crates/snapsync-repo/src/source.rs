@@ -2,7 +2,9 @@
 //! catalogs, differences from comparing block maps (metadata only), data from packs.
 
 use snapsync_core::{BlockId, BlockMap, BlockRef, Extent, VolumeInfo};
-use snapsync_store::{Diff, Result, SnapshotReader, SnapshotSource, Store, StoreError};
+use snapsync_store::{
+    Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
+};
 
 use crate::repo::Repository;
 
@@ -68,9 +70,11 @@ fn diff_maps(target: &BlockMap, base: Option<&BlockMap>, bs: u64, size: u64) -> 
 }
 
 impl SnapshotSource for Repository {
-    fn diff(&self, volume: &str, target: &str, base: Option<&str>) -> Result<Diff> {
+    fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
         let (size, t) = self.snapshot_map(volume, target)?;
-        let b = base.map(|b| self.snapshot_map(volume, b)).transpose()?;
+        let b = base
+            .map(|b| self.snapshot_map(b.volume, b.snapshot))
+            .transpose()?;
         Ok(diff_maps(
             &t,
             b.as_ref().map(|x| &x.1),
@@ -79,7 +83,7 @@ impl SnapshotSource for Repository {
         ))
     }
 
-    fn estimate_diff(&self, volume: &str, target: &str, base: &str) -> Option<u64> {
+    fn estimate_diff(&self, volume: &str, target: &str, base: SnapshotRef<'_>) -> Option<u64> {
         let d = self.diff(volume, target, Some(base)).ok()?;
         Some(d.data.total_len())
     }

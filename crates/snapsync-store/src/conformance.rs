@@ -10,7 +10,8 @@
 use snapsync_core::{BlockId, Extent, ExtentList, SnapshotInfo, Timestamp};
 
 use crate::{
-    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotSink, SnapshotSource, StoreError,
+    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
+    SnapshotSource, StoreError,
 };
 
 /// One snapshot of the fixture.
@@ -204,7 +205,11 @@ pub fn check_source(src: &dyn SnapshotSource, fixture: &Fixture, granularity: u6
             let _ = k;
             for base in bases {
                 let d = src
-                    .diff(&fv.name, &f.name, base.map(|b| b.name.as_str()))
+                    .diff(
+                        &fv.name,
+                        &f.name,
+                        base.map(|b| SnapshotRef::new(&fv.name, &b.name)),
+                    )
                     .expect("diff");
                 let what = format!(
                     "{loc}: diff {}@{} against {:?}",

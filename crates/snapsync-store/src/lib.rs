@@ -78,19 +78,37 @@ pub trait SnapshotReader: Send {
 
 /// A storage system that snapshots can be replicated from.
 pub trait SnapshotSource: Store {
-    /// The differences between `target` and `base` (both snapshots of `volume`), or,
+    /// The differences between `target` (a snapshot of `volume`) and `base`, or,
     /// without a base, the extents of `target` that hold data or are known to be zero.
-    fn diff(&self, volume: &str, target: &str, base: Option<&str>) -> Result<Diff>;
+    /// The base is usually in the same volume; for a clone it is the snapshot the
+    /// volume was cloned from, in another volume.
+    fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff>;
 
     /// A cheap estimate of the size of `diff(volume, target, base)`, for sources that
     /// can get it from metadata. `None` means "not cheap here": the engine then picks the
     /// base by age alone.
-    fn estimate_diff(&self, _volume: &str, _target: &str, _base: &str) -> Option<u64> {
+    fn estimate_diff(&self, _volume: &str, _target: &str, _base: SnapshotRef<'_>) -> Option<u64> {
         None
     }
 
     /// Open a snapshot for reading.
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>>;
+}
+
+/// A snapshot named by volume and name, borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotRef<'a> {
+    /// Volume.
+    pub volume: &'a str,
+    /// Snapshot name.
+    pub snapshot: &'a str,
+}
+
+impl<'a> SnapshotRef<'a> {
+    /// Construct.
+    pub fn new(volume: &'a str, snapshot: &'a str) -> Self {
+        Self { volume, snapshot }
+    }
 }
 
 /// A snapshot the destination already holds, used as the base of a delta.

@@ -14,7 +14,7 @@ use snapsync_core::{
 
 use crate::{
     BlockContent, Diff, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotReader,
-    SnapshotSink, SnapshotSource, Store, StoreError,
+    SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
 };
 
 #[derive(Debug, Default)]
@@ -61,6 +61,15 @@ impl MemoryStore {
             size: content.len() as u64,
         };
         self.insert(volume, info, Arc::new(content));
+    }
+
+    /// Make `volume` a clone of `origin` (its lineage), as a clone taken here would be.
+    pub fn set_origin(&self, volume: &str, origin: Origin) {
+        self.state()
+            .volumes
+            .entry(volume.to_string())
+            .or_default()
+            .origin = Some(origin);
     }
 
     /// Remove a snapshot, as a user deleting it at the source would.
@@ -153,9 +162,11 @@ pub fn diff_contents(target: &[u8], base: Option<&[u8]>, block_size: u64) -> Dif
 }
 
 impl SnapshotSource for MemoryStore {
-    fn diff(&self, volume: &str, target: &str, base: Option<&str>) -> Result<Diff> {
+    fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
         let t = self.lookup(volume, target)?;
-        let b = base.map(|b| self.lookup(volume, b)).transpose()?;
+        let b = base
+            .map(|b| self.lookup(b.volume, b.snapshot))
+            .transpose()?;
         Ok(diff_contents(
             &t,
             b.as_ref().map(|b| b.as_slice()),
