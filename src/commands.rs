@@ -151,10 +151,16 @@ fn print_report(r: &SnapshotReport, as_json: bool) {
     if as_json {
         println!("{}", serde_json::to_string(r).expect("serialisable"));
     } else {
-        let how = match &r.base {
+        let mut how = match &r.base {
             Some(b) => format!("incremental from {b} ({})", r.base_reason.as_str()),
             None => "full".to_string(),
         };
+        if let Some(y) = &r.inserted_before {
+            how += &format!(
+                ", inserted before {y} ({} redundant entries removed)",
+                r.redundant_entries_removed
+            );
+        }
         println!(
             "{}@{}: {how}: changed {}, read {}, sent {}, dedup {}, {} ms",
             r.volume,
@@ -196,7 +202,7 @@ pub fn restore(store: &str, target: &str, output: &Path, format: OutputFormat) -
     let (volume, snap) = split_target(target)?;
     let s = stores::open(store)?;
     if format == OutputFormat::Qcow2 {
-        bail!("restore --format qcow2 is not available in this build");
+        return restore_qcow2(s.source(), volume, snap, output);
     }
     let progress = crate::progress::for_terminal(false);
     let stats = snapsync_engine::restore(s.source(), volume, snap, output, progress.as_ref())?;
@@ -205,6 +211,41 @@ pub fn restore(store: &str, target: &str, output: &Path, format: OutputFormat) -
         output.display(),
         human(stats.size),
         human(stats.written_bytes)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `restore --format qcow2`: a fresh qcow2 v3 image with 64 KiB clusters, only the
+/// clusters that hold data allocated.
+fn restore_qcow2(
+    source: &dyn snapsync_store::SnapshotSource,
+    volume: &str,
+    snap: &str,
+    output: &Path,
+) -> Result<ExitCode> {
+    let progress = crate::progress::for_terminal(false);
+    let mut started = false;
+    let stats = snapsync_qcow2::restore_qcow2(
+        source,
+        volume,
+        snap,
+        output,
+        snapsync_qcow2::DEFAULT_CLUSTER_SIZE,
+        &mut |n| {
+            if started {
+                progress.advance(n);
+            } else {
+                progress.begin(&format!("{volume}@{snap}"), n);
+                started = true;
+            }
+        },
+    )?;
+    progress.end();
+    println!(
+        "restored {volume}@{snap} to {} (qcow2, {}, {} of data read)",
+        output.display(),
+        human(stats.size),
+        human(stats.read_bytes)
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -291,4 +332,57 @@ fn dir_size(p: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+pub fn prune(
+    repo: &str,
+    volumes: &[String],
+    policy: &snapsync_core::KeepPolicy,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> Result<ExitCode> {
+    let s = stores::open(repo)?;
+    let report = s.repository()?.prune(volumes, policy, force, dry_run)?;
+    if as_json {
+        println!("{}", serde_json::to_string(&report).expect("serialisable"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for v in &report.volumes {
+        println!(
+            "{}: kept {}, {verb} {}{}",
+            v.volume,
+            v.kept.len(),
+            v.removed.len(),
+            if v.removed.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", v.removed.join(", "))
+            }
+        );
+        for k in &v.kept {
+            println!("  keep {:<24} {}", k.name, k.reasons.join(", "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(repo: &str, as_json: bool) -> Result<ExitCode> {
+    let s = stores::open(repo)?;
+    let r = s.repository()?.gc()?;
+    if as_json {
+        println!("{}", serde_json::to_string(&r).expect("serialisable"));
+    } else {
+        println!(
+            "gc: deleted {} packs, repacked {}, deleted {} manifests and {} old catalog generations; freed {}; {} blocks live",
+            r.packs_deleted,
+            r.packs_repacked,
+            r.manifests_deleted,
+            r.catalog_generations_deleted,
+            human(r.bytes_freed),
+            r.live_blocks
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

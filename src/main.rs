@@ -92,6 +92,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove snapshots by retention rules, keeping every chain valid.
+    Prune {
+        /// Repository URL.
+        repo: String,
+        /// Only these volumes (repeatable).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+        /// Keep the N newest snapshots.
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        /// Keep the newest snapshot of each of the last N hours that have snapshots.
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        /// Same, per day.
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        /// Same, per ISO week.
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        /// Same, per month.
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        /// Also remove the newest snapshot a source replicates against (its next
+        /// replication will be full).
+        #[arg(long)]
+        force: bool,
+        /// Show what would be removed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete blocks, packs and manifests no snapshot references.
+    Gc {
+        /// Repository URL.
+        repo: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A self-contained walkthrough on generated sample data.
     Demo {
         /// Work directory (default: a temporary directory, removed afterwards).
@@ -139,13 +180,48 @@ fn main() -> ExitCode {
             read_data,
             json,
         } => commands::verify(&repo, read_data, json),
+        Command::Prune {
+            repo,
+            volumes,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            force,
+            dry_run,
+            json,
+        } => commands::prune(
+            &repo,
+            &volumes,
+            &snapsync_core::KeepPolicy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+            },
+            force,
+            dry_run,
+            json,
+        ),
+        Command::Gc { repo, json } => commands::gc(&repo, json),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            // One line: what failed and why, outermost context first.
-            eprintln!("snapsync: error: {e:#}");
+            // One line: what failed and why, outermost context first. Errors that
+            // include their cause in their own message are not followed by it again.
+            let mut line = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !line.ends_with(&c) {
+                    line.push_str(": ");
+                    line.push_str(&c);
+                }
+            }
+            eprintln!("snapsync: error: {line}");
             ExitCode::from(1)
         }
     }

@@ -4,10 +4,13 @@
 //! | --- | --- |
 //! | `raw:DIR`, `raw://DIR` | a directory of raw images |
 //! | `file:///ABS/PATH`, or a plain path | a repository on local disk |
+//! | `qcow2:///ABS/PATH`, `qcow2:PATH` | a qcow2 image, or a directory of them (source only) |
+//! | `s3://BUCKET/PREFIX` | a repository in an S3 bucket (endpoint and credentials from `AWS_*`) |
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use snapsync_qcow2::Qcow2Store;
 use snapsync_raw::RawStore;
 use snapsync_repo::{Location, Repository};
 use snapsync_store::{SnapshotSink, SnapshotSource};
@@ -16,6 +19,8 @@ use snapsync_store::{SnapshotSink, SnapshotSource};
 pub enum AnyStore {
     /// `raw:`
     Raw(RawStore),
+    /// `qcow2:`
+    Qcow2(Box<Qcow2Store>),
     /// A repository.
     Repo(Box<Repository>),
 }
@@ -25,6 +30,8 @@ pub enum AnyStore {
 pub enum StoreUrl {
     /// A raw image directory.
     Raw(PathBuf),
+    /// A qcow2 image or a directory of them.
+    Qcow2(PathBuf),
     /// A repository.
     Repo(Location),
 }
@@ -49,14 +56,41 @@ impl StoreUrl {
             }
             return Ok(StoreUrl::Raw(absolute(Path::new(path))?));
         }
+        if let Some(rest) = s.strip_prefix("qcow2:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() {
+                bail!(
+                    "store URL {s:?} names no image or directory (use qcow2:///path/to/vm.qcow2)"
+                );
+            }
+            return Ok(StoreUrl::Qcow2(absolute(Path::new(path))?));
+        }
         if let Some(rest) = s.strip_prefix("file://") {
             if !rest.starts_with('/') {
                 bail!("store URL {s:?} must name an absolute path (file:///abs/path)");
             }
             return Ok(StoreUrl::Repo(Location::Local(PathBuf::from(rest))));
         }
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let prefix = prefix.trim_matches('/');
+            if bucket.is_empty() {
+                bail!("store URL {s:?} names no bucket (use s3://BUCKET/PREFIX)");
+            }
+            if !prefix.is_empty()
+                && prefix
+                    .split('/')
+                    .any(|p| p.is_empty() || p == "." || p == "..")
+            {
+                bail!("store URL {s:?}: the prefix has an empty, `.` or `..` path segment");
+            }
+            return Ok(StoreUrl::Repo(Location::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.to_string(),
+            }));
+        }
         if let Some((scheme, _)) = s.split_once("://") {
-            bail!("store URL {s:?}: unknown scheme {scheme:?} (known: raw:, file://, or a plain path)");
+            bail!("store URL {s:?}: unknown scheme {scheme:?} (known: raw:, file://, s3://, or a plain path)");
         }
         if s.is_empty() {
             bail!("empty store URL");
@@ -68,6 +102,7 @@ impl StoreUrl {
     pub fn open(&self) -> Result<AnyStore> {
         Ok(match self {
             StoreUrl::Raw(p) => AnyStore::Raw(RawStore::open(p)?),
+            StoreUrl::Qcow2(p) => AnyStore::Qcow2(Box::new(Qcow2Store::open(p)?)),
             StoreUrl::Repo(loc) => AnyStore::Repo(Box::new(Repository::open(loc.clone())?)),
         })
     }
@@ -83,6 +118,7 @@ impl AnyStore {
     pub fn source(&self) -> &dyn SnapshotSource {
         match self {
             AnyStore::Raw(r) => r,
+            AnyStore::Qcow2(q) => q.as_ref(),
             AnyStore::Repo(r) => r.as_ref(),
         }
     }
@@ -95,6 +131,10 @@ impl AnyStore {
                 "{} is a raw image directory, which is a source only; replicate into a repository",
                 snapsync_store::Store::location(r)
             ),
+            AnyStore::Qcow2(q) => bail!(
+                "{} is a qcow2 store, which is a source only; replicate into a repository, or restore --format qcow2",
+                snapsync_store::Store::location(q.as_ref())
+            ),
         }
     }
 
@@ -103,6 +143,10 @@ impl AnyStore {
         match self {
             AnyStore::Repo(r) => Ok(r),
             AnyStore::Raw(r) => bail!("{} is not a repository", snapsync_store::Store::location(r)),
+            AnyStore::Qcow2(q) => bail!(
+                "{} is not a repository",
+                snapsync_store::Store::location(q.as_ref())
+            ),
         }
     }
 }
@@ -129,8 +173,33 @@ mod tests {
             StoreUrl::parse("/r").unwrap(),
             StoreUrl::Repo(Location::Local("/r".into()))
         );
+        assert_eq!(
+            StoreUrl::parse("s3://b/a/p/").unwrap(),
+            StoreUrl::Repo(Location::S3 {
+                bucket: "b".into(),
+                prefix: "a/p".into()
+            })
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://b").unwrap(),
+            StoreUrl::Repo(Location::S3 {
+                bucket: "b".into(),
+                prefix: String::new()
+            })
+        );
+        assert!(StoreUrl::parse("s3:///p").is_err());
+        assert!(StoreUrl::parse("s3://b/a//p").is_err());
         assert!(StoreUrl::parse("file://rel").is_err());
         assert!(StoreUrl::parse("ftp://x").is_err());
         assert!(StoreUrl::parse("raw:").is_err());
+        assert_eq!(
+            StoreUrl::parse("qcow2:///v/vm.qcow2").unwrap(),
+            StoreUrl::Qcow2("/v/vm.qcow2".into())
+        );
+        assert_eq!(
+            StoreUrl::parse("qcow2:/v").unwrap(),
+            StoreUrl::Qcow2("/v".into())
+        );
+        assert!(StoreUrl::parse("qcow2://").is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: run the real binary, make raw images.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -96,4 +98,26 @@ pub fn init_repo(dir: &Path, extra: &[&str]) -> String {
     a.extend_from_slice(extra);
     ok(&a);
     r
+}
+
+/// Run snapsync with extra environment variables; returns the output whatever the exit code.
+pub fn run_env(args: &[&str], env: &[(String, String)]) -> Output {
+    bin()
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run snapsync")
+}
+
+/// Run with extra environment variables and require success; returns stdout.
+pub fn ok_env(args: &[&str], env: &[(String, String)]) -> String {
+    let out = run_env(args, env);
+    assert!(
+        out.status.success(),
+        "snapsync {args:?} failed ({:?}):\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
 }

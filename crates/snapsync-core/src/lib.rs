@@ -11,6 +11,7 @@
 //! - [`blockmap`]: a snapshot's content as a map of blocks, and deltas between maps.
 //! - [`snapshot`]: what stores list (volumes, snapshots) and what destinations remember (hints).
 //! - [`plan`]: which base a replication uses, from hints and listings.
+//! - [`retention`]: which snapshots `prune` keeps (restic/sanoid rules).
 //! - [`names`]: validation of volume and snapshot names (they become object keys and paths).
 
 pub mod blockmap;
@@ -18,6 +19,7 @@ pub mod extent;
 pub mod ids;
 pub mod names;
 pub mod plan;
+pub mod retention;
 pub mod snapshot;
 pub mod time;
 
@@ -28,6 +30,7 @@ pub use names::{validate_name, NameError};
 pub use plan::{
     choose_base, common_snapshots, missing_snapshots, BaseChoice, BaseReason, CommonSnapshot,
 };
+pub use retention::{apply_policy, KeepPolicy};
 pub use snapshot::{Hint, Origin, SnapshotInfo, VolumeInfo};
 pub use time::Timestamp;
 

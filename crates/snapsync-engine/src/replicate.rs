@@ -37,6 +37,11 @@ pub struct SnapshotReport {
     pub base: Option<String>,
     /// Why that base.
     pub base_reason: BaseReason,
+    /// The next younger snapshot at the destination when this one was inserted into the
+    /// middle of its chain, or `None`.
+    pub inserted_before: Option<String>,
+    /// Metadata entries of that snapshot removed by re-basing it onto this one.
+    pub redundant_entries_removed: u64,
     /// Bytes in the diff reported by the source.
     pub changed_bytes: u64,
     /// Bytes read from the source.
@@ -459,13 +464,15 @@ fn replicate_one(
             Err(p) => std::panic::resume_unwind(p),
         }
     })?;
-    receiver.commit().map_err(dst_err)?;
+    let committed = receiver.commit().map_err(dst_err)?;
     progress.end();
     Ok(SnapshotReport {
         volume: volume.name.clone(),
         snapshot: target.name.clone(),
         base: base.map(|b| b.source.name.clone()),
         base_reason: reason,
+        inserted_before: committed.inserted_before,
+        redundant_entries_removed: committed.redundant_entries_removed,
         changed_bytes,
         read_bytes,
         sent_bytes,

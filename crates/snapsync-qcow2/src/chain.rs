@@ -190,10 +190,49 @@ impl Chain {
                 buf.len()
             )));
         }
-        self.read_layer(layer, offset, buf)
+        self.read_layer(layer, View::Active, offset, buf)
     }
 
-    fn read_layer(&self, k: usize, offset: u64, buf: &mut [u8]) -> Result<(), Qcow2Error> {
+    /// Read guest data as seen in `view` of layer `layer`, i.e. an internal
+    /// snapshot of that layer over the (active) layers below it: what QEMU
+    /// shows after `qemu-img snapshot -a` on an overlay. `View::Active` is
+    /// [`Self::read_at`]. Raw layers have no snapshots.
+    pub fn read_view_at(
+        &self,
+        layer: usize,
+        view: View,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), Qcow2Error> {
+        self.check_layer(layer)?;
+        let size = match (&self.layers[layer], view) {
+            (Layer::Qcow2(img), v) => img.view_size(v)?,
+            (Layer::Raw { size, .. }, View::Active) => *size,
+            (Layer::Raw { .. }, View::Snapshot(_)) => {
+                return Err(Qcow2Error::invalid(format!(
+                    "layer {layer} is a raw file, which has no internal snapshots"
+                )))
+            }
+        };
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > size)
+        {
+            return Err(Qcow2Error::invalid(format!(
+                "read of {} bytes at {offset} is beyond the virtual size {size} of layer {layer} ({view:?})",
+                buf.len()
+            )));
+        }
+        self.read_layer(layer, view, offset, buf)
+    }
+
+    fn read_layer(
+        &self,
+        k: usize,
+        view: View,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), Qcow2Error> {
         match &self.layers[k] {
             Layer::Raw { file, size } => {
                 let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
@@ -204,25 +243,26 @@ impl Chain {
                 tail.fill(0);
                 Ok(())
             }
-            Layer::Qcow2(img) => img.map_range(
-                View::Active,
-                offset,
-                buf.len() as u64,
-                &mut |g, n, unit, within| {
+            Layer::Qcow2(img) => {
+                img.map_range(view, offset, buf.len() as u64, &mut |g, n, unit, within| {
                     let s = (g - offset) as usize;
                     let dst = &mut buf[s..s + n as usize];
                     if unit == Unit::Unalloc && k > 0 {
                         let below = self.infos[k - 1].virtual_size;
                         let avail = below.saturating_sub(g).min(n) as usize;
                         let (head, tail) = dst.split_at_mut(avail);
-                        self.read_layer(k - 1, g, head)?;
+                        // Entirely beyond the smaller layer below: zeros, and
+                        // nothing to ask it (an empty read past its end is an error).
+                        if !head.is_empty() {
+                            self.read_layer(k - 1, View::Active, g, head)?;
+                        }
                         tail.fill(0);
                         Ok(())
                     } else {
                         img.read_unit(unit, within, dst)
                     }
-                },
-            ),
+                })
+            }
         }
     }
 

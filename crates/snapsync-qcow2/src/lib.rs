@@ -56,6 +56,7 @@ mod format;
 pub mod fuzzing;
 mod image;
 mod source;
+mod store;
 mod writer;
 
 pub use chain::{Chain, LayerFormat, LayerInfo, MAX_CHAIN_DEPTH};
@@ -64,4 +65,5 @@ pub use extent::{DiffExtent, ExtentKind};
 pub use format::{CompressionType, InternalSnapshot};
 pub use image::{Qcow2Image, View};
 pub use source::ReadAt;
+pub use store::{restore_qcow2, Qcow2RestoreStats, Qcow2Store};
 pub use writer::{Qcow2Writer, DEFAULT_CLUSTER_SIZE};

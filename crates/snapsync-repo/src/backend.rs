@@ -7,29 +7,93 @@
 //!
 //! The store's async API is driven by a small Tokio runtime owned here, so the rest of
 //! the code stays synchronous and uses threads (rayon) for CPU work.
+//!
+//! On S3 the endpoint and credentials come from the standard `AWS_*` variables
+//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
+//! `AWS_ALLOW_HTTP`), so snapsync is configured like every other S3 client. Transient
+//! failures are retried with backoff for at most [`RETRY_TIMEOUT_ENV`] seconds
+//! (default [`DEFAULT_RETRY_TIMEOUT_SECS`]), so a dead server is reported within about
+//! half a minute instead of hanging a replication.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
 use snapsync_store::{Result, StoreError};
+
+/// Environment variable overriding how long transient S3 errors are retried (seconds).
+pub const RETRY_TIMEOUT_ENV: &str = "SNAPSYNC_RETRY_TIMEOUT_SECS";
+/// Default bound on retries of one request: long enough to ride out a server restart or
+/// a burst of 503 SlowDown, short enough that a dead server gives a clear error soon.
+pub const DEFAULT_RETRY_TIMEOUT_SECS: u64 = 30;
+
+/// Objects at least this large are uploaded to S3 in parts of this size: a 32 MiB pack
+/// is then four requests that run in parallel and are retried one by one.
+const PART_SIZE: usize = 8 << 20;
+/// Parts of one object in flight at once. With the receiver's bounded number of packs
+/// uploading together this bounds both memory and connections.
+const PART_PARALLELISM: usize = 4;
+
+/// Key prefix of the create-only probe objects; ignored by `init`'s emptiness check, so
+/// a probe left behind by an interrupted `init` does not block the next one.
+pub(crate) const PROBE_PREFIX: &str = "probe";
 
 /// Where a repository lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
     /// A directory on a local file system.
     Local(PathBuf),
+    /// A prefix (possibly empty) in an S3 bucket; endpoint and credentials come from the
+    /// `AWS_*` environment variables.
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix without leading or trailing `/`; empty for the bucket's root.
+        prefix: String,
+    },
 }
 
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Location::Local(p) => write!(f, "file://{}", p.display()),
+            Location::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            Location::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
         }
     }
+}
+
+/// The retry policy for S3 requests: exponential backoff bounded in total time by
+/// [`RETRY_TIMEOUT_ENV`], so tests can make a dead server fail fast.
+fn retry_config() -> Result<RetryConfig> {
+    let secs = match std::env::var(RETRY_TIMEOUT_ENV) {
+        Err(_) => DEFAULT_RETRY_TIMEOUT_SECS,
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| StoreError::Unsupported {
+                what: format!("{RETRY_TIMEOUT_ENV}={v:?}: expected a whole number of seconds"),
+            })?,
+    };
+    let timeout = Duration::from_secs(secs);
+    Ok(RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5).min(timeout.max(Duration::from_millis(100))),
+            base: 2.0,
+        },
+        // The time bound is what matters; the count only has to be large enough.
+        max_retries: if secs == 0 { 0 } else { 1000 },
+        retry_timeout: timeout,
+    })
 }
 
 /// Whether a put may replace an existing object.
@@ -45,7 +109,9 @@ pub(crate) struct PendingPuts(tokio::task::JoinHandle<Result<()>>);
 
 /// fsync a local object and its directory (no-op for remote stores).
 fn sync_local(location: &Location, key: &str) -> Result<()> {
-    let Location::Local(root) = location;
+    let Location::Local(root) = location else {
+        return Ok(());
+    };
     let p = root.join(key);
     let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
     sync(&p).map_err(|e| StoreError::io(format!("fsync {}", p.display()), e))?;
@@ -53,6 +119,32 @@ fn sync_local(location: &Location, key: &str) -> Result<()> {
         sync(dir).map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))?;
     }
     Ok(())
+}
+
+/// Upload `data` in [`PART_SIZE`] parts, at most [`PART_PARALLELISM`] at once; an upload
+/// that fails is aborted so the server does not keep its parts.
+async fn put_multipart(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    mut data: Bytes,
+) -> object_store::Result<()> {
+    let upload = store.put_multipart(path).await?;
+    let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let r = async {
+        while !data.is_empty() {
+            w.wait_for_capacity(PART_PARALLELISM).await?;
+            w.put(data.split_to(PART_SIZE.min(data.len())));
+        }
+        Ok(())
+    }
+    .await;
+    match r {
+        Ok(()) => w.finish().await.map(drop),
+        Err(e) => {
+            let _ = w.abort().await;
+            Err(e)
+        }
+    }
 }
 
 /// A synchronous handle on an object store.
@@ -75,8 +167,45 @@ fn backend_err(context: String, e: object_store::Error) -> StoreError {
         object_store::Error::Precondition { .. } => StoreError::Conflict { what: context },
         other => StoreError::Backend {
             context,
-            source: Box::new(other),
+            source: Box::new(Cause(summarize(&other))),
         },
+    }
+}
+
+/// The root cause of a backend failure as one short line. An S3 error nests the same
+/// text several levels deep (each level repeating its source), and an error reply can
+/// carry a multi-line XML body; users get the innermost cause and the retry count.
+#[derive(Debug)]
+struct Cause(String);
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Cause {}
+
+fn summarize(e: &object_store::Error) -> String {
+    let full = e.to_string();
+    let mut root = full.clone();
+    let mut cur = std::error::Error::source(e);
+    while let Some(s) = cur {
+        root = s.to_string();
+        cur = s.source();
+    }
+    let mut line = root.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() > 300 {
+        line = line.chars().take(300).collect::<String>() + "…";
+    }
+    // "… in 3.1s, after 14 retries, …" from the retry layer.
+    let retries = full.find(" retries").and_then(|end| {
+        let start = full[..end].rfind("after ")? + "after ".len();
+        full[start..end].parse::<u64>().ok()
+    });
+    match retries {
+        Some(n) if n > 0 => format!("{line} (gave up after {n} retries)"),
+        _ => line,
     }
 }
 
@@ -90,6 +219,24 @@ impl Backend {
             .build()
             .map_err(|e| StoreError::io("start the I/O runtime", e))?;
         let store: Arc<dyn ObjectStore> = match &location {
+            Location::S3 { bucket, prefix } => {
+                if bucket.is_empty() {
+                    return Err(StoreError::Unsupported {
+                        what: format!("{location}: no bucket name"),
+                    });
+                }
+                let s3 = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_conditional_put(S3ConditionalPut::ETagMatch)
+                    .with_retry(retry_config()?)
+                    .build()
+                    .map_err(|e| backend_err(format!("configure {location}"), e))?;
+                if prefix.is_empty() {
+                    Arc::new(s3)
+                } else {
+                    Arc::new(PrefixStore::new(s3, prefix.as_str()))
+                }
+            }
             Location::Local(dir) => {
                 if create {
                     std::fs::create_dir_all(dir)
@@ -166,23 +313,66 @@ impl Backend {
         };
         self.runtime
             .block_on(self.store.put_opts(&path, PutPayload::from(data), opts))
-            .map_err(|e| backend_err(self.describe(key), e))?;
+            .map_err(|e| match e {
+                object_store::Error::AlreadyExists { .. } => backend_err(self.describe(key), e),
+                e => backend_err(format!("write {}", self.describe(key)), e),
+            })?;
         self.sync_local(key)
+    }
+
+    /// Check that the store keeps the promise every commit relies on: a create-only put
+    /// of a key that exists fails. Some S3-compatible servers (Garage, for one) ignore
+    /// `If-None-Match: *` and silently overwrite, which would let two replicators commit
+    /// the same catalog generation and lose one's snapshots; such a store is refused.
+    ///
+    /// Returns `Err(Unsupported)` for a store that overwrote; other errors (e.g. no
+    /// permission to write) are returned as they are.
+    pub(crate) fn check_create_only(&self) -> Result<()> {
+        let key = format!("{PROBE_PREFIX}/create-only-{}", crate::repo::random_id());
+        self.put(&key, Bytes::from_static(b"first"), Put::Create)?;
+        let second = self.put(&key, Bytes::from_static(b"second"), Put::Create);
+        let _ = self.delete(&key);
+        if let Location::Local(root) = &self.location {
+            // Leave no empty directory behind; fails harmlessly if another probe is there.
+            let _ = std::fs::remove_dir(root.join(PROBE_PREFIX));
+        }
+        match second {
+            Err(StoreError::AlreadyExists { .. }) => Ok(()),
+            Ok(()) => Err(StoreError::Unsupported {
+                what: format!(
+                    "{} does not honour create-only writes (If-None-Match: *): a second create of \
+                     {key} overwrote the first instead of failing, so concurrent replicators could \
+                     silently lose each other's commits; use a server with conditional writes \
+                     (Garage, for one, ignores the header)",
+                    self.location
+                ),
+            }),
+            // The server refused the conditional write itself (e.g. 501): no commit
+            // could succeed either, and the error says why.
+            Err(e) => Err(e),
+        }
     }
 
     /// Start writing objects in order (e.g. a pack, then its index) in the background;
     /// the returned handle reports the outcome. This lets packs upload (and fsync)
-    /// while the next one is being filled.
+    /// while the next one is being filled. These objects are content-addressed, so they
+    /// are written unconditionally: a retried or concurrent write stores the same bytes.
     pub(crate) fn spawn_puts(&self, objects: Vec<(String, Bytes)>) -> PendingPuts {
         let store = self.store.clone();
         let location = self.location.clone();
+        let multipart = matches!(location, Location::S3 { .. });
         let handle = self.runtime.spawn(async move {
             for (key, data) in objects {
                 let path = ObjectPath::from(key.as_str());
-                store
-                    .put_opts(&path, PutPayload::from(data), PutOptions::default())
-                    .await
-                    .map_err(|e| backend_err(format!("{location}/{key}"), e))?;
+                let r = if multipart && data.len() > PART_SIZE {
+                    put_multipart(store.as_ref(), &path, data).await
+                } else {
+                    store
+                        .put_opts(&path, PutPayload::from(data), PutOptions::default())
+                        .await
+                        .map(drop)
+                };
+                r.map_err(|e| backend_err(format!("write {location}/{key}"), e))?;
                 let loc = location.clone();
                 tokio::task::spawn_blocking(move || sync_local(&loc, &key))
                     .await

@@ -116,6 +116,11 @@ pub struct Config {
     pub block_size: u64,
     /// When it was created.
     pub created: Timestamp,
+    /// True when `init` checked that the store refuses a second create-only put of the
+    /// same key (the promise every commit relies on). Absent in older configs, in which
+    /// case `open` checks instead.
+    #[serde(default)]
+    pub create_only_checked: bool,
 }
 
 /// How a block is stored in a pack.

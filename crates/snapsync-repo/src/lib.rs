@@ -28,12 +28,18 @@
 
 mod backend;
 pub mod format;
+mod gc;
 mod index;
+mod lock;
+mod prune;
 mod receive;
 mod repo;
 mod source;
 mod verify;
 
-pub use backend::Location;
+pub use backend::{Location, DEFAULT_RETRY_TIMEOUT_SECS, RETRY_TIMEOUT_ENV};
 pub use repo::{Repository, CHECKPOINT_INTERVAL, DEFAULT_BLOCK_SIZE};
+pub use gc::GcReport;
+pub use lock::{GcLock, SessionLock};
+pub use prune::{KeptSnapshot, PruneReport, VolumePrune};
 pub use verify::{Damage, VerifyReport};

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use rayon::prelude::*;
 use snapsync_core::{validate_name, BlockId, BlockMap, BlockRef, Delta, Hint};
 use snapsync_store::{
-    BlockContent, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotSink, StoreError,
+    BlockContent, CommitInfo, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotSink,
+    StoreError,
 };
 use tracing::debug;
 
@@ -16,6 +17,7 @@ use crate::format::{
     self, Catalog, CatalogSnapshot, Compression, IndexEntry, Manifest, ManifestHeader, ManifestId,
     SourceHints, MAGIC_PACK, PACK_HEADER,
 };
+use crate::lock::SessionLock;
 use crate::repo::{key_index, key_pack, Repository, CHECKPOINT_INTERVAL};
 
 /// Packs are flushed at this size: large objects for object stores, small enough that a
@@ -50,6 +52,7 @@ impl SnapshotSink for Repository {
     fn begin_receive(&self, request: ReceiveRequest) -> Result<Box<dyn Receiver + '_>> {
         validate_name("volume", &request.volume)?;
         validate_name("snapshot", &request.snapshot.name)?;
+        let lock = self.session_lock("replicate")?;
         if let Some(c) = self.catalog(&request.volume)? {
             if c.snapshots.iter().any(|s| s.name == request.snapshot.name) {
                 return Err(StoreError::AlreadyExists {
@@ -83,6 +86,7 @@ impl SnapshotSink for Repository {
         };
         map.resize(request.snapshot.size.div_ceil(self.config.block_size));
         Ok(Box::new(RepoReceiver {
+            _lock: lock,
             repo: self,
             request,
             base_manifest,
@@ -102,6 +106,8 @@ struct PackBuilder {
 }
 
 struct RepoReceiver<'a> {
+    /// Keeps gc from deleting blocks this receive dedups against.
+    _lock: SessionLock<'a>,
     repo: &'a Repository,
     request: ReceiveRequest,
     base_manifest: Option<(ManifestId, u32)>,
@@ -240,40 +246,10 @@ impl Receiver for RepoReceiver<'_> {
         Ok(added)
     }
 
-    fn commit(mut self: Box<Self>) -> Result<()> {
+    fn commit(mut self: Box<Self>) -> Result<CommitInfo> {
         self.finish_uploads()?;
         let repo = self.repo;
         let r = &self.request;
-        // A checkpoint (full map) every CHECKPOINT_INTERVAL deltas bounds chain reads.
-        let (delta_base, depth, delta) = match self.base_manifest {
-            Some((id, depth)) if depth + 1 < CHECKPOINT_INTERVAL => {
-                let (_, base_map) = repo.resolve(&id)?;
-                (Some(id), depth + 1, Delta::between(&base_map, &self.map))
-            }
-            _ => (None, 0, Delta::full(&self.map)),
-        };
-        let manifest = Manifest {
-            header: ManifestHeader {
-                volume: r.volume.clone(),
-                name: r.snapshot.name.clone(),
-                id: r.snapshot.id,
-                created: r.snapshot.created,
-                size: r.snapshot.size,
-                block_size: repo.config.block_size,
-                delta_base,
-                depth,
-                root: self.map.root_hash(),
-            },
-            delta,
-        };
-        let manifest_id = repo.put_manifest(&manifest)?;
-        let entry = CatalogSnapshot {
-            name: r.snapshot.name.clone(),
-            id: r.snapshot.id,
-            created: r.snapshot.created,
-            size: r.snapshot.size,
-            manifest: manifest_id,
-        };
         let hint = Hint {
             source_snapshot: r.source_snapshot.clone(),
             id: r.snapshot.id,
@@ -282,30 +258,40 @@ impl Receiver for RepoReceiver<'_> {
             local_snapshot: r.snapshot.name.clone(),
         };
         let mut attempt = 0;
-        loop {
+        let info = loop {
             attempt += 1;
             let mut cat = repo.catalog(&r.volume)?.unwrap_or_else(|| Catalog {
                 volume: r.volume.clone(),
                 ..Default::default()
             });
-            if let Some(existing) = cat.snapshots.iter().find(|s| s.name == entry.name) {
-                if existing.id == entry.id && existing.size == entry.size {
+            if let Some(existing) = cat.snapshots.iter().find(|s| s.name == r.snapshot.name) {
+                if existing.id == r.snapshot.id && existing.size == r.snapshot.size {
                     // Another writer committed the same snapshot: nothing is lost.
-                    break;
+                    break CommitInfo::default();
                 }
                 return Err(StoreError::AlreadyExists {
                     what: format!(
                         "snapshot {}@{} (committed meanwhile by another writer, with another identity) in {}",
-                        r.volume, entry.name, repo.location()
+                        r.volume, r.snapshot.name, repo.location()
                     ),
                 });
             }
-            cat.snapshots.push(entry.clone());
-            cat.snapshots
-                .sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
             if cat.origin.is_none() {
                 cat.origin = r.origin.clone();
             }
+            let placed = place_in_chain(repo, &cat, &r.snapshot, &self.map, self.base_manifest)?;
+            let info = CommitInfo {
+                inserted_before: placed.younger.as_ref().map(|y| y.name.clone()),
+                redundant_entries_removed: placed.redundant_entries_removed,
+            };
+            cat.snapshots.push(placed.entry);
+            if let Some(y) = placed.younger {
+                if let Some(slot) = cat.snapshots.iter_mut().find(|s| s.name == y.name) {
+                    *slot = y;
+                }
+            }
+            cat.snapshots
+                .sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
             let held: Vec<String> = cat.snapshots.iter().map(|s| s.name.clone()).collect();
             let pos = cat.hints.iter().position(|h| {
                 h.source_system == r.source_system && h.source_volume == r.source_volume
@@ -329,20 +315,126 @@ impl Receiver for RepoReceiver<'_> {
             }
             cat.generation += 1;
             match repo.put_catalog(&cat) {
-                Ok(()) => break,
+                Ok(()) => break info,
                 Err(StoreError::Conflict { what }) if attempt < COMMIT_ATTEMPTS => {
                     debug!(%what, attempt, "commit raced; retrying");
                     std::thread::sleep(std::time::Duration::from_millis(5 * u64::from(attempt)));
                 }
                 Err(e) => return Err(e),
             }
-        }
+        };
         let written = std::mem::take(&mut self.written);
         repo.with_index(|ix| {
             for (pack, entries) in &written {
                 ix.add_pack(*pack, entries);
             }
         })?;
-        Ok(())
+        Ok(info)
     }
+}
+
+/// Where a new snapshot goes in its volume's chain, and the re-based younger neighbour.
+struct Placement {
+    entry: CatalogSnapshot,
+    /// The next younger snapshot, with its manifest re-based onto the new one when that
+    /// removes entries (otherwise unchanged).
+    younger: Option<CatalogSnapshot>,
+    redundant_entries_removed: u64,
+}
+
+/// Store the new snapshot's manifest as a delta against its older neighbour in the
+/// volume (by age), whatever base the data was transferred against; and, as the Tintri
+/// seed describes, re-base the younger neighbour onto it when the snapshot is inserted
+/// into the middle of the chain: entries the new snapshot makes redundant are dropped,
+/// entries needed to undo its changes are added, and the re-base is only kept when the
+/// younger neighbour ends up with no more entries than before.
+///
+/// Chains therefore always point from younger to older snapshots (or to a clone's
+/// origin, or end in a full map), so they cannot form cycles.
+fn place_in_chain(
+    repo: &Repository,
+    cat: &Catalog,
+    snapshot: &snapsync_core::SnapshotInfo,
+    map: &BlockMap,
+    transfer_base: Option<(ManifestId, u32)>,
+) -> Result<Placement> {
+    let key = |s: &CatalogSnapshot| (s.created, s.name.clone());
+    let me = (snapshot.created, snapshot.name.clone());
+    let older = cat
+        .snapshots
+        .iter()
+        .filter(|s| key(s) < me)
+        .max_by_key(|s| key(s));
+    let younger = cat
+        .snapshots
+        .iter()
+        .filter(|s| key(s) > me)
+        .min_by_key(|s| key(s));
+    // An older neighbour, or for the first snapshot of a clone its origin's manifest.
+    let storage_base = match older {
+        Some(o) => Some((o.manifest, repo.manifest(&o.manifest)?.header.depth)),
+        None if cat.origin.is_some() && younger.is_none() => transfer_base,
+        None => None,
+    };
+    let (delta_base, depth, delta) = match storage_base {
+        Some((id, depth)) if depth + 1 < CHECKPOINT_INTERVAL => {
+            let (_, base_map) = repo.resolve(&id)?;
+            (Some(id), depth + 1, Delta::between(&base_map, map))
+        }
+        // A checkpoint (full map) every CHECKPOINT_INTERVAL deltas bounds chain reads.
+        _ => (None, 0, Delta::full(map)),
+    };
+    let manifest = Manifest {
+        header: ManifestHeader {
+            volume: cat.volume.clone(),
+            name: snapshot.name.clone(),
+            id: snapshot.id,
+            created: snapshot.created,
+            size: snapshot.size,
+            block_size: repo.config.block_size,
+            delta_base,
+            depth,
+            root: map.root_hash(),
+        },
+        delta,
+    };
+    let manifest_id = repo.put_manifest(&manifest)?;
+    let entry = CatalogSnapshot {
+        name: snapshot.name.clone(),
+        id: snapshot.id,
+        created: snapshot.created,
+        size: snapshot.size,
+        manifest: manifest_id,
+    };
+    let mut placement = Placement {
+        entry,
+        younger: None,
+        redundant_entries_removed: 0,
+    };
+    let Some(y) = younger else {
+        return Ok(placement);
+    };
+    placement.younger = Some(y.clone());
+    if depth + 1 >= CHECKPOINT_INTERVAL {
+        return Ok(placement);
+    }
+    let (y_manifest, y_map) = repo.resolve(&y.manifest)?;
+    let rebased = Delta::between(map, &y_map);
+    let before = y_manifest.delta.len();
+    if rebased.len() > before {
+        return Ok(placement);
+    }
+    let mut header = y_manifest.header.clone();
+    header.delta_base = Some(manifest_id);
+    header.depth = depth + 1;
+    let new_id = repo.put_manifest(&Manifest {
+        header,
+        delta: rebased.clone(),
+    })?;
+    placement.younger = Some(CatalogSnapshot {
+        manifest: new_id,
+        ..y.clone()
+    });
+    placement.redundant_entries_removed = (before - rebased.len()) as u64;
+    Ok(placement)
 }

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use snapsync_core::{validate_name, BlockId, BlockMap, Timestamp, VolumeInfo};
 use snapsync_store::{Result, StoreError};
 
-use crate::backend::{Backend, Location, Put};
+use crate::backend::{Backend, Location, Put, PROBE_PREFIX};
 use crate::format::{
     self, Catalog, Compression, Config, Manifest, ManifestId, MAGIC_CATALOG, MAGIC_CONFIG,
 };
@@ -32,6 +32,8 @@ pub struct Repository {
     pub(crate) config: Config,
     index: Mutex<Option<BlockIndex>>,
     manifests: Mutex<HashMap<ManifestId, Arc<Manifest>>>,
+    /// gc runs seen when the block index was last trusted (see `lock.rs`).
+    pub(crate) gc_epochs: Mutex<Option<usize>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -56,7 +58,7 @@ pub(crate) fn key_catalog(volume: &str, generation: u64) -> String {
 }
 
 /// Parse `volumes/<volume>/<generation>` keys.
-fn parse_catalog_key(key: &str) -> Option<(String, u64)> {
+pub(crate) fn parse_catalog_key(key: &str) -> Option<(String, u64)> {
     let rest = key.strip_prefix("volumes/")?;
     let (vol, gen) = rest.split_once('/')?;
     if gen.len() != 16 || validate_name("volume", vol).is_err() {
@@ -81,7 +83,12 @@ impl Repository {
             });
         }
         let backend = Backend::open(location, true)?;
-        if let Some((key, _)) = backend.list("")?.into_iter().next() {
+        let probe = format!("{PROBE_PREFIX}/");
+        if let Some((key, _)) = backend
+            .list("")?
+            .into_iter()
+            .find(|(k, _)| !k.starts_with(&probe))
+        {
             return Err(StoreError::AlreadyExists {
                 what: format!(
                     "{} is not empty (found {key}); a repository is created in an empty place",
@@ -89,10 +96,14 @@ impl Repository {
                 ),
             });
         }
+        // Before anything is stored: a server that cannot refuse a second create would
+        // let concurrent commits overwrite each other.
+        backend.check_create_only()?;
         let config = Config {
             repository_id: random_id(),
             block_size,
             created: Timestamp::from_system_time(std::time::SystemTime::now()),
+            create_only_checked: true,
         };
         let bytes = format::encode_json(MAGIC_CONFIG, &config);
         backend
@@ -132,6 +143,16 @@ impl Repository {
                 format!("invalid block size {}", config.block_size),
             ));
         }
+        if !config.create_only_checked {
+            // A repository created before the check was recorded. Only a store that
+            // overwrote is refused: one that cannot be written at all (read-only
+            // access) can still be read, and its commits would fail on their own.
+            match backend.check_create_only() {
+                Err(e @ StoreError::Unsupported { .. }) => return Err(e),
+                Err(e) => tracing::debug!(error = %e, "create-only check skipped"),
+                Ok(()) => {}
+            }
+        }
         Ok(Self::from_parts(backend, config))
     }
 
@@ -141,6 +162,7 @@ impl Repository {
             config,
             index: Mutex::new(None),
             manifests: Mutex::new(HashMap::new()),
+            gc_epochs: Mutex::new(None),
         }
     }
 
@@ -334,6 +356,11 @@ impl Repository {
             map.apply_in_place(&m.delta);
         }
         Ok((top, map))
+    }
+
+    /// Forget the cached block index (gc may have deleted packs it names).
+    pub(crate) fn invalidate_index(&self) {
+        *lock(&self.index) = None;
     }
 
     /// Run `f` with the block index, loading it on first use.

@@ -172,7 +172,18 @@ pub trait Receiver: Send {
     /// Store blocks; returns the bytes this added to the sink (after compression).
     fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64>;
     /// Make the snapshot and its hint visible, atomically.
-    fn commit(self: Box<Self>) -> Result<()>;
+    fn commit(self: Box<Self>) -> Result<CommitInfo>;
+}
+
+/// What a commit did to the destination's chain.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// The next younger snapshot of the volume, when the new one was inserted into the
+    /// middle of the chain (an older snapshot replicated after a newer one).
+    pub inserted_before: Option<String>,
+    /// Metadata entries of that younger snapshot made redundant by the insertion and
+    /// removed when it was re-based onto the new one.
+    pub redundant_entries_removed: u64,
 }
 
 /// A storage system that snapshots can be replicated to.

@@ -13,8 +13,8 @@ use snapsync_core::{
 };
 
 use crate::{
-    BlockContent, Diff, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotReader,
-    SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
+    BlockContent, CommitInfo, Diff, IncomingBlock, ReceiveRequest, Receiver, Result,
+    SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
 };
 
 #[derive(Debug, Default)]
@@ -305,8 +305,20 @@ impl Receiver for MemReceiver<'_> {
         Ok(added)
     }
 
-    fn commit(self: Box<Self>) -> Result<()> {
+    fn commit(self: Box<Self>) -> Result<CommitInfo> {
         let r = self.request;
+        let inserted_before = self
+            .store
+            .list()?
+            .into_iter()
+            .find(|v| v.name == r.volume)
+            .and_then(|v| {
+                v.snapshots
+                    .into_iter()
+                    .filter(|s| (s.created, &s.name) > (r.snapshot.created, &r.snapshot.name))
+                    .min_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)))
+            })
+            .map(|s| s.name);
         {
             let mut st = self.store.state();
             st.blocks.extend(self.pending);
@@ -326,7 +338,10 @@ impl Receiver for MemReceiver<'_> {
         }
         self.store
             .insert(&r.volume, r.snapshot, Arc::new(self.content));
-        Ok(())
+        Ok(CommitInfo {
+            inserted_before,
+            redundant_entries_removed: 0,
+        })
     }
 }
 

@@ -1,0 +1,202 @@
+//! `gc`: delete the manifests, blocks and packs no snapshot references, repacking packs
+//! that are mostly garbage.
+//!
+//! Roots are the snapshots of each volume's newest catalog generation (older
+//! generations are deleted first). Everything reachable from them — manifests along
+//! every delta chain, and the blocks those manifests' entries name — is kept; a pack
+//! whose live blocks are fewer than half of its bytes is rewritten with only them.
+//! Writers are kept out by the gc lock ([`crate::lock`]), so nothing a running
+//! replication is about to reference can be deleted.
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::Bytes;
+use serde::Serialize;
+use snapsync_core::BlockId;
+use snapsync_store::{Result, StoreError};
+use tracing::info;
+
+use crate::backend::Put;
+use crate::format::{self, IndexEntry, ManifestId, MAGIC_PACK, PACK_HEADER};
+use crate::repo::{decode_block, key_index, key_manifest, key_pack, random_id, Repository};
+
+/// What gc did.
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Packs deleted because nothing in them is referenced.
+    pub packs_deleted: u64,
+    /// Packs rewritten without their garbage.
+    pub packs_repacked: u64,
+    /// Manifests deleted.
+    pub manifests_deleted: u64,
+    /// Old catalog generations deleted.
+    pub catalog_generations_deleted: u64,
+    /// Bytes of objects deleted, minus bytes written by repacking.
+    pub bytes_freed: u64,
+    /// Blocks still referenced.
+    pub live_blocks: u64,
+}
+
+/// A pack is repacked when less than this fraction (in stored bytes) is live.
+const REPACK_BELOW: f64 = 0.5;
+
+impl Repository {
+    /// Collect garbage. Waits for running replications and prunes to finish first.
+    pub fn gc(&self) -> Result<GcReport> {
+        let _lock = self.gc_lock()?;
+        let mut report = GcReport::default();
+
+        // 1. Only the newest catalog generation of each volume is a root.
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        let gens: Vec<(String, u64, u64)> = self
+            .backend
+            .list("volumes")?
+            .into_iter()
+            .filter_map(|(k, size)| {
+                let (v, g) = crate::repo::parse_catalog_key(&k)?;
+                Some((v, g, size))
+            })
+            .collect();
+        for (v, g, _) in &gens {
+            let e = newest.entry(v.clone()).or_insert(*g);
+            *e = (*e).max(*g);
+        }
+        for (v, g, size) in &gens {
+            if newest.get(v) != Some(g) {
+                self.backend.delete(&crate::repo::key_catalog(v, *g))?;
+                report.catalog_generations_deleted += 1;
+                report.bytes_freed += size;
+            }
+        }
+
+        // 2. Reachable manifests and live blocks.
+        let mut reachable: HashSet<ManifestId> = HashSet::new();
+        let mut live: HashSet<BlockId> = HashSet::new();
+        for cat in self.catalogs()? {
+            for s in &cat.snapshots {
+                let mut cur = Some(s.manifest);
+                while let Some(id) = cur {
+                    if !reachable.insert(id) {
+                        break;
+                    }
+                    let m = self.manifest(&id)?;
+                    live.extend(m.delta.data_ids());
+                    cur = m.header.delta_base;
+                }
+            }
+        }
+        report.live_blocks = live.len() as u64;
+
+        // 3. Manifests nobody reaches.
+        for (k, size) in self.backend.list("manifests")? {
+            let Some(id) = k.rsplit('/').next().and_then(|h| h.parse::<BlockId>().ok()) else {
+                continue;
+            };
+            if !reachable.contains(&id) && k == key_manifest(&id) {
+                self.backend.delete(&k)?;
+                report.manifests_deleted += 1;
+                report.bytes_freed += size;
+            }
+        }
+
+        // 4. Packs: delete the dead, repack the mostly dead, drop packs with no index.
+        let index_keys: Vec<String> = self
+            .backend
+            .list("index")?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.len() == "index/".len() + 64)
+            .collect();
+        let pack_sizes: HashMap<String, u64> = self.backend.list("packs")?.into_iter().collect();
+        let mut indexed: HashSet<String> = HashSet::new();
+        let mut kept_elsewhere: HashSet<BlockId> = HashSet::new();
+        for (k, bytes) in index_keys.iter().zip(self.backend.get_many(&index_keys)?) {
+            let Some(bytes) = bytes else { continue };
+            let pack: BlockId = k["index/".len()..]
+                .parse()
+                .map_err(|_| StoreError::corrupt(self.describe(k), "bad index name"))?;
+            let entries = format::decode_index(&bytes, &self.describe(k))?;
+            let pkey = key_pack(&pack);
+            indexed.insert(pkey.clone());
+            let psize = pack_sizes.get(&pkey).copied().unwrap_or(0);
+            // A block stored twice (two packs) is kept once.
+            let live_entries: Vec<IndexEntry> = entries
+                .iter()
+                .filter(|e| live.contains(&e.id) && kept_elsewhere.insert(e.id))
+                .copied()
+                .collect();
+            let live_bytes: u64 = live_entries.iter().map(|e| u64::from(e.stored_len)).sum();
+            let total: u64 = entries.iter().map(|e| u64::from(e.stored_len)).sum();
+            if live_entries.is_empty() {
+                self.backend.delete(k)?;
+                self.backend.delete(&pkey)?;
+                report.packs_deleted += 1;
+                report.bytes_freed += psize + bytes.len() as u64;
+            } else if (live_bytes as f64) < REPACK_BELOW * total as f64 {
+                let written = self.repack(&pack, &live_entries)?;
+                self.backend.delete(k)?;
+                self.backend.delete(&pkey)?;
+                report.packs_repacked += 1;
+                report.bytes_freed += (psize + bytes.len() as u64).saturating_sub(written);
+            }
+        }
+        for (k, size) in &pack_sizes {
+            if !indexed.contains(k) && !k.contains('#') {
+                // Left by a replication killed between storing a pack and its index.
+                self.backend.delete(k)?;
+                report.bytes_freed += size;
+            }
+        }
+        self.invalidate_index();
+        // Tell other processes that cached indexes may name deleted packs.
+        self.backend.put(
+            &format!("gc-epochs/{}", random_id()),
+            Bytes::from_static(b"gc"),
+            Put::Create,
+        )?;
+        info!(?report, "gc done");
+        Ok(report)
+    }
+
+    /// Rewrite the live blocks of one pack into a new pack; returns bytes written.
+    fn repack(&self, pack: &BlockId, live: &[IndexEntry]) -> Result<u64> {
+        let key = key_pack(pack);
+        let ranges: Vec<std::ops::Range<u64>> = live
+            .iter()
+            .map(|e| e.offset..e.offset + u64::from(e.stored_len))
+            .collect();
+        let data = self.backend.get_ranges_many(vec![(key.clone(), ranges)])?;
+        let mut buf = Vec::new();
+        buf.extend_from_slice(MAGIC_PACK);
+        buf.extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
+        buf.resize(PACK_HEADER, 0);
+        let mut entries = Vec::with_capacity(live.len());
+        for (e, stored) in live.iter().zip(&data[0]) {
+            let ok = decode_block(stored, e.compression, e.raw_len)
+                .is_some_and(|d| BlockId::of(&d) == e.id);
+            if !ok {
+                return Err(StoreError::corrupt(
+                    self.describe(&key),
+                    format!(
+                        "block {} at offset {} is damaged; not repacking",
+                        e.id, e.offset
+                    ),
+                ));
+            }
+            entries.push(IndexEntry {
+                offset: buf.len() as u64,
+                ..*e
+            });
+            buf.extend_from_slice(stored);
+        }
+        let id = BlockId::of(&buf);
+        let index = format::encode_index(&entries);
+        let written = (buf.len() + index.len()) as u64;
+        let job = self.backend.spawn_puts(vec![
+            (key_pack(&id), Bytes::from(buf)),
+            (key_index(&id), Bytes::from(index)),
+        ]);
+        self.backend.wait(job)?;
+        Ok(written)
+    }
+}

@@ -1,0 +1,278 @@
+//! `prune`: remove snapshots by a retention policy and keep every chain valid.
+//!
+//! Removing a snapshot from a catalog would leave the manifests of younger snapshots
+//! pointing at a delta base that `gc` may delete. So prune merges each removed delta into
+//! its children: every kept snapshot whose manifest is based on a manifest that is no
+//! longer some kept snapshot's current manifest is re-based onto its nearest kept
+//! ancestor (or onto the kept snapshot with the same identity, after a re-base by
+//! insertion), or written as a full map. Afterwards every chain runs only through kept
+//! snapshots' manifests, and `gc` can delete everything else.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use snapsync_core::{apply_policy, BlockMap, Delta, KeepPolicy, SnapshotId, SnapshotInfo};
+use snapsync_store::{Result, StoreError};
+use tracing::debug;
+
+use crate::format::{Catalog, CatalogSnapshot, Manifest, ManifestId};
+use crate::repo::{Repository, CHECKPOINT_INTERVAL};
+
+/// What prune did (or would do, with `dry_run`) to one volume.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VolumePrune {
+    /// Volume.
+    pub volume: String,
+    /// Snapshots kept, oldest first, with the rules that keep each.
+    pub kept: Vec<KeptSnapshot>,
+    /// Snapshots removed, oldest first.
+    pub removed: Vec<String>,
+    /// Manifests rewritten to merge removed deltas into their children.
+    pub manifests_rewritten: u64,
+}
+
+/// A kept snapshot and why.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct KeptSnapshot {
+    /// Name.
+    pub name: String,
+    /// Rules: "last", "hourly", "daily", "weekly", "monthly", or "replication-base".
+    pub reasons: Vec<String>,
+}
+
+/// What prune did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+pub struct PruneReport {
+    /// True when nothing was changed.
+    pub dry_run: bool,
+    /// Per volume.
+    pub volumes: Vec<VolumePrune>,
+}
+
+const COMMIT_ATTEMPTS: u32 = 20;
+
+impl Repository {
+    /// Apply `policy` to `volumes` (all when empty). The newest snapshot that hints name
+    /// as the common base with a source is kept unless `force`: removing it would make
+    /// that source's next replication a full one.
+    pub fn prune(
+        &self,
+        volumes: &[String],
+        policy: &KeepPolicy,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<PruneReport> {
+        if policy.is_empty() {
+            return Err(StoreError::Unsupported {
+                what:
+                    "prune without any --keep-* rule would remove every snapshot; give at least one"
+                        .into(),
+            });
+        }
+        let _lock = if dry_run {
+            None
+        } else {
+            Some(self.session_lock("prune")?)
+        };
+        let mut catalogs = self.catalogs()?;
+        for v in volumes {
+            if !catalogs.iter().any(|c| &c.volume == v) {
+                return Err(StoreError::not_found(format!(
+                    "volume {v:?} in {}",
+                    self.location()
+                )));
+            }
+        }
+        // Parents before clones, so a clone is re-based onto its origin's new manifests.
+        catalogs.sort_by_key(|c| c.origin.is_some());
+        let mut report = PruneReport {
+            dry_run,
+            volumes: vec![],
+        };
+        for cat in catalogs {
+            if !volumes.is_empty() && !volumes.contains(&cat.volume) {
+                continue;
+            }
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let fresh = self.catalog(&cat.volume)?.unwrap_or_else(|| cat.clone());
+                let (next, vp) = self.prune_catalog(&fresh, policy, force, dry_run)?;
+                if dry_run || vp.removed.is_empty() {
+                    report.volumes.push(vp);
+                    break;
+                }
+                match self.put_catalog(&next) {
+                    Ok(()) => {
+                        report.volumes.push(vp);
+                        break;
+                    }
+                    Err(StoreError::Conflict { .. }) if attempt < COMMIT_ATTEMPTS => {
+                        debug!(volume = %cat.volume, "prune raced with a commit; retrying");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn prune_catalog(
+        &self,
+        cat: &Catalog,
+        policy: &KeepPolicy,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<(Catalog, VolumePrune)> {
+        let infos: Vec<SnapshotInfo> = cat
+            .snapshots
+            .iter()
+            .map(|s| SnapshotInfo {
+                name: s.name.clone(),
+                id: s.id,
+                created: s.created,
+                size: s.size,
+            })
+            .collect();
+        let mut keep: BTreeMap<String, Vec<String>> = apply_policy(&infos, policy)
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().map(String::from).collect()))
+            .collect();
+        if !force {
+            // The replication cursor: per source, the newest snapshot held.
+            for h in &cat.hints {
+                let newest = h
+                    .snapshots
+                    .iter()
+                    .filter(|x| x.local_volume == cat.volume)
+                    .filter_map(|x| cat.snapshots.iter().find(|s| s.name == x.local_snapshot))
+                    .max_by_key(|s| (s.created, s.name.clone()));
+                if let Some(s) = newest {
+                    keep.entry(s.name.clone())
+                        .or_default()
+                        .push("replication-base".into());
+                }
+            }
+        }
+        let removed: Vec<String> = cat
+            .snapshots
+            .iter()
+            .filter(|s| !keep.contains_key(&s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        let kept_entries: Vec<CatalogSnapshot> = cat
+            .snapshots
+            .iter()
+            .filter(|s| keep.contains_key(&s.name))
+            .cloned()
+            .collect();
+        let mut vp = VolumePrune {
+            volume: cat.volume.clone(),
+            kept: kept_entries
+                .iter()
+                .map(|s| KeptSnapshot {
+                    name: s.name.clone(),
+                    reasons: keep[&s.name].clone(),
+                })
+                .collect(),
+            removed: removed.clone(),
+            manifests_rewritten: 0,
+        };
+        let mut next = cat.clone();
+        if removed.is_empty() || dry_run {
+            return Ok((next, vp));
+        }
+        // Live manifests after prune: this volume's kept snapshots, and every other
+        // volume's current snapshots (clone origins).
+        let mut live: HashMap<ManifestId, ()> = HashMap::new();
+        let mut by_identity: HashMap<SnapshotId, ManifestId> = HashMap::new();
+        for other in self.catalogs()? {
+            if other.volume == cat.volume {
+                continue;
+            }
+            for s in &other.snapshots {
+                live.insert(s.manifest, ());
+                by_identity.insert(s.id, s.manifest);
+            }
+        }
+        for s in &kept_entries {
+            live.insert(s.manifest, ());
+            by_identity.insert(s.id, s.manifest);
+        }
+        let mut rewritten: Vec<CatalogSnapshot> = Vec::new();
+        for s in &kept_entries {
+            let (m, map) = self.resolve(&s.manifest)?;
+            let Some(base) = m.header.delta_base else {
+                rewritten.push(s.clone());
+                continue;
+            };
+            if live.contains_key(&base) {
+                rewritten.push(s.clone());
+                continue;
+            }
+            // Walk up to the nearest live ancestor (or its live twin by identity).
+            let mut new_base = None;
+            let mut cur = Some(base);
+            while let Some(id) = cur {
+                if live.contains_key(&id) {
+                    new_base = Some(id);
+                    break;
+                }
+                let am = self.manifest(&id)?;
+                if let Some(twin) = by_identity.get(&am.header.id) {
+                    new_base = Some(*twin);
+                    break;
+                }
+                cur = am.header.delta_base;
+            }
+            let new_id = self.rebase_manifest(&m, &map, new_base)?;
+            live.remove(&s.manifest);
+            live.insert(new_id, ());
+            by_identity.insert(s.id, new_id);
+            vp.manifests_rewritten += 1;
+            rewritten.push(CatalogSnapshot {
+                manifest: new_id,
+                ..s.clone()
+            });
+        }
+        next.snapshots = rewritten;
+        for h in &mut next.hints {
+            h.snapshots
+                .retain(|x| x.local_volume != cat.volume || !removed.contains(&x.local_snapshot));
+        }
+        next.generation += 1;
+        Ok((next, vp))
+    }
+
+    /// Store `m`'s snapshot (whose full map is `map`) as a delta against `base`, or as a
+    /// full map when there is none or the chain would get too deep.
+    pub(crate) fn rebase_manifest(
+        &self,
+        m: &Manifest,
+        map: &BlockMap,
+        base: Option<ManifestId>,
+    ) -> Result<ManifestId> {
+        let mut header = m.header.clone();
+        let based = match base {
+            Some(b) => {
+                let (bm, bmap) = self.resolve(&b)?;
+                (bm.header.depth + 1 < CHECKPOINT_INTERVAL)
+                    .then(|| (b, bm.header.depth + 1, Delta::between(&bmap, map)))
+            }
+            None => None,
+        };
+        let delta = match based {
+            Some((b, depth, delta)) => {
+                header.delta_base = Some(b);
+                header.depth = depth;
+                delta
+            }
+            None => {
+                header.delta_base = None;
+                header.depth = 0;
+                Delta::full(map)
+            }
+        };
+        self.put_manifest(&Manifest { header, delta })
+    }
+}
