@@ -78,7 +78,9 @@ fn prune_keeps_the_right_snapshots_protects_the_replication_base_and_gc_reclaims
     let mut data = random(1, 4 * MIB);
     let mut versions = Vec::new();
     // Two a day for five days, each rewriting most of the volume.
-    let times: Vec<u64> = (0..5).flat_map(|d| [T0 + d * D, T0 + d * D + 2 * H]).collect();
+    let times: Vec<u64> = (0..5)
+        .flat_map(|d| [T0 + d * D, T0 + d * D + 2 * H])
+        .collect();
     for (k, t) in times.iter().enumerate() {
         let off = (k % 4) * 256 * 1024;
         data[off..off + 3 * MIB].copy_from_slice(&random(100 + k as u64, 3 * MIB));
@@ -90,7 +92,14 @@ fn prune_keeps_the_right_snapshots_protects_the_replication_base_and_gc_reclaims
     assert_eq!(replicate_json(&[&src, &repo]).len(), 10);
 
     let dry: serde_json::Value = serde_json::from_str(&ok(&[
-        "prune", &repo, "--keep-last", "2", "--keep-daily", "3", "--dry-run", "--json",
+        "prune",
+        &repo,
+        "--keep-last",
+        "2",
+        "--keep-daily",
+        "3",
+        "--dry-run",
+        "--json",
     ]))
     .unwrap();
     assert_eq!(dry["dry_run"], true);
@@ -120,14 +129,21 @@ fn prune_keeps_the_right_snapshots_protects_the_replication_base_and_gc_reclaims
     ok(&["prune", &repo, "--keep-last", "1", "--force"]);
     assert_eq!(names(&repo, "vm"), ["s9"]);
     let out = run(&["prune", &repo]);
-    assert_eq!(out.status.code(), Some(1), "prune without rules must refuse");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "prune without rules must refuse"
+    );
 
     let packs = |r: &str| dir_bytes(&Path::new(r).join("packs"));
     let before = packs(&repo);
     let gc: serde_json::Value = serde_json::from_str(&ok(&["gc", &repo, "--json"])).unwrap();
     assert!(num(&gc, "bytes_freed") > 0);
     let after = packs(&repo);
-    assert!(after * 2 < before, "gc freed too little: {before} -> {after}");
+    assert!(
+        after * 2 < before,
+        "gc freed too little: {before} -> {after}"
+    );
     ok(&["verify", &repo, "--read-data"]);
     restore_eq(&repo, "vm@s9", &versions[9], dir.path());
 }
@@ -177,17 +193,34 @@ fn gc_while_a_replication_runs_both_succeed_and_nothing_is_lost() {
     let locks = Path::new(&repo).join("locks");
     let start = Instant::now();
     while !std::fs::read_dir(&locks)
-        .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("session-")))
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("session-"))
+        })
         .unwrap_or(false)
     {
-        assert!(start.elapsed() < Duration::from_secs(60), "no session lock appeared");
-        assert!(child.try_wait().unwrap().is_none(), "replication ended too early");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no session lock appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "replication ended too early"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     let gc = run(&["gc", &repo, "--json"]);
-    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ok(&["verify", &repo, "--read-data"]);
     restore_eq(&repo, "vm@s3", &s3, dir.path());
     restore_eq(&repo, "vm@s2", &s2, dir.path());

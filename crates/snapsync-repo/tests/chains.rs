@@ -328,3 +328,41 @@ proptest! {
         prop_assert!(report.ok, "{:?}", report);
     }
 }
+
+#[test]
+fn a_source_that_estimates_diffs_gets_the_smallest_delta_not_the_nearest() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = repo(&dir.path().join("a"));
+    let b = repo(&dir.path().join("b"));
+    let src = MemoryStore::new("src", BS);
+    let s1 = pseudo_random(1, 64 * BS as usize);
+    let mut s2 = s1.clone();
+    s2[..48 * BS as usize].copy_from_slice(&pseudo_random(2, 48 * BS as usize));
+    let mut s3 = s1.clone(); // back to s1, plus one block
+    s3[60 * BS as usize] ^= 1;
+    src.add_snapshot("vm", "s1", t(0), s1);
+    src.add_snapshot("vm", "s2", t(100), s2);
+    src.add_snapshot("vm", "s3", t(101), s3.clone());
+    send(&src, &a, None);
+    // b holds s1 and s2; s2 is nearest to s3 in age, s1 is nearest in content.
+    for s in ["s1", "s2"] {
+        let o = ReplicateOptions {
+            snapshot: Some(s.into()),
+            ..Default::default()
+        };
+        replicate(&a, &b, &o, &NoProgress, &mut |_| {}).unwrap();
+    }
+    let r = replicate(
+        &a,
+        &b,
+        &ReplicateOptions::default(),
+        &NoProgress,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(r[0].snapshot, "s3");
+    assert_eq!(r[0].base.as_deref(), Some("s1"));
+    assert_eq!(r[0].base_reason, snapsync_core::BaseReason::SmallestDiff);
+    assert_eq!(r[0].read_bytes, BS);
+    assert!(read(&b, "vm", "s3") == s3);
+}
