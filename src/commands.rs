@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use snapsync_engine::{ReplicateOptions, SnapshotReport};
-use snapsync_repo::{Location, Repository};
+use snapsync_repo::Repository;
 
 use crate::stores::{self, StoreUrl};
 
@@ -255,7 +255,7 @@ pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
     let r = s.repository()?;
     let progress = crate::progress::for_terminal(as_json);
     if read_data {
-        progress.begin("verify", pack_bytes(r));
+        progress.begin("verify", r.stored_bytes()?);
     }
     let report = r.verify(read_data, &|n| progress.advance(n))?;
     progress.end();
@@ -312,27 +312,6 @@ pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
     }
 }
 
-fn pack_bytes(r: &Repository) -> u64 {
-    match r.location() {
-        Location::Local(p) => dir_size(&p.join("packs")),
-        // Unknown without listing every pack; the bar then counts without a total.
-        Location::S3 { .. } => 0,
-    }
-}
-
-fn dir_size(p: &Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
 
 pub fn prune(
     repo: &str,

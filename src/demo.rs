@@ -146,7 +146,7 @@ pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<ExitCode> {
     println!("  {} snapshots sent", again.len());
 
     let logical = 4 * size as u64;
-    let stored = dir_bytes(&repo_dir.join("packs"));
+    let stored = repo.stored_bytes()?;
     println!(
         "6. 4 snapshots of {size_mib} MiB = {} MiB of images; repository holds {:.1} MiB of packs ({:.1}x smaller)",
         logical / MIB as u64,
@@ -184,18 +184,4 @@ pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<ExitCode> {
         report.snapshots_checked, report.blocks_read
     );
     Ok(ExitCode::SUCCESS)
-}
-
-fn dir_bytes(p: &Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }

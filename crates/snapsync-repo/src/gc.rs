@@ -100,22 +100,12 @@ impl Repository {
         }
 
         // 4. Packs: delete the dead, repack the mostly dead, drop packs with no index.
-        let index_keys: Vec<String> = self
-            .backend
-            .list("index")?
-            .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| k.len() == "index/".len() + 64)
-            .collect();
         let pack_sizes: HashMap<String, u64> = self.backend.list("packs")?.into_iter().collect();
         let mut indexed: HashSet<String> = HashSet::new();
         let mut kept_elsewhere: HashSet<BlockId> = HashSet::new();
-        for (k, bytes) in index_keys.iter().zip(self.backend.get_many(&index_keys)?) {
-            let Some(bytes) = bytes else { continue };
-            let pack: BlockId = k["index/".len()..]
-                .parse()
-                .map_err(|_| StoreError::corrupt(self.describe(k), "bad index name"))?;
-            let entries = format::decode_index(&bytes, &self.describe(k))?;
+        for ix in self.read_indexes()? {
+            let (pack, entries) = ix.parsed?;
+            let k = &ix.key;
             let pkey = key_pack(&pack);
             indexed.insert(pkey.clone());
             let psize = pack_sizes.get(&pkey).copied().unwrap_or(0);
@@ -131,13 +121,13 @@ impl Repository {
                 self.backend.delete(k)?;
                 self.backend.delete(&pkey)?;
                 report.packs_deleted += 1;
-                report.bytes_freed += psize + bytes.len() as u64;
+                report.bytes_freed += psize + ix.size;
             } else if (live_bytes as f64) < REPACK_BELOW * total as f64 {
                 let written = self.repack(&pack, &live_entries)?;
                 self.backend.delete(k)?;
                 self.backend.delete(&pkey)?;
                 report.packs_repacked += 1;
-                report.bytes_freed += (psize + bytes.len() as u64).saturating_sub(written);
+                report.bytes_freed += (psize + ix.size).saturating_sub(written);
             }
         }
         for (k, size) in &pack_sizes {

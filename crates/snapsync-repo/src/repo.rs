@@ -358,6 +358,11 @@ impl Repository {
         Ok((top, map))
     }
 
+    /// Bytes of block data stored (all packs), from a listing.
+    pub fn stored_bytes(&self) -> Result<u64> {
+        Ok(self.backend.list("packs")?.iter().map(|(_, n)| n).sum())
+    }
+
     /// Forget the cached block index (gc may have deleted packs it names).
     pub(crate) fn invalidate_index(&self) {
         *lock(&self.index) = None;
@@ -373,6 +378,17 @@ impl Repository {
     }
 
     fn load_index(&self) -> Result<BlockIndex> {
+        let mut index = BlockIndex::default();
+        for ix in self.read_indexes()? {
+            let (pack, entries) = ix.parsed?;
+            index.add_pack(pack, &entries);
+        }
+        Ok(index)
+    }
+
+    /// Every pack index object, each parsed on its own so that callers can decide
+    /// whether one damaged index is fatal (reading) or a finding (verify).
+    pub(crate) fn read_indexes(&self) -> Result<Vec<IndexObject>> {
         let keys: Vec<String> = self
             .backend
             .list("index")?
@@ -381,16 +397,20 @@ impl Repository {
             .filter(|k| k.len() == "index/".len() + 64)
             .collect();
         let got = self.backend.get_many(&keys)?;
-        let mut index = BlockIndex::default();
-        for (k, b) in keys.iter().zip(got) {
-            let Some(b) = b else { continue };
-            let pack: BlockId = k["index/".len()..]
-                .parse()
-                .map_err(|_| StoreError::corrupt(self.describe(k), "bad index name"))?;
-            let entries = format::decode_index(&b, &self.describe(k))?;
-            index.add_pack(pack, &entries);
-        }
-        Ok(index)
+        Ok(keys
+            .into_iter()
+            .zip(got)
+            .filter_map(|(key, bytes)| {
+                let bytes = bytes?;
+                let parsed = key["index/".len()..]
+                    .parse::<BlockId>()
+                    .map_err(|_| StoreError::corrupt(self.describe(&key), "bad index name"))
+                    .and_then(|pack| {
+                        format::decode_index(&bytes, &self.describe(&key)).map(|e| (pack, e))
+                    });
+                Some(IndexObject { size: bytes.len() as u64, key, parsed })
+            })
+            .collect())
     }
 
     /// Read blocks by id, verifying each against its id. Reads are grouped by pack and
@@ -449,6 +469,16 @@ impl Repository {
         out.sort_unstable_by_key(|(i, _)| *i);
         Ok(out.into_iter().map(|(_, d)| d).collect())
     }
+}
+
+/// One `index/<pack>` object as read.
+pub(crate) struct IndexObject {
+    /// Its key.
+    pub(crate) key: String,
+    /// Its size in bytes.
+    pub(crate) size: u64,
+    /// The pack it describes and the pack's entries, or why it could not be read.
+    pub(crate) parsed: Result<(BlockId, Vec<format::IndexEntry>)>,
 }
 
 /// Decompress (or copy) a stored block; `None` when it does not decode to `raw_len` bytes.

@@ -70,25 +70,9 @@ impl Repository {
         // Indexes, checked one by one so that one damaged index is named.
         let mut located: HashMap<BlockId, (BlockId, format::IndexEntry)> = HashMap::new();
         let packs_present: HashMap<String, u64> = self.backend.list("packs")?.into_iter().collect();
-        let index_keys: Vec<String> = self
-            .backend
-            .list("index")?
-            .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| k.len() == "index/".len() + 64)
-            .collect();
         let mut pack_entries: Vec<(BlockId, Vec<format::IndexEntry>)> = Vec::new();
-        for (k, bytes) in index_keys.iter().zip(self.backend.get_many(&index_keys)?) {
-            let Some(bytes) = bytes else { continue };
-            let parsed = k["index/".len()..]
-                .parse::<BlockId>()
-                .ok()
-                .ok_or_else(|| format!("{}: bad index name", self.describe(k)))
-                .and_then(|pack| {
-                    format::decode_index(&bytes, &self.describe(k))
-                        .map(|e| (pack, e))
-                        .map_err(|e| e.to_string())
-                });
+        for ix in self.read_indexes()? {
+            let parsed = ix.parsed.map_err(|e| e.to_string());
             match parsed {
                 Ok((pack, entries)) => {
                     let key = key_pack(&pack);
