@@ -101,6 +101,9 @@ fn retry_config() -> Result<RetryConfig> {
 pub(crate) enum Put {
     /// Fail with [`StoreError::AlreadyExists`] if the key exists (a commit point).
     Create,
+    /// Replace: only for hints to readers that are never trusted alone (a catalog's
+    /// `head` pointer).
+    Overwrite,
 }
 
 /// Writes running in the background; see [`Backend::spawn_puts`].
@@ -152,6 +155,8 @@ pub(crate) struct Backend {
     store: Arc<dyn ObjectStore>,
     runtime: tokio::runtime::Runtime,
     location: Location,
+    /// Listing calls made, so tests can show that reading a snapshot needs none.
+    listings: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Backend {
@@ -257,6 +262,7 @@ impl Backend {
             store,
             runtime,
             location,
+            listings: Default::default(),
         })
     }
 
@@ -308,6 +314,7 @@ impl Backend {
         let opts = PutOptions {
             mode: match mode {
                 Put::Create => PutMode::Create,
+                Put::Overwrite => PutMode::Overwrite,
             },
             ..Default::default()
         };
@@ -403,7 +410,14 @@ impl Backend {
     }
 
     /// Keys (relative to the repository) and sizes under `prefix`.
+    /// Listing calls made so far.
+    pub(crate) fn listings_made(&self) -> u64 {
+        self.listings.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(crate) fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.listings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = ObjectPath::from(prefix);
         self.runtime
             .block_on(async {

@@ -219,6 +219,11 @@ pub struct ManifestHeader {
     pub depth: u32,
     /// Root hash of the snapshot's whole block map.
     pub root: BlockId,
+    /// Packs holding the blocks of this delta's entries when it was written: a reader
+    /// loads only these packs' indexes. A hint: after gc repacks, readers fall back to
+    /// the full index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<BlockId>,
 }
 
 /// A snapshot manifest: header plus the delta entries against `delta_base`.
@@ -429,6 +434,7 @@ mod tests {
                 delta_base: Some(BlockId::of(b"base")),
                 depth: 3,
                 root: BlockId::of(b"root"),
+                packs: vec![BlockId::of(b"pack")],
             },
             delta,
         };

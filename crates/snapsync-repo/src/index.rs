@@ -24,6 +24,9 @@ pub(crate) struct BlockIndex {
     pub(crate) packs: Vec<BlockId>,
     pack_pos: HashMap<BlockId, u32>,
     pub(crate) blocks: HashMap<BlockId, BlockLocation>,
+    /// Whether every index object of the repository was loaded (a listing); otherwise
+    /// only the packs a snapshot's manifests named were.
+    pub(crate) complete: bool,
 }
 
 impl BlockIndex {
@@ -48,6 +51,11 @@ impl BlockIndex {
         self.blocks
             .get(id)
             .map(|l| (self.packs[l.pack as usize], *l))
+    }
+
+    /// Whether this pack's index was loaded.
+    pub(crate) fn has_pack(&self, pack: &BlockId) -> bool {
+        self.pack_pos.contains_key(pack)
     }
 
     pub(crate) fn contains(&self, id: &BlockId) -> bool {

@@ -38,8 +38,8 @@ mod source;
 mod verify;
 
 pub use backend::{Location, DEFAULT_RETRY_TIMEOUT_SECS, RETRY_TIMEOUT_ENV};
-pub use repo::{Repository, CHECKPOINT_INTERVAL, DEFAULT_BLOCK_SIZE};
 pub use gc::GcReport;
 pub use lock::{GcLock, SessionLock};
 pub use prune::{KeptSnapshot, PruneReport, VolumePrune};
+pub use repo::{Repository, CHECKPOINT_INTERVAL, DEFAULT_BLOCK_SIZE};
 pub use verify::{Damage, VerifyReport};

@@ -249,6 +249,13 @@ impl Receiver for RepoReceiver<'_> {
     fn commit(mut self: Box<Self>) -> Result<CommitInfo> {
         self.finish_uploads()?;
         let repo = self.repo;
+        // The packs are stored: index them so the manifest can name them.
+        let written = std::mem::take(&mut self.written);
+        repo.with_index(|ix| {
+            for (pack, entries) in &written {
+                ix.add_pack(*pack, entries);
+            }
+        })?;
         let r = &self.request;
         let hint = Hint {
             source_snapshot: r.source_snapshot.clone(),
@@ -323,12 +330,6 @@ impl Receiver for RepoReceiver<'_> {
                 Err(e) => return Err(e),
             }
         };
-        let written = std::mem::take(&mut self.written);
-        repo.with_index(|ix| {
-            for (pack, entries) in &written {
-                ix.add_pack(*pack, entries);
-            }
-        })?;
         Ok(info)
     }
 }
@@ -395,6 +396,7 @@ fn place_in_chain(
             delta_base,
             depth,
             root: map.root_hash(),
+            packs: Vec::new(),
         },
         delta,
     };

@@ -53,6 +53,11 @@ pub(crate) fn key_manifest(id: &ManifestId) -> String {
     let h = id.to_hex();
     format!("manifests/{}/{h}", &h[..2])
 }
+/// A hint to the newest generation of a volume's catalog, so that reading a snapshot
+/// needs no listing.
+pub(crate) fn key_catalog_head(volume: &str) -> String {
+    format!("volumes/{volume}/head")
+}
 pub(crate) fn key_catalog(volume: &str, generation: u64) -> String {
     format!("volumes/{volume}/{generation:016x}")
 }
@@ -229,6 +234,24 @@ impl Repository {
     /// The newest catalog generation of one volume.
     pub fn catalog(&self, volume: &str) -> Result<Option<Catalog>> {
         validate_name("volume", volume)?;
+        // Without listing: start from the head pointer and probe forward, since
+        // generations are created one after the other. The pointer is only a hint.
+        if let Some(head) = self.backend.get(&key_catalog_head(volume))? {
+            let gen = std::str::from_utf8(&head)
+                .ok()
+                .and_then(|s| u64::from_str_radix(s.trim(), 16).ok());
+            if let Some(mut gen) = gen {
+                if let Some(mut bytes) = self.backend.get(&key_catalog(volume, gen))? {
+                    while let Some(next) = self.backend.get(&key_catalog(volume, gen + 1))? {
+                        gen += 1;
+                        bytes = next;
+                    }
+                    return self
+                        .decode_catalog(&key_catalog(volume, gen), &bytes)
+                        .map(Some);
+                }
+            }
+        }
         for _ in 0..10 {
             let newest = self
                 .backend
@@ -263,6 +286,12 @@ impl Repository {
             }),
             other => other,
         }?;
+        // Best effort: a stale or missing pointer only costs readers a probe or a list.
+        let _ = self.backend.put(
+            &key_catalog_head(&catalog.volume),
+            Bytes::from(format!("{:016x}", catalog.generation)),
+            Put::Overwrite,
+        );
         if catalog.generation > KEEP_GENERATIONS {
             let old = catalog.generation - KEEP_GENERATIONS;
             for (k, _) in self.backend.list(&format!("volumes/{}", catalog.volume))? {
@@ -282,22 +311,13 @@ impl Repository {
             .catalogs()?
             .into_iter()
             .filter(|c| !c.snapshots.is_empty())
-            .map(|c| VolumeInfo {
-                size: c.snapshots.last().map_or(0, |s| s.size),
-                snapshots: c
-                    .snapshots
-                    .iter()
-                    .map(|s| snapsync_core::SnapshotInfo {
-                        name: s.name.clone(),
-                        id: s.id,
-                        created: s.created,
-                        size: s.size,
-                    })
-                    .collect(),
-                name: c.volume,
-                origin: c.origin,
-            })
+            .map(volume_info)
             .collect())
+    }
+
+    /// Listing operations made so far (reading a snapshot should make none).
+    pub fn listings_made(&self) -> u64 {
+        self.backend.listings_made()
     }
 
     /// Read a manifest (cached: manifests are immutable).
@@ -323,6 +343,20 @@ impl Repository {
 
     /// Store a manifest; returns its id.
     pub(crate) fn put_manifest(&self, m: &Manifest) -> Result<ManifestId> {
+        // Name the packs holding this delta's blocks, so that a reader loads only their
+        // indexes instead of listing all of them.
+        let mut m = m.clone();
+        m.header.packs = self.with_index(|ix| {
+            let mut packs: Vec<BlockId> = m
+                .delta
+                .data_ids()
+                .filter_map(|id| ix.get(&id).map(|(p, _)| p))
+                .collect();
+            packs.sort_unstable();
+            packs.dedup();
+            packs
+        })?;
+        let m = &m;
         let bytes = format::encode_manifest(m);
         let id = BlockId::of(&bytes);
         match self
@@ -371,14 +405,52 @@ impl Repository {
     /// Run `f` with the block index, loading it on first use.
     pub(crate) fn with_index<T>(&self, f: impl FnOnce(&mut BlockIndex) -> T) -> Result<T> {
         let mut guard = lock(&self.index);
-        if guard.is_none() {
+        if !guard.as_ref().is_some_and(|ix| ix.complete) {
             *guard = Some(self.load_index()?);
         }
         Ok(f(guard.as_mut().expect("loaded")))
     }
 
+    /// Load the indexes of these packs only (no listing), unless already loaded.
+    fn index_packs(&self, packs: &[BlockId]) -> Result<()> {
+        let mut guard = lock(&self.index);
+        let ix = guard.get_or_insert_with(BlockIndex::default);
+        let wanted: Vec<BlockId> = packs.iter().filter(|p| !ix.has_pack(p)).copied().collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = wanted.iter().map(key_index).collect();
+        for ((pack, key), bytes) in wanted.iter().zip(&keys).zip(self.backend.get_many(&keys)?) {
+            // A pack repacked by gc is gone: the full index (a listing) finds its blocks.
+            let Some(bytes) = bytes else { continue };
+            let entries = format::decode_index(&bytes, &self.describe(key))?;
+            ix.add_pack(*pack, &entries);
+        }
+        Ok(())
+    }
+
+    /// The packs named by the manifests of a chain.
+    pub(crate) fn chain_packs(&self, id: &ManifestId) -> Result<Vec<BlockId>> {
+        let mut out = Vec::new();
+        let mut cur = Some(*id);
+        let mut n = 0;
+        while let Some(m) = cur {
+            n += 1;
+            if n > CHECKPOINT_INTERVAL as usize * 4 + 1 {
+                break;
+            }
+            let m = self.manifest(&m)?;
+            out.extend_from_slice(&m.header.packs);
+            cur = m.header.delta_base;
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
     fn load_index(&self) -> Result<BlockIndex> {
         let mut index = BlockIndex::default();
+        index.complete = true;
         for ix in self.read_indexes()? {
             let (pack, entries) = ix.parsed?;
             index.add_pack(pack, &entries);
@@ -408,7 +480,11 @@ impl Repository {
                     .and_then(|pack| {
                         format::decode_index(&bytes, &self.describe(&key)).map(|e| (pack, e))
                     });
-                Some(IndexObject { size: bytes.len() as u64, key, parsed })
+                Some(IndexObject {
+                    size: bytes.len() as u64,
+                    key,
+                    parsed,
+                })
             })
             .collect())
     }
@@ -416,11 +492,27 @@ impl Repository {
     /// Read blocks by id, verifying each against its id. Reads are grouped by pack and
     /// issued concurrently; decompression and hashing run on all cores.
     pub fn read_blocks(&self, ids: &[BlockId]) -> Result<Vec<Vec<u8>>> {
-        let located = self.with_index(|ix| {
+        self.read_blocks_in(ids, &[])
+    }
+
+    /// [`Repository::read_blocks`], loading first only the indexes of `packs` (the packs
+    /// a snapshot's manifests name); the full index is loaded only if that is not enough.
+    pub(crate) fn read_blocks_in(
+        &self,
+        ids: &[BlockId],
+        packs: &[BlockId],
+    ) -> Result<Vec<Vec<u8>>> {
+        self.index_packs(packs)?;
+        let lookup = |ix: &BlockIndex| {
             ids.iter()
                 .map(|id| ix.get(id).ok_or(*id))
                 .collect::<Vec<_>>()
-        })?;
+        };
+        let partial = lock(&self.index).as_ref().map(lookup);
+        let located = match partial {
+            Some(l) if l.iter().all(|x| x.is_ok()) => l,
+            _ => self.with_index(|ix| lookup(ix))?,
+        };
         let mut by_pack: BTreeMap<BlockId, Vec<usize>> = BTreeMap::new();
         for (i, l) in located.iter().enumerate() {
             match l {
@@ -468,6 +560,25 @@ impl Repository {
             .collect::<Result<_>>()?;
         out.sort_unstable_by_key(|(i, _)| *i);
         Ok(out.into_iter().map(|(_, d)| d).collect())
+    }
+}
+
+/// A catalog as a store listing entry.
+pub(crate) fn volume_info(c: Catalog) -> VolumeInfo {
+    VolumeInfo {
+        size: c.snapshots.last().map_or(0, |s| s.size),
+        snapshots: c
+            .snapshots
+            .iter()
+            .map(|s| snapsync_core::SnapshotInfo {
+                name: s.name.clone(),
+                id: s.id,
+                created: s.created,
+                size: s.size,
+            })
+            .collect(),
+        name: c.volume,
+        origin: c.origin,
     }
 }
 

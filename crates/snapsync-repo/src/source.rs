@@ -20,11 +20,33 @@ impl Store for Repository {
     fn list(&self) -> Result<Vec<VolumeInfo>> {
         self.volume_infos()
     }
+
+    fn volume(&self, volume: &str) -> Result<VolumeInfo> {
+        // One catalog, found without listing the repository.
+        match self.catalog(volume)? {
+            Some(c) if !c.snapshots.is_empty() => Ok(crate::repo::volume_info(c)),
+            _ => Err(StoreError::not_found(format!(
+                "volume {volume:?} in {}",
+                self.location()
+            ))),
+        }
+    }
 }
 
 impl Repository {
     /// The block map of `volume@snapshot`.
     pub fn snapshot_map(&self, volume: &str, snapshot: &str) -> Result<(u64, BlockMap)> {
+        let (size, manifest) = self.snapshot_manifest(volume, snapshot)?;
+        let (_, map) = self.resolve(&manifest)?;
+        Ok((size, map))
+    }
+
+    /// Size and manifest id of `volume@snapshot`, from its catalog (no listing).
+    fn snapshot_manifest(
+        &self,
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<(u64, crate::format::ManifestId)> {
         snapsync_core::validate_name("volume", volume)?;
         snapsync_core::validate_name("snapshot", snapshot)?;
         let cat = self.catalog(volume)?;
@@ -37,8 +59,7 @@ impl Repository {
                     self.location()
                 ))
             })?;
-        let (_, map) = self.resolve(&s.manifest)?;
-        Ok((s.size, map))
+        Ok((s.size, s.manifest))
     }
 }
 
@@ -89,9 +110,11 @@ impl SnapshotSource for Repository {
     }
 
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>> {
-        let (size, map) = self.snapshot_map(volume, snapshot)?;
+        let (size, manifest) = self.snapshot_manifest(volume, snapshot)?;
+        let (_, map) = self.resolve(&manifest)?;
         Ok(Box::new(RepoReader {
             repo: self,
+            packs: self.chain_packs(&manifest)?,
             map,
             size,
             cached: None,
@@ -101,6 +124,8 @@ impl SnapshotSource for Repository {
 
 struct RepoReader<'a> {
     repo: &'a Repository,
+    /// Packs the snapshot's manifests name: their indexes suffice to read it.
+    packs: Vec<BlockId>,
     map: BlockMap,
     size: u64,
     /// The last block read, for readers that read in pieces smaller than a block.
@@ -122,7 +147,7 @@ impl SnapshotReader for RepoReader<'_> {
             .filter(|(i, _)| self.cached.as_ref().is_none_or(|(c, _)| c != i))
             .collect();
         let ids: Vec<BlockId> = wanted.iter().map(|(_, id)| *id).collect();
-        let data = self.repo.read_blocks(&ids)?;
+        let data = self.repo.read_blocks_in(&ids, &self.packs)?;
         let mut copy = |i: u64, block: &[u8]| {
             let bstart = i * bs;
             let from = offset.max(bstart);
