@@ -364,3 +364,28 @@ fn cascade_raw_to_local_to_s3_to_local_stays_incremental() {
     verify_clean(&cloud);
     verify_clean(&far);
 }
+
+#[test]
+fn prune_and_gc_on_s3_keep_chains_valid_and_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let mut data = random(41, 4 * MIB);
+    let mut versions = Vec::new();
+    for k in 0..4u64 {
+        let off = (k as usize) * 256 * 1024;
+        data[off..off + 2 * MIB].copy_from_slice(&random(50 + k, 2 * MIB));
+        write_image(&images, "vm", &format!("s{k}"), &data, T0 + k * 3600);
+        versions.push(data.clone());
+    }
+    let (_bucket, url) = s3_repo();
+    let src = format!("raw:{}", images.display());
+    assert_eq!(json_lines(&ok(&["replicate", &src, &url, "--json"])).len(), 4);
+    ok(&["prune", &url, "--keep-last", "2"]);
+    let names: Vec<String> = snapshot_ids(&url, "vm").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["s2", "s3"]);
+    let gc: serde_json::Value = serde_json::from_str(&ok(&["gc", &url, "--json"])).unwrap();
+    assert!(gc["bytes_freed"].as_u64().unwrap() > 0, "{gc}");
+    verify_clean(&url);
+    restore_equals(&url, "vm@s2", &versions[2], dir.path());
+    restore_equals(&url, "vm@s3", &versions[3], dir.path());
+}
