@@ -121,3 +121,71 @@ pub fn ok_env(args: &[&str], env: &[(String, String)]) -> String {
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
+
+/// Run qemu-img and require success; returns stdout.
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img (qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Write `data` into `img` (format `fmt`) at `offset` with qemu-io, through a pattern
+/// file; `data.len()` must be a multiple of 512.
+pub fn qemu_write(img: &Path, fmt: &str, offset: u64, data: &[u8]) {
+    let pat = img.with_extension("pattern");
+    std::fs::write(&pat, data).unwrap();
+    qemu_io(
+        img,
+        fmt,
+        &[format!(
+            "write -q -s {} {offset} {}",
+            pat.display(),
+            data.len()
+        )],
+    );
+    std::fs::remove_file(&pat).unwrap();
+}
+
+/// Run qemu-io commands (`-c` each) on `img` and require success.
+pub fn qemu_io(img: &Path, fmt: &str, cmds: &[String]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-t", "unsafe", "-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(img).output().expect("run qemu-io (qemu-utils)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("error") && !text.contains("failed"),
+        "qemu-io {cmds:?} on {}: {text}",
+        img.display()
+    );
+}
+
+/// What qemu-img shows of an image (or of internal snapshot `snapshot` of it) as raw
+/// bytes, cut or zero-extended to `size` (`convert -l` shows a snapshot at the image's
+/// current size).
+pub fn qemu_raw(img: &Path, snapshot: Option<&str>, size: u64) -> Vec<u8> {
+    let out = img.with_extension("qemu-raw");
+    let (i, o) = (img.to_str().unwrap(), out.to_str().unwrap());
+    let l = snapshot.map(|s| format!("snapshot.name={s}"));
+    let mut args = vec!["convert"];
+    if let Some(l) = &l {
+        args.extend(["-l", l.as_str()]);
+    }
+    args.extend(["-O", "raw", i, o]);
+    qemu_img(&args);
+    let mut v = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    v.resize(size as usize, 0);
+    v
+}

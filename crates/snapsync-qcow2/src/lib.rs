@@ -48,6 +48,10 @@
 //! [`Qcow2Writer`] produces them so that `qemu-img check` is clean.
 //!
 //! Images must not be modified while open (tables are cached).
+//!
+//! [`Qcow2Store`] presents images as a snapsync storage system (`qcow2:` URLs): see
+//! its module documentation for how volumes, snapshots, clones and identities are
+//! derived. [`restore_qcow2`] writes any source's snapshot as a new image.
 
 mod chain;
 mod error;

@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use common::*;
-use snapsync_qcow2::{ExtentKind, Qcow2Image, View};
+use snapsync_qcow2::{ExtentKind, Qcow2Image, Qcow2Store, View};
+use snapsync_store::{SnapshotRef, SnapshotSource};
 
 const CLUSTER: u64 = 65536;
 const SIZE: u64 = 64 << 30;
@@ -115,4 +116,36 @@ fn diff_64g_one_percent() {
     println!("cached diff took {:?}", t.elapsed());
     assert_eq!(again, ext);
     assert_eq!(opened.metadata_bytes_read(), before);
+
+    // The same diff through the store API, as the engine asks for it (estimate for the
+    // choice of base, then the diff itself), from a freshly opened store.
+    let store = Qcow2Store::open(&img).unwrap();
+    let after_open = store.metadata_bytes_read();
+    let t = Instant::now();
+    let estimate = store
+        .estimate_diff("big", "s2", SnapshotRef::new("big", "s1"))
+        .unwrap();
+    let d = store
+        .diff("big", "s2", Some(SnapshotRef::new("big", "s1")))
+        .unwrap();
+    let elapsed = t.elapsed();
+    let meta = store.metadata_bytes_read() - after_open;
+    println!(
+        "store: estimate + diff of 64 GiB image: {} changed bytes, {meta} metadata bytes read, {} data bytes read, {elapsed:?}",
+        d.changed().total_len(),
+        store.data_bytes_read()
+    );
+    assert_eq!(estimate, second.len() as u64 * CLUSTER);
+    assert_eq!(d.data.total_len(), second.len() as u64 * CLUSTER);
+    assert!(d.zero.is_empty());
+    assert_eq!(
+        store.data_bytes_read(),
+        0,
+        "the store's diff read guest data"
+    );
+    assert!(
+        meta <= 2 * 128 * 8 + 2 * l2_tables * CLUSTER,
+        "store read {meta} bytes"
+    );
+    assert!(elapsed.as_secs_f64() < 5.0, "store diff took {elapsed:?}");
 }

@@ -134,11 +134,14 @@ fn hash_image(path: &Path, size: u64) -> Result<Vec<BlockId>> {
     let mut out = Vec::with_capacity(size.div_ceil(HASH_BLOCK_SIZE) as usize);
     std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<u8>>>(2);
+        // Buffers go back to the reader: no fresh allocation (and page faults) per chunk.
+        let (give_back, recycled) = crossbeam_channel::bounded::<Vec<u8>>(4);
         s.spawn(move || {
             let mut off = 0u64;
             while off < size {
                 let n = (size - off).min(CHUNK as u64) as usize;
-                let mut buf = vec![0u8; n];
+                let mut buf = recycled.try_recv().unwrap_or_default();
+                buf.resize(n, 0);
                 let r = file
                     .read_exact_at(&mut buf, off)
                     .map_err(|e| StoreError::io(format!("read {} at {off}", path.display()), e));
@@ -156,6 +159,7 @@ fn hash_image(path: &Path, size: u64) -> Result<Vec<BlockId>> {
                     .par_chunks(HASH_BLOCK_SIZE as usize)
                     .map(cache::hash_block),
             );
+            let _ = give_back.try_send(chunk);
         }
         Ok(())
     })?;

@@ -211,7 +211,7 @@ pub fn set_snapshot_date(img: &Path, name: &str, secs: u32, nanos: u32) {
 /// grow it if needed, then rewrite only the clusters that differ, whole (zero clusters
 /// with `write -z`), so that metadata diffs see exactly those clusters.
 pub fn apply_clusters(img: &Path, prev: &[u8], next: &[u8], cluster: usize) {
-    assert!(next.len() >= prev.len() && next.len() % 512 == 0);
+    assert!(next.len() >= prev.len() && next.len().is_multiple_of(512));
     if next.len() > prev.len() {
         qemu_img(&["resize", "-q", &s(img), &next.len().to_string()]);
     }
