@@ -8,6 +8,7 @@
 mod commands;
 mod demo;
 mod progress;
+mod serve;
 mod stores;
 
 use std::process::ExitCode;
@@ -20,6 +21,14 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// PEM certificate(s) to trust for snapsync:// servers, instead of the system roots
+    /// (else SNAPSYNC_CA).
+    #[arg(long, global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// Bearer token file: the token for snapsync:// stores (else SNAPSYNC_TOKEN); for
+    /// `serve`, the tokens it accepts.
+    #[arg(long, global = true)]
+    token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +142,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve local stores to snapsync clients (snapsync://HOST:PORT/NAME).
+    Serve {
+        /// Address to listen on, ADDR:PORT (port 0: any free port, printed when ready).
+        #[arg(long)]
+        listen: String,
+        /// NAME=URL of a store to serve (repeatable).
+        #[arg(long = "store", required = true)]
+        stores: Vec<String>,
+        /// TLS certificate chain (PEM).
+        #[arg(long)]
+        tls_cert: Option<std::path::PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long)]
+        tls_key: Option<std::path::PathBuf>,
+        /// Serve without TLS (clients then use snapsync+http://).
+        #[arg(long)]
+        insecure_plaintext: bool,
+    },
     /// A self-contained walkthrough on generated sample data.
     Demo {
         /// Work directory (default: a temporary directory, removed afterwards).
@@ -153,6 +180,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    stores::set_remote_args(stores::RemoteArgs {
+        ca: cli.ca.clone(),
+        token_file: cli.token_file.clone(),
+    });
     let result = match cli.command {
         Command::Init { repo, block_size } => commands::init(&repo, block_size),
         Command::List { store, json } => commands::list(&store, json),
@@ -206,6 +237,20 @@ fn main() -> ExitCode {
             json,
         ),
         Command::Gc { repo, json } => commands::gc(&repo, json),
+        Command::Serve {
+            listen,
+            stores,
+            tls_cert,
+            tls_key,
+            insecure_plaintext,
+        } => serve::run(serve::ServeArgs {
+            listen,
+            stores,
+            token_file: cli.token_file,
+            tls_cert,
+            tls_key,
+            insecure_plaintext,
+        }),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     };
     match result {

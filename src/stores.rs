@@ -6,6 +6,8 @@
 //! | `file:///ABS/PATH`, or a plain path | a repository on local disk |
 //! | `qcow2:///ABS/PATH`, `qcow2:PATH` | a qcow2 image, or a directory of them (source only) |
 //! | `s3://BUCKET/PREFIX` | a repository in an S3 bucket (endpoint and credentials from `AWS_*`) |
+//! | `snapsync://HOST:PORT/NAME` | a store served by `snapsync serve` (TLS) |
+//! | `snapsync+http://HOST:PORT/NAME` | the same over plain text (`serve --insecure-plaintext`) |
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,51 @@ pub enum AnyStore {
     Qcow2(Box<Qcow2Store>),
     /// A repository.
     Repo(Box<Repository>),
+    /// `snapsync://`: a store served by `snapsync serve`.
+    Remote(Box<snapsync_remote::RemoteStore>),
+}
+
+/// How remote stores are reached: `--ca` and `--token-file`, set once by `main`.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteArgs {
+    /// PEM certificate(s) to trust for `snapsync://` servers (else `SNAPSYNC_CA`, else
+    /// the system roots).
+    pub ca: Option<PathBuf>,
+    /// File holding the bearer token (else `SNAPSYNC_TOKEN`).
+    pub token_file: Option<PathBuf>,
+}
+
+static REMOTE_ARGS: std::sync::OnceLock<RemoteArgs> = std::sync::OnceLock::new();
+
+/// Record `--ca` and `--token-file` for remote stores opened later.
+pub fn set_remote_args(args: RemoteArgs) {
+    let _ = REMOTE_ARGS.set(args);
+}
+
+fn remote_options() -> Result<snapsync_remote::ClientOptions> {
+    let args = REMOTE_ARGS.get().cloned().unwrap_or_default();
+    let token = match &args.token_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file {}", f.display()))?
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string(),
+        None => std::env::var("SNAPSYNC_TOKEN").unwrap_or_default(),
+    };
+    let ca = args
+        .ca
+        .or_else(|| std::env::var_os("SNAPSYNC_CA").map(PathBuf::from));
+    let ca_pem = match ca {
+        Some(p) => Some(
+            std::fs::read(&p)
+                .with_context(|| format!("cannot read the CA certificate {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(snapsync_remote::ClientOptions { token, ca_pem })
 }
 
 /// What a URL names, before opening.
@@ -34,6 +81,8 @@ pub enum StoreUrl {
     Qcow2(PathBuf),
     /// A repository.
     Repo(Location),
+    /// A store on a `snapsync serve` server.
+    Remote(String),
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -89,6 +138,10 @@ impl StoreUrl {
                 prefix: prefix.to_string(),
             }));
         }
+        if s.starts_with("snapsync://") || s.starts_with("snapsync+http://") {
+            snapsync_remote::RemoteUrl::parse(s)?;
+            return Ok(StoreUrl::Remote(s.to_string()));
+        }
         if let Some((scheme, _)) = s.split_once("://") {
             bail!("store URL {s:?}: unknown scheme {scheme:?} (known: raw:, file://, s3://, or a plain path)");
         }
@@ -104,6 +157,10 @@ impl StoreUrl {
             StoreUrl::Raw(p) => AnyStore::Raw(RawStore::open(p)?),
             StoreUrl::Qcow2(p) => AnyStore::Qcow2(Box::new(Qcow2Store::open(p)?)),
             StoreUrl::Repo(loc) => AnyStore::Repo(Box::new(Repository::open(loc.clone())?)),
+            StoreUrl::Remote(u) => AnyStore::Remote(Box::new(snapsync_remote::RemoteStore::open(
+                u,
+                remote_options()?,
+            )?)),
         })
     }
 }
@@ -120,6 +177,7 @@ impl AnyStore {
             AnyStore::Raw(r) => r,
             AnyStore::Qcow2(q) => q.as_ref(),
             AnyStore::Repo(r) => r.as_ref(),
+            AnyStore::Remote(r) => r.as_ref(),
         }
     }
 
@@ -127,6 +185,11 @@ impl AnyStore {
     pub fn sink(&self) -> Result<&dyn SnapshotSink> {
         match self {
             AnyStore::Repo(r) => Ok(r.as_ref()),
+            AnyStore::Remote(r) if r.is_sink() => Ok(r.as_ref()),
+            AnyStore::Remote(r) => bail!(
+                "{} is a source-only store on its server; replicate into a repository",
+                snapsync_store::Store::location(r.as_ref())
+            ),
             AnyStore::Raw(r) => bail!(
                 "{} is a raw image directory, which is a source only; replicate into a repository",
                 snapsync_store::Store::location(r)
@@ -142,6 +205,10 @@ impl AnyStore {
     pub fn repository(&self) -> Result<&Repository> {
         match self {
             AnyStore::Repo(r) => Ok(r),
+            AnyStore::Remote(r) => bail!(
+                "{} is a remote store; run this command on its server",
+                snapsync_store::Store::location(r.as_ref())
+            ),
             AnyStore::Raw(r) => bail!("{} is not a repository", snapsync_store::Store::location(r)),
             AnyStore::Qcow2(q) => bail!(
                 "{} is not a repository",
@@ -201,5 +268,12 @@ mod tests {
             StoreUrl::Qcow2("/v".into())
         );
         assert!(StoreUrl::parse("qcow2://").is_err());
+        assert_eq!(
+            StoreUrl::parse("snapsync://h:7000/repo").unwrap(),
+            StoreUrl::Remote("snapsync://h:7000/repo".into())
+        );
+        assert!(StoreUrl::parse("snapsync+http://h:7000/r").is_ok());
+        assert!(StoreUrl::parse("snapsync://h:7000").is_err());
+        assert!(StoreUrl::parse("snapsync://h/r").is_err());
     }
 }

@@ -1,0 +1,604 @@
+//! The `snapsync://HOST:PORT/NAME` store: a served store, over the protocol.
+//!
+//! The API is blocking, like every store's; requests run on a small Tokio runtime owned
+//! by the store. Reads of a large range are split and sent concurrently over the one
+//! HTTP/2 connection, so the server reads and compresses in parallel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use snapsync_core::{BlockId, Hint, VolumeInfo};
+use snapsync_store::{
+    CommitInfo, Diff, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotReader, SnapshotRef,
+    SnapshotSink, SnapshotSource, Store, StoreError,
+};
+use tracing::debug;
+
+use crate::proto::*;
+use crate::RemoteError;
+
+/// Reads are split into requests of this size, sent concurrently.
+const READ_CHUNK: u64 = 2 << 20;
+/// A `write` request carries at most about this many bytes of encoded blocks.
+const WRITE_BODY_TARGET: usize = 32 << 20;
+
+/// How to reach and authenticate to a server.
+#[derive(Clone, Default)]
+pub struct ClientOptions {
+    /// The bearer token.
+    pub token: String,
+    /// PEM certificates to trust instead of the system roots (a self-signed server
+    /// certificate, or the CA that signed it).
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("token", &"<redacted>")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|c| c.len()))
+            .finish()
+    }
+}
+
+/// A parsed remote store URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteUrl {
+    /// TLS (`snapsync://`) or plain text (`snapsync+http://`).
+    pub tls: bool,
+    /// `HOST:PORT`.
+    pub authority: String,
+    /// The store name on the server.
+    pub name: String,
+}
+
+impl RemoteUrl {
+    /// Parse `snapsync://HOST:PORT/NAME` or `snapsync+http://HOST:PORT/NAME`.
+    pub fn parse(s: &str) -> Result<Self, RemoteError> {
+        let bad = |why: &str| RemoteError::Url {
+            url: s.to_string(),
+            why: why.to_string(),
+        };
+        let (tls, rest) = if let Some(r) = s.strip_prefix("snapsync://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("snapsync+http://") {
+            (false, r)
+        } else {
+            return Err(bad("not a snapsync:// or snapsync+http:// URL"));
+        };
+        let (authority, name) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("it names no store (use snapsync://HOST:PORT/NAME)"))?;
+        if authority.is_empty() || !authority.contains(':') {
+            return Err(bad("it needs HOST:PORT"));
+        }
+        if name.is_empty() {
+            return Err(bad("it names no store (use snapsync://HOST:PORT/NAME)"));
+        }
+        snapsync_core::validate_name("store", name).map_err(|e| bad(&e.to_string()))?;
+        Ok(Self {
+            tls,
+            authority: authority.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The URL as given.
+    pub fn display(&self) -> String {
+        format!(
+            "{}://{}/{}",
+            if self.tls {
+                "snapsync"
+            } else {
+                "snapsync+http"
+            },
+            self.authority,
+            self.name
+        )
+    }
+
+    fn base(&self) -> String {
+        // The store name is percent-encoded whole, so that nothing in it (`/`, `..`)
+        // is interpreted on the way: the server decides what it accepts.
+        let name: String = self
+            .name
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        format!(
+            "{}://{}/v1/stores/{name}",
+            if self.tls { "https" } else { "http" },
+            self.authority
+        )
+    }
+}
+
+/// A store served by `snapsync serve`.
+pub struct RemoteStore {
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+    url: String,
+    base: String,
+    token: String,
+    info: InfoResponse,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStore")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+fn backend(context: String, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend {
+        context,
+        source: Box::new(e),
+    }
+}
+
+/// Flatten an error and its causes into one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl RemoteStore {
+    /// Connect: check the URL, the protocol version and the token, and fetch the store's
+    /// identity.
+    pub fn open(url: &str, options: ClientOptions) -> Result<Self> {
+        let u = RemoteUrl::parse(url).map_err(|e| StoreError::Malformed {
+            location: url.to_string(),
+            detail: e.to_string(),
+        })?;
+        let display = u.display();
+        if options.token.trim().is_empty() {
+            return Err(StoreError::Malformed {
+                location: display,
+                detail: "no token: set SNAPSYNC_TOKEN or pass --token-file".into(),
+            });
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http2_initial_stream_window_size(16 << 20)
+            .http2_initial_connection_window_size(64 << 20)
+            .http2_max_frame_size(1 << 20)
+            .use_rustls_tls();
+        if u.tls {
+            if let Some(pem) = &options.ca_pem {
+                let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                    StoreError::Malformed {
+                        location: display.clone(),
+                        detail: format!("the --ca certificates are not usable: {e}"),
+                    }
+                })?;
+                if certs.is_empty() {
+                    return Err(StoreError::Malformed {
+                        location: display,
+                        detail: "the --ca file holds no certificate".into(),
+                    });
+                }
+                // Trust only these: the server must present a certificate they sign.
+                builder = builder.tls_built_in_root_certs(false);
+                for c in certs {
+                    builder = builder.add_root_certificate(c);
+                }
+            }
+            builder = builder.https_only(true);
+        } else {
+            builder = builder.http2_prior_knowledge();
+        }
+        let client = builder
+            .build()
+            .map_err(|e| backend(format!("{display}: cannot set up the client"), e))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("snapsync-client")
+            .build()
+            .map_err(|e| StoreError::io(format!("{display}: cannot start a runtime"), e))?;
+        let mut s = Self {
+            runtime,
+            client,
+            url: display,
+            base: u.base(),
+            token: options.token.trim().to_string(),
+            info: InfoResponse {
+                system_id: String::new(),
+                location: String::new(),
+                block_size: None,
+                writable: false,
+            },
+        };
+        s.info = s.get_json("info")?;
+        debug!(url = %s.url, remote = %s.info.location, "connected");
+        Ok(s)
+    }
+
+    /// Whether the server holds a destination (a repository) under this name.
+    pub fn is_sink(&self) -> bool {
+        self.info.block_size.is_some()
+    }
+
+    /// Whether the token may write.
+    pub fn writable(&self) -> bool {
+        self.info.writable
+    }
+
+    async fn send(
+        client: &reqwest::Client,
+        url: &str,
+        what: &str,
+        req: reqwest::RequestBuilder,
+        token: &str,
+    ) -> Result<(reqwest::header::HeaderMap, Bytes)> {
+        let resp = req
+            .header(VERSION_HEADER, PROTOCOL_VERSION.to_string())
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| StoreError::Backend {
+                context: format!("{url}: {what}"),
+                source: chain(&e).into(),
+            })?;
+        let _ = client;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(|e| StoreError::Backend {
+            context: format!("{url}: {what}: reading the answer"),
+            source: chain(&e).into(),
+        })?;
+        if !status.is_success() {
+            let err: Option<ErrorBody> = serde_json::from_slice(&body).ok();
+            return Err(match err {
+                Some(e) => match (e.kind.as_str(), e.what) {
+                    ("not_found", Some(w)) => StoreError::NotFound {
+                        what: format!("{w} (at {url})"),
+                    },
+                    ("already_exists", Some(w)) => StoreError::AlreadyExists { what: w },
+                    ("conflict", Some(w)) => StoreError::Conflict { what: w },
+                    _ => StoreError::Backend {
+                        context: format!("{url}: {what}"),
+                        source: format!("refused by the server ({status}): {}", e.message)
+                            .into(),
+                    },
+                },
+                None => StoreError::Backend {
+                    context: format!("{url}: {what}"),
+                    source: format!(
+                        "the server answered {status} without a snapsync error; is it a snapsync server?"
+                    )
+                    .into(),
+                },
+            });
+        }
+        match headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(v) if v.trim() == PROTOCOL_VERSION.to_string() => {}
+            Some(v) => {
+                return Err(StoreError::Backend {
+                    context: format!("{url}: {what}"),
+                    source: format!("protocol version mismatch: the server speaks {v}, this client speaks {PROTOCOL_VERSION}").into(),
+                })
+            }
+            None => {
+                return Err(StoreError::Backend {
+                    context: format!("{url}: {what}"),
+                    source: format!("the answer has no {VERSION_HEADER} header; is it a snapsync server?").into(),
+                })
+            }
+        }
+        if body.len() > MAX_RESPONSE {
+            return Err(StoreError::Backend {
+                context: format!("{url}: {what}"),
+                source: "the answer is too large".into(),
+            });
+        }
+        Ok((headers, body))
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        op: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(reqwest::header::HeaderMap, Bytes)> {
+        let mut req = self.client.request(method, format!("{}/{op}", self.base));
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        self.runtime
+            .block_on(Self::send(&self.client, &self.url, op, req, &self.token))
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, op: &str, body: &[u8]) -> Result<T> {
+        serde_json::from_slice(body).map_err(|e| StoreError::Backend {
+            context: format!("{}: {op}: malformed answer", self.url),
+            source: Box::new(e),
+        })
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(&self, op: &str) -> Result<T> {
+        let (_, b) = self.request(reqwest::Method::GET, op, None)?;
+        self.decode(op, &b)
+    }
+
+    fn post_json<Q: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        op: &str,
+        q: &Q,
+    ) -> Result<T> {
+        let body = serde_json::to_vec(q).map_err(|e| backend(format!("{}: {op}", self.url), e))?;
+        let (_, b) = self.request(reqwest::Method::POST, op, Some(body))?;
+        self.decode(op, &b)
+    }
+}
+
+impl Store for RemoteStore {
+    fn location(&self) -> String {
+        self.url.clone()
+    }
+
+    fn system_id(&self) -> Result<String> {
+        Ok(self.info.system_id.clone())
+    }
+
+    fn list(&self) -> Result<Vec<VolumeInfo>> {
+        self.get_json("list")
+    }
+}
+
+fn wire_ref(r: SnapshotRef<'_>) -> WireSnapshotRef {
+    WireSnapshotRef {
+        volume: r.volume.to_string(),
+        snapshot: r.snapshot.to_string(),
+    }
+}
+
+impl SnapshotSource for RemoteStore {
+    fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
+        let d: DiffResponse = self.post_json(
+            "diff",
+            &DiffRequest {
+                volume: volume.into(),
+                target: target.into(),
+                base: base.map(wire_ref),
+            },
+        )?;
+        Ok(Diff {
+            data: d.data,
+            zero: d.zero,
+        })
+    }
+
+    fn estimate_diff(&self, volume: &str, target: &str, base: SnapshotRef<'_>) -> Option<u64> {
+        self.post_json::<_, EstimateResponse>(
+            "estimate_diff",
+            &DiffRequest {
+                volume: volume.into(),
+                target: target.into(),
+                base: Some(wire_ref(base)),
+            },
+        )
+        .ok()
+        .and_then(|r| r.estimate)
+    }
+
+    fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>> {
+        snapsync_core::validate_name("volume", volume)?;
+        snapsync_core::validate_name("snapshot", snapshot)?;
+        // An empty read: the server opens the snapshot, so a missing one fails here.
+        let q = ReadRequest {
+            volume: volume.to_string(),
+            snapshot: snapshot.to_string(),
+            offset: 0,
+            len: 0,
+        };
+        let body = serde_json::to_vec(&q).map_err(|e| backend(format!("{}: read", self.url), e))?;
+        self.request(reqwest::Method::POST, "read", Some(body))?;
+        Ok(Box::new(RemoteReader {
+            store: self,
+            volume: volume.to_string(),
+            snapshot: snapshot.to_string(),
+        }))
+    }
+}
+
+struct RemoteReader<'a> {
+    store: &'a RemoteStore,
+    volume: String,
+    snapshot: String,
+}
+
+impl SnapshotReader for RemoteReader<'_> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let s = self.store;
+        let chunks: Vec<(u64, &mut [u8])> = buf
+            .chunks_mut(READ_CHUNK as usize)
+            .enumerate()
+            .map(|(i, c)| (offset + i as u64 * READ_CHUNK, c))
+            .collect();
+        let futures = chunks.into_iter().map(|(off, chunk)| {
+            let q = ReadRequest {
+                volume: self.volume.clone(),
+                snapshot: self.snapshot.clone(),
+                offset: off,
+                len: chunk.len() as u64,
+            };
+            let body = serde_json::to_vec(&q).expect("serialisable");
+            let req = s.client.post(format!("{}/read", s.base)).body(body);
+            async move {
+                let (h, b) = RemoteStore::send(&s.client, &s.url, "read", req, &s.token).await?;
+                let bad = |detail: String| StoreError::Backend {
+                    context: format!("{}: read {}@{} at {off}", s.url, q.volume, q.snapshot),
+                    source: detail.into(),
+                };
+                match h.get(ENCODING_HEADER).and_then(|v| v.to_str().ok()) {
+                    Some("zstd") => {
+                        let n = zstd::bulk::decompress_to_buffer(&b, chunk)
+                            .map_err(|e| bad(format!("cannot decompress: {e}")))?;
+                        if n != chunk.len() {
+                            return Err(bad(format!("{n} bytes instead of {}", chunk.len())));
+                        }
+                    }
+                    Some("identity") if b.len() == chunk.len() => chunk.copy_from_slice(&b),
+                    e => return Err(bad(format!("unexpected answer ({e:?}, {} bytes)", b.len()))),
+                }
+                Ok::<(), StoreError>(())
+            }
+        });
+        s.runtime
+            .block_on(futures::future::try_join_all(futures))
+            .map(|_| ())
+    }
+}
+
+impl SnapshotSink for RemoteStore {
+    fn block_size(&self) -> u64 {
+        self.info.block_size.unwrap_or(0)
+    }
+
+    fn hints(&self, source_system: &str, source_volume: &str) -> Result<Vec<Hint>> {
+        self.post_json(
+            "hints",
+            &HintsRequest {
+                source_system: source_system.into(),
+                source_volume: source_volume.into(),
+            },
+        )
+    }
+
+    fn begin_receive(&self, r: ReceiveRequest) -> Result<Box<dyn Receiver + '_>> {
+        let b: BeginResponse = self.post_json(
+            "receive",
+            &BeginRequest {
+                volume: r.volume,
+                snapshot: r.snapshot,
+                base: r.base.map(|b| WireSnapshotRef {
+                    volume: b.volume,
+                    snapshot: b.snapshot,
+                }),
+                source_system: r.source_system,
+                source_volume: r.source_volume,
+                source_snapshot: r.source_snapshot,
+                origin: r.origin,
+            },
+        )?;
+        if b.session.is_empty() || !b.session.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(StoreError::Backend {
+                context: format!("{}: receive", self.url),
+                source: "the server sent a malformed session id".into(),
+            });
+        }
+        Ok(Box::new(RemoteReceiver {
+            store: self,
+            session: b.session,
+            finished: false,
+        }))
+    }
+}
+
+struct RemoteReceiver<'a> {
+    store: &'a RemoteStore,
+    session: String,
+    finished: bool,
+}
+
+impl RemoteReceiver<'_> {
+    fn op(&self, cmd: &str) -> String {
+        format!("receive/{}/{cmd}", self.session)
+    }
+}
+
+impl Receiver for RemoteReceiver<'_> {
+    fn missing(&mut self, ids: &[BlockId]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for part in ids.chunks(MAX_BATCH_BLOCKS) {
+            let (_, b) = self.store.request(
+                reqwest::Method::POST,
+                &self.op("missing"),
+                Some(encode_ids(part)),
+            )?;
+            out.extend(
+                decode_bitmap(&b, part.len()).map_err(|e| StoreError::Backend {
+                    context: format!("{}: missing", self.store.url),
+                    source: Box::new(e),
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64> {
+        let mut stored = 0;
+        let mut rest = blocks.as_slice();
+        while !rest.is_empty() {
+            // Bounded requests: a batch of many zero blocks, or of large blocks, is split.
+            let mut n = 0;
+            let mut size = 0usize;
+            while n < rest.len() && n < MAX_BATCH_BLOCKS && size < WRITE_BODY_TARGET {
+                size += 41
+                    + match &rest[n].content {
+                        snapsync_store::BlockContent::Data { data, .. } => data.len() + 4,
+                        _ => 0,
+                    };
+                n += 1;
+            }
+            let (part, tail) = rest.split_at(n);
+            rest = tail;
+            let body = encode_blocks(part);
+            let r: WriteResponse = {
+                let (_, b) =
+                    self.store
+                        .request(reqwest::Method::POST, &self.op("write"), Some(body))?;
+                self.store.decode("write", &b)?
+            };
+            stored += r.stored_bytes;
+        }
+        Ok(stored)
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<CommitInfo> {
+        self.finished = true;
+        let (_, b) =
+            self.store
+                .request(reqwest::Method::POST, &self.op("commit"), Some(Vec::new()))?;
+        let c: CommitResponse = self.store.decode("commit", &b)?;
+        Ok(CommitInfo {
+            inserted_before: c.inserted_before,
+            redundant_entries_removed: c.redundant_entries_removed,
+        })
+    }
+}
+
+impl Drop for RemoteReceiver<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Best effort: the server abandons the session itself otherwise.
+            let _ = self
+                .store
+                .request(reqwest::Method::POST, &self.op("abort"), Some(Vec::new()));
+        }
+    }
+}
+
+/// Shared so the binary can keep one per URL.
+pub type SharedRemote = Arc<RemoteStore>;

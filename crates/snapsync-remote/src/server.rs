@@ -1,0 +1,797 @@
+//! `snapsync serve`: local stores over HTTP/2 (TLS by default), behind bearer tokens.
+//!
+//! Store operations are synchronous; each request runs its store call on Tokio's
+//! blocking pool. A receive session borrows its store for its whole life, so it runs on
+//! a thread of its own that owns a handle to the store and takes commands over a
+//! channel; the session id names that thread. A session left behind by a dropped
+//! connection is abandoned when the same snapshot is begun again, or after
+//! [`SESSION_IDLE`]; blocks it already stored stay, so the rerun does not send them again.
+
+// Handlers return a ready `Response` as their error: one per request, never hot.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use snapsync_core::{validate_name, BlockId};
+use snapsync_store::{
+    BaseRef, CommitInfo, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink, SnapshotSource,
+    StoreError,
+};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::proto::*;
+use crate::tokens::{Access, Authorized, Tokens};
+use crate::RemoteError;
+
+/// A receive session untouched this long is abandoned.
+pub const SESSION_IDLE: Duration = Duration::from_secs(15 * 60);
+
+/// A store the server exposes: always a source, a destination when it can be one.
+pub trait ServedStore: Send + Sync + 'static {
+    /// As a source.
+    fn source(&self) -> &dyn SnapshotSource;
+    /// As a destination, if it can be one.
+    fn sink(&self) -> Option<&dyn SnapshotSink>;
+}
+
+/// TLS certificate chain and key, PEM files.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+/// What to serve, and how.
+pub struct ServerConfig {
+    /// Stores by name.
+    pub stores: Vec<(String, Arc<dyn ServedStore>)>,
+    /// Accepted tokens.
+    pub tokens: Tokens,
+    /// TLS, or `None` for plain text (`--insecure-plaintext`).
+    pub tls: Option<TlsFiles>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field(
+                "stores",
+                &self.stores.iter().map(|s| &s.0).collect::<Vec<_>>(),
+            )
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// A server bound to its address, not yet serving.
+pub struct Server {
+    runtime: tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.listener.local_addr().ok())
+            .finish()
+    }
+}
+
+struct State {
+    stores: HashMap<String, Arc<dyn ServedStore>>,
+    tokens: Tokens,
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+}
+
+fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, RemoteError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cfg = |what: String| RemoteError::Config { what };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| {
+            cfg(format!(
+                "cannot read the TLS certificate {}: {e}",
+                files.cert.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(cfg(format!(
+            "the TLS certificate file {} holds no certificate",
+            files.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        cfg(format!(
+            "cannot read the TLS key {}: {e}",
+            files.key.display()
+        ))
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| cfg(format!("TLS setup: {e}")))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| {
+        cfg(format!(
+            "TLS certificate {} and key {} do not work together: {e}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+impl Server {
+    /// Check the configuration and bind `addr`.
+    pub fn bind(config: ServerConfig, addr: &str) -> Result<Self, RemoteError> {
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let mut stores = HashMap::new();
+        for (name, store) in config.stores {
+            validate_name("store", &name).map_err(|e| RemoteError::Config {
+                what: e.to_string(),
+            })?;
+            if stores.insert(name.clone(), store).is_some() {
+                return Err(RemoteError::Config {
+                    what: format!("store name {name:?} is given twice"),
+                });
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("snapsync-serve")
+            .build()
+            .map_err(|e| RemoteError::Config {
+                what: format!("cannot start the server runtime: {e}"),
+            })?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| RemoteError::Config {
+                what: format!("cannot listen on {addr}: {e}"),
+            })?;
+        Ok(Self {
+            runtime,
+            listener,
+            tls,
+            state: Arc::new(State {
+                stores,
+                tokens: config.tokens,
+                sessions: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, RemoteError> {
+        self.listener.local_addr().map_err(|e| RemoteError::Config {
+            what: format!("cannot read the listening address: {e}"),
+        })
+    }
+
+    /// Serve until the process ends.
+    pub fn run(self) -> Result<(), RemoteError> {
+        let Server {
+            runtime,
+            listener,
+            tls,
+            state,
+        } = self;
+        runtime.block_on(async move {
+            let reaper_state = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(30));
+                loop {
+                    tick.tick().await;
+                    reaper_state.reap_idle();
+                }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http2()
+                .initial_stream_window_size(16 << 20)
+                .initial_connection_window_size(64 << 20)
+                .max_frame_size(1 << 20)
+                .max_send_buf_size(16 << 20);
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let tls = tls.clone();
+                let builder = builder.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(state.handle(req).await) }
+                    });
+                    let result = match tls {
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                            Err(e) => {
+                                debug!(%peer, "TLS handshake failed: {e}");
+                                return;
+                            }
+                        },
+                        None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                    };
+                    if let Err(e) = result {
+                        debug!(%peer, "connection ended: {e}");
+                    }
+                });
+            }
+        })
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, body: Bytes, content_type: &str) -> Resp {
+    Response::builder()
+        .status(status)
+        .header(VERSION_HEADER, PROTOCOL_VERSION.to_string())
+        .header("content-type", content_type)
+        .body(Full::new(body))
+        .expect("valid response")
+}
+
+fn json_ok<T: Serialize>(v: &T) -> Resp {
+    match serde_json::to_vec(v) {
+        Ok(b) => respond(StatusCode::OK, b.into(), "application/json"),
+        Err(e) => error(500, "internal", format!("cannot encode the answer: {e}")),
+    }
+}
+
+fn error(status: u16, kind: &str, message: String) -> Resp {
+    error_body(
+        status,
+        ErrorBody {
+            kind: kind.into(),
+            message,
+            what: None,
+        },
+    )
+}
+
+fn error_body(status: u16, body: ErrorBody) -> Resp {
+    respond(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        serde_json::to_vec(&body).unwrap_or_default().into(),
+        "application/json",
+    )
+}
+
+fn store_error(e: StoreError) -> Resp {
+    let (status, body) = ErrorBody::from_store(&e);
+    error_body(status, body)
+}
+
+/// Decode a percent-encoded path segment.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn check_names(pairs: &[(&'static str, &str)]) -> Result<(), Resp> {
+    for (kind, name) in pairs {
+        validate_name(kind, name).map_err(|e| error(400, "bad_request", e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Run a store call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Resp> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(store_error(e)),
+        Err(e) => Err(error(500, "internal", format!("store call failed: {e}"))),
+    }
+}
+
+async fn body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(error(
+                    413,
+                    "bad_request",
+                    format!("request body larger than {limit} bytes"),
+                ))
+            } else {
+                Err(error(
+                    400,
+                    "bad_request",
+                    format!("cannot read the request body: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Resp> {
+    let b = body(req, MAX_JSON_BODY).await?;
+    serde_json::from_slice(&b)
+        .map_err(|e| error(400, "bad_request", format!("malformed request: {e}")))
+}
+
+impl State {
+    fn reap_idle(&self) {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.retain(|id, h| {
+            let keep = h.last_used.elapsed() < SESSION_IDLE;
+            if !keep {
+                info!(session = %id, "abandoning idle receive session");
+            }
+            keep
+        });
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Resp {
+        match self.handle_inner(req).await {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    async fn handle_inner(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Resp> {
+        // 1. Protocol version.
+        match req.headers().get(VERSION_HEADER).map(|v| v.to_str()) {
+            Some(Ok(v)) if v.trim() == PROTOCOL_VERSION.to_string() => {}
+            Some(v) => {
+                return Err(error(
+                    400,
+                    "version",
+                    format!(
+                        "protocol version mismatch: the client speaks {}, this server speaks {PROTOCOL_VERSION}",
+                        v.unwrap_or("?")
+                    ),
+                ))
+            }
+            None => {
+                return Err(error(
+                    400,
+                    "version",
+                    format!("the request has no {VERSION_HEADER} header; this is a snapsync server speaking protocol {PROTOCOL_VERSION}"),
+                ))
+            }
+        }
+        // 2. Token.
+        let token = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| error(401, "unauthorized", "no bearer token given".into()))?;
+        let auth: Authorized = self
+            .tokens
+            .check(token.trim())
+            .ok_or_else(|| error(401, "unauthorized", "the token is not accepted".into()))?;
+        // 3. Store.
+        let path = req.uri().path().to_string();
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let ("v1", "stores", Some(raw_name)) = (
+            segs.first().copied().unwrap_or(""),
+            segs.get(1).copied().unwrap_or(""),
+            segs.get(2),
+        ) else {
+            return Err(error(404, "not_found", format!("no such endpoint {path}")));
+        };
+        let name = percent_decode(raw_name)
+            .ok_or_else(|| error(400, "bad_request", "malformed store name".into()))?;
+        validate_name("store", &name).map_err(|e| error(400, "bad_request", e.to_string()))?;
+        let access = auth.access(&name).ok_or_else(|| {
+            error(
+                403,
+                "forbidden",
+                format!("the token may not access store {name:?}"),
+            )
+        })?;
+        let store = self.stores.get(&name).cloned().ok_or_else(|| {
+            error(
+                404,
+                "not_found",
+                format!("store {name:?} is not served here"),
+            )
+        })?;
+        let op: Vec<&str> = segs[3..].to_vec();
+        let need_write = op.first() == Some(&"receive");
+        if need_write && access < Access::Write {
+            return Err(error(
+                403,
+                "forbidden",
+                format!("the token may only read store {name:?}"),
+            ));
+        }
+        let method = req.method().clone();
+        match (method, op.as_slice()) {
+            (Method::GET, ["info"]) => {
+                let s = store.clone();
+                let (system_id, location) =
+                    blocking(move || Ok((s.source().system_id()?, s.source().location()))).await?;
+                Ok(json_ok(&InfoResponse {
+                    system_id,
+                    location,
+                    block_size: store.sink().map(|s| s.block_size()),
+                    writable: access == Access::Write,
+                }))
+            }
+            (Method::GET, ["list"]) => {
+                let v = blocking(move || store.source().list()).await?;
+                Ok(json_ok(&v))
+            }
+            (Method::POST, ["diff"]) => {
+                let r: DiffRequest = json_body(req).await?;
+                diff_names(&r)?;
+                let d = blocking(move || {
+                    store.source().diff(
+                        &r.volume,
+                        &r.target,
+                        r.base
+                            .as_ref()
+                            .map(|b| SnapshotRef::new(&b.volume, &b.snapshot)),
+                    )
+                })
+                .await?;
+                Ok(json_ok(&DiffResponse {
+                    data: d.data,
+                    zero: d.zero,
+                }))
+            }
+            (Method::POST, ["estimate_diff"]) => {
+                let r: DiffRequest = json_body(req).await?;
+                diff_names(&r)?;
+                let estimate = blocking(move || {
+                    Ok(match &r.base {
+                        Some(b) => store.source().estimate_diff(
+                            &r.volume,
+                            &r.target,
+                            SnapshotRef::new(&b.volume, &b.snapshot),
+                        ),
+                        None => None,
+                    })
+                })
+                .await?;
+                Ok(json_ok(&EstimateResponse { estimate }))
+            }
+            (Method::POST, ["hints"]) => {
+                let r: HintsRequest = json_body(req).await?;
+                check_names(&[("volume", &r.source_volume)])?;
+                sink_of(&store, &name)?;
+                let h = blocking(move || {
+                    store
+                        .sink()
+                        .expect("checked")
+                        .hints(&r.source_system, &r.source_volume)
+                })
+                .await?;
+                Ok(json_ok(&h))
+            }
+            (Method::POST, ["read"]) => {
+                let r: ReadRequest = json_body(req).await?;
+                check_names(&[("volume", &r.volume), ("snapshot", &r.snapshot)])?;
+                if r.len > MAX_READ_LEN {
+                    return Err(error(
+                        400,
+                        "bad_request",
+                        format!("a read may ask for at most {MAX_READ_LEN} bytes"),
+                    ));
+                }
+                let (data, encoding) = blocking(move || {
+                    let mut buf = vec![0u8; r.len as usize];
+                    let mut reader = store.source().open_snapshot(&r.volume, &r.snapshot)?;
+                    reader.read_at(r.offset, &mut buf)?;
+                    Ok(match maybe_compress(&buf) {
+                        Some(c) => (c, "zstd"),
+                        None => (buf, "identity"),
+                    })
+                })
+                .await?;
+                let mut resp = respond(StatusCode::OK, data.into(), "application/octet-stream");
+                resp.headers_mut().insert(
+                    ENCODING_HEADER,
+                    hyper::header::HeaderValue::from_static(encoding),
+                );
+                Ok(resp)
+            }
+            (Method::POST, ["receive"]) => {
+                let r: BeginRequest = json_body(req).await?;
+                check_names(&[
+                    ("volume", &r.volume),
+                    ("snapshot", &r.snapshot.name),
+                    ("volume", &r.source_volume),
+                    ("snapshot", &r.source_snapshot),
+                ])?;
+                if let Some(b) = &r.base {
+                    check_names(&[("volume", &b.volume), ("snapshot", &b.snapshot)])?;
+                }
+                sink_of(&store, &name)?;
+                self.begin(name, store, r).await
+            }
+            (Method::POST, ["receive", sid, cmd]) => {
+                let sid = sid.to_string();
+                let cmd = cmd.to_string();
+                let (tx, block_size) = {
+                    let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                    let h = s.get_mut(&sid).filter(|h| h.store == name).ok_or_else(|| {
+                        error(
+                            404,
+                            "not_found",
+                            format!("receive session {sid} not found on store {name:?} (the server may have restarted; rerun the replication)"),
+                        )
+                    })?;
+                    h.last_used = Instant::now();
+                    (h.tx.clone(), h.block_size)
+                };
+                let limit = if cmd == "write" {
+                    MAX_BODY
+                } else {
+                    MAX_JSON_BODY * 4
+                };
+                let b = body(req, limit).await?;
+                let (rtx, rrx) = oneshot::channel();
+                let command = match cmd.as_str() {
+                    "missing" => {
+                        let ids =
+                            decode_ids(&b).map_err(|e| error(400, "bad_request", e.to_string()))?;
+                        Command::Missing(ids, rtx)
+                    }
+                    "write" => {
+                        let blocks =
+                            tokio::task::spawn_blocking(move || decode_blocks(&b, block_size))
+                                .await
+                                .map_err(|e| error(500, "internal", e.to_string()))?
+                                .map_err(|e| error(400, "bad_request", e.to_string()))?;
+                        Command::Write(blocks, rtx)
+                    }
+                    "commit" => Command::Commit(rtx),
+                    "abort" => {
+                        self.sessions
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&sid);
+                        return Ok(json_ok(&serde_json::json!({})));
+                    }
+                    _ => return Err(error(404, "not_found", format!("no such endpoint {path}"))),
+                };
+                if tx.send(command).is_err() {
+                    return Err(error(
+                        410,
+                        "not_found",
+                        format!("receive session {sid} has ended"),
+                    ));
+                }
+                let reply = rrx
+                    .await
+                    .map_err(|_| error(500, "internal", format!("receive session {sid} failed")))?;
+                if cmd == "commit" || reply.is_err() {
+                    // A failed receive cannot continue: drop it.
+                    self.sessions
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&sid);
+                }
+                match reply.map_err(store_error)? {
+                    Reply::Missing(bits) => Ok(respond(
+                        StatusCode::OK,
+                        encode_bitmap(&bits).into(),
+                        "application/octet-stream",
+                    )),
+                    Reply::Written(n) => Ok(json_ok(&WriteResponse { stored_bytes: n })),
+                    Reply::Committed(c) => Ok(json_ok(&CommitResponse {
+                        inserted_before: c.inserted_before,
+                        redundant_entries_removed: c.redundant_entries_removed,
+                    })),
+                }
+            }
+            _ => Err(error(404, "not_found", format!("no such endpoint {path}"))),
+        }
+    }
+
+    async fn begin(
+        self: Arc<Self>,
+        name: String,
+        store: Arc<dyn ServedStore>,
+        r: BeginRequest,
+    ) -> Result<Resp, Resp> {
+        // A session left by a dropped connection for the same snapshot is abandoned
+        // (its stored packs stay, for this rerun to reuse).
+        let key = (name.clone(), r.volume.clone(), r.snapshot.name.clone());
+        let old: Vec<SessionHandle> = {
+            let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> = s
+                .iter()
+                .filter(|(_, h)| h.key == key)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| s.remove(id)).collect()
+        };
+        for h in old {
+            info!(store = %name, volume = %r.volume, snapshot = %r.snapshot.name, "abandoning an earlier receive session of the same snapshot");
+            h.close().await;
+        }
+        let block_size = store.sink().map(|s| s.block_size()).unwrap_or(0);
+        let session = new_session_id();
+        let (tx, rx) = std::sync::mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), StoreError>>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let request = ReceiveRequest {
+            volume: r.volume,
+            snapshot: r.snapshot,
+            base: r.base.map(|b| BaseRef {
+                volume: b.volume,
+                snapshot: b.snapshot,
+            }),
+            source_system: r.source_system,
+            source_volume: r.source_volume,
+            source_snapshot: r.source_snapshot,
+            origin: r.origin,
+        };
+        let sid = session.clone();
+        std::thread::Builder::new()
+            .name(format!("receive-{}", &sid[..8]))
+            .spawn(move || {
+                session_thread(store, request, rx, ready_tx);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| error(500, "internal", format!("cannot start a session: {e}")))?;
+        match ready_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(store_error(e)),
+            Err(_) => return Err(error(500, "internal", "the receive session failed".into())),
+        }
+        info!(store = %name, session = %session, "receive session begun");
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                session.clone(),
+                SessionHandle {
+                    store: name,
+                    key,
+                    block_size,
+                    tx,
+                    done: Some(done_rx),
+                    last_used: Instant::now(),
+                },
+            );
+        Ok(json_ok(&BeginResponse { session }))
+    }
+}
+
+fn diff_names(r: &DiffRequest) -> Result<(), Resp> {
+    check_names(&[("volume", &r.volume), ("snapshot", &r.target)])?;
+    if let Some(b) = &r.base {
+        check_names(&[("volume", &b.volume), ("snapshot", &b.snapshot)])?;
+    }
+    Ok(())
+}
+
+fn sink_of<'a>(store: &'a Arc<dyn ServedStore>, name: &str) -> Result<&'a dyn SnapshotSink, Resp> {
+    store.sink().ok_or_else(|| {
+        error(
+            400,
+            "unsupported",
+            format!("store {name:?} is a source only; it cannot receive snapshots"),
+        )
+    })
+}
+
+fn new_session_id() -> String {
+    let b: [u8; 16] = rand::random();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+enum Command {
+    Missing(Vec<BlockId>, oneshot::Sender<Result<Reply, StoreError>>),
+    Write(
+        Vec<IncomingBlock>,
+        oneshot::Sender<Result<Reply, StoreError>>,
+    ),
+    Commit(oneshot::Sender<Result<Reply, StoreError>>),
+}
+
+enum Reply {
+    Missing(Vec<bool>),
+    Written(u64),
+    Committed(CommitInfo),
+}
+
+struct SessionHandle {
+    store: String,
+    key: (String, String, String),
+    block_size: u64,
+    tx: std::sync::mpsc::Sender<Command>,
+    done: Option<oneshot::Receiver<()>>,
+    last_used: Instant,
+}
+
+impl SessionHandle {
+    /// Drop the session and wait until its receiver is gone.
+    async fn close(mut self) {
+        let done = self.done.take();
+        drop(self);
+        if let Some(d) = done {
+            let _ = d.await;
+        }
+    }
+}
+
+fn session_thread(
+    store: Arc<dyn ServedStore>,
+    request: ReceiveRequest,
+    rx: std::sync::mpsc::Receiver<Command>,
+    ready: oneshot::Sender<Result<(), StoreError>>,
+) {
+    let Some(sink) = store.sink() else {
+        let _ = ready.send(Err(StoreError::Unsupported {
+            what: "receiving into a source-only store".into(),
+        }));
+        return;
+    };
+    let mut receiver = match sink.begin_receive(request) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    if ready.send(Ok(())).is_err() {
+        return;
+    }
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            Command::Missing(ids, reply) => {
+                let _ = reply.send(receiver.missing(&ids).map(Reply::Missing));
+            }
+            Command::Write(blocks, reply) => {
+                let _ = reply.send(receiver.write(blocks).map(Reply::Written));
+            }
+            Command::Commit(reply) => {
+                let _ = reply.send(receiver.commit().map(Reply::Committed));
+                return;
+            }
+        }
+    }
+    debug!("receive session abandoned");
+}

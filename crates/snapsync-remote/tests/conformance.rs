@@ -1,0 +1,70 @@
+//! The store conformance suite, run against in-memory stores served over the protocol
+//! on 127.0.0.1: a `RemoteStore` must behave exactly like the store it fronts.
+
+use std::sync::Arc;
+
+use snapsync_remote::{ClientOptions, RemoteStore, ServedStore, Server, ServerConfig, Tokens};
+use snapsync_store::conformance;
+use snapsync_store::memory::MemoryStore;
+use snapsync_store::{SnapshotSink, SnapshotSource};
+
+struct Mem(MemoryStore);
+
+impl ServedStore for Mem {
+    fn source(&self) -> &dyn SnapshotSource {
+        &self.0
+    }
+    fn sink(&self) -> Option<&dyn SnapshotSink> {
+        Some(&self.0)
+    }
+}
+
+const TOKEN: &str = "conformance-token-0123456789";
+
+fn serve(stores: Vec<(String, MemoryStore)>) -> u16 {
+    let server = Server::bind(
+        ServerConfig {
+            stores: stores
+                .into_iter()
+                .map(|(n, s)| (n, Arc::new(Mem(s)) as Arc<dyn ServedStore>))
+                .collect(),
+            tokens: Tokens::parse(TOKEN).unwrap(),
+            tls: None,
+        },
+        "127.0.0.1:0",
+    )
+    .unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || server.run());
+    port
+}
+
+fn client(port: u16, name: &str) -> RemoteStore {
+    RemoteStore::open(
+        &format!("snapsync+http://127.0.0.1:{port}/{name}"),
+        ClientOptions {
+            token: TOKEN.into(),
+            ca_pem: None,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_served_memory_store_passes_the_sink_suite() {
+    let port = serve(vec![("sink".into(), MemoryStore::new("mem-sink", 4096))]);
+    conformance::check_sink(&client(port, "sink"));
+}
+
+#[test]
+fn a_served_memory_store_passes_the_source_suite() {
+    let fixture = conformance::standard_fixture();
+    let store = MemoryStore::new("mem-source", 4096);
+    for v in &fixture.volumes {
+        for s in &v.snapshots {
+            store.add_snapshot(&v.name, &s.name, s.created, s.content.clone());
+        }
+    }
+    let port = serve(vec![("src".into(), store)]);
+    conformance::check_source(&client(port, "src"), &fixture, 4096);
+}

@@ -1,0 +1,491 @@
+//! End-to-end tests of `snapsync serve` and `snapsync://` stores: real processes on
+//! 127.0.0.1, plain text and TLS, push, pull, remote to remote, refusals, and a server
+//! killed mid-transfer then a rerun that resumes.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T0: u64 = 1_700_000_000;
+const TOKEN: &str = "test-token-rw-0123456789";
+const RO_TOKEN: &str = "test-token-ro-0123456789";
+
+/// A running `snapsync serve`; killed when dropped.
+struct ServerProc {
+    child: Child,
+    port: u16,
+    args: Vec<String>,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn token_file(dir: &Path) -> PathBuf {
+    let p = dir.join("tokens");
+    std::fs::write(
+        &p,
+        format!("# test tokens\n{TOKEN}\n{RO_TOKEN} repo ro\n{RO_TOKEN} img ro\n"),
+    )
+    .unwrap();
+    p
+}
+
+/// Start a server on `port` (0: any) and wait until it says it listens.
+fn start_server(args: &[String], port: u16) -> ServerProc {
+    let mut a = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    a.extend_from_slice(args);
+    let mut child = bin()
+        .args(&a)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("serving"), "server did not start: {line:?}");
+    let port = line
+        .trim()
+        .rsplit_once(" on ")
+        .and_then(|(_, r)| r.split(' ').next())
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    ServerProc {
+        child,
+        port,
+        args: args.to_vec(),
+    }
+}
+
+fn plaintext_server(dir: &Path, stores: &[(&str, String)]) -> ServerProc {
+    let mut args: Vec<String> = vec![
+        "--token-file".into(),
+        token_file(dir).to_str().unwrap().into(),
+        "--insecure-plaintext".into(),
+    ];
+    for (n, u) in stores {
+        args.push("--store".into());
+        args.push(format!("{n}={u}"));
+    }
+    start_server(&args, 0)
+}
+
+fn env(token: &str) -> Vec<(String, String)> {
+    vec![("SNAPSYNC_TOKEN".to_string(), token.to_string())]
+}
+
+fn url(s: &ServerProc, name: &str) -> String {
+    format!("snapsync+http://127.0.0.1:{}/{name}", s.port)
+}
+
+fn replicate_env(args: &[&str], token: &str) -> Vec<serde_json::Value> {
+    let mut a = vec!["replicate"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    ok_env(&a, &env(token))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+fn failure_line(out: &Output) -> String {
+    assert!(!out.status.success(), "unexpected success");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    err
+}
+
+fn restore_equals(repo: &str, target: &str, dir: &Path, want: &[u8]) {
+    let out = dir.join(format!("{}.out", target.replace('@', "_")));
+    ok(&["restore", repo, target, out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == want, "{target} differs");
+}
+
+/// One raw HTTP/1.1 request to the server; returns (status, body).
+fn raw_http(port: u16, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {resp:?}"));
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn push_raw_to_a_remote_repository_then_incremental_then_pull_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let s1 = random(1, 6 * MIB);
+    let mut s2 = s1.clone();
+    scribble(&mut s2, 9, 20, 10_000);
+    write_image(&images, "vm", "s1", &s1, T0);
+    write_image(&images, "vm", "s2", &s2, T0 + 60);
+    let repo = init_repo(dir.path(), &[]);
+    let server = plaintext_server(dir.path(), &[("repo", repo.clone())]);
+    let src = format!("raw:{}", images.display());
+    let remote = url(&server, "repo");
+
+    let r = replicate_env(&[&src, &remote, "--snapshot", "s1"], TOKEN);
+    assert_eq!(r.len(), 1);
+    assert!(num(&r[0], "sent_bytes") >= 6 * MIB as u64);
+    let r = replicate_env(&[&src, &remote], TOKEN);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["base"], "s1");
+    assert!(
+        num(&r[0], "sent_bytes") < 3 * MIB as u64,
+        "incremental sent too much: {}",
+        r[0]
+    );
+    // Nothing more to send.
+    assert!(replicate_env(&[&src, &remote], TOKEN).is_empty());
+    // Listing over the wire matches the local one.
+    let remote_list = ok_env(&["list", &remote, "--json"], &env(TOKEN));
+    assert_eq!(remote_list, ok(&["list", &repo, "--json"]));
+    restore_equals(&repo, "vm@s1", dir.path(), &s1);
+    restore_equals(&repo, "vm@s2", dir.path(), &s2);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["verify", &repo, "--read-data", "--json"])).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+
+    // Pull: the remote repository as a source into a local one.
+    let local = dir.path().join("local");
+    let local = local.to_str().unwrap();
+    ok(&["init", local]);
+    let r = replicate_env(&[&remote, local], TOKEN);
+    assert_eq!(r.len(), 2);
+    restore_equals(local, "vm@s2", &dir.path().join("images"), &s2);
+}
+
+#[test]
+fn pull_from_a_remote_qcow2_source_and_remote_to_remote() {
+    if std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("qemu-img not installed: skipping the qcow2 part");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let qdir = dir.path().join("qcow2");
+    std::fs::create_dir_all(&qdir).unwrap();
+    let raw = dir.path().join("base.raw");
+    let s1 = random(5, 4 * MIB);
+    std::fs::write(&raw, &s1).unwrap();
+    let img = qdir.join("vm.qcow2");
+    let q = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+    };
+    q(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    q(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
+
+    let repo_a = dir.path().join("a");
+    let repo_b = dir.path().join("b");
+    ok(&["init", repo_a.to_str().unwrap()]);
+    ok(&["init", repo_b.to_str().unwrap()]);
+    let server = plaintext_server(
+        dir.path(),
+        &[
+            ("img", format!("qcow2:{}", qdir.display())),
+            ("a", repo_a.to_str().unwrap().into()),
+            ("b", repo_b.to_str().unwrap().into()),
+        ],
+    );
+    // Pull: remote qcow2 -> local repository.
+    let local = dir.path().join("local");
+    ok(&["init", local.to_str().unwrap()]);
+    let r = replicate_env(&[&url(&server, "img"), local.to_str().unwrap()], TOKEN);
+    assert_eq!(r.len(), 1);
+    restore_equals(local.to_str().unwrap(), "vm@s1", dir.path(), &s1);
+
+    // Remote to remote: qcow2 on the server -> repository a -> repository b, both
+    // addressed over the wire; identities carry over, so b's hints name a.
+    replicate_env(&[&url(&server, "img"), &url(&server, "a")], TOKEN);
+    let r = replicate_env(&[&url(&server, "a"), &url(&server, "b")], TOKEN);
+    assert_eq!(r.len(), 1);
+    restore_equals(repo_b.to_str().unwrap(), "vm@s1", dir.path(), &s1);
+    // A qcow2 store is a source only, also remotely.
+    let out = run_env(
+        &["replicate", &url(&server, "a"), &url(&server, "img")],
+        &env(TOKEN),
+    );
+    assert!(failure_line(&out).contains("source"));
+}
+
+#[test]
+fn refusals_bad_token_read_only_token_traversal_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    write_image(&images, "vm", "s1", &random(3, MIB), T0);
+    let repo = init_repo(dir.path(), &[]);
+    let server = plaintext_server(
+        dir.path(),
+        &[
+            ("repo", repo.clone()),
+            ("img", format!("raw:{}", images.display())),
+        ],
+    );
+    let src = format!("raw:{}", images.display());
+    let packs_before = std::fs::read_dir(Path::new(&repo).join("packs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+
+    // A wrong token and a missing one.
+    let out = run_env(
+        &["list", &url(&server, "repo")],
+        &env("wrong-token-0123456789"),
+    );
+    assert!(failure_line(&out).contains("token is not accepted"));
+    let out = run_env(&["list", &url(&server, "repo")], &env(""));
+    assert!(failure_line(&out).contains("SNAPSYNC_TOKEN"));
+    let (status, body) = raw_http(
+        server.port,
+        "GET /v1/stores/repo/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 1\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 401, "{body}");
+
+    // A read-only token may read but not write.
+    ok_env(&["list", &url(&server, "repo")], &env(RO_TOKEN));
+    let out = run_env(&["replicate", &src, &url(&server, "repo")], &env(RO_TOKEN));
+    assert!(failure_line(&out).contains("may only read"));
+
+    // Unknown stores, and names outside the served stores.
+    let out = run_env(&["list", &url(&server, "nope")], &env(TOKEN));
+    assert!(failure_line(&out).contains("not served"));
+    for path in ["..%2F..%2Fetc", "%2E%2E", "repo%2F..%2F..", ".hidden"] {
+        let (status, body) = raw_http(
+            server.port,
+            &format!("GET /v1/stores/{path}/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 1\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"),
+        );
+        assert!(
+            status == 400 && body.contains("invalid store name"),
+            "{path}: {status} {body}"
+        );
+    }
+    let out = run_env(&["list", "snapsync+http://127.0.0.1:1/../etc"], &env(TOKEN));
+    assert!(failure_line(&out).contains("invalid store name"));
+    // A volume name with a path in it.
+    let out = run_env(
+        &["diff", &url(&server, "img"), "../../etc@passwd"],
+        &env(TOKEN),
+    );
+    assert!(
+        failure_line(&out).contains("invalid volume name"),
+        "{out:?}"
+    );
+    let body = r#"{"volume":"../x","snapshot":"s1","offset":0,"len":4096}"#;
+    let (status, resp) = raw_http(
+        server.port,
+        &format!("POST /v1/stores/img/read HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 1\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()),
+    );
+    assert_eq!(status, 400, "{resp}");
+    assert!(resp.contains("invalid volume name"), "{resp}");
+
+    // Another protocol version is refused, clearly.
+    let (status, body) = raw_http(
+        server.port,
+        &format!("GET /v1/stores/repo/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 99\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("protocol version mismatch"), "{body}");
+
+    // Nothing was written.
+    let list: serde_json::Value = serde_json::from_str(&ok(&["list", &repo, "--json"])).unwrap();
+    assert!(list["volumes"].as_array().unwrap().is_empty());
+    let packs_after = std::fs::read_dir(Path::new(&repo).join("packs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(packs_before, packs_after);
+}
+
+fn count_files(dir: &Path) -> usize {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                n += count_files(&p);
+            } else if !p.to_string_lossy().contains('#') {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn server_killed_mid_transfer_then_a_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let s1 = random(11, 160 * MIB);
+    write_image(&images, "vm", "s1", &s1, T0);
+    let repo = init_repo(dir.path(), &[]);
+    let mut server = plaintext_server(dir.path(), &[("repo", repo.clone())]);
+    let src = format!("raw:{}", images.display());
+    let remote = url(&server, "repo");
+    let packs = Path::new(&repo).join("packs");
+    let before = count_files(&packs);
+
+    let mut client = bin()
+        .args(["replicate", &src, &remote, "--json"])
+        .env("SNAPSYNC_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while count_files(&packs) < before + 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no pack appeared"
+        );
+        if client.try_wait().unwrap().is_some() {
+            panic!("replication finished before the server could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(&remote), "{err}");
+
+    // The same server again, on the same port; the rerun sends only what is missing.
+    let args = server.args.clone();
+    let port = server.port;
+    drop(server);
+    let server = start_server(&args, port);
+    let r = replicate_env(&[&src, &url(&server, "repo")], TOKEN);
+    assert_eq!(r.len(), 1);
+    let sent = num(&r[0], "sent_bytes");
+    assert!(
+        sent <= 160 * MIB as u64 - 32 * MIB as u64,
+        "rerun resent everything: {sent}"
+    );
+    assert!(num(&r[0], "dedup_bytes") >= 32 * MIB as u64, "{}", r[0]);
+    restore_equals(&repo, "vm@s1", dir.path(), &s1);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["verify", &repo, "--read-data", "--json"])).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn tls_with_a_self_signed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let s1 = random(21, 3 * MIB);
+    write_image(&images, "vm", "s1", &s1, T0);
+    let repo = init_repo(dir.path(), &[]);
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert_pem = dir.path().join("cert.pem");
+    let key_pem = dir.path().join("key.pem");
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let other_pem = dir.path().join("other.pem");
+    std::fs::write(&other_pem, other.cert.pem()).unwrap();
+
+    let server = start_server(
+        &[
+            "--token-file".into(),
+            token_file(dir.path()).to_str().unwrap().into(),
+            "--tls-cert".into(),
+            cert_pem.to_str().unwrap().into(),
+            "--tls-key".into(),
+            key_pem.to_str().unwrap().into(),
+            "--store".into(),
+            format!("repo={repo}"),
+        ],
+        0,
+    );
+    let remote = format!("snapsync://127.0.0.1:{}/repo", server.port);
+    let src = format!("raw:{}", images.display());
+    let ca = cert_pem.to_str().unwrap();
+
+    // Trusting the server's certificate: works, with the token from a file too.
+    let tok = dir.path().join("client-token");
+    std::fs::write(&tok, format!("{TOKEN}\n")).unwrap();
+    let out = ok(&[
+        "replicate",
+        &src,
+        &remote,
+        "--ca",
+        ca,
+        "--token-file",
+        tok.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.lines().count(), 1);
+    restore_equals(&repo, "vm@s1", dir.path(), &s1);
+    // SNAPSYNC_CA works as --ca does.
+    let mut e = env(TOKEN);
+    e.push(("SNAPSYNC_CA".into(), ca.into()));
+    ok_env(&["list", &remote], &e);
+
+    // Not trusting it (system roots, or another certificate): refused.
+    let out = run_env(&["list", &remote], &env(TOKEN));
+    let line = failure_line(&out);
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    let out = run_env(
+        &["list", &remote, "--ca", other_pem.to_str().unwrap()],
+        &env(TOKEN),
+    );
+    failure_line(&out);
+    // Plain text to a TLS server fails; TLS is the default and plain text must be asked.
+    let out = run_env(
+        &[
+            "list",
+            &format!("snapsync+http://127.0.0.1:{}/repo", server.port),
+        ],
+        &env(TOKEN),
+    );
+    failure_line(&out);
+    let out = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &format!("repo={repo}"),
+        "--token-file",
+        token_file(dir.path()).to_str().unwrap(),
+    ]);
+    assert!(failure_line(&out).contains("--insecure-plaintext"));
+}
