@@ -312,7 +312,6 @@ pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
     }
 }
 
-
 pub fn prune(
     repo: &str,
     volumes: &[String],

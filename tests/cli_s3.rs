@@ -379,9 +379,15 @@ fn prune_and_gc_on_s3_keep_chains_valid_and_free_space() {
     }
     let (_bucket, url) = s3_repo();
     let src = format!("raw:{}", images.display());
-    assert_eq!(json_lines(&ok(&["replicate", &src, &url, "--json"])).len(), 4);
+    assert_eq!(
+        json_lines(&ok(&["replicate", &src, &url, "--json"])).len(),
+        4
+    );
     ok(&["prune", &url, "--keep-last", "2"]);
-    let names: Vec<String> = snapshot_ids(&url, "vm").into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = snapshot_ids(&url, "vm")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(names, ["s2", "s3"]);
     let gc: serde_json::Value = serde_json::from_str(&ok(&["gc", &url, "--json"])).unwrap();
     assert!(gc["bytes_freed"].as_u64().unwrap() > 0, "{gc}");

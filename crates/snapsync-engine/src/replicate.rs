@@ -523,7 +523,10 @@ mod tests {
         let p = plan_blocks(&el(&[]), &el(&[]), 64, 100, Some(150));
         assert_eq!(p.read, el(&[(64, 64)]));
         let p = plan_blocks(&el(&[]), &el(&[]), 64, 300, Some(100));
-        assert!(p.read.is_empty(), "growth re-reads nothing the diff did not report");
+        assert!(
+            p.read.is_empty(),
+            "growth re-reads nothing the diff did not report"
+        );
         let p = plan_blocks(&el(&[]), &el(&[]), 64, 128, Some(128));
         assert!(p.read.is_empty());
     }
