@@ -123,6 +123,9 @@ struct RepoReceiver<'a> {
 
 /// Compress a block if that saves at least 1/16 of it; otherwise store it as is, so
 /// incompressible data costs one quick failed attempt and no decompression on read.
+/// A new block ready for a pack: id, plaintext, and its zstd frame when that pays.
+type Encoded<'a> = (BlockId, &'a [u8], Option<Vec<u8>>);
+
 fn compress(data: &[u8]) -> Option<Vec<u8>> {
     // Random or already-compressed data: a fast level-1 attempt on a sample is enough to
     // tell, and costs a fraction of compressing the whole block.
@@ -229,7 +232,7 @@ impl Receiver for RepoReceiver<'_> {
                 }
             }
         }
-        let encoded: Vec<(BlockId, &[u8], Option<Vec<u8>>)> = fresh
+        let encoded: Vec<Encoded<'_>> = fresh
             .par_iter()
             .map(|(id, data)| {
                 if BlockId::of(data) != *id {
