@@ -264,8 +264,26 @@ pub fn maybe_compress(data: &[u8]) -> Option<Vec<u8>> {
 /// 32-byte id, for `raw` the id, `u32 len` and the data, for `zstd` the id, `u32 len`
 /// and the zstd frame of the data.
 pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<u8> {
-    let mut v = Vec::new();
-    for b in blocks {
+    use rayon::prelude::*;
+    // Compression is the expensive part: run it on all cores, then lay out in order.
+    let mut compressed: Vec<Option<Vec<u8>>> = blocks
+        .par_iter()
+        .map(|b| match &b.content {
+            BlockContent::Data { data, .. } => maybe_compress(data),
+            _ => None,
+        })
+        .collect();
+    let size: usize = blocks
+        .iter()
+        .zip(&compressed)
+        .map(|(b, c)| match (&b.content, c) {
+            (_, Some(c)) => 45 + c.len(),
+            (BlockContent::Data { data, .. }, None) => 45 + data.len(),
+            _ => 41,
+        })
+        .sum();
+    let mut v = Vec::with_capacity(size);
+    for (b, c) in blocks.iter().zip(compressed.iter_mut()) {
         v.extend_from_slice(&b.index.to_le_bytes());
         match &b.content {
             BlockContent::Zero => v.push(KIND_ZERO),
@@ -274,7 +292,7 @@ pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<u8> {
                 v.extend_from_slice(id.as_bytes());
             }
             BlockContent::Data { id, data } => {
-                let (kind, bytes) = match maybe_compress(data) {
+                let (kind, bytes) = match c.take() {
                     Some(c) => (KIND_ZSTD, std::borrow::Cow::Owned(c)),
                     None => (KIND_RAW, std::borrow::Cow::Borrowed(data.as_slice())),
                 };
