@@ -17,20 +17,12 @@ pub fn bin() -> Command {
 
 /// Run snapsync with arguments; returns the output whatever the exit code.
 pub fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run snapsync")
+    run_env(args, &[])
 }
 
 /// Run and require success; returns stdout.
 pub fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "snapsync {args:?} failed ({:?}):\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    ok_env(args, &[])
 }
 
 /// Run `replicate --json` and parse its lines.
