@@ -60,11 +60,7 @@ fn a_served_memory_store_passes_the_sink_suite() {
 fn a_served_memory_store_passes_the_source_suite() {
     let fixture = conformance::standard_fixture();
     let store = MemoryStore::new("mem-source", 4096);
-    for v in &fixture.volumes {
-        for s in &v.snapshots {
-            store.add_snapshot(&v.name, &s.name, s.created, s.content.clone());
-        }
-    }
+    store.add_fixture(&fixture);
     let port = serve(vec![("src".into(), store)]);
     conformance::check_source(&client(port, "src"), &fixture, 4096);
 }

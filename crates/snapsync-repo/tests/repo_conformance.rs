@@ -23,11 +23,7 @@ fn repository_is_a_conforming_source() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = standard_fixture();
     let mem = MemoryStore::new("fixture", 4096);
-    for v in &fixture.volumes {
-        for s in &v.snapshots {
-            mem.add_snapshot(&v.name, &s.name, s.created, s.content.clone());
-        }
-    }
+    mem.add_fixture(&fixture);
     let repo = fresh(dir.path(), 16 << 10);
     replicate(
         &mem,

@@ -31,11 +31,7 @@ fn s3_repository_is_a_conforming_sink() {
 fn s3_repository_is_a_conforming_source() {
     let fixture = standard_fixture();
     let mem = MemoryStore::new("fixture", 4096);
-    for v in &fixture.volumes {
-        for s in &v.snapshots {
-            mem.add_snapshot(&v.name, &s.name, s.created, s.content.clone());
-        }
-    }
+    mem.add_fixture(&fixture);
     // At the bucket's root: no prefix at all.
     let loc = fresh_location("");
     let repo = Repository::init(loc.clone(), 16 << 10).unwrap();

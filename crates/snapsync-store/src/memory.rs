@@ -72,6 +72,15 @@ impl MemoryStore {
             .origin = Some(origin);
     }
 
+    /// Add every snapshot of a conformance fixture, taken here.
+    pub fn add_fixture(&self, fixture: &crate::conformance::Fixture) {
+        for v in &fixture.volumes {
+            for s in &v.snapshots {
+                self.add_snapshot(&v.name, &s.name, s.created, s.content.clone());
+            }
+        }
+    }
+
     /// Remove a snapshot, as a user deleting it at the source would.
     pub fn remove_snapshot(&self, volume: &str, name: &str) {
         if let Some(v) = self.state().volumes.get_mut(volume) {

@@ -7,11 +7,7 @@ use snapsync_store::memory::MemoryStore;
 fn memory_store_is_a_conforming_source() {
     let fixture = standard_fixture();
     let store = MemoryStore::new("fixture", 4096);
-    for v in &fixture.volumes {
-        for s in &v.snapshots {
-            store.add_snapshot(&v.name, &s.name, s.created, s.content.clone());
-        }
-    }
+    store.add_fixture(&fixture);
     check_source(&store, &fixture, 4096);
 }
 
