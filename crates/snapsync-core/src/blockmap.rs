@@ -112,6 +112,18 @@ impl BlockMap {
     /// [`BlockMap::apply`] without the copy.
     pub fn apply_in_place(&mut self, delta: &Delta) {
         self.resize(delta.block_count);
+        if self.data.is_empty() {
+            // Onto nothing (a full map): built in one pass, with full tree nodes, about
+            // 2/3 of the memory of inserting the blocks one by one.
+            let count = self.block_count;
+            self.data = delta
+                .entries
+                .iter()
+                .filter(|(i, _)| **i < count)
+                .filter_map(|(i, b)| b.id().map(|id| (*i, id)))
+                .collect();
+            return;
+        }
         for (i, b) in &delta.entries {
             self.set(*i, *b);
         }

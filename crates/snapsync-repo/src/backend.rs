@@ -6,7 +6,11 @@
 //! `file://` and `s3://`: there is one implementation, not two.
 //!
 //! The store's async API is driven by a small Tokio runtime owned here, so the rest of
-//! the code stays synchronous and uses threads (rayon) for CPU work.
+//! the code stays synchronous and uses threads (rayon) for CPU work. Two reads of local
+//! objects skip it: ranges of packs are read with `pread` straight into the caller's
+//! buffers, and batches of whole objects (pack indexes) on the calling threads, so that
+//! reading a snapshot allocates no buffer per block or per object on a thread of its
+//! own. Everything the repository code sees is the same for both kinds of store.
 //!
 //! On S3 the endpoint and credentials come from the standard `AWS_*` variables
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
@@ -308,6 +312,74 @@ impl Backend {
         })
     }
 
+    /// Read byte ranges of objects straight into the caller's buffers: each request is
+    /// `(key, offset, destination)` and fills the whole destination.
+    ///
+    /// Local objects are read with `pread` on the calling threads (in parallel when
+    /// there are several), with no intermediate buffer: restore reads every byte of a
+    /// snapshot this way, and a buffer per request, allocated on the I/O runtime's
+    /// threads and freed on others, cost both a copy and memory the allocator kept.
+    /// Remote objects are fetched concurrently and copied in.
+    pub(crate) fn read_ranges_into(&self, requests: &mut [(String, u64, &mut [u8])]) -> Result<()> {
+        if let Location::Local(root) = &self.location {
+            let read = |(key, offset, dst): &mut (String, u64, &mut [u8])| -> Result<()> {
+                use std::os::unix::fs::FileExt;
+                let path = root.join(key.as_str());
+                let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => StoreError::NotFound {
+                        what: format!("read {}", self.describe(key)),
+                    },
+                    _ => StoreError::io(format!("read {}", self.describe(key)), e),
+                })?;
+                file.read_exact_at(dst, *offset)
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => StoreError::corrupt(
+                            self.describe(key),
+                            format!(
+                                "bytes {}..{} are past its end (truncated)",
+                                offset,
+                                *offset + dst.len() as u64
+                            ),
+                        ),
+                        _ => StoreError::io(format!("read {}", self.describe(key)), e),
+                    })
+            };
+            return match requests {
+                [one] => read(one),
+                many => {
+                    use rayon::prelude::*;
+                    many.par_iter_mut().with_max_len(1).try_for_each(read)
+                }
+            };
+        }
+        let store = &self.store;
+        self.runtime.block_on(async {
+            futures::stream::iter(requests.iter_mut().map(|(key, offset, dst)| async move {
+                let path = ObjectPath::from(key.as_str());
+                let range = *offset..*offset + dst.len() as u64;
+                let got = store
+                    .get_range(&path, range)
+                    .await
+                    .map_err(|e| backend_err(format!("read {}", self.describe(key)), e))?;
+                if got.len() != dst.len() {
+                    return Err(StoreError::corrupt(
+                        self.describe(key),
+                        format!(
+                            "bytes {}..{} are past its end (truncated)",
+                            offset,
+                            *offset + dst.len() as u64
+                        ),
+                    ));
+                }
+                dst.copy_from_slice(&got);
+                Ok(())
+            }))
+            .buffer_unordered(8)
+            .try_collect::<()>()
+            .await
+        })
+    }
+
     /// Write an object.
     pub(crate) fn put(&self, key: &str, data: Bytes, mode: Put) -> Result<()> {
         let path = ObjectPath::from(key);
@@ -440,7 +512,23 @@ impl Backend {
     }
 
     /// Fetch many whole objects concurrently (missing ones are `None`).
+    ///
+    /// Local objects are read on the calling thread and the compute pool's, not on one
+    /// blocking thread each: every thread that allocates keeps memory of its own (at
+    /// least a 2 MiB huge page under an allocator that uses them), and loading the
+    /// block index reads thousands of small objects.
     pub(crate) fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>> {
+        if let Location::Local(root) = &self.location {
+            use rayon::prelude::*;
+            return keys
+                .par_iter()
+                .map(|key| match std::fs::read(root.join(key.as_str())) {
+                    Ok(b) => Ok(Some(Bytes::from(b))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(StoreError::io(format!("read {}", self.describe(key)), e)),
+                })
+                .collect();
+        }
         let store = &self.store;
         self.runtime.block_on(async {
             futures::stream::iter(keys.iter().map(|key| async move {

@@ -47,6 +47,11 @@ impl BlockIndex {
         }
     }
 
+    /// Make room for `additional` more blocks at once.
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        self.blocks.reserve(additional);
+    }
+
     pub(crate) fn get(&self, id: &BlockId) -> Option<(BlockId, BlockLocation)> {
         self.blocks
             .get(id)

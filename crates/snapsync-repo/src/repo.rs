@@ -12,7 +12,7 @@ use crate::backend::{Backend, Location, Put, PROBE_PREFIX};
 use crate::format::{
     self, Catalog, Compression, Config, Manifest, ManifestId, MAGIC_CATALOG, MAGIC_CONFIG,
 };
-use crate::index::BlockIndex;
+use crate::index::{BlockIndex, BlockLocation};
 
 /// Default block size: the qcow2 default cluster size, a good balance of dedup
 /// granularity and metadata size.
@@ -372,9 +372,18 @@ impl Repository {
 
     /// The full block map of a manifest, resolving its delta chain.
     pub fn resolve(&self, id: &ManifestId) -> Result<(Arc<Manifest>, BlockMap)> {
-        let top = self.manifest(id)?;
-        let mut chain = vec![top.clone()];
-        let mut cur = top.clone();
+        let chain = self.chain(id)?;
+        let mut map = BlockMap::zeroed(0);
+        for m in chain.iter().rev() {
+            map.apply_in_place(&m.delta);
+        }
+        Ok((chain[0].clone(), map))
+    }
+
+    /// The manifests of a delta chain, from `id` down to its full map.
+    pub(crate) fn chain(&self, id: &ManifestId) -> Result<Vec<Arc<Manifest>>> {
+        let mut cur = self.manifest(id)?;
+        let mut chain = vec![cur.clone()];
         while let Some(base) = cur.header.delta_base {
             if chain.len() > CHECKPOINT_INTERVAL as usize * 4 + 1 {
                 return Err(StoreError::corrupt(
@@ -385,11 +394,7 @@ impl Repository {
             cur = self.manifest(&base)?;
             chain.push(cur.clone());
         }
-        let mut map = BlockMap::zeroed(0);
-        for m in chain.iter().rev() {
-            map.apply_in_place(&m.delta);
-        }
-        Ok((top, map))
+        Ok(chain)
     }
 
     /// Bytes of block data stored (all packs), from a listing.
@@ -406,55 +411,64 @@ impl Repository {
     pub(crate) fn with_index<T>(&self, f: impl FnOnce(&mut BlockIndex) -> T) -> Result<T> {
         let mut guard = lock(&self.index);
         if !guard.as_ref().is_some_and(|ix| ix.complete) {
-            *guard = Some(self.load_index()?);
+            // The packs already loaded stay: only the others are read.
+            let partial = guard.take().unwrap_or_default();
+            *guard = Some(self.load_index(partial)?);
         }
         Ok(f(guard.as_mut().expect("loaded")))
     }
 
-    /// Load the indexes of these packs only (no listing), unless already loaded.
-    fn index_packs(&self, packs: &[BlockId]) -> Result<()> {
+    /// Load the indexes of these packs only (no listing), unless already loaded;
+    /// `expected_blocks` (how many blocks they hold, as far as the caller knows) sizes
+    /// the index once instead of growing it step by step.
+    pub(crate) fn index_packs(&self, packs: &[BlockId], expected_blocks: usize) -> Result<()> {
         let mut guard = lock(&self.index);
         let ix = guard.get_or_insert_with(BlockIndex::default);
         let wanted: Vec<BlockId> = packs.iter().filter(|p| !ix.has_pack(p)).copied().collect();
         if wanted.is_empty() {
             return Ok(());
         }
-        let keys: Vec<String> = wanted.iter().map(key_index).collect();
-        for ((pack, key), bytes) in wanted.iter().zip(&keys).zip(self.backend.get_many(&keys)?) {
-            // A pack repacked by gc is gone: the full index (a listing) finds its blocks.
-            let Some(bytes) = bytes else { continue };
-            let entries = format::decode_index(&bytes, &self.describe(key))?;
-            ix.add_pack(*pack, &entries);
+        ix.reserve(expected_blocks);
+        self.add_indexes(ix, &wanted)
+    }
+
+    /// Read the indexes of `packs` into `ix`, a batch at a time: a 1 TiB volume's are
+    /// tens of thousands of objects, and all their bytes at once would add half the
+    /// index's own size again.
+    /// Missing ones are skipped: a pack repacked by gc is gone, and the full index (a
+    /// listing) finds its blocks.
+    fn add_indexes(&self, ix: &mut BlockIndex, packs: &[BlockId]) -> Result<()> {
+        for batch in packs.chunks(INDEX_BATCH) {
+            let keys: Vec<String> = batch.iter().map(key_index).collect();
+            for ((pack, key), bytes) in batch.iter().zip(&keys).zip(self.backend.get_many(&keys)?) {
+                let Some(bytes) = bytes else { continue };
+                let entries = format::decode_index(&bytes, &self.describe(key))?;
+                ix.add_pack(*pack, &entries);
+            }
         }
         Ok(())
     }
 
-    /// The packs named by the manifests of a chain.
-    pub(crate) fn chain_packs(&self, id: &ManifestId) -> Result<Vec<BlockId>> {
-        let mut out = Vec::new();
-        let mut cur = Some(*id);
-        let mut n = 0;
-        while let Some(m) = cur {
-            n += 1;
-            if n > CHECKPOINT_INTERVAL as usize * 4 + 1 {
-                break;
+    /// Complete `index` (empty, or holding some packs already) with every pack's index.
+    fn load_index(&self, mut index: BlockIndex) -> Result<BlockIndex> {
+        let mut packs = Vec::new();
+        let mut blocks = 0usize;
+        for (key, size) in self.backend.list("index")? {
+            let Some(hex) = key.strip_prefix("index/").filter(|h| h.len() == 64) else {
+                continue;
+            };
+            let pack = hex
+                .parse::<BlockId>()
+                .map_err(|_| StoreError::corrupt(self.describe(&key), "bad index name"))?;
+            if !index.has_pack(&pack) {
+                // The entry count, from the object's size (envelope and count: 60 bytes).
+                blocks += (size.saturating_sub(60) / format::INDEX_ENTRY_LEN as u64) as usize;
+                packs.push(pack);
             }
-            let m = self.manifest(&m)?;
-            out.extend_from_slice(&m.header.packs);
-            cur = m.header.delta_base;
         }
-        out.sort_unstable();
-        out.dedup();
-        Ok(out)
-    }
-
-    fn load_index(&self) -> Result<BlockIndex> {
-        let mut index = BlockIndex::default();
+        index.reserve(blocks);
+        self.add_indexes(&mut index, &packs)?;
         index.complete = true;
-        for ix in self.read_indexes()? {
-            let (pack, entries) = ix.parsed?;
-            index.add_pack(pack, &entries);
-        }
         Ok(index)
     }
 
@@ -492,17 +506,17 @@ impl Repository {
     /// Read blocks by id, verifying each against its id. Reads are grouped by pack and
     /// issued concurrently; decompression and hashing run on all cores.
     pub fn read_blocks(&self, ids: &[BlockId]) -> Result<Vec<Vec<u8>>> {
-        self.read_blocks_in(ids, &[])
+        let bs = self.block_size() as usize;
+        let mut out = vec![0u8; ids.len() * bs];
+        let slots: Vec<(usize, BlockId)> = ids.iter().copied().enumerate().collect();
+        self.read_blocks_into(&mut out, &slots, &[], &mut Vec::new())?;
+        Ok(out.chunks(bs.max(1)).map(<[u8]>::to_vec).collect())
     }
 
-    /// [`Repository::read_blocks`], loading first only the indexes of `packs` (the packs
-    /// a snapshot's manifests name); the full index is loaded only if that is not enough.
-    pub(crate) fn read_blocks_in(
-        &self,
-        ids: &[BlockId],
-        packs: &[BlockId],
-    ) -> Result<Vec<Vec<u8>>> {
-        self.index_packs(packs)?;
+    /// Where each block is: the indexes of `packs` (the packs a snapshot's manifests
+    /// name) are loaded first; the full index only if they are not enough.
+    fn locate(&self, ids: &[BlockId], packs: &[BlockId]) -> Result<Vec<(BlockId, BlockLocation)>> {
+        self.index_packs(packs, 0)?;
         let lookup = |ix: &BlockIndex| {
             ids.iter()
                 .map(|id| ix.get(id).ok_or(*id))
@@ -513,53 +527,157 @@ impl Repository {
             Some(l) if l.iter().all(|x| x.is_ok()) => l,
             _ => self.with_index(|ix| lookup(ix))?,
         };
-        let mut by_pack: BTreeMap<BlockId, Vec<usize>> = BTreeMap::new();
-        for (i, l) in located.iter().enumerate() {
-            match l {
-                Ok((pack, _)) => by_pack.entry(*pack).or_default().push(i),
-                Err(id) => {
-                    return Err(StoreError::corrupt(
+        located
+            .into_iter()
+            .map(|l| {
+                l.map_err(|id| {
+                    StoreError::corrupt(
                         self.backend.location().to_string(),
                         format!("block {id} is referenced but not in any pack index"),
-                    ))
-                }
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Read blocks straight into `out`, verifying each against its id: `blocks` lists
+    /// `(slot, id)`, and block `slot` fills `out[slot * block_size..][..block_size]`.
+    /// Each slot is listed at most once; slots not listed are left as they are.
+    ///
+    /// Nothing is allocated per block. Blocks stored one after the other in a pack are
+    /// read with one request; a run of uncompressed blocks that also follow each other
+    /// in `out` is read straight into `out` and only hashed there, the others are read
+    /// into `scratch` (kept by the caller for the next call) and decompressed or copied
+    /// into `out` on all cores. Only the indexes of `packs` are loaded unless they do
+    /// not name every block (see [`Repository::locate`]).
+    pub(crate) fn read_blocks_into(
+        &self,
+        out: &mut [u8],
+        blocks: &[(usize, BlockId)],
+        packs: &[BlockId],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let bs = self.block_size() as usize;
+        assert_eq!(out.len() % bs, 0, "output is whole blocks");
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let slots = out.len() / bs;
+        let ids: Vec<BlockId> = blocks.iter().map(|(_, id)| *id).collect();
+        let located = self.locate(&ids, packs)?;
+        let damaged = |k: usize| {
+            let (pack, l) = &located[k];
+            StoreError::corrupt(
+                self.describe(&key_pack(pack)),
+                format!("block {} at offset {} is damaged", ids[k], l.offset),
+            )
+        };
+        for (k, (_, l)) in located.iter().enumerate() {
+            // Every block is exactly one block long, and stored compressed only when
+            // that made it smaller: anything else is a damaged index (and must not
+            // size a read).
+            if l.raw_len as usize != bs || l.stored_len as usize > bs {
+                return Err(damaged(k));
             }
         }
-        let requests: Vec<(String, Vec<std::ops::Range<u64>>)> = by_pack
-            .iter()
-            .map(|(pack, idxs)| {
-                let ranges = idxs
-                    .iter()
-                    .map(|&i| {
-                        let l = located[i].as_ref().expect("located").1;
-                        l.offset..l.offset + u64::from(l.stored_len)
-                    })
-                    .collect();
-                (key_pack(pack), ranges)
-            })
-            .collect();
-        let fetched = self.backend.get_ranges_many(requests)?;
-        let mut stored: Vec<(usize, Bytes)> = Vec::with_capacity(ids.len());
-        for ((_, idxs), bytes) in by_pack.iter().zip(fetched) {
-            stored.extend(idxs.iter().copied().zip(bytes));
+
+        // Group into runs of consecutive (or nearly so) bytes of one pack.
+        let mut order: Vec<usize> = (0..blocks.len()).collect();
+        order.sort_unstable_by_key(|&k| (located[k].0, located[k].1.offset));
+        let mut runs: Vec<Run> = Vec::new();
+        // Where each block's stored bytes are, by slot.
+        let mut sources: Vec<Option<(usize, Source)>> = vec![None; slots];
+        let mut scratch_len = 0usize;
+        for &k in &order {
+            let (pack, l) = &located[k];
+            let slot = blocks[k].0;
+            assert!(slot < slots && sources[slot].is_none(), "slots are unique");
+            let (start, stored) = (l.offset, u64::from(l.stored_len));
+            let plain = l.compression == Compression::None && stored == bs as u64;
+            let extends = runs.last().is_some_and(|r| {
+                r.pack == *pack
+                    && match r.direct {
+                        Some(first) => plain && start == r.end && slot == first + r.blocks,
+                        None => {
+                            start >= r.start
+                                && start <= r.end + MAX_READ_GAP
+                                && (start + stored).max(r.end) - r.start <= MAX_READ_RUN
+                        }
+                    }
+            });
+            if !extends {
+                let direct = plain.then_some(slot);
+                scratch_len += runs.last().map_or(0, Run::scratch_len);
+                runs.push(Run {
+                    pack: *pack,
+                    start,
+                    end: start,
+                    direct,
+                    blocks: 0,
+                    scratch_at: scratch_len,
+                });
+            }
+            let r = runs.last_mut().expect("pushed");
+            r.end = r.end.max(start + stored);
+            r.blocks += 1;
+            sources[slot] = Some((
+                k,
+                match r.direct {
+                    Some(_) => Source::InPlace,
+                    None => Source::Scratch(r.scratch_at + (start - r.start) as usize),
+                },
+            ));
         }
-        let mut out: Vec<(usize, Vec<u8>)> = stored
-            .into_par_iter()
-            .map(|(i, raw)| {
-                let (pack, l) = located[i].as_ref().expect("located");
-                let data = decode_block(&raw, l.compression, l.raw_len)
-                    .filter(|d| BlockId::of(d) == ids[i])
-                    .ok_or_else(|| {
-                        StoreError::corrupt(
-                            self.describe(&key_pack(pack)),
-                            format!("block {} at offset {} is damaged", ids[i], l.offset),
-                        )
-                    })?;
-                Ok((i, data))
+        scratch_len += runs.last().map_or(0, Run::scratch_len);
+        if scratch.len() < scratch_len {
+            scratch.resize(scratch_len, 0);
+        }
+
+        // Read: in-place runs into disjoint pieces of `out`, the others into `scratch`.
+        {
+            let mut direct: Vec<&Run> = runs.iter().filter(|r| r.direct.is_some()).collect();
+            direct.sort_unstable_by_key(|r| r.direct);
+            let mut requests: Vec<(String, u64, &mut [u8])> = Vec::with_capacity(runs.len());
+            let mut rest_out = &mut out[..];
+            let mut taken = 0usize;
+            for r in direct {
+                let first = r.direct.expect("direct") * bs;
+                let tail = std::mem::take(&mut rest_out);
+                let (_, tail) = tail.split_at_mut(first - taken);
+                let (dst, tail) = tail.split_at_mut((r.end - r.start) as usize);
+                rest_out = tail;
+                taken = first + dst.len();
+                requests.push((key_pack(&r.pack), r.start, dst));
+            }
+            let mut rest_scratch = &mut scratch[..scratch_len];
+            for r in runs.iter().filter(|r| r.direct.is_none()) {
+                let (dst, tail) = std::mem::take(&mut rest_scratch).split_at_mut(r.scratch_len());
+                rest_scratch = tail;
+                requests.push((key_pack(&r.pack), r.start, dst));
+            }
+            self.backend.read_ranges_into(&mut requests)?;
+        }
+
+        // Decode and verify on all cores.
+        let scratch = &scratch[..scratch_len];
+        out.par_chunks_mut(bs)
+            .zip(sources.par_iter())
+            .try_for_each(|(dst, source)| {
+                let Some((k, source)) = source else {
+                    return Ok(());
+                };
+                let l = &located[*k].1;
+                if let Source::Scratch(at) = source {
+                    let stored = &scratch[*at..*at + l.stored_len as usize];
+                    if !decode_block_into(stored, l.compression, dst) {
+                        return Err(damaged(*k));
+                    }
+                }
+                if BlockId::of(dst) != ids[*k] {
+                    return Err(damaged(*k));
+                }
+                Ok(())
             })
-            .collect::<Result<_>>()?;
-        out.sort_unstable_by_key(|(i, _)| *i);
-        Ok(out.into_iter().map(|(_, d)| d).collect())
     }
 }
 
@@ -604,6 +722,77 @@ pub(crate) fn decode_block(
             let d = zstd::bulk::decompress(stored, raw_len as usize).ok()?;
             (d.len() == raw_len as usize).then_some(d)
         }
+    }
+}
+
+/// Index objects read at once when loading the block index.
+const INDEX_BATCH: usize = 64;
+
+/// Unread bytes between two blocks of a pack that still join them into one read: less
+/// than a block costs less than a second request.
+const MAX_READ_GAP: u64 = 64 << 10;
+/// Longest single read.
+const MAX_READ_RUN: u64 = 16 << 20;
+
+/// One read request of [`Repository::read_blocks_into`]: bytes `start..end` of a pack.
+#[derive(Debug)]
+struct Run {
+    pack: BlockId,
+    start: u64,
+    end: u64,
+    /// Read straight into the output from this slot on (uncompressed blocks that follow
+    /// each other both in the pack and in the output); otherwise into the scratch buffer.
+    direct: Option<usize>,
+    blocks: usize,
+    /// Where the run starts in the scratch buffer (when not direct).
+    scratch_at: usize,
+}
+
+impl Run {
+    fn scratch_len(&self) -> usize {
+        if self.direct.is_some() {
+            0
+        } else {
+            (self.end - self.start) as usize
+        }
+    }
+}
+
+/// Where a block's stored bytes were read to.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// Already in place in the output (uncompressed).
+    InPlace,
+    /// At this offset in the scratch buffer.
+    Scratch(usize),
+}
+
+thread_local! {
+    /// One zstd decompression context per thread, reused for every block.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompress (or copy) a stored block into `dst`; false unless it decodes to exactly
+/// `dst.len()` bytes.
+pub(crate) fn decode_block_into(stored: &[u8], compression: Compression, dst: &mut [u8]) -> bool {
+    match compression {
+        Compression::None => {
+            if stored.len() != dst.len() {
+                return false;
+            }
+            dst.copy_from_slice(stored);
+            true
+        }
+        Compression::Zstd => DECOMPRESSOR.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = zstd::bulk::Decompressor::new().ok();
+            }
+            cell.as_mut()
+                .and_then(|d| d.decompress_to_buffer(stored, dst).ok())
+                == Some(dst.len())
+        }),
     }
 }
 

@@ -1,11 +1,14 @@
 //! The repository as a replication source (cascades, restore): listings come from
 //! catalogs, differences from comparing block maps (metadata only), data from packs.
 
+use std::sync::Arc;
+
 use snapsync_core::{BlockId, BlockMap, BlockRef, Extent, VolumeInfo};
 use snapsync_store::{
     Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
 };
 
+use crate::format::Manifest;
 use crate::repo::Repository;
 
 impl Store for Repository {
@@ -111,13 +114,21 @@ impl SnapshotSource for Repository {
 
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>> {
         let (size, manifest) = self.snapshot_manifest(volume, snapshot)?;
-        let (_, map) = self.resolve(&manifest)?;
+        let chain = self.chain(&manifest)?;
+        let mut packs: Vec<BlockId> = chain
+            .iter()
+            .flat_map(|m| m.header.packs.iter().copied())
+            .collect();
+        packs.sort_unstable();
+        packs.dedup();
         Ok(Box::new(RepoReader {
             repo: self,
-            packs: self.chain_packs(&manifest)?,
-            map,
+            packs,
+            chain,
             size,
             cached: None,
+            scratch: Vec::new(),
+            indexed: false,
         }))
     }
 }
@@ -126,48 +137,109 @@ struct RepoReader<'a> {
     repo: &'a Repository,
     /// Packs the snapshot's manifests name: their indexes suffice to read it.
     packs: Vec<BlockId>,
-    map: BlockMap,
+    /// The snapshot's manifests, newest first: blocks are looked up along the chain
+    /// rather than in a resolved copy of its map (they are cached by the repository
+    /// anyway, and a map costs about 60 bytes a block).
+    chain: Vec<Arc<Manifest>>,
     size: u64,
-    /// The last block read, for readers that read in pieces smaller than a block.
+    /// The last block read in part, for readers that read in pieces smaller than a
+    /// block.
     cached: Option<(u64, Vec<u8>)>,
+    /// Stored bytes of compressed blocks, reused from one read to the next.
+    scratch: Vec<u8>,
+    /// Whether the indexes of `packs` were loaded.
+    indexed: bool,
+}
+
+impl RepoReader<'_> {
+    /// The block at `index`: from the newest manifest that lists it, unless a manifest
+    /// on the way is shorter (a shrink zeroes what it cuts off, see
+    /// [`BlockMap::apply_in_place`]).
+    fn block(&self, index: u64) -> BlockRef {
+        for m in &self.chain {
+            if index >= m.delta.block_count {
+                return BlockRef::Zero;
+            }
+            if let Some(b) = m.delta.entries.get(&index) {
+                return *b;
+            }
+        }
+        BlockRef::Zero
+    }
+
+    /// The block at `index` whole (data blocks only), from the cache or the packs.
+    fn partial_block(&mut self, index: u64, id: BlockId) -> Result<&[u8]> {
+        if self.cached.as_ref().is_none_or(|(c, _)| *c != index) {
+            let bs = self.repo.block_size() as usize;
+            let mut block = self
+                .cached
+                .take()
+                .map(|(_, b)| b)
+                .unwrap_or_else(|| vec![0; bs]);
+            self.repo
+                .read_blocks_into(&mut block, &[(0, id)], &self.packs, &mut self.scratch)?;
+            self.cached = Some((index, block));
+        }
+        Ok(&self.cached.as_ref().expect("cached").1)
+    }
 }
 
 impl SnapshotReader for RepoReader<'_> {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        buf.fill(0);
         let bs = self.repo.block_size();
         let end = offset.saturating_add(buf.len() as u64).min(self.size);
         if offset >= end {
+            buf.fill(0);
             return Ok(());
         }
-        let first = offset / bs;
-        let last = (end - 1) / bs;
-        let wanted: Vec<(u64, BlockId)> = (first..=last)
-            .filter_map(|i| self.map.get(i).id().map(|id| (i, id)))
-            .filter(|(i, _)| self.cached.as_ref().is_none_or(|(c, _)| c != i))
-            .collect();
-        let ids: Vec<BlockId> = wanted.iter().map(|(_, id)| *id).collect();
-        let data = self.repo.read_blocks_in(&ids, &self.packs)?;
-        let mut copy = |i: u64, block: &[u8]| {
+        if !self.indexed {
+            // Sized for this snapshot's blocks at once, not grown step by step.
+            // The full map at the end of the chain lists about as many blocks.
+            let blocks = self.chain.iter().map(|m| m.delta.len()).max().unwrap_or(0);
+            self.repo.index_packs(&self.packs, blocks)?;
+            self.indexed = true;
+        }
+        // Past the snapshot's size: zeros.
+        buf[(end - offset) as usize..].fill(0);
+        // Blocks wholly inside `offset..end` are read straight into `buf`; the one or
+        // two cut by its ends go through a block-sized buffer.
+        let whole = offset.div_ceil(bs)..end / bs;
+        let mut edges = Vec::with_capacity(2);
+        if whole.is_empty() {
+            edges.extend((offset / bs..=(end - 1) / bs).take(2));
+        } else {
+            if !offset.is_multiple_of(bs) {
+                edges.push(offset / bs);
+            }
+            if !end.is_multiple_of(bs) {
+                edges.push(end / bs);
+            }
+        }
+        for i in edges {
             let bstart = i * bs;
             let from = offset.max(bstart);
             let to = end.min(bstart + bs);
-            buf[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&block[(from - bstart) as usize..(to - bstart) as usize]);
-        };
-        if let Some((ci, block)) = &self.cached {
-            if (first..=last).contains(ci) && self.map.get(*ci).id().is_some() {
-                copy(*ci, block);
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            match self.block(i).id() {
+                None => dst.fill(0),
+                Some(id) => dst.copy_from_slice(
+                    &self.partial_block(i, id)?[(from - bstart) as usize..(to - bstart) as usize],
+                ),
             }
         }
-        let mut newest = None;
-        for ((i, _), block) in wanted.iter().zip(data) {
-            copy(*i, &block);
-            newest = Some((*i, block));
+        if whole.is_empty() {
+            return Ok(());
         }
-        if let Some(n) = newest {
-            self.cached = Some(n);
+        let at = (whole.start * bs - offset) as usize;
+        let out = &mut buf[at..at + ((whole.end - whole.start) * bs) as usize];
+        let mut wanted: Vec<(usize, BlockId)> = Vec::new();
+        for (slot, dst) in out.chunks_mut(bs as usize).enumerate() {
+            match self.block(whole.start + slot as u64).id() {
+                Some(id) => wanted.push((slot, id)),
+                None => dst.fill(0),
+            }
         }
-        Ok(())
+        self.repo
+            .read_blocks_into(out, &wanted, &self.packs, &mut self.scratch)
     }
 }
