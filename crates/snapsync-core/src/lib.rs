@@ -9,12 +9,14 @@
 //! - [`time`]: snapshot ages ([`Timestamp`]).
 //! - [`extent`]: byte ranges and their algebra ([`ExtentList`]).
 //! - [`blockmap`]: a snapshot's content as a map of blocks, and deltas between maps.
+//! - [`codec`]: block compression, the one policy for packs and the wire.
 //! - [`snapshot`]: what stores list (volumes, snapshots) and what destinations remember (hints).
 //! - [`plan`]: which base a replication uses, from hints and listings.
 //! - [`retention`]: which snapshots `prune` keeps (restic/sanoid rules).
 //! - [`names`]: validation of volume and snapshot names (they become object keys and paths).
 
 pub mod blockmap;
+pub mod codec;
 pub mod extent;
 pub mod ids;
 pub mod names;

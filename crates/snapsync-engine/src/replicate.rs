@@ -10,7 +10,7 @@ use snapsync_core::{
     Extent, ExtentList, SnapshotInfo, VolumeInfo,
 };
 use snapsync_store::{
-    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
+    BaseRef, BlockContent, Bytes, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
     SnapshotSource, StoreError,
 };
 use tracing::{debug, info};
@@ -446,7 +446,10 @@ fn replicate_one(
                             let start = k * bs as usize;
                             BlockContent::Data {
                                 id: *id,
-                                data: batch.data[start..start + bs as usize].to_vec(),
+                                data: Bytes::copy_from_slice(
+                                    &batch.data[start..start + bs as usize],
+                                ),
+                                zstd: None,
                             }
                         }
                         Some(id) => {
@@ -468,6 +471,7 @@ fn replicate_one(
             Err(p) => std::panic::resume_unwind(p),
         }
     })?;
+    sent_bytes += receiver.flush().map_err(dst_err)?;
     let committed = receiver.commit().map_err(dst_err)?;
     progress.end();
     Ok(SnapshotReport {

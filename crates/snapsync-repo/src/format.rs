@@ -152,6 +152,20 @@ pub struct IndexEntry {
 pub const INDEX_ENTRY_LEN: usize = 32 + 8 + 4 + 4 + 1;
 
 /// Encode a pack index payload: `count u64`, then entries.
+/// Domain-separation context for pack ids. Frozen: readers never derive a pack id, but
+/// writers must keep naming the same content the same way.
+const PACK_ID_CONTEXT: &str = "snapsync 2026-11-29 pack id v1";
+
+/// A pack's id: BLAKE3 (derive-key) of its encoded index, which lists the plaintext ids,
+/// offsets and lengths of its blocks. Content-derived, so a retried upload writes the
+/// same object, and cheap: the block ids already hash the plaintext, so hashing the
+/// pack's (compressed) bytes again would cost a second pass over all data.
+pub fn pack_id(encoded_index: &[u8]) -> BlockId {
+    let mut h = blake3::Hasher::new_derive_key(PACK_ID_CONTEXT);
+    h.update(encoded_index);
+    BlockId(*h.finalize().as_bytes())
+}
+
 pub fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
     let mut v = Vec::with_capacity(8 + entries.len() * INDEX_ENTRY_LEN);
     v.extend_from_slice(&(entries.len() as u64).to_le_bytes());
@@ -284,10 +298,9 @@ pub fn decode_manifest(bytes: &[u8], location: &str) -> Result<Manifest> {
             "block count does not match size and block size".into(),
         ));
     }
-    let mut delta = Delta {
-        block_count,
-        entries: Default::default(),
-    };
+    // Collected, then built in one pass: a tree built by inserting sorted keys one by
+    // one leaves its nodes about half full, 1.5 times the memory of a bulk-built one.
+    let mut entries = Vec::with_capacity(count as usize);
     let mut last: Option<u64> = None;
     for _ in 0..count {
         let i = r.u64().ok_or_else(|| corrupt("truncated entry".into()))?;
@@ -306,11 +319,15 @@ pub fn decode_manifest(bytes: &[u8], location: &str) -> Result<Manifest> {
             )),
             k => return Err(corrupt(format!("unknown entry kind {k}"))),
         };
-        delta.entries.insert(i, b);
+        entries.push((i, b));
     }
     if r.pos != p.len() {
         return Err(corrupt("trailing bytes after entries".into()));
     }
+    let delta = Delta {
+        block_count,
+        entries: entries.into_iter().collect(),
+    };
     Ok(Manifest { header, delta })
 }
 

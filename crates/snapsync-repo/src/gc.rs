@@ -179,8 +179,8 @@ impl Repository {
             });
             buf.extend_from_slice(stored);
         }
-        let id = BlockId::of(&buf);
         let index = format::encode_index(&entries);
+        let id = format::pack_id(&index);
         let written = (buf.len() + index.len()) as u64;
         let job = self.backend.spawn_puts(vec![
             (key_pack(&id), Bytes::from(buf)),

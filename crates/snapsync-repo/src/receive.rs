@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use rayon::prelude::*;
-use snapsync_core::{validate_name, BlockId, BlockMap, BlockRef, Delta, Hint};
+use snapsync_core::{codec, validate_name, BlockId, BlockMap, BlockRef, Delta, Hint};
 use snapsync_store::{
     BlockContent, CommitInfo, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotSink,
     StoreError,
@@ -23,13 +23,9 @@ use crate::repo::{key_index, key_pack, Repository, CHECKPOINT_INTERVAL};
 /// Packs are flushed at this size: large objects for object stores, small enough that a
 /// killed replication loses little and a rerun reuses the rest.
 const PACK_TARGET: usize = 32 << 20;
-/// zstd level: fast, and most of the ratio of higher levels on disk images.
-const ZSTD_LEVEL: i32 = 3;
 /// Packs stored in the background at once; bounds memory to about
 /// `(MAX_UPLOADS + 1) * PACK_TARGET`.
 const MAX_UPLOADS: usize = 2;
-/// Bytes of a block tried first to detect incompressible data cheaply.
-const PROBE_LEN: usize = 4096;
 
 /// How many times a commit retries after losing a race with another writer.
 const COMMIT_ATTEMPTS: u32 = 20;
@@ -121,48 +117,11 @@ struct RepoReceiver<'a> {
     uploads: VecDeque<PendingPuts>,
 }
 
-/// Compress a block if that saves at least 1/16 of it; otherwise store it as is, so
-/// incompressible data costs one quick failed attempt and no decompression on read.
+/// A block new to the repository: id, plaintext, and the zstd frame it arrived with.
+type Fresh<'a> = (BlockId, &'a [u8], Option<&'a [u8]>);
+
 /// A new block ready for a pack: id, plaintext, and its zstd frame when that pays.
-type Encoded<'a> = (BlockId, &'a [u8], Option<Vec<u8>>);
-
-fn compress(data: &[u8]) -> Option<Vec<u8>> {
-    // Random or already-compressed data: a fast level-1 attempt on a sample is enough to
-    // tell, and costs a fraction of compressing the whole block.
-    if data.len() > 2 * PROBE_LEN {
-        let mid = data.len() / 2;
-        let sample = &data[mid..mid + PROBE_LEN];
-        match with_compressor(&PROBE, 1, |c| c.compress(sample)) {
-            Some(c) if c.len() < PROBE_LEN - PROBE_LEN / 32 => {}
-            _ => return None,
-        }
-    }
-    with_compressor(&FULL, ZSTD_LEVEL, |c| c.compress(data))
-        .filter(|c| c.len() < data.len() - data.len() / 16)
-}
-
-type CompressorSlot = std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>>;
-
-thread_local! {
-    // One zstd context per thread and level: creating one per block showed up in
-    // profiles as allocation and page-fault time.
-    static PROBE: CompressorSlot = const { std::cell::RefCell::new(None) };
-    static FULL: CompressorSlot = const { std::cell::RefCell::new(None) };
-}
-
-fn with_compressor(
-    slot: &'static std::thread::LocalKey<CompressorSlot>,
-    level: i32,
-    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<Vec<u8>>,
-) -> Option<Vec<u8>> {
-    slot.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        if cell.is_none() {
-            *cell = zstd::bulk::Compressor::new(level).ok();
-        }
-        cell.as_mut().and_then(|c| f(c).ok())
-    })
-}
+type Encoded<'a> = (BlockId, &'a [u8], Option<std::borrow::Cow<'a, [u8]>>);
 
 impl RepoReceiver<'_> {
     fn flush(&mut self) -> Result<()> {
@@ -170,16 +129,14 @@ impl RepoReceiver<'_> {
             return Ok(());
         }
         let pack = std::mem::take(&mut self.pack);
-        let id = BlockId::of(&pack.buf);
+        let index = format::encode_index(&pack.entries);
+        let id = format::pack_id(&index);
         debug!(pack = %id, size = pack.buf.len(), blocks = pack.entries.len(), "storing pack");
         // The pack before its index, in one ordered background job: an index never
         // names a pack that is not there.
         let job = self.repo.backend.spawn_puts(vec![
             (key_pack(&id), Bytes::from(pack.buf)),
-            (
-                key_index(&id),
-                Bytes::from(format::encode_index(&pack.entries)),
-            ),
+            (key_index(&id), Bytes::from(index)),
         ]);
         self.uploads.push_back(job);
         self.written.push((id, pack.entries));
@@ -200,6 +157,31 @@ impl RepoReceiver<'_> {
     }
 }
 
+impl Drop for RepoReceiver<'_> {
+    /// A receive abandoned before its commit (a dropped connection, a failed write)
+    /// leaves the packs it stored, with their indexes; index them in this process too, so
+    /// that a rerun in the same process (a server) does not send their blocks again.
+    fn drop(&mut self) {
+        if self.written.is_empty() {
+            return;
+        }
+        let mut stored = true;
+        while let Some(job) = self.uploads.pop_front() {
+            stored &= self.repo.backend.wait(job).is_ok();
+        }
+        if stored {
+            let written = std::mem::take(&mut self.written);
+            let _ = self.repo.with_index(|ix| {
+                for (pack, entries) in &written {
+                    ix.add_pack(*pack, entries);
+                }
+            });
+        } else {
+            self.repo.invalidate_index();
+        }
+    }
+}
+
 impl Receiver for RepoReceiver<'_> {
     fn missing(&mut self, ids: &[BlockId]) -> Result<Vec<bool>> {
         let session = &self.session;
@@ -212,12 +194,12 @@ impl Receiver for RepoReceiver<'_> {
 
     fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64> {
         let bs = self.repo.config.block_size as usize;
-        let mut fresh: Vec<(BlockId, &[u8])> = Vec::new();
+        let mut fresh: Vec<Fresh<'_>> = Vec::new();
         for b in &blocks {
             match &b.content {
                 BlockContent::Zero => self.map.set(b.index, BlockRef::Zero),
                 BlockContent::Existing(id) => self.map.set(b.index, BlockRef::Data(*id)),
-                BlockContent::Data { id, data } => {
+                BlockContent::Data { id, data, zstd } => {
                     if data.len() != bs {
                         return Err(StoreError::Malformed {
                             location: format!("block {} sent to {}", b.index, self.repo.location()),
@@ -227,27 +209,28 @@ impl Receiver for RepoReceiver<'_> {
                     self.map.set(b.index, BlockRef::Data(*id));
                     if !self.session.contains_key(id) {
                         self.session.insert(*id, ());
-                        fresh.push((*id, data));
+                        fresh.push((*id, data.as_ref(), zstd.as_deref()));
                     }
                 }
             }
         }
         let encoded: Vec<Encoded<'_>> = fresh
             .par_iter()
-            .map(|(id, data)| {
-                if BlockId::of(data) != *id {
-                    return Err(StoreError::corrupt(
-                        format!("block {id} sent to {}", self.repo.location()),
-                        "data does not match its id",
-                    ));
-                }
-                Ok((*id, *data, compress(data)))
+            // Ids are trusted (see `BlockContent::Data`): hashing every block again
+            // here would cost as much as the engine's own hashing.
+            // A frame the sender compressed is kept as is: same codec, no second pass.
+            .map(|(id, data, zstd)| {
+                let frame = match zstd {
+                    Some(z) => Some(std::borrow::Cow::Borrowed(*z)),
+                    None => codec::compress(data).map(std::borrow::Cow::Owned),
+                };
+                (*id, *data, frame)
             })
-            .collect::<Result<_>>()?;
+            .collect();
         let mut added = 0u64;
         for (id, data, compressed) in encoded {
             let (compression, bytes) = match &compressed {
-                Some(c) => (Compression::Zstd, c.as_slice()),
+                Some(c) => (Compression::Zstd, c.as_ref()),
                 None => (Compression::None, data),
             };
             if self.pack.buf.is_empty() {

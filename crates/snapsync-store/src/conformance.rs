@@ -317,7 +317,11 @@ fn send(
         } else {
             let id = BlockId::of(&block);
             if rx.missing(&[id]).expect("missing")[0] {
-                BlockContent::Data { id, data: block }
+                BlockContent::Data {
+                    id,
+                    data: block.into(),
+                    zstd: None,
+                }
             } else {
                 BlockContent::Existing(id)
             }

@@ -16,6 +16,7 @@ pub mod conformance;
 mod error;
 pub mod memory;
 
+pub use bytes::Bytes;
 use snapsync_core::{BlockId, ExtentList, Hint, Origin, SnapshotInfo, VolumeInfo};
 
 pub use error::{Result, StoreError};
@@ -148,10 +149,17 @@ pub enum BlockContent {
     Existing(BlockId),
     /// New data; `id` is BLAKE3 of `data`.
     Data {
-        /// BLAKE3 of the plaintext.
+        /// BLAKE3 of the plaintext. Sinks trust it: the engine computed it from `data`,
+        /// and the server checks it before handing blocks from the network to a sink.
         id: BlockId,
-        /// Plaintext, exactly the sink's block size.
-        data: Vec<u8>,
+        /// Plaintext, exactly the sink's block size. Shared bytes, so that a block can
+        /// be a slice of a received request without a copy.
+        data: Bytes,
+        /// The same block as one zstd frame made by [`snapsync_core::codec::compress`],
+        /// when the sender already compressed it (a block received over the network):
+        /// a sink that stores such frames keeps it instead of compressing again.
+        /// `data` is what it decompresses to.
+        zstd: Option<Bytes>,
     },
 }
 
@@ -169,8 +177,21 @@ pub struct IncomingBlock {
 pub trait Receiver: Send {
     /// For each id, whether the sink lacks that block (so its data must be sent).
     fn missing(&mut self, ids: &[BlockId]) -> Result<Vec<bool>>;
-    /// Store blocks; returns the bytes this added to the sink (after compression).
+    /// Store blocks; returns the bytes added to the sink (after compression) by this
+    /// call, or by earlier calls a pipelining receiver has finished since.
+    ///
+    /// A receiver may pipeline: accept a batch and return before it is stored, so the
+    /// caller can prepare the next one while this one travels (the remote store does).
+    /// Such a receiver reports a failed batch on a later call at the latest on
+    /// [`Receiver::flush`]. Blocks a pending batch carries count as present in
+    /// [`Receiver::missing`] answers, and later batches may refer to them as
+    /// [`BlockContent::Existing`].
     fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64>;
+    /// Wait until every batch given to [`Receiver::write`] is stored; returns the bytes
+    /// they added that earlier `write` calls did not report yet.
+    fn flush(&mut self) -> Result<u64> {
+        Ok(0)
+    }
     /// Make the snapshot and its hint visible, atomically.
     fn commit(self: Box<Self>) -> Result<CommitInfo>;
 }
