@@ -1,6 +1,7 @@
 //! End-to-end tests of `snapsync serve` and `snapsync://` stores: real processes on
-//! 127.0.0.1, plain text and TLS, push, pull, remote to remote, refusals, and a server
-//! killed mid-transfer then a rerun that resumes.
+//! 127.0.0.1, plain text and TLS, push, pull, remote to remote, refusals, a server or a
+//! client killed mid-transfer then a rerun that resumes, and idle receive sessions
+//! abandoned after `SNAPSYNC_SESSION_IDLE_SECS`.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,6 +23,24 @@ struct ServerProc {
     child: Child,
     port: u16,
     args: Vec<String>,
+    /// Its stderr (log) lines so far.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServerProc {
+    /// Wait until a log line contains `needle`; false if none did within `limit`.
+    fn wait_for_log(&self, needle: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for ServerProc {
@@ -42,6 +62,12 @@ fn token_file(dir: &Path) -> PathBuf {
 
 /// Start a server on `port` (0: any) and wait until it says it listens.
 fn start_server(args: &[String], port: u16) -> ServerProc {
+    start_server_env(args, port, &[])
+}
+
+/// [`start_server`] with extra environment variables. Its stderr is collected (and
+/// echoed into the test's output).
+fn start_server_env(args: &[String], port: u16, env: &[(&str, &str)]) -> ServerProc {
     let mut a = vec![
         "serve".to_string(),
         "--listen".into(),
@@ -50,10 +76,21 @@ fn start_server(args: &[String], port: u16) -> ServerProc {
     a.extend_from_slice(args);
     let mut child = bin()
         .args(&a)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let line = strip_ansi(&line);
+            eprintln!("[server] {line}");
+            sink.lock().unwrap().push(line);
+        }
+    });
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -70,10 +107,34 @@ fn start_server(args: &[String], port: u16) -> ServerProc {
         child,
         port,
         args: args.to_vec(),
+        log,
     }
 }
 
+/// A log line without its colours.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+        } else if chars.next() == Some('[') {
+            // A control sequence ends with a byte in '@'..='~'.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
 fn plaintext_server(dir: &Path, stores: &[(&str, String)]) -> ServerProc {
+    plaintext_server_env(dir, stores, &[])
+}
+
+fn plaintext_server_env(dir: &Path, stores: &[(&str, String)], env: &[(&str, &str)]) -> ServerProc {
     let mut args: Vec<String> = vec![
         "--token-file".into(),
         token_file(dir).to_str().unwrap().into(),
@@ -83,7 +144,7 @@ fn plaintext_server(dir: &Path, stores: &[(&str, String)]) -> ServerProc {
         args.push("--store".into());
         args.push(format!("{n}={u}"));
     }
-    start_server(&args, 0)
+    start_server_env(&args, 0, env)
 }
 
 fn env(token: &str) -> Vec<(String, String)> {
@@ -276,7 +337,7 @@ fn refusals_bad_token_read_only_token_traversal_and_version() {
     assert!(failure_line(&out).contains("SNAPSYNC_TOKEN"));
     let (status, body) = raw_http(
         server.port,
-        "GET /v1/stores/repo/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 1\r\nconnection: close\r\n\r\n",
+        "GET /v1/stores/repo/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 2\r\nconnection: close\r\n\r\n",
     );
     assert_eq!(status, 401, "{body}");
 
@@ -291,7 +352,7 @@ fn refusals_bad_token_read_only_token_traversal_and_version() {
     for path in ["..%2F..%2Fetc", "%2E%2E", "repo%2F..%2F..", ".hidden"] {
         let (status, body) = raw_http(
             server.port,
-            &format!("GET /v1/stores/{path}/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 1\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"),
+            &format!("GET /v1/stores/{path}/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 2\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"),
         );
         assert!(
             status == 400 && body.contains("invalid store name"),
@@ -312,7 +373,7 @@ fn refusals_bad_token_read_only_token_traversal_and_version() {
     let body = r#"{"volume":"../x","snapshot":"s1","offset":0,"len":4096}"#;
     let (status, resp) = raw_http(
         server.port,
-        &format!("POST /v1/stores/img/read HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 1\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()),
+        &format!("POST /v1/stores/img/read HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 2\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()),
     );
     assert_eq!(status, 400, "{resp}");
     assert!(resp.contains("invalid volume name"), "{resp}");
@@ -359,8 +420,9 @@ fn server_killed_mid_transfer_then_a_rerun_resumes() {
     let mut server = plaintext_server(dir.path(), &[("repo", repo.clone())]);
     let src = format!("raw:{}", images.display());
     let remote = url(&server, "repo");
-    let packs = Path::new(&repo).join("packs");
-    let before = count_files(&packs);
+    // A pack counts for the rerun once its index is stored (packs go first).
+    let indexes = Path::new(&repo).join("index");
+    let before = count_files(&indexes);
 
     let mut client = bin()
         .args(["replicate", &src, &remote, "--json"])
@@ -370,7 +432,7 @@ fn server_killed_mid_transfer_then_a_rerun_resumes() {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    while count_files(&packs) < before + 2 {
+    while count_files(&indexes) < before + 1 {
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "no pack appeared"
@@ -401,6 +463,204 @@ fn server_killed_mid_transfer_then_a_rerun_resumes() {
         "rerun resent everything: {sent}"
     );
     assert!(num(&r[0], "dedup_bytes") >= 32 * MIB as u64, "{}", r[0]);
+    restore_equals(&repo, "vm@s1", dir.path(), &s1);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["verify", &repo, "--read-data", "--json"])).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+/// Run snapsync with extra environment variables; a run longer than `limit` is killed and
+/// fails the test (a hang must not block the suite).
+fn run_bounded(args: &[&str], env: &[(String, String)], limit: Duration) -> Output {
+    use std::io::{Seek, SeekFrom};
+    let mut out = tempfile::tempfile().unwrap();
+    let mut err = tempfile::tempfile().unwrap();
+    let mut child = bin()
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let read = |f: &mut std::fs::File| {
+        let mut v = Vec::new();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut v).unwrap();
+        v
+    };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "snapsync {args:?} still running after {limit:?}:\n{}",
+                String::from_utf8_lossy(&read(&mut err))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: read(&mut out),
+        stderr: read(&mut err),
+    }
+}
+
+/// Require success; returns stdout.
+fn success(args: &[&str], out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "snapsync {args:?} failed ({:?}):\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// `replicate SRC REMOTE --json`, bounded in time; its report lines.
+fn replicate_bounded(src: &str, remote: &str) -> Vec<serde_json::Value> {
+    let args = ["replicate", src, remote, "--json"];
+    let out = run_bounded(&args, &env(TOKEN), Duration::from_secs(120));
+    success(&args, &out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+/// Start `replicate SRC REMOTE` and SIGKILL it once the repository at `repo` holds
+/// `packs` more packs than before: mid-transfer, its receive session open on the server.
+fn kill_client_mid_transfer(src: &str, remote: &str, repo: &str, packs: usize) {
+    use std::os::unix::process::ExitStatusExt;
+    let packs_dir = Path::new(repo).join("packs");
+    let before = count_files(&packs_dir);
+    let mut client = bin()
+        .args(["replicate", src, remote, "--json"])
+        .env("SNAPSYNC_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while count_files(&packs_dir) < before + packs {
+        if let Some(status) = client.try_wait().unwrap() {
+            panic!("the replication ended ({status}) before it could be killed");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no pack appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    client.kill().unwrap(); // SIGKILL
+    let status = client.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "not killed: {status}");
+}
+
+#[test]
+fn client_killed_mid_transfer_then_a_rerun_resumes_on_the_same_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let size = 128 * MIB as u64;
+    let s1 = random(31, size as usize);
+    write_image(&images, "vm", "s1", &s1, T0);
+    let repo = init_repo(dir.path(), &[]);
+    let server = plaintext_server_env(
+        dir.path(),
+        &[("repo", repo.clone())],
+        &[("SNAPSYNC_LOG", "info")],
+    );
+    let src = format!("raw:{}", images.display());
+    let remote = url(&server, "repo");
+
+    kill_client_mid_transfer(&src, &remote, &repo, 2);
+    // Nothing is committed, locally or as the server sees it.
+    let list: serde_json::Value = serde_json::from_str(&ok(&["list", &repo, "--json"])).unwrap();
+    assert!(list["volumes"].as_array().unwrap().is_empty(), "{list}");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok_env(&["list", &remote, "--json"], &env(TOKEN))).unwrap();
+    assert!(list["volumes"].as_array().unwrap().is_empty(), "{list}");
+
+    // The server stayed up with the dead client's session; the rerun's begin replaces it
+    // and sends only what the stored packs lack.
+    let r = replicate_bounded(&src, &remote);
+    assert_eq!(r.len(), 1);
+    let sent = num(&r[0], "sent_bytes");
+    assert!(
+        sent <= size - 32 * MIB as u64,
+        "rerun resent everything: {}",
+        r[0]
+    );
+    assert!(num(&r[0], "dedup_bytes") >= 32 * MIB as u64, "{}", r[0]);
+    assert!(
+        server.wait_for_log(
+            "abandoning an earlier receive session of the same snapshot",
+            Duration::from_secs(5)
+        ),
+        "the server did not say it replaced the abandoned session"
+    );
+    restore_equals(&repo, "vm@s1", dir.path(), &s1);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["verify", &repo, "--read-data", "--json"])).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn an_idle_session_of_a_killed_client_is_abandoned_and_releases_its_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let size = 96 * MIB as u64;
+    let s1 = random(41, size as usize);
+    write_image(&images, "vm", "s1", &s1, T0);
+    let repo = init_repo(dir.path(), &[]);
+    let server = plaintext_server_env(
+        dir.path(),
+        &[("repo", repo.clone())],
+        &[
+            ("SNAPSYNC_SESSION_IDLE_SECS", "2"),
+            ("SNAPSYNC_LOG", "info"),
+        ],
+    );
+    assert!(server.wait_for_log("idle_secs=2", Duration::from_secs(10)));
+    let src = format!("raw:{}", images.display());
+    let remote = url(&server, "repo");
+
+    kill_client_mid_transfer(&src, &remote, &repo, 1);
+    let killed = Instant::now();
+    // The dead client's session holds a session lock on the repository, so gc waits for
+    // it; when the server abandons the idle session, the lock goes and gc goes on.
+    let args = ["gc", &repo, "--json"];
+    let gc_env = [(
+        "SNAPSYNC_LOG".to_string(),
+        "snapsync_repo=debug".to_string(),
+    )];
+    let out = run_bounded(&args, &gc_env, Duration::from_secs(15));
+    let took = killed.elapsed();
+    let report: serde_json::Value = serde_json::from_str(&success(&args, &out)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gc waiting for writers to finish"),
+        "gc did not find the session's lock: {err}"
+    );
+    assert!(
+        server.wait_for_log("abandoning idle receive session", Duration::from_secs(5)),
+        "the server did not say it abandoned the session"
+    );
+    eprintln!("gc finished {took:?} after the client was killed: {report}");
+    // Nothing references the abandoned session's packs any more.
+    assert!(num(&report, "packs_deleted") >= 1, "{report}");
+    let list: serde_json::Value = serde_json::from_str(&ok(&["list", &repo, "--json"])).unwrap();
+    assert!(list["volumes"].as_array().unwrap().is_empty(), "{list}");
+
+    // The server goes on: a rerun sends everything again (gc removed the packs, and the
+    // server must not count on its cached index of them) and restores bit for bit.
+    let r = replicate_bounded(&src, &remote);
+    assert_eq!(r.len(), 1);
+    assert!(num(&r[0], "sent_bytes") >= size, "{}", r[0]);
     restore_equals(&repo, "vm@s1", dir.path(), &s1);
     let v: serde_json::Value =
         serde_json::from_str(&ok(&["verify", &repo, "--read-data", "--json"])).unwrap();

@@ -4,14 +4,15 @@
 //! by the store. Reads of a large range are split and sent concurrently over the one
 //! HTTP/2 connection, so the server reads and compresses in parallel.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use snapsync_core::{BlockId, Hint, VolumeInfo};
 use snapsync_store::{
-    CommitInfo, Diff, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotReader, SnapshotRef,
-    SnapshotSink, SnapshotSource, Store, StoreError,
+    BlockContent, CommitInfo, Diff, IncomingBlock, ReceiveRequest, Receiver, Result,
+    SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
 };
 use tracing::debug;
 
@@ -22,6 +23,9 @@ use crate::RemoteError;
 const READ_CHUNK: u64 = 2 << 20;
 /// A `write` request carries at most about this many bytes of encoded blocks.
 const WRITE_BODY_TARGET: usize = 32 << 20;
+/// Writes sent before waiting for the oldest answer: enough that the server is always
+/// storing one batch while the next travels and the one after is being compressed.
+const WRITES_IN_FLIGHT: usize = 3;
 
 /// How to reach and authenticate to a server.
 #[derive(Clone, Default)]
@@ -512,6 +516,9 @@ impl SnapshotSink for RemoteStore {
             store: self,
             session: b.session,
             finished: false,
+            next_sequence: 0,
+            in_flight: VecDeque::new(),
+            in_flight_ids: HashMap::new(),
         }))
     }
 }
@@ -520,11 +527,75 @@ struct RemoteReceiver<'a> {
     store: &'a RemoteStore,
     session: String,
     finished: bool,
+    /// Sequence number of the next `write`: the server applies writes in this order
+    /// whatever order their requests arrive in.
+    next_sequence: u64,
+    /// Writes sent and not yet answered, oldest first, with the ids of the data blocks
+    /// each carries.
+    in_flight: VecDeque<(tokio::task::JoinHandle<Result<u64>>, Vec<BlockId>)>,
+    /// How many in-flight writes carry each data block: those blocks count as present.
+    in_flight_ids: HashMap<BlockId, u32>,
 }
 
 impl RemoteReceiver<'_> {
     fn op(&self, cmd: &str) -> String {
         format!("receive/{}/{cmd}", self.session)
+    }
+
+    /// Send one write without waiting for its answer.
+    fn send_write(&mut self, part: Vec<IncomingBlock>) {
+        let ids: Vec<BlockId> = part
+            .iter()
+            .filter_map(|b| match &b.content {
+                BlockContent::Data { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for id in &ids {
+            *self.in_flight_ids.entry(*id).or_default() += 1;
+        }
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let s = self.store;
+        let client = s.client.clone();
+        let (url, token) = (s.url.clone(), s.token.clone());
+        let endpoint = format!("{}/{}", s.base, self.op("write"));
+        let task = s.runtime.spawn(async move {
+            // Compression runs on all cores, off the caller's thread.
+            let body = tokio::task::spawn_blocking(move || encode_blocks(&part))
+                .await
+                .map_err(|e| backend(format!("{url}: write"), e))?;
+            let req = client
+                .post(endpoint)
+                .header(SEQUENCE_HEADER, sequence.to_string())
+                .body(body);
+            let (_, b) = RemoteStore::send(&client, &url, "write", req, &token).await?;
+            let r: WriteResponse = serde_json::from_slice(&b).map_err(|e| StoreError::Backend {
+                context: format!("{url}: write: malformed answer"),
+                source: Box::new(e),
+            })?;
+            Ok(r.stored_bytes)
+        });
+        self.in_flight.push_back((task, ids));
+    }
+
+    /// Wait for the oldest in-flight write.
+    fn finish_oldest(&mut self) -> Result<u64> {
+        let Some((task, ids)) = self.in_flight.pop_front() else {
+            return Ok(0);
+        };
+        for id in ids {
+            if let Some(n) = self.in_flight_ids.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_flight_ids.remove(&id);
+                }
+            }
+        }
+        self.store
+            .runtime
+            .block_on(task)
+            .map_err(|e| backend(format!("{}: write", self.store.url), e))?
     }
 }
 
@@ -537,11 +608,16 @@ impl Receiver for RemoteReceiver<'_> {
                 &self.op("missing"),
                 Some(encode_ids(part)),
             )?;
+            let bits = decode_bitmap(&b, part.len()).map_err(|e| StoreError::Backend {
+                context: format!("{}: missing", self.store.url),
+                source: Box::new(e),
+            })?;
+            // A block an unanswered write carries is present by the time a later write
+            // refers to it: the server applies writes in sequence.
             out.extend(
-                decode_bitmap(&b, part.len()).map_err(|e| StoreError::Backend {
-                    context: format!("{}: missing", self.store.url),
-                    source: Box::new(e),
-                })?,
+                bits.into_iter()
+                    .zip(part)
+                    .map(|(m, id)| m && !self.in_flight_ids.contains_key(id)),
             );
         }
         Ok(out)
@@ -549,34 +625,42 @@ impl Receiver for RemoteReceiver<'_> {
 
     fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64> {
         let mut stored = 0;
-        let mut rest = blocks.as_slice();
-        while !rest.is_empty() {
+        let mut blocks = blocks.into_iter().peekable();
+        while blocks.peek().is_some() {
             // Bounded requests: a batch of many zero blocks, or of large blocks, is split.
-            let mut n = 0;
+            let mut part = Vec::new();
             let mut size = 0usize;
-            while n < rest.len() && n < MAX_BATCH_BLOCKS && size < WRITE_BODY_TARGET {
+            while part.len() < MAX_BATCH_BLOCKS && size < WRITE_BODY_TARGET {
+                let Some(b) = blocks.next() else { break };
                 size += 41
-                    + match &rest[n].content {
-                        snapsync_store::BlockContent::Data { data, .. } => data.len() + 4,
+                    + match &b.content {
+                        BlockContent::Data { data, .. } => data.len() + 4,
                         _ => 0,
                     };
-                n += 1;
+                part.push(b);
             }
-            let (part, tail) = rest.split_at(n);
-            rest = tail;
-            let body = encode_blocks(part);
-            let r: WriteResponse = {
-                let (_, b) =
-                    self.store
-                        .request(reqwest::Method::POST, &self.op("write"), Some(body))?;
-                self.store.decode("write", &b)?
-            };
-            stored += r.stored_bytes;
+            while self.in_flight.len() >= WRITES_IN_FLIGHT {
+                stored += self.finish_oldest()?;
+            }
+            self.send_write(part);
+        }
+        // Collect what has already been answered, without waiting.
+        while self.in_flight.front().is_some_and(|(t, _)| t.is_finished()) {
+            stored += self.finish_oldest()?;
+        }
+        Ok(stored)
+    }
+
+    fn flush(&mut self) -> Result<u64> {
+        let mut stored = 0;
+        while !self.in_flight.is_empty() {
+            stored += self.finish_oldest()?;
         }
         Ok(stored)
     }
 
     fn commit(mut self: Box<Self>) -> Result<CommitInfo> {
+        self.flush()?;
         self.finished = true;
         let (_, b) =
             self.store
@@ -591,6 +675,9 @@ impl Receiver for RemoteReceiver<'_> {
 
 impl Drop for RemoteReceiver<'_> {
     fn drop(&mut self) {
+        for (task, _) in self.in_flight.drain(..) {
+            task.abort();
+        }
         if !self.finished {
             // Best effort: the server abandons the session itself otherwise.
             let _ = self

@@ -1,16 +1,26 @@
 //! The wire protocol shared by client and server (see `docs/PROTOCOL.md`): version
 //! header, JSON bodies, and the binary encodings of block-id lists and block batches.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use snapsync_core::{BlockId, ExtentList, Origin, SnapshotInfo};
+use snapsync_core::{codec, BlockId, ExtentList, Origin, SnapshotInfo};
 use snapsync_store::{BlockContent, IncomingBlock, StoreError};
 
 /// The protocol version this build speaks. Client and server refuse any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2: `write` requests carry a [`SEQUENCE_HEADER`] and the server applies them
+/// in its order, so a client may keep several in flight.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Header carrying [`PROTOCOL_VERSION`] on every request and response.
 pub const VERSION_HEADER: &str = "snapsync-protocol";
 /// Header telling how a `read` response body is encoded: `zstd` or `identity`.
 pub const ENCODING_HEADER: &str = "snapsync-encoding";
+/// Header numbering a session's `write` requests from 0: the order the server applies
+/// them in.
+pub const SEQUENCE_HEADER: &str = "snapsync-sequence";
+/// Most `write` requests of one session the server holds while an earlier one has not
+/// arrived.
+pub const MAX_WRITES_AHEAD: u64 = 8;
 
 /// Largest byte range one `read` request may ask for.
 pub const MAX_READ_LEN: u64 = 16 << 20;
@@ -23,9 +33,6 @@ pub const MAX_BATCH_BLOCKS: usize = 1 << 16;
 /// Largest response body the client accepts (listings of many snapshots, diffs with many
 /// extents).
 pub const MAX_RESPONSE: usize = 256 << 20;
-
-/// Bytes of a block tried first to detect incompressible data cheaply.
-const PROBE_LEN: usize = 4096;
 
 /// Store information: `GET .../info`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -244,22 +251,6 @@ const KIND_EXISTING: u8 = 1;
 const KIND_RAW: u8 = 2;
 const KIND_ZSTD: u8 = 3;
 
-/// Compress `data` if that is worth it: `Some(compressed)` or `None` to send it as is.
-/// A sample is tried first so incompressible data costs little.
-pub fn maybe_compress(data: &[u8]) -> Option<Vec<u8>> {
-    if data.len() > 2 * PROBE_LEN {
-        let mid = data.len() / 2;
-        match zstd::bulk::compress(&data[mid..mid + PROBE_LEN], 1) {
-            Ok(c) if c.len() < PROBE_LEN - PROBE_LEN / 32 => {}
-            _ => return None,
-        }
-    }
-    match zstd::bulk::compress(data, 1) {
-        Ok(c) if c.len() < data.len() - data.len() / 16 => Some(c),
-        _ => None,
-    }
-}
-
 /// A batch of blocks: for each, `u64 index (LE)`, a kind byte, then for `existing` the
 /// 32-byte id, for `raw` the id, `u32 len` and the data, for `zstd` the id, `u32 len`
 /// and the zstd frame of the data.
@@ -269,7 +260,8 @@ pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<u8> {
     let mut compressed: Vec<Option<Vec<u8>>> = blocks
         .par_iter()
         .map(|b| match &b.content {
-            BlockContent::Data { data, .. } => maybe_compress(data),
+            BlockContent::Data { zstd: Some(z), .. } => Some(z.to_vec()),
+            BlockContent::Data { data, .. } => codec::compress(data),
             _ => None,
         })
         .collect();
@@ -291,10 +283,10 @@ pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<u8> {
                 v.push(KIND_EXISTING);
                 v.extend_from_slice(id.as_bytes());
             }
-            BlockContent::Data { id, data } => {
+            BlockContent::Data { id, data, .. } => {
                 let (kind, bytes) = match c.take() {
                     Some(c) => (KIND_ZSTD, std::borrow::Cow::Owned(c)),
-                    None => (KIND_RAW, std::borrow::Cow::Borrowed(data.as_slice())),
+                    None => (KIND_RAW, std::borrow::Cow::Borrowed(data.as_ref())),
                 };
                 v.push(kind);
                 v.extend_from_slice(id.as_bytes());
@@ -307,8 +299,9 @@ pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<u8> {
 }
 
 /// Inverse of [`encode_blocks`]. Every data block must decode to exactly `block_size`
-/// bytes whose BLAKE3 is its id.
-pub fn decode_blocks(buf: &[u8], block_size: u64) -> Result<Vec<IncomingBlock>, DecodeError> {
+/// bytes whose BLAKE3 is its id: this is where data from the network is checked, before
+/// any sink (which trusts ids) sees it. Uncompressed blocks stay slices of `buf`.
+pub fn decode_blocks(buf: &Bytes, block_size: u64) -> Result<Vec<IncomingBlock>, DecodeError> {
     const W: &str = "block batch";
     let bs = block_size as usize;
     let mut out = Vec::new();
@@ -335,13 +328,16 @@ pub fn decode_blocks(buf: &[u8], block_size: u64) -> Result<Vec<IncomingBlock>, 
                 let id = BlockId(take(&mut p, 32)?.try_into().expect("32 bytes"));
                 let len =
                     u32::from_le_bytes(take(&mut p, 4)?.try_into().expect("4 bytes")) as usize;
+                let at = p;
                 let bytes = take(&mut p, len)?;
-                let data = if kind == KIND_RAW {
-                    bytes.to_vec()
+                let (data, zstd) = if kind == KIND_RAW {
+                    (buf.slice(at..at + len), None)
                 } else {
-                    // Bounded: at most one block of output.
-                    zstd::bulk::decompress(bytes, bs)
-                        .map_err(|e| derr(W, format!("block {index}: {e}")))?
+                    // Bounded: at most one block of output. The frame goes on to the
+                    // sink, which may store it rather than compress again.
+                    let plain = codec::decompress(bytes, bs)
+                        .map_err(|e| derr(W, format!("block {index}: {e}")))?;
+                    (plain.into(), Some(buf.slice(at..at + len)))
                 };
                 if data.len() != bs {
                     return Err(derr(
@@ -352,7 +348,7 @@ pub fn decode_blocks(buf: &[u8], block_size: u64) -> Result<Vec<IncomingBlock>, 
                         ),
                     ));
                 }
-                BlockContent::Data { id, data }
+                BlockContent::Data { id, data, zstd }
             }
             k => return Err(derr(W, format!("unknown block kind {k} at block {index}"))),
         };
@@ -364,40 +360,13 @@ pub fn decode_blocks(buf: &[u8], block_size: u64) -> Result<Vec<IncomingBlock>, 
 
 /// Check that every data block hashes to its id, on all cores.
 fn verify_ids(blocks: &[IncomingBlock]) -> Result<(), DecodeError> {
-    let check = |part: &[IncomingBlock]| -> Result<(), DecodeError> {
-        for b in part {
-            if let BlockContent::Data { id, data } = &b.content {
-                if BlockId::of(data) != *id {
-                    return Err(derr(
-                        "block batch",
-                        format!("block {}: its data does not hash to its id {id}", b.index),
-                    ));
-                }
-            }
-        }
-        Ok(())
-    };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    if threads < 2 || blocks.len() < 4 {
-        return check(blocks);
-    }
-    let per = blocks.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = blocks
-            .chunks(per)
-            .map(|part| s.spawn(move || check(part)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(derr("block batch", "verification failed")))
-            })
-            .collect::<Result<Vec<()>, _>>()
-            .map(|_| ())
+    use rayon::prelude::*;
+    blocks.par_iter().try_for_each(|b| match &b.content {
+        BlockContent::Data { id, data, .. } if BlockId::of(data) != *id => Err(derr(
+            "block batch",
+            format!("block {}: its data does not hash to its id {id}", b.index),
+        )),
+        _ => Ok(()),
     })
 }
 
@@ -423,29 +392,44 @@ mod tests {
                 index: 2,
                 content: BlockContent::Data {
                     id: BlockId::of(&a),
-                    data: a.clone(),
+                    data: a.clone().into(),
+                    zstd: None,
                 },
             },
             IncomingBlock {
                 index: 3,
                 content: BlockContent::Data {
                     id: BlockId::of(&b),
-                    data: b.clone(),
+                    data: b.clone().into(),
+                    zstd: None,
                 },
             },
         ];
-        let enc = encode_blocks(&blocks);
-        assert_eq!(decode_blocks(&enc, bs).unwrap(), blocks);
+        let enc = Bytes::from(encode_blocks(&blocks));
+        let mut decoded = decode_blocks(&enc, bs).unwrap();
+        // Compressible blocks arrive with the frame they were sent as, for the sink.
+        let mut frames = 0;
+        for b in &mut decoded {
+            if let BlockContent::Data { data, zstd, .. } = &mut b.content {
+                if let Some(frame) = zstd.take() {
+                    assert_eq!(codec::decompress(&frame, bs as usize).unwrap(), data[..]);
+                    frames += 1;
+                }
+            }
+        }
+        assert!(frames >= 1, "the all-sevens block compresses");
+        assert_eq!(decoded, blocks);
         assert!(decode_blocks(&enc, bs * 2).is_err());
-        assert!(decode_blocks(&enc[..enc.len() - 1], bs).is_err());
+        assert!(decode_blocks(&enc.slice(..enc.len() - 1), bs).is_err());
         let bad = encode_blocks(&[IncomingBlock {
             index: 9,
             content: BlockContent::Data {
                 id: BlockId::of(&b),
-                data: a,
+                data: a.into(),
+                zstd: None,
             },
         }]);
-        let e = decode_blocks(&bad, bs).unwrap_err().to_string();
+        let e = decode_blocks(&bad.into(), bs).unwrap_err().to_string();
         assert!(e.contains("does not hash"), "{e}");
     }
 

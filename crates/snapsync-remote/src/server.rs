@@ -5,12 +5,15 @@
 //! a thread of its own that owns a handle to the store and takes commands over a
 //! channel; the session id names that thread. A session left behind by a dropped
 //! connection is abandoned when the same snapshot is begun again, or after
-//! [`SESSION_IDLE`]; blocks it already stored stay, so the rerun does not send them again.
+//! [`SESSION_IDLE`] without requests (`SNAPSYNC_SESSION_IDLE_SECS`, read at startup, sets
+//! another limit in seconds: [`SESSION_IDLE_ENV`]); blocks it already stored stay, so the
+//! rerun does not send them again. Abandoning a session releases what its receiver holds,
+//! e.g. a repository's session lock, which `gc` waits for.
 
 // Handlers return a ready `Response` as their error: one per request, never hot.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,8 +38,30 @@ use crate::proto::*;
 use crate::tokens::{Access, Authorized, Tokens};
 use crate::RemoteError;
 
-/// A receive session untouched this long is abandoned.
+/// A receive session untouched this long is abandoned (unless [`SESSION_IDLE_ENV`] is set).
 pub const SESSION_IDLE: Duration = Duration::from_secs(15 * 60);
+
+/// Environment variable overriding [`SESSION_IDLE`]: whole seconds, at least 1. Read once,
+/// when the server is bound.
+pub const SESSION_IDLE_ENV: &str = "SNAPSYNC_SESSION_IDLE_SECS";
+
+/// The idle limit of receive sessions: [`SESSION_IDLE_ENV`] if set, else [`SESSION_IDLE`].
+fn session_idle() -> Result<Duration, RemoteError> {
+    let Some(v) = std::env::var_os(SESSION_IDLE_ENV) else {
+        return Ok(SESSION_IDLE);
+    };
+    match v.to_str().and_then(|v| v.trim().parse::<u64>().ok()) {
+        Some(secs) if secs >= 1 => Ok(Duration::from_secs(secs)),
+        _ => Err(RemoteError::Config {
+            what: format!("{SESSION_IDLE_ENV}={v:?} is not a whole number of seconds (at least 1)"),
+        }),
+    }
+}
+
+/// How often idle sessions are looked for: a quarter of the limit, within 1 s..30 s.
+fn reap_interval(idle: Duration) -> Duration {
+    (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
 
 /// A store the server exposes: always a source, a destination when it can be one.
 pub trait ServedStore: Send + Sync + 'static {
@@ -83,6 +108,8 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<State>,
+    /// Receive sessions idle this long are abandoned.
+    session_idle: Duration,
 }
 
 impl std::fmt::Debug for Server {
@@ -145,6 +172,7 @@ impl Server {
     /// Check the configuration and bind `addr`.
     pub fn bind(config: ServerConfig, addr: &str) -> Result<Self, RemoteError> {
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let session_idle = session_idle()?;
         let mut stores = HashMap::new();
         for (name, store) in config.stores {
             validate_name("store", &name).map_err(|e| RemoteError::Config {
@@ -173,6 +201,7 @@ impl Server {
             runtime,
             listener,
             tls,
+            session_idle,
             state: Arc::new(State {
                 stores,
                 tokens: config.tokens,
@@ -195,14 +224,19 @@ impl Server {
             listener,
             tls,
             state,
+            session_idle,
         } = self;
         runtime.block_on(async move {
             let reaper_state = state.clone();
+            info!(
+                idle_secs = session_idle.as_secs(),
+                "receive sessions idle this long are abandoned"
+            );
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(30));
+                let mut tick = tokio::time::interval(reap_interval(session_idle));
                 loop {
                     tick.tick().await;
-                    reaper_state.reap_idle();
+                    reaper_state.reap_idle(session_idle);
                 }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -357,12 +391,12 @@ async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
 }
 
 impl State {
-    fn reap_idle(&self) {
+    fn reap_idle(&self, idle: Duration) {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         s.retain(|id, h| {
-            let keep = h.last_used.elapsed() < SESSION_IDLE;
+            let keep = h.last_used.elapsed() < idle;
             if !keep {
-                info!(session = %id, "abandoning idle receive session");
+                info!(session = %id, idle_secs = idle.as_secs(), "abandoning idle receive session");
             }
             keep
         });
@@ -521,7 +555,7 @@ impl State {
                     let mut buf = vec![0u8; r.len as usize];
                     let mut reader = store.source().open_snapshot(&r.volume, &r.snapshot)?;
                     reader.read_at(r.offset, &mut buf)?;
-                    Ok(match maybe_compress(&buf) {
+                    Ok(match snapsync_core::codec::compress(&buf) {
                         Some(c) => (c, "zstd"),
                         None => (buf, "identity"),
                     })
@@ -568,6 +602,22 @@ impl State {
                 } else {
                     MAX_JSON_BODY * 4
                 };
+                let sequence = if cmd == "write" {
+                    let seq = req
+                        .headers()
+                        .get(SEQUENCE_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    Some(seq.ok_or_else(|| {
+                        error(
+                            400,
+                            "bad_request",
+                            format!("a write needs a numeric {SEQUENCE_HEADER} header"),
+                        )
+                    })?)
+                } else {
+                    None
+                };
                 let b = body(req, limit).await?;
                 let (rtx, rrx) = oneshot::channel();
                 let command = match cmd.as_str() {
@@ -582,7 +632,7 @@ impl State {
                                 .await
                                 .map_err(|e| error(500, "internal", e.to_string()))?
                                 .map_err(|e| error(400, "bad_request", e.to_string()))?;
-                        Command::Write(blocks, rtx)
+                        Command::Write(sequence.expect("set for writes"), blocks, rtx)
                     }
                     "commit" => Command::Commit(rtx),
                     "abort" => {
@@ -604,12 +654,16 @@ impl State {
                 let reply = rrx
                     .await
                     .map_err(|_| error(500, "internal", format!("receive session {sid} failed")))?;
-                if cmd == "commit" || reply.is_err() {
-                    // A failed receive cannot continue: drop it.
-                    self.sessions
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&sid);
+                {
+                    let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                    if cmd == "commit" || reply.is_err() {
+                        // A failed receive cannot continue: drop it.
+                        sessions.remove(&sid);
+                    } else if let Some(h) = sessions.get_mut(&sid) {
+                        // Idle time counts from the end of the last request, so a long
+                        // write (or one waiting for its predecessor) is not idleness.
+                        h.last_used = Instant::now();
+                    }
                 }
                 match reply.map_err(store_error)? {
                     Reply::Missing(bits) => Ok(respond(
@@ -722,13 +776,14 @@ fn new_session_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Where a session's answer to one request goes.
+type Responder = oneshot::Sender<Result<Reply, StoreError>>;
+
 enum Command {
-    Missing(Vec<BlockId>, oneshot::Sender<Result<Reply, StoreError>>),
-    Write(
-        Vec<IncomingBlock>,
-        oneshot::Sender<Result<Reply, StoreError>>,
-    ),
-    Commit(oneshot::Sender<Result<Reply, StoreError>>),
+    Missing(Vec<BlockId>, Responder),
+    /// A write with its sequence number.
+    Write(u64, Vec<IncomingBlock>, Responder),
+    Commit(Responder),
 }
 
 enum Reply {
@@ -779,15 +834,50 @@ fn session_thread(
     if ready.send(Ok(())).is_err() {
         return;
     }
+    // Writes are applied in their sequence order; ones that arrive early wait here.
+    let mut next_write = 0u64;
+    let mut early: BTreeMap<u64, (Vec<IncomingBlock>, Responder)> = BTreeMap::new();
     while let Ok(cmd) = rx.recv() {
         match cmd {
             Command::Missing(ids, reply) => {
                 let _ = reply.send(receiver.missing(&ids).map(Reply::Missing));
             }
-            Command::Write(blocks, reply) => {
-                let _ = reply.send(receiver.write(blocks).map(Reply::Written));
+            Command::Write(sequence, blocks, reply) => {
+                if sequence < next_write || early.contains_key(&sequence) {
+                    let _ = reply.send(Err(StoreError::Conflict {
+                        what: format!("write {sequence} of this session arrived twice"),
+                    }));
+                    return;
+                }
+                if sequence >= next_write + MAX_WRITES_AHEAD {
+                    let _ = reply.send(Err(StoreError::Conflict {
+                        what: format!(
+                            "write {sequence} arrived while write {next_write} is still awaited"
+                        ),
+                    }));
+                    return;
+                }
+                early.insert(sequence, (blocks, reply));
+                while let Some((blocks, reply)) = early.remove(&next_write) {
+                    next_write += 1;
+                    let result = receiver.write(blocks);
+                    let failed = result.is_err();
+                    let _ = reply.send(result.map(Reply::Written));
+                    if failed {
+                        // A failed receive cannot continue; waiting writes fail with it.
+                        return;
+                    }
+                }
             }
             Command::Commit(reply) => {
+                if let Some(first) = early.keys().next() {
+                    let _ = reply.send(Err(StoreError::Conflict {
+                        what: format!(
+                            "commit while write {next_write} never arrived (write {first} did)"
+                        ),
+                    }));
+                    return;
+                }
                 let _ = reply.send(receiver.commit().map(Reply::Committed));
                 return;
             }
