@@ -510,18 +510,6 @@ fn run_bounded(args: &[&str], env: &[(String, String)], limit: Duration) -> Outp
     }
 }
 
-/// Require success; returns stdout.
-fn success(args: &[&str], out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "snapsync {args:?} failed ({:?}):\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 /// `replicate SRC REMOTE --json`, bounded in time; its report lines.
 fn replicate_bounded(src: &str, remote: &str) -> Vec<serde_json::Value> {
     let args = ["replicate", src, remote, "--json"];

@@ -103,7 +103,11 @@ pub fn run_env(args: &[&str], env: &[(String, String)]) -> Output {
 
 /// Run with extra environment variables and require success; returns stdout.
 pub fn ok_env(args: &[&str], env: &[(String, String)]) -> String {
-    let out = run_env(args, env);
+    success(args, &run_env(args, env))
+}
+
+/// Require that a finished `snapsync args` succeeded; returns its stdout.
+pub fn success(args: &[&str], out: &Output) -> String {
     assert!(
         out.status.success(),
         "snapsync {args:?} failed ({:?}):\n{}\n{}",
@@ -111,7 +115,7 @@ pub fn ok_env(args: &[&str], env: &[(String, String)]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    String::from_utf8(out.stdout.clone()).expect("utf-8 output")
 }
 
 /// Run qemu-img and require success; returns stdout.
