@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use snapsync_remote::PROTOCOL_VERSION;
 
 const T0: u64 = 1_700_000_000;
 const TOKEN: &str = "test-token-rw-0123456789";
@@ -337,7 +338,7 @@ fn refusals_bad_token_read_only_token_traversal_and_version() {
     assert!(failure_line(&out).contains("SNAPSYNC_TOKEN"));
     let (status, body) = raw_http(
         server.port,
-        "GET /v1/stores/repo/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 2\r\nconnection: close\r\n\r\n",
+        &format!("GET /v1/stores/repo/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: {PROTOCOL_VERSION}\r\nconnection: close\r\n\r\n"),
     );
     assert_eq!(status, 401, "{body}");
 
@@ -352,7 +353,7 @@ fn refusals_bad_token_read_only_token_traversal_and_version() {
     for path in ["..%2F..%2Fetc", "%2E%2E", "repo%2F..%2F..", ".hidden"] {
         let (status, body) = raw_http(
             server.port,
-            &format!("GET /v1/stores/{path}/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 2\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"),
+            &format!("GET /v1/stores/{path}/list HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: {PROTOCOL_VERSION}\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"),
         );
         assert!(
             status == 400 && body.contains("invalid store name"),
@@ -373,7 +374,7 @@ fn refusals_bad_token_read_only_token_traversal_and_version() {
     let body = r#"{"volume":"../x","snapshot":"s1","offset":0,"len":4096}"#;
     let (status, resp) = raw_http(
         server.port,
-        &format!("POST /v1/stores/img/read HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: 2\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()),
+        &format!("POST /v1/stores/img/read HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: {PROTOCOL_VERSION}\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()),
     );
     assert_eq!(status, 400, "{resp}");
     assert!(resp.contains("invalid volume name"), "{resp}");

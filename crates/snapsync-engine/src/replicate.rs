@@ -1,8 +1,9 @@
 //! `replicate`: send every snapshot the destination lacks, or one chosen snapshot.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
+use bytes::BytesMut;
 use rayon::prelude::*;
 use serde::Serialize;
 use snapsync_core::{
@@ -10,8 +11,8 @@ use snapsync_core::{
     Extent, ExtentList, SnapshotInfo, VolumeInfo,
 };
 use snapsync_store::{
-    BaseRef, BlockContent, Bytes, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
-    SnapshotSource, StoreError,
+    BaseRef, BlockContent, Bytes, Compressed, IncomingBlock, ReceiveRequest, SnapshotRef,
+    SnapshotSink, SnapshotSource, StoreError,
 };
 use tracing::{debug, info};
 
@@ -59,6 +60,9 @@ pub struct SnapshotReport {
 const BATCH_BYTES: u64 = 8 << 20;
 /// Batches in flight between the reading and the storing side.
 const PIPELINE_DEPTH: usize = 2;
+/// Read buffers kept for reuse while a sink still holds slices of them (a repository's
+/// pack being filled and stored, a remote write in flight): about what sinks hold.
+const MAX_SPARE_BUFFERS: usize = 12;
 
 /// Replicate from `source` to `sink`, calling `on_report` after each snapshot commits.
 pub fn replicate(
@@ -284,8 +288,24 @@ pub(crate) fn plan_blocks(
 
 struct Batch {
     first_index: u64,
-    data: Vec<u8>,
+    /// Shared, so that blocks sent on are slices of it rather than copies.
+    data: Bytes,
     ids: Vec<Option<BlockId>>,
+}
+
+/// A block of `batch` as sent to the sink.
+///
+/// Sinks may keep what they get (a repository holds it in the pack it is filling until
+/// the pack is stored), and a slice keeps its whole batch buffer alive. So blocks are
+/// slices only when most of the batch is being sent, as in a full replication; the few
+/// blocks sent from a mostly-deduplicated batch are copied, and memory held stays
+/// bounded by about twice the data in flight.
+fn block_bytes(batch: &Bytes, range: std::ops::Range<usize>, sending_most: bool) -> Bytes {
+    if sending_most {
+        batch.slice(range)
+    } else {
+        Bytes::copy_from_slice(&batch[range])
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -374,16 +394,28 @@ fn replicate_one(
 
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Batch>>(PIPELINE_DEPTH);
-        // Buffers return to the reader: no fresh allocation (and page faults) per batch.
-        let (give_back, recycled) = crossbeam_channel::bounded::<Vec<u8>>(PIPELINE_DEPTH + 2);
+        // Buffers return to the reader: no fresh allocation (and page faults) per batch,
+        // unless the sink still holds slices of one.
+        let (give_back, recycled) = crossbeam_channel::bounded::<Bytes>(MAX_SPARE_BUFFERS);
         let plan = &plan;
         let reading = scope.spawn(move || {
+            // Returned buffers the sink may still hold slices of; each is reused once
+            // the sink lets go of it.
+            let mut spare: VecDeque<Bytes> = VecDeque::new();
             for e in plan.read.as_slice() {
                 let (first, end) = (e.offset / bs, e.end() / bs);
                 let mut index = first;
                 while index < end {
                     let n = batch_blocks.min(end - index);
-                    let mut data = recycled.try_recv().unwrap_or_default();
+                    spare.extend(recycled.try_iter());
+                    let mut data = match spare.iter().position(Bytes::is_unique) {
+                        Some(i) => spare
+                            .remove(i)
+                            .and_then(|b| b.try_into_mut().ok())
+                            .unwrap_or_default(),
+                        None => BytesMut::new(),
+                    };
+                    spare.truncate(MAX_SPARE_BUFFERS);
                     data.resize((n * bs) as usize, 0);
                     if let Err(err) = reader.read_at(index * bs, &mut data) {
                         let _ = tx.send(Err(src_err(err)));
@@ -400,7 +432,7 @@ fn replicate_one(
                     if tx
                         .send(Ok(Batch {
                             first_index: index,
-                            data,
+                            data: data.freeze(),
                             ids,
                         }))
                         .is_err()
@@ -433,6 +465,7 @@ fn replicate_one(
                 .zip(&unique)
                 .filter_map(|(m, id)| m.then_some(*id))
                 .collect();
+            let sending_most = 2 * missing.len() as u64 * bs >= batch.data.len() as u64;
             let mut sent_now = HashSet::new();
             let blocks: Vec<IncomingBlock> = batch
                 .ids
@@ -446,10 +479,12 @@ fn replicate_one(
                             let start = k * bs as usize;
                             BlockContent::Data {
                                 id: *id,
-                                data: Bytes::copy_from_slice(
-                                    &batch.data[start..start + bs as usize],
+                                data: block_bytes(
+                                    &batch.data,
+                                    start..start + bs as usize,
+                                    sending_most,
                                 ),
-                                zstd: None,
+                                compressed: Compressed::NotTried,
                             }
                         }
                         Some(id) => {

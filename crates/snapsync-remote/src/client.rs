@@ -568,7 +568,7 @@ impl RemoteReceiver<'_> {
             let req = client
                 .post(endpoint)
                 .header(SEQUENCE_HEADER, sequence.to_string())
-                .body(body);
+                .body(reqwest::Body::wrap(ChunksBody(body.into())));
             let (_, b) = RemoteStore::send(&client, &url, "write", req, &token).await?;
             let r: WriteResponse = serde_json::from_slice(&b).map_err(|e| StoreError::Backend {
                 context: format!("{url}: write: malformed answer"),
@@ -632,11 +632,7 @@ impl Receiver for RemoteReceiver<'_> {
             let mut size = 0usize;
             while part.len() < MAX_BATCH_BLOCKS && size < WRITE_BODY_TARGET {
                 let Some(b) = blocks.next() else { break };
-                size += 41
-                    + match &b.content {
-                        BlockContent::Data { data, .. } => data.len() + 4,
-                        _ => 0,
-                    };
+                size += encoded_size(&b);
                 part.push(b);
             }
             while self.in_flight.len() >= WRITES_IN_FLIGHT {
@@ -689,3 +685,27 @@ impl Drop for RemoteReceiver<'_> {
 
 /// Shared so the binary can keep one per URL.
 pub type SharedRemote = Arc<RemoteStore>;
+
+/// A request body sent as the chunks it already is (block data stays the buffers it was
+/// read into), each as it comes.
+struct ChunksBody(VecDeque<Bytes>);
+
+impl http_body::Body for ChunksBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|c| Ok(http_body::Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.0.iter().map(|c| c.len() as u64).sum())
+    }
+}

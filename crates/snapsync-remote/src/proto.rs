@@ -4,13 +4,15 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use snapsync_core::{codec, BlockId, ExtentList, Origin, SnapshotInfo};
-use snapsync_store::{BlockContent, IncomingBlock, StoreError};
+use snapsync_store::{BlockContent, Compressed, IncomingBlock, StoreError};
 
 /// The protocol version this build speaks. Client and server refuse any other.
 ///
+/// Version 3: a `write` batch lists all its blocks before their data, so that block
+/// data passes through both ends without being copied (see [`encode_blocks`]).
 /// Version 2: `write` requests carry a [`SEQUENCE_HEADER`] and the server applies them
 /// in its order, so a client may keep several in flight.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Header carrying [`PROTOCOL_VERSION`] on every request and response.
 pub const VERSION_HEADER: &str = "snapsync-protocol";
 /// Header telling how a `read` response body is encoded: `zstd` or `identity`.
@@ -248,189 +250,455 @@ pub fn decode_bitmap(buf: &[u8], n: usize) -> Result<Vec<bool>, DecodeError> {
 
 const KIND_ZERO: u8 = 0;
 const KIND_EXISTING: u8 = 1;
+/// Plain data the sender found not worth compressing.
 const KIND_RAW: u8 = 2;
 const KIND_ZSTD: u8 = 3;
 
-/// A batch of blocks: for each, `u64 index (LE)`, a kind byte, then for `existing` the
-/// 32-byte id, for `raw` the id, `u32 len` and the data, for `zstd` the id, `u32 len`
-/// and the zstd frame of the data.
-pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<u8> {
+/// Bytes of one block's header entry: `u64 index`, the kind byte, the id, the length.
+const ENTRY_LEN: usize = 45;
+
+/// Upper bound of the bytes one block adds to a `write` body: its header entry and, for
+/// new data, its plaintext (a zstd frame is only sent when smaller). Clients split
+/// batches with this so that no body exceeds [`MAX_BODY`].
+pub fn encoded_size(block: &IncomingBlock) -> usize {
+    ENTRY_LEN
+        + match &block.content {
+            BlockContent::Data { data, .. } => data.len(),
+            _ => 0,
+        }
+}
+
+/// Encode a block batch (a `write` body) as the chunks to send, in order.
+///
+/// Layout (integers little-endian): `u32 header_len`, then the header, per block
+/// `u64 index`, a kind byte, for `existing` the 32-byte id, for `raw` and `zstd` the id
+/// and `u32 len`; then the data of the `raw` and `zstd` blocks in header order. Data
+/// follows all the entries so that each block's data is one contiguous piece: the
+/// sender passes it on as is (a slice of what it read) and the receiver keeps it as is
+/// (a slice of the frame it arrived in). Neither end copies block data.
+///
+/// Blocks the sender has not tried to compress are compressed here, on all cores.
+pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<Bytes> {
     use rayon::prelude::*;
-    // Compression is the expensive part: run it on all cores, then lay out in order.
-    let mut compressed: Vec<Option<Vec<u8>>> = blocks
+    let payloads: Vec<Option<(u8, Bytes)>> = blocks
         .par_iter()
         .map(|b| match &b.content {
-            BlockContent::Data { zstd: Some(z), .. } => Some(z.to_vec()),
-            BlockContent::Data { data, .. } => codec::compress(data),
+            BlockContent::Data {
+                data, compressed, ..
+            } => Some(match compressed {
+                Compressed::Zstd(frame) => (KIND_ZSTD, frame.clone()),
+                Compressed::NotWorthIt => (KIND_RAW, data.clone()),
+                Compressed::NotTried => match codec::compress(data) {
+                    Some(frame) => (KIND_ZSTD, frame.into()),
+                    None => (KIND_RAW, data.clone()),
+                },
+            }),
             _ => None,
         })
         .collect();
-    let size: usize = blocks
-        .iter()
-        .zip(&compressed)
-        .map(|(b, c)| match (&b.content, c) {
-            (_, Some(c)) => 45 + c.len(),
-            (BlockContent::Data { data, .. }, None) => 45 + data.len(),
-            _ => 41,
-        })
-        .sum();
-    let mut v = Vec::with_capacity(size);
-    for (b, c) in blocks.iter().zip(compressed.iter_mut()) {
-        v.extend_from_slice(&b.index.to_le_bytes());
-        match &b.content {
-            BlockContent::Zero => v.push(KIND_ZERO),
-            BlockContent::Existing(id) => {
-                v.push(KIND_EXISTING);
-                v.extend_from_slice(id.as_bytes());
+    let mut header = Vec::with_capacity(4 + blocks.len() * ENTRY_LEN);
+    header.extend_from_slice(&[0; 4]);
+    let mut chunks = vec![];
+    for (b, payload) in blocks.iter().zip(payloads) {
+        header.extend_from_slice(&b.index.to_le_bytes());
+        match (&b.content, payload) {
+            (BlockContent::Data { id, .. }, Some((kind, bytes))) => {
+                header.push(kind);
+                header.extend_from_slice(id.as_bytes());
+                header.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                chunks.push(bytes);
             }
-            BlockContent::Data { id, data, .. } => {
-                let (kind, bytes) = match c.take() {
-                    Some(c) => (KIND_ZSTD, std::borrow::Cow::Owned(c)),
-                    None => (KIND_RAW, std::borrow::Cow::Borrowed(data.as_ref())),
-                };
-                v.push(kind);
-                v.extend_from_slice(id.as_bytes());
-                v.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-                v.extend_from_slice(&bytes);
+            (BlockContent::Existing(id), _) => {
+                header.push(KIND_EXISTING);
+                header.extend_from_slice(id.as_bytes());
             }
+            _ => header.push(KIND_ZERO),
         }
     }
-    v
+    let header_len = (header.len() - 4) as u32;
+    header[..4].copy_from_slice(&header_len.to_le_bytes());
+    chunks.insert(0, header.into());
+    chunks
 }
 
-/// Inverse of [`encode_blocks`]. Every data block must decode to exactly `block_size`
-/// bytes whose BLAKE3 is its id: this is where data from the network is checked, before
-/// any sink (which trusts ids) sees it. Uncompressed blocks stay slices of `buf`.
-pub fn decode_blocks(buf: &Bytes, block_size: u64) -> Result<Vec<IncomingBlock>, DecodeError> {
-    const W: &str = "block batch";
-    let bs = block_size as usize;
-    let mut out = Vec::new();
-    let mut p = 0usize;
-    let take = |p: &mut usize, n: usize| -> Result<&[u8], DecodeError> {
-        let s = buf
-            .get(*p..p.saturating_add(n))
-            .ok_or_else(|| derr(W, format!("truncated at byte {}", *p)))?;
-        *p += n;
-        Ok(s)
-    };
-    while p < buf.len() {
-        if out.len() >= MAX_BATCH_BLOCKS {
-            return Err(derr(W, "too many blocks in one batch"));
+/// One block of a batch being decoded.
+struct Entry {
+    index: u64,
+    kind: u8,
+    id: BlockId,
+    /// Bytes of data the block has in the body (0 for `zero` and `existing`).
+    len: usize,
+    data: Option<Bytes>,
+}
+
+/// Decodes a block batch (see [`encode_blocks`]) as its body arrives, frame by frame.
+///
+/// Block data stays slices of the frames it arrived in; only a block split across
+/// frames is gathered into a buffer of its own (at most one block at a time).
+pub struct BatchDecoder {
+    block_size: usize,
+    received: usize,
+    /// The length prefix and the header, until complete.
+    head: Vec<u8>,
+    /// Parsed header, once complete.
+    entries: Option<Vec<Entry>>,
+    /// First entry whose data has not fully arrived.
+    next: usize,
+    /// Data of entry `next` gathered across frames.
+    partial: bytes::BytesMut,
+}
+
+const BATCH: &str = "block batch";
+
+impl std::fmt::Debug for BatchDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchDecoder")
+            .field("block_size", &self.block_size)
+            .field("received", &self.received)
+            .field("blocks", &self.entries.as_ref().map(Vec::len))
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl BatchDecoder {
+    /// A decoder for blocks of `block_size` bytes.
+    pub fn new(block_size: u64) -> Self {
+        BatchDecoder {
+            block_size: block_size as usize,
+            received: 0,
+            head: Vec::new(),
+            entries: None,
+            next: 0,
+            partial: bytes::BytesMut::new(),
         }
-        let index = u64::from_le_bytes(take(&mut p, 8)?.try_into().expect("8 bytes"));
-        let kind = take(&mut p, 1)?[0];
-        let content = match kind {
-            KIND_ZERO => BlockContent::Zero,
-            KIND_EXISTING => {
-                BlockContent::Existing(BlockId(take(&mut p, 32)?.try_into().expect("32 bytes")))
-            }
-            KIND_RAW | KIND_ZSTD => {
-                let id = BlockId(take(&mut p, 32)?.try_into().expect("32 bytes"));
-                let len =
-                    u32::from_le_bytes(take(&mut p, 4)?.try_into().expect("4 bytes")) as usize;
-                let at = p;
-                let bytes = take(&mut p, len)?;
-                let (data, zstd) = if kind == KIND_RAW {
-                    (buf.slice(at..at + len), None)
-                } else {
-                    // Bounded: at most one block of output. The frame goes on to the
-                    // sink, which may store it rather than compress again.
-                    let plain = codec::decompress(bytes, bs)
-                        .map_err(|e| derr(W, format!("block {index}: {e}")))?;
-                    (plain.into(), Some(buf.slice(at..at + len)))
+    }
+
+    /// Bytes fed so far.
+    pub fn received(&self) -> usize {
+        self.received
+    }
+
+    /// Take the next piece of the body.
+    pub fn feed(&mut self, mut chunk: Bytes) -> Result<(), DecodeError> {
+        self.received += chunk.len();
+        while !chunk.is_empty() {
+            let Some(entries) = &mut self.entries else {
+                let want = match self.head.get(..4) {
+                    None => 4,
+                    Some(p) => 4 + u32::from_le_bytes(p.try_into().expect("4 bytes")) as usize,
                 };
-                if data.len() != bs {
-                    return Err(derr(
-                        W,
-                        format!(
-                            "block {index} has {} bytes, the block size is {bs}",
-                            data.len()
-                        ),
-                    ));
+                let take = (want - self.head.len()).min(chunk.len());
+                self.head.extend_from_slice(&chunk.split_to(take));
+                if let Some(p) = self.head.get(..4) {
+                    let n = u32::from_le_bytes(p.try_into().expect("4 bytes")) as usize;
+                    if n > MAX_BATCH_BLOCKS * ENTRY_LEN {
+                        return Err(derr(BATCH, format!("a header of {n} bytes is too large")));
+                    }
+                    if self.head.len() == 4 + n {
+                        self.entries = Some(self.parse_header()?);
+                    }
                 }
-                BlockContent::Data { id, data, zstd }
+                continue;
+            };
+            while entries.get(self.next).is_some_and(|e| e.len == 0) {
+                self.next += 1;
             }
-            k => return Err(derr(W, format!("unknown block kind {k} at block {index}"))),
-        };
-        out.push(IncomingBlock { index, content });
+            let Some(e) = entries.get_mut(self.next) else {
+                return Err(derr(
+                    BATCH,
+                    format!("{} bytes after the last block's data", chunk.len()),
+                ));
+            };
+            if self.partial.is_empty() && chunk.len() >= e.len {
+                e.data = Some(chunk.split_to(e.len));
+            } else {
+                let take = (e.len - self.partial.len()).min(chunk.len());
+                self.partial.extend_from_slice(&chunk.split_to(take));
+                if self.partial.len() < e.len {
+                    continue;
+                }
+                e.data = Some(self.partial.split().freeze());
+            }
+            self.next += 1;
+        }
+        Ok(())
     }
-    verify_ids(&out)?;
-    Ok(out)
+
+    fn parse_header(&self) -> Result<Vec<Entry>, DecodeError> {
+        let bs = self.block_size;
+        let mut buf = &self.head[4..];
+        let mut take = |n: usize| -> Result<&[u8], DecodeError> {
+            if buf.len() < n {
+                return Err(derr(BATCH, "the header ends inside an entry"));
+            }
+            let (a, b) = buf.split_at(n);
+            buf = b;
+            Ok(a)
+        };
+        let mut entries = Vec::new();
+        while let Ok(index) = take(8) {
+            let index = u64::from_le_bytes(index.try_into().expect("8 bytes"));
+            if entries.len() >= MAX_BATCH_BLOCKS {
+                return Err(derr(BATCH, "too many blocks in one batch"));
+            }
+            let kind = take(1)?[0];
+            let (id, len) = match kind {
+                KIND_ZERO => (BlockId([0; 32]), 0),
+                KIND_EXISTING => (BlockId(take(32)?.try_into().expect("32 bytes")), 0),
+                KIND_RAW | KIND_ZSTD => {
+                    let id = BlockId(take(32)?.try_into().expect("32 bytes"));
+                    let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+                    // Plain data is exactly one block; a frame is only sent when smaller.
+                    let ok = if kind == KIND_RAW {
+                        len == bs
+                    } else {
+                        len > 0 && len <= bs
+                    };
+                    if !ok {
+                        return Err(derr(
+                            BATCH,
+                            format!(
+                                "block {index} has {len} bytes of data, the block size is {bs}"
+                            ),
+                        ));
+                    }
+                    (id, len)
+                }
+                k => {
+                    return Err(derr(
+                        BATCH,
+                        format!("unknown block kind {k} at block {index}"),
+                    ))
+                }
+            };
+            entries.push(Entry {
+                index,
+                kind,
+                id,
+                len,
+                data: None,
+            });
+        }
+        if !buf.is_empty() {
+            return Err(derr(BATCH, "the header ends inside an entry"));
+        }
+        Ok(entries)
+    }
+
+    /// The decoded blocks, once the body has ended. Every data block must decode to
+    /// exactly `block_size` bytes whose BLAKE3 is its id: this is where data from the
+    /// network is checked, on all cores, before any sink (which trusts ids) sees it.
+    pub fn finish(self) -> Result<Vec<IncomingBlock>, DecodeError> {
+        use rayon::prelude::*;
+        let bs = self.block_size;
+        let Some(entries) = self.entries else {
+            return Err(derr(
+                BATCH,
+                format!("truncated in the header, at byte {}", self.received),
+            ));
+        };
+        if let Some(e) = entries.iter().find(|e| e.len > 0 && e.data.is_none()) {
+            return Err(derr(
+                BATCH,
+                format!("truncated in the data of block {}", e.index),
+            ));
+        }
+        entries
+            .into_par_iter()
+            .map(|e| {
+                let content = match (e.kind, e.data) {
+                    (KIND_ZERO, _) => BlockContent::Zero,
+                    (KIND_EXISTING, _) => BlockContent::Existing(e.id),
+                    (kind, Some(bytes)) => {
+                        let (data, compressed) = if kind == KIND_RAW {
+                            (bytes, Compressed::NotWorthIt)
+                        } else {
+                            // Bounded: at most one block of output. The frame goes on to
+                            // the sink, which may store it rather than compress again.
+                            let plain = codec::decompress(&bytes, bs)
+                                .map_err(|err| derr(BATCH, format!("block {}: {err}", e.index)))?;
+                            (Bytes::from(plain), Compressed::Zstd(bytes))
+                        };
+                        if BlockId::of(&data) != e.id {
+                            return Err(derr(
+                                BATCH,
+                                format!(
+                                    "block {}: its data does not hash to its id {}",
+                                    e.index, e.id
+                                ),
+                            ));
+                        }
+                        BlockContent::Data {
+                            id: e.id,
+                            data,
+                            compressed,
+                        }
+                    }
+                    (_, None) => return Err(derr(BATCH, format!("no data for block {}", e.index))),
+                };
+                Ok(IncomingBlock {
+                    index: e.index,
+                    content,
+                })
+            })
+            .collect()
+    }
 }
 
-/// Check that every data block hashes to its id, on all cores.
-fn verify_ids(blocks: &[IncomingBlock]) -> Result<(), DecodeError> {
-    use rayon::prelude::*;
-    blocks.par_iter().try_for_each(|b| match &b.content {
-        BlockContent::Data { id, data, .. } if BlockId::of(data) != *id => Err(derr(
-            "block batch",
-            format!("block {}: its data does not hash to its id {id}", b.index),
-        )),
-        _ => Ok(()),
-    })
+/// Decode a whole block batch at once (see [`BatchDecoder`]).
+pub fn decode_blocks(body: &[Bytes], block_size: u64) -> Result<Vec<IncomingBlock>, DecodeError> {
+    let mut d = BatchDecoder::new(block_size);
+    for chunk in body {
+        d.feed(chunk.clone())?;
+    }
+    d.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn blocks_round_trip_and_bad_ids_are_refused() {
-        let bs = 8192u64;
+    fn data(id_of: &[u8], data: &[u8], compressed: Compressed) -> BlockContent {
+        BlockContent::Data {
+            id: BlockId::of(id_of),
+            data: Bytes::copy_from_slice(data),
+            compressed,
+        }
+    }
+
+    /// Blocks of every kind, as an engine or a server hands them over.
+    fn sample(bs: u64) -> (Vec<IncomingBlock>, Vec<u8>) {
         let a = vec![7u8; bs as usize];
         let b: Vec<u8> = (0..bs).map(|i| (i * 2654435761 % 251) as u8).collect();
-        let blocks = vec![
-            IncomingBlock {
-                index: 0,
-                content: BlockContent::Zero,
-            },
-            IncomingBlock {
-                index: 1,
-                content: BlockContent::Existing(BlockId::of(&a)),
-            },
-            IncomingBlock {
-                index: 2,
-                content: BlockContent::Data {
-                    id: BlockId::of(&a),
-                    data: a.clone().into(),
-                    zstd: None,
-                },
-            },
-            IncomingBlock {
-                index: 3,
-                content: BlockContent::Data {
-                    id: BlockId::of(&b),
-                    data: b.clone().into(),
-                    zstd: None,
-                },
-            },
+        let contents = vec![
+            BlockContent::Zero,
+            BlockContent::Existing(BlockId::of(&a)),
+            data(&a, &a, Compressed::NotTried),
+            data(&b, &b, Compressed::NotTried),
+            data(&b, &b, Compressed::NotWorthIt),
+            data(&a, &a, Compressed::from_attempt(codec::compress(&a))),
         ];
-        let enc = Bytes::from(encode_blocks(&blocks));
-        let mut decoded = decode_blocks(&enc, bs).unwrap();
-        // Compressible blocks arrive with the frame they were sent as, for the sink.
-        let mut frames = 0;
-        for b in &mut decoded {
-            if let BlockContent::Data { data, zstd, .. } = &mut b.content {
-                if let Some(frame) = zstd.take() {
-                    assert_eq!(codec::decompress(&frame, bs as usize).unwrap(), data[..]);
-                    frames += 1;
+        let blocks = contents
+            .into_iter()
+            .enumerate()
+            .map(|(i, content)| IncomingBlock {
+                index: 10 + i as u64,
+                content,
+            })
+            .collect();
+        (blocks, b)
+    }
+
+    /// What a receiver gets for what was sent: the sender's verdict on compression
+    /// travels with the block (tried and compressed, or tried and not worth it).
+    fn as_received(blocks: &[IncomingBlock]) -> Vec<IncomingBlock> {
+        let mut v = blocks.to_vec();
+        for b in &mut v {
+            if let BlockContent::Data {
+                data, compressed, ..
+            } = &mut b.content
+            {
+                if *compressed == Compressed::NotTried {
+                    *compressed = Compressed::from_attempt(codec::compress(data));
                 }
             }
         }
-        assert!(frames >= 1, "the all-sevens block compresses");
-        assert_eq!(decoded, blocks);
-        assert!(decode_blocks(&enc, bs * 2).is_err());
-        assert!(decode_blocks(&enc.slice(..enc.len() - 1), bs).is_err());
-        let bad = encode_blocks(&[IncomingBlock {
+        v
+    }
+
+    #[test]
+    fn blocks_round_trip_however_the_body_is_cut() {
+        let bs = 8192u64;
+        let (blocks, _) = sample(bs);
+        let body = encode_blocks(&blocks);
+        let whole: Vec<u8> = body.iter().flat_map(|c| c.iter().copied()).collect();
+        let expected = as_received(&blocks);
+        assert!(
+            expected.iter().any(|b| matches!(
+                &b.content,
+                BlockContent::Data {
+                    compressed: Compressed::Zstd(_),
+                    ..
+                }
+            )) && expected.iter().any(|b| matches!(
+                &b.content,
+                BlockContent::Data {
+                    compressed: Compressed::NotWorthIt,
+                    ..
+                }
+            )),
+            "the sample has compressed and plain blocks"
+        );
+        assert_eq!(decode_blocks(&body, bs).unwrap(), expected);
+        for piece in [1usize, 3, 45, 1000, 8191, 8192, 8193, 20000] {
+            let cut: Vec<Bytes> = whole.chunks(piece).map(Bytes::copy_from_slice).collect();
+            assert_eq!(
+                decode_blocks(&cut, bs).unwrap(),
+                expected,
+                "pieces of {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn block_data_that_arrives_whole_is_not_copied() {
+        let bs = 8192u64;
+        let (blocks, _) = sample(bs);
+        let body = encode_blocks(&blocks);
+        let sent: Vec<*const u8> = body[1..].iter().map(|c| c.as_ptr()).collect();
+        let decoded = decode_blocks(&body, bs).unwrap();
+        let plain: Vec<*const u8> = decoded
+            .iter()
+            .filter_map(|b| match &b.content {
+                BlockContent::Data {
+                    data,
+                    compressed: Compressed::NotWorthIt,
+                    ..
+                } => Some(data.as_ptr()),
+                BlockContent::Data {
+                    compressed: Compressed::Zstd(frame),
+                    ..
+                } => Some(frame.as_ptr()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(plain, sent);
+    }
+
+    #[test]
+    fn malformed_batches_are_refused() {
+        let bs = 8192u64;
+        let (blocks, b) = sample(bs);
+        let body = encode_blocks(&blocks);
+        let whole: Vec<u8> = body.iter().flat_map(|c| c.iter().copied()).collect();
+        let refused = |bytes: &[u8], size: u64| {
+            decode_blocks(&[Bytes::copy_from_slice(bytes)], size)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused(&whole, bs * 2).contains("block size"));
+        assert!(refused(&whole[..whole.len() - 1], bs).contains("truncated in the data"));
+        assert!(refused(&whole[..10], bs).contains("truncated in the header"));
+        let mut extra = whole.clone();
+        extra.push(0);
+        assert!(refused(&extra, bs).contains("after the last block"));
+        let mut kind = whole.clone();
+        kind[4 + 8] = 9;
+        assert!(refused(&kind, bs).contains("unknown block kind 9"));
+        assert!(refused(&u32::MAX.to_le_bytes(), bs).contains("too large"));
+        let wrong_id = encode_blocks(&[IncomingBlock {
             index: 9,
-            content: BlockContent::Data {
-                id: BlockId::of(&b),
-                data: a.into(),
-                zstd: None,
-            },
+            content: data(&[1], &b, Compressed::NotWorthIt),
         }]);
-        let e = decode_blocks(&bad.into(), bs).unwrap_err().to_string();
+        let e = decode_blocks(&wrong_id, bs).unwrap_err().to_string();
         assert!(e.contains("does not hash"), "{e}");
+        // A frame that is not zstd is refused, not trusted.
+        let bad_frame = encode_blocks(&[IncomingBlock {
+            index: 3,
+            content: data(&b, &b, Compressed::Zstd(Bytes::from_static(b"not zstd"))),
+        }]);
+        assert!(decode_blocks(&bad_frame, bs).is_err());
     }
 
     #[test]

@@ -361,6 +361,40 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Decode a `write` body as it arrives: block data stays slices of the frames it came
+/// in, so the request is never gathered into one buffer. Ids are checked on the blocking
+/// pool once it has all arrived.
+async fn write_batch(req: Request<Incoming>, block_size: u64) -> Result<Vec<IncomingBlock>, Resp> {
+    let mut body = req.into_body();
+    let mut decoder = BatchDecoder::new(block_size);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            error(
+                400,
+                "bad_request",
+                format!("cannot read the request body: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if decoder.received() + data.len() > MAX_BODY {
+            return Err(error(
+                413,
+                "bad_request",
+                format!("request body larger than {MAX_BODY} bytes"),
+            ));
+        }
+        decoder
+            .feed(data)
+            .map_err(|e| error(400, "bad_request", e.to_string()))?;
+    }
+    tokio::task::spawn_blocking(move || decoder.finish())
+        .await
+        .map_err(|e| error(500, "internal", e.to_string()))?
+        .map_err(|e| error(400, "bad_request", e.to_string()))
+}
+
 async fn body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
@@ -618,20 +652,16 @@ impl State {
                 } else {
                     None
                 };
-                let b = body(req, limit).await?;
                 let (rtx, rrx) = oneshot::channel();
                 let command = match cmd.as_str() {
                     "missing" => {
+                        let b = body(req, limit).await?;
                         let ids =
                             decode_ids(&b).map_err(|e| error(400, "bad_request", e.to_string()))?;
                         Command::Missing(ids, rtx)
                     }
                     "write" => {
-                        let blocks =
-                            tokio::task::spawn_blocking(move || decode_blocks(&b, block_size))
-                                .await
-                                .map_err(|e| error(500, "internal", e.to_string()))?
-                                .map_err(|e| error(400, "bad_request", e.to_string()))?;
+                        let blocks = write_batch(req, block_size).await?;
                         Command::Write(sequence.expect("set for writes"), blocks, rtx)
                     }
                     "commit" => Command::Commit(rtx),

@@ -133,14 +133,15 @@ fn sync_local(location: &Location, key: &str) -> Result<()> {
 async fn put_multipart(
     store: &dyn ObjectStore,
     path: &ObjectPath,
-    mut data: Bytes,
+    data: PutPayload,
 ) -> object_store::Result<()> {
     let upload = store.put_multipart(path).await?;
     let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
     let r = async {
-        while !data.is_empty() {
+        for chunk in &data {
             w.wait_for_capacity(PART_PARALLELISM).await?;
-            w.put(data.split_to(PART_SIZE.min(data.len())));
+            // Parts are cut from the chunks as they are, without copying them.
+            w.put(chunk.clone());
         }
         Ok(())
     }
@@ -436,18 +437,22 @@ impl Backend {
     /// the returned handle reports the outcome. This lets packs upload (and fsync)
     /// while the next one is being filled. These objects are content-addressed, so they
     /// are written unconditionally: a retried or concurrent write stores the same bytes.
-    pub(crate) fn spawn_puts(&self, objects: Vec<(String, Bytes)>) -> PendingPuts {
+    ///
+    /// Each object is given as its chunks in order, written one after another: a pack is
+    /// the buffers its blocks arrived in, never copied into one.
+    pub(crate) fn spawn_puts(&self, objects: Vec<(String, Vec<Bytes>)>) -> PendingPuts {
         let store = self.store.clone();
         let location = self.location.clone();
         let multipart = matches!(location, Location::S3 { .. });
         let handle = self.runtime.spawn(async move {
-            for (key, data) in objects {
+            for (key, chunks) in objects {
                 let path = ObjectPath::from(key.as_str());
-                let r = if multipart && data.len() > PART_SIZE {
+                let data = PutPayload::from_iter(chunks);
+                let r = if multipart && data.content_length() > PART_SIZE {
                     put_multipart(store.as_ref(), &path, data).await
                 } else {
                     store
-                        .put_opts(&path, PutPayload::from(data), PutOptions::default())
+                        .put_opts(&path, data, PutOptions::default())
                         .await
                         .map(drop)
                 };

@@ -183,8 +183,8 @@ impl Repository {
         let id = format::pack_id(&index);
         let written = (buf.len() + index.len()) as u64;
         let job = self.backend.spawn_puts(vec![
-            (key_pack(&id), Bytes::from(buf)),
-            (key_index(&id), Bytes::from(index)),
+            (key_pack(&id), vec![Bytes::from(buf)]),
+            (key_index(&id), vec![Bytes::from(index)]),
         ]);
         self.backend.wait(job)?;
         Ok(written)

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use rayon::prelude::*;
 use snapsync_core::{codec, validate_name, BlockId, BlockMap, BlockRef, Delta, Hint};
 use snapsync_store::{
-    BlockContent, CommitInfo, IncomingBlock, ReceiveRequest, Receiver, Result, SnapshotSink,
-    StoreError,
+    BlockContent, CommitInfo, Compressed, IncomingBlock, ReceiveRequest, Receiver, Result,
+    SnapshotSink, StoreError,
 };
 use tracing::debug;
 
@@ -95,10 +95,39 @@ impl SnapshotSink for Repository {
     }
 }
 
+/// The pack being filled.
 #[derive(Default)]
 struct PackBuilder {
-    buf: Vec<u8>,
+    /// The pack's bytes in order: its header, then each block as stored. Blocks stay the
+    /// buffers they arrived in (slices of the engine's reads or of network requests) and
+    /// are written one after another, never copied into one pack buffer.
+    chunks: Vec<Bytes>,
+    /// Total length of `chunks`.
+    len: usize,
     entries: Vec<IndexEntry>,
+}
+
+impl PackBuilder {
+    /// Append one block as stored (`bytes`, `compression` of `raw_len` plaintext bytes).
+    fn add(&mut self, id: BlockId, compression: Compression, raw_len: u32, bytes: Bytes) {
+        if self.chunks.is_empty() {
+            let mut header = Vec::with_capacity(PACK_HEADER);
+            header.extend_from_slice(MAGIC_PACK);
+            header.extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
+            header.resize(PACK_HEADER, 0);
+            self.len = header.len();
+            self.chunks.push(header.into());
+        }
+        self.entries.push(IndexEntry {
+            id,
+            offset: self.len as u64,
+            stored_len: bytes.len() as u32,
+            raw_len,
+            compression,
+        });
+        self.len += bytes.len();
+        self.chunks.push(bytes);
+    }
 }
 
 struct RepoReceiver<'a> {
@@ -117,11 +146,9 @@ struct RepoReceiver<'a> {
     uploads: VecDeque<PendingPuts>,
 }
 
-/// A block new to the repository: id, plaintext, and the zstd frame it arrived with.
-type Fresh<'a> = (BlockId, &'a [u8], Option<&'a [u8]>);
-
-/// A new block ready for a pack: id, plaintext, and its zstd frame when that pays.
-type Encoded<'a> = (BlockId, &'a [u8], Option<std::borrow::Cow<'a, [u8]>>);
+/// A block new to the repository: id, plaintext, and what its sender knows about
+/// compressing it.
+type Fresh<'a> = (BlockId, &'a Bytes, &'a Compressed);
 
 impl RepoReceiver<'_> {
     fn flush(&mut self) -> Result<()> {
@@ -131,12 +158,12 @@ impl RepoReceiver<'_> {
         let pack = std::mem::take(&mut self.pack);
         let index = format::encode_index(&pack.entries);
         let id = format::pack_id(&index);
-        debug!(pack = %id, size = pack.buf.len(), blocks = pack.entries.len(), "storing pack");
+        debug!(pack = %id, size = pack.len, blocks = pack.entries.len(), "storing pack");
         // The pack before its index, in one ordered background job: an index never
         // names a pack that is not there.
         let job = self.repo.backend.spawn_puts(vec![
-            (key_pack(&id), Bytes::from(pack.buf)),
-            (key_index(&id), Bytes::from(index)),
+            (key_pack(&id), pack.chunks),
+            (key_index(&id), vec![Bytes::from(index)]),
         ]);
         self.uploads.push_back(job);
         self.written.push((id, pack.entries));
@@ -199,7 +226,11 @@ impl Receiver for RepoReceiver<'_> {
             match &b.content {
                 BlockContent::Zero => self.map.set(b.index, BlockRef::Zero),
                 BlockContent::Existing(id) => self.map.set(b.index, BlockRef::Data(*id)),
-                BlockContent::Data { id, data, zstd } => {
+                BlockContent::Data {
+                    id,
+                    data,
+                    compressed,
+                } => {
                     if data.len() != bs {
                         return Err(StoreError::Malformed {
                             location: format!("block {} sent to {}", b.index, self.repo.location()),
@@ -209,49 +240,33 @@ impl Receiver for RepoReceiver<'_> {
                     self.map.set(b.index, BlockRef::Data(*id));
                     if !self.session.contains_key(id) {
                         self.session.insert(*id, ());
-                        fresh.push((*id, data.as_ref(), zstd.as_deref()));
+                        fresh.push((*id, data, compressed));
                     }
                 }
             }
         }
-        let encoded: Vec<Encoded<'_>> = fresh
+        let encoded: Vec<(BlockId, Compression, Bytes)> = fresh
             .par_iter()
             // Ids are trusted (see `BlockContent::Data`): hashing every block again
-            // here would cost as much as the engine's own hashing.
-            // A frame the sender compressed is kept as is: same codec, no second pass.
-            .map(|(id, data, zstd)| {
-                let frame = match zstd {
-                    Some(z) => Some(std::borrow::Cow::Borrowed(*z)),
-                    None => codec::compress(data).map(std::borrow::Cow::Owned),
+            // here would cost as much as the engine's own hashing. What the sender
+            // already compressed (or found not worth it) is not tried again.
+            .map(|(id, data, compressed)| {
+                let (compression, bytes) = match compressed {
+                    Compressed::Zstd(frame) => (Compression::Zstd, frame.clone()),
+                    Compressed::NotWorthIt => (Compression::None, (*data).clone()),
+                    Compressed::NotTried => match codec::compress(data) {
+                        Some(frame) => (Compression::Zstd, Bytes::from(frame)),
+                        None => (Compression::None, (*data).clone()),
+                    },
                 };
-                (*id, *data, frame)
+                (*id, compression, bytes)
             })
             .collect();
         let mut added = 0u64;
-        for (id, data, compressed) in encoded {
-            let (compression, bytes) = match &compressed {
-                Some(c) => (Compression::Zstd, c.as_ref()),
-                None => (Compression::None, data),
-            };
-            if self.pack.buf.is_empty() {
-                // Sized once: growing a 32 MiB buffer by doubling copies it repeatedly.
-                self.pack.buf.reserve(PACK_TARGET + bs);
-                self.pack.buf.extend_from_slice(MAGIC_PACK);
-                self.pack
-                    .buf
-                    .extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
-                self.pack.buf.extend_from_slice(&[0u8; PACK_HEADER - 12]);
-            }
-            self.pack.entries.push(IndexEntry {
-                id,
-                offset: self.pack.buf.len() as u64,
-                stored_len: bytes.len() as u32,
-                raw_len: bs as u32,
-                compression,
-            });
+        for (id, compression, bytes) in encoded {
             added += bytes.len() as u64;
-            self.pack.buf.extend_from_slice(bytes);
-            if self.pack.buf.len() >= PACK_TARGET {
+            self.pack.add(id, compression, bs as u32, bytes);
+            if self.pack.len >= PACK_TARGET {
                 self.flush()?;
             }
         }

@@ -10,7 +10,7 @@
 use snapsync_core::{BlockId, Extent, ExtentList, SnapshotInfo, Timestamp};
 
 use crate::{
-    BaseRef, BlockContent, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
+    BaseRef, BlockContent, Compressed, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
     SnapshotSource, StoreError,
 };
 
@@ -317,10 +317,16 @@ fn send(
         } else {
             let id = BlockId::of(&block);
             if rx.missing(&[id]).expect("missing")[0] {
+                // Every way a sender may hand a block over, in turn.
+                let compressed = match i % 3 {
+                    0 => Compressed::NotTried,
+                    1 => Compressed::from_attempt(snapsync_core::codec::compress(&block)),
+                    _ => Compressed::NotWorthIt,
+                };
                 BlockContent::Data {
                     id,
                     data: block.into(),
-                    zstd: None,
+                    compressed,
                 }
             } else {
                 BlockContent::Existing(id)

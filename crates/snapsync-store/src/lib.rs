@@ -153,14 +153,36 @@ pub enum BlockContent {
         /// and the server checks it before handing blocks from the network to a sink.
         id: BlockId,
         /// Plaintext, exactly the sink's block size. Shared bytes, so that a block can
-        /// be a slice of a received request without a copy.
+        /// be a slice of the engine's read buffer or of a received request without a
+        /// copy, and a sink may keep it (in a pack being filled) without copying either.
         data: Bytes,
-        /// The same block as one zstd frame made by [`snapsync_core::codec::compress`],
-        /// when the sender already compressed it (a block received over the network):
-        /// a sink that stores such frames keeps it instead of compressing again.
-        /// `data` is what it decompresses to.
-        zstd: Option<Bytes>,
+        /// What the sender already knows about compressing this block.
+        compressed: Compressed,
     },
+}
+
+/// Whether a block's sender already applied [`snapsync_core::codec::compress`] to it.
+///
+/// Compression policy is one function, so a sink that stores compressed blocks can trust
+/// the sender's verdict instead of probing every block a second time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Compressed {
+    /// The sender did not try: the sink decides (a block straight from the engine).
+    NotTried,
+    /// The sender tried and compression does not pay for this block.
+    NotWorthIt,
+    /// The block as one zstd frame that decompresses to `data`.
+    Zstd(Bytes),
+}
+
+impl Compressed {
+    /// The sender's verdict from [`snapsync_core::codec::compress`]'s result.
+    pub fn from_attempt(frame: Option<Vec<u8>>) -> Self {
+        match frame {
+            Some(f) => Compressed::Zstd(f.into()),
+            None => Compressed::NotWorthIt,
+        }
+    }
 }
 
 /// One block of the snapshot being received, by index in the sink's block size.

@@ -13,7 +13,7 @@ use snapsync_core::{
 };
 
 use crate::{
-    BlockContent, CommitInfo, Diff, IncomingBlock, ReceiveRequest, Receiver, Result,
+    BlockContent, CommitInfo, Compressed, Diff, IncomingBlock, ReceiveRequest, Receiver, Result,
     SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
 };
 
@@ -296,14 +296,28 @@ impl Receiver for MemReceiver<'_> {
                         .ok_or_else(|| StoreError::not_found(format!("block {id}")))?;
                     self.put(b.index, &data);
                 }
-                BlockContent::Data { id, data, .. } => {
+                BlockContent::Data {
+                    id,
+                    data,
+                    compressed,
+                } => {
                     // The reference store checks what real sinks trust, so that tests
-                    // catch an engine that sends a block under a wrong id.
+                    // catch an engine that sends a block under a wrong id or a frame
+                    // that is not the block.
                     if BlockId::of(&data) != id {
                         return Err(StoreError::corrupt(
                             format!("block {} received", b.index),
                             "data does not match its id",
                         ));
+                    }
+                    if let Compressed::Zstd(frame) = &compressed {
+                        let plain = snapsync_core::codec::decompress(frame, data.len());
+                        if plain.as_deref().ok() != Some(&data[..]) {
+                            return Err(StoreError::corrupt(
+                                format!("block {} received", b.index),
+                                "its zstd frame does not decompress to its data",
+                            ));
+                        }
                     }
                     self.put(b.index, &data);
                     if let std::collections::hash_map::Entry::Vacant(e) = self.pending.entry(id) {
