@@ -326,6 +326,7 @@ class Bench:
         self.notes: list[str] = []
         self.mem_rows: list[dict] = []
         self.chain: dict = {}
+        self.remote_rows: list[dict] = []
         self.moto = Moto(self.work)
         self.s3_skip: str | None = None
         self.qcow2_skip: str | None = None
@@ -658,6 +659,81 @@ class Bench:
             rmtree(repo)
             rmtree(d)
 
+    # -- remote over loopback (issue 6) ----------------------------------------------------
+
+    def remote_loopback(self) -> None:
+        """The same full replication of one image into a local repository, and over
+        `snapsync+http://` on 127.0.0.1 into a repository `snapsync serve` holds on this
+        machine (client and server share its cores). Median of --remote-runs each."""
+        size = self.args.remote_size
+        d = self.work / "remote"
+        rmtree(d)
+        (d / "src" / "vm").mkdir(parents=True)
+        token = "bench-token-0123456789abcdef"
+        (d / "tokens").write_text(token + "\n")
+        for kind in ("incomp", "half"):
+            log(f"=== remote over loopback: {size_label(size)} {kind}")
+            img = self.base_image(kind, size)
+            s1 = d / "src" / "vm" / "s1.img"
+            if s1.exists():
+                s1.unlink()
+            os.link(img, s1)
+            runs: dict[str, list[dict]] = {"local": [], "remote": []}
+            for _ in range(self.args.remote_runs):
+                for where in ("local", "remote"):
+                    rmtree(d / "src" / ".snapsync")
+                    repo = d / f"repo-{where}"
+                    rmtree(repo)
+                    subprocess.run([self.snapsync, "init", str(repo)], check=True,
+                                   capture_output=True)
+                    cmd = [self.snapsync, "replicate", f"raw:{d / 'src'}"]
+                    if where == "local":
+                        m = self.r.timed(cmd + [str(repo), "--json"], inputs=[s1])
+                        m["server_cpu"] = 0.0
+                    else:
+                        m = self.timed_remote(cmd, repo, d / "tokens", token, s1)
+                    runs[where].append(m)
+                    log(f"remote {kind} {where}: wall {m['wall']:.2f} s cpu {m['cpu']:.2f} "
+                        f"+ server {m['server_cpu']:.2f}")
+            row = {"kind": kind, "size": size}
+            for where, ms in runs.items():
+                ms.sort(key=lambda m: m["wall"])
+                med = ms[len(ms) // 2]
+                row[where] = {k: med[k] for k in ("wall", "cpu", "server_cpu", "rss")}
+            row["ratio"] = row["local"]["wall"] / row["remote"]["wall"]
+            self.remote_rows.append(row)
+        rmtree(d)
+
+    def timed_remote(self, cmd, repo: Path, tokens: Path, token: str, img: Path) -> dict:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        server = subprocess.Popen(
+            [self.snapsync, "serve", "--listen", f"127.0.0.1:{port}", "--store",
+             f"r=file://{repo}", "--token-file", str(tokens), "--insecure-plaintext"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(200):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if server.poll() is not None:
+                        raise RuntimeError("snapsync serve exited at start")
+                    time.sleep(0.05)
+            def cpu() -> float:
+                f = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+            before = cpu()
+            m = self.r.timed(cmd + [f"snapsync+http://127.0.0.1:{port}/r", "--json"],
+                             inputs=[img], env={"SNAPSYNC_TOKEN": token})
+            m["server_cpu"] = cpu() - before
+            return m
+        finally:
+            server.terminate()
+            server.wait()
+
     # -- chain depth ------------------------------------------------------------------------
 
     def chain_depth(self) -> None:
@@ -831,6 +907,12 @@ class Bench:
             sizes = " → ".join(size_label(r["size"]) for r in rows)
             out.append(f"| peak memory | < 256 MiB, independent of size | {sizes}: "
                        f"{'; '.join(parts)} | {verdict(ok)} |")
+        for r in self.remote_rows:
+            if r["kind"] == "incomp":
+                out.append(f"| (issue 6) push over loopback, incompressible | ≥ 80% of the local "
+                           f"replication's throughput | remote {r['remote']['wall']:.2f} s, "
+                           f"local {r['local']['wall']:.2f} s ({100 * r['ratio']:.0f}%) | "
+                           f"{verdict(r['ratio'] >= 0.8)} |")
         return out + [""]
 
     def machine(self) -> list[str]:
@@ -945,6 +1027,23 @@ class Bench:
                          for p in ("initial", "incremental", "restore")]
                 lines.append(f"| {size_label(r['size'])} | " + " | ".join(cells) + " |")
             lines.append("")
+        if self.remote_rows:
+            lines += ["## Remote over loopback", "",
+                      f"Full replication of one {size_label(self.remote_rows[0]['size'])} raw "
+                      "image into a fresh local repository, and the same over "
+                      "`snapsync+http://127.0.0.1` into a fresh repository served by "
+                      "`snapsync serve --insecure-plaintext` on this machine: client and server "
+                      "share its cores. Median wall of "
+                      f"{self.args.remote_runs} runs each; CPU is user+sys.", "",
+                      "| data | local: wall / CPU | remote: wall / client CPU + server CPU | "
+                      "remote throughput ÷ local |", "| --- | --- | --- | --- |"]
+            for r in self.remote_rows:
+                lo, re_ = r["local"], r["remote"]
+                label = {"incomp": "incompressible", "half": "half-compressible"}[r["kind"]]
+                lines.append(f"| {label} | {lo['wall']:.2f} s / {lo['cpu']:.2f} s | "
+                             f"{re_['wall']:.2f} s / {re_['cpu']:.2f} s + "
+                             f"{re_['server_cpu']:.2f} s | {100 * r['ratio']:.0f}% |")
+            lines.append("")
         if self.chain:
             c = self.chain
             lines += ["## Chain depth", "",
@@ -992,6 +1091,8 @@ class Bench:
                 print("\n".join(self.scenario_table(scen)), flush=True)
             if self.args.mem_sizes:
                 self.mem_scaling()
+            if self.args.remote_runs > 0:
+                self.remote_loopback()
             if self.args.chain_depth > 0:
                 self.chain_depth()
         finally:
@@ -999,8 +1100,9 @@ class Bench:
             self.load_end = Path("/proc/loadavg").read_text().split()[0]
             (self.work / "results.json").write_text(json.dumps(
                 {"rows": self.rows, "scenarios": self.scen_info, "mem": self.mem_rows,
-                 "chain": self.chain, "notes": self.notes}, indent=1))
-            if self.rows or self.mem_rows or self.chain:
+                 "remote": self.remote_rows, "chain": self.chain, "notes": self.notes},
+                indent=1))
+            if self.rows or self.mem_rows or self.chain or self.remote_rows:
                 print("\n".join(["## Where snapsync stands"] + self.targets()), flush=True)
                 if not self.args.no_doc:
                     self.write_doc()
@@ -1023,6 +1125,11 @@ def main() -> None:
     ap.add_argument("--mem-sizes", default="2GiB,8GiB",
                     help="image sizes for the peak-memory scaling run ('' to skip; default 2GiB,8GiB)")
     ap.add_argument("--no-mem-scaling", action="store_true", help="skip the memory scaling run")
+    ap.add_argument("--remote-runs", type=int, default=3,
+                    help="runs (median taken) of the loopback remote-vs-local comparison (0 skips; "
+                         "default 3)")
+    ap.add_argument("--remote-size", type=parse_size, default=parse_size("1GiB"),
+                    help="image size of the loopback remote-vs-local comparison (default 1GiB)")
     ap.add_argument("--chain-depth", type=int, default=200,
                     help="snapshots in the chain-depth benchmark (0 skips; default 200)")
     ap.add_argument("--chain-size", type=parse_size, default=parse_size("64MiB"),
