@@ -249,7 +249,6 @@ impl RemoteStore {
     }
 
     async fn send(
-        client: &reqwest::Client,
         url: &str,
         what: &str,
         req: reqwest::RequestBuilder,
@@ -264,7 +263,6 @@ impl RemoteStore {
                 context: format!("{url}: {what}"),
                 source: chain(&e).into(),
             })?;
-        let _ = client;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.bytes().await.map_err(|e| StoreError::Backend {
@@ -330,7 +328,7 @@ impl RemoteStore {
             req = req.body(b);
         }
         self.runtime
-            .block_on(Self::send(&self.client, &self.url, op, req, &self.token))
+            .block_on(Self::send(&self.url, op, req, &self.token))
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&self, op: &str, body: &[u8]) -> Result<T> {
@@ -450,7 +448,7 @@ impl SnapshotReader for RemoteReader<'_> {
             let body = serde_json::to_vec(&q).expect("serialisable");
             let req = s.client.post(format!("{}/read", s.base)).body(body);
             async move {
-                let (h, b) = RemoteStore::send(&s.client, &s.url, "read", req, &s.token).await?;
+                let (h, b) = RemoteStore::send(&s.url, "read", req, &s.token).await?;
                 let bad = |detail: String| StoreError::Backend {
                     context: format!("{}: read {}@{} at {off}", s.url, q.volume, q.snapshot),
                     source: detail.into(),
@@ -569,7 +567,7 @@ impl RemoteReceiver<'_> {
                 .post(endpoint)
                 .header(SEQUENCE_HEADER, sequence.to_string())
                 .body(reqwest::Body::wrap(ChunksBody(body.into())));
-            let (_, b) = RemoteStore::send(&client, &url, "write", req, &token).await?;
+            let (_, b) = RemoteStore::send(&url, "write", req, &token).await?;
             let r: WriteResponse = serde_json::from_slice(&b).map_err(|e| StoreError::Backend {
                 context: format!("{url}: write: malformed answer"),
                 source: Box::new(e),
