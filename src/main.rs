@@ -15,12 +15,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc keeps freed pages for reuse: replication moves many multi-megabyte buffers
-/// (read batches, pack buffers, request bodies), which glibc maps and unmaps each time,
-/// and the page faults of that churn cost more CPU than the copies themselves.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Replicate block-volume snapshots between storage systems, sending only what changed.
 #[derive(Debug, Parser)]
 #[command(name = "snapsync", version, about, long_about = None)]

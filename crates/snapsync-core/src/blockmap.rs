@@ -56,6 +56,17 @@ impl BlockMap {
         }
     }
 
+    /// A volume of `block_count` blocks holding `data` (index and id of each data
+    /// block, in increasing index order; any past the end are dropped). Built in one go,
+    /// with full tree nodes: about 2/3 of the memory of setting the blocks one by one.
+    pub fn from_data(block_count: u64, data: Vec<(u64, BlockId)>) -> Self {
+        debug_assert!(data.windows(2).all(|w| w[0].0 < w[1].0), "in index order");
+        Self {
+            block_count,
+            data: data.into_iter().filter(|(i, _)| *i < block_count).collect(),
+        }
+    }
+
     /// Number of blocks, zero or not.
     pub fn block_count(&self) -> u64 {
         self.block_count
@@ -132,13 +143,36 @@ impl BlockMap {
     /// A hash over the whole map, independent of how it is stored (full or as any
     /// chain of deltas). Verification recomputes it after resolving a chain.
     pub fn root_hash(&self) -> BlockId {
-        let mut h = blake3::Hasher::new_derive_key(ROOT_HASH_CONTEXT);
-        h.update(&self.block_count.to_le_bytes());
-        for (i, id) in &self.data {
-            h.update(&i.to_le_bytes());
-            h.update(id.as_bytes());
+        let mut h = RootHasher::new(self.block_count);
+        for (i, id) in self.iter_data() {
+            h.add(i, &id);
         }
-        BlockId(*h.finalize().as_bytes())
+        h.finish()
+    }
+}
+
+/// [`BlockMap::root_hash`] of a map given block by block (its data blocks, in index
+/// order), for maps never built whole.
+#[derive(Debug)]
+pub struct RootHasher(blake3::Hasher);
+
+impl RootHasher {
+    /// For a map of `block_count` blocks.
+    pub fn new(block_count: u64) -> Self {
+        let mut h = blake3::Hasher::new_derive_key(ROOT_HASH_CONTEXT);
+        h.update(&block_count.to_le_bytes());
+        Self(h)
+    }
+
+    /// The next data block.
+    pub fn add(&mut self, index: u64, id: &BlockId) {
+        self.0.update(&index.to_le_bytes());
+        self.0.update(id.as_bytes());
+    }
+
+    /// The root hash.
+    pub fn finish(self) -> BlockId {
+        BlockId(*self.0.finalize().as_bytes())
     }
 }
 
@@ -154,21 +188,28 @@ pub struct Delta {
 impl Delta {
     /// The delta that turns `base` into `target`: exactly the entries where they differ.
     pub fn between(base: &BlockMap, target: &BlockMap) -> Delta {
-        let mut entries = BTreeMap::new();
-        for (i, id) in target.data.iter() {
-            if base.data.get(i) != Some(id) {
-                entries.insert(*i, BlockRef::Data(*id));
+        // One pass over both maps in index order, collected and then built in one go:
+        // a tree built by inserting keys in order leaves its nodes about half full,
+        // and a full map's delta is as large as the map.
+        let mut base_data = base.data.range(..target.block_count).peekable();
+        let mut entries = Vec::with_capacity(if base.data.is_empty() {
+            target.data.len()
+        } else {
+            0
+        });
+        for (i, id) in &target.data {
+            // Blocks the base has as data inside the target's range but the target lacks.
+            while let Some((j, _)) = base_data.next_if(|(j, _)| *j < i) {
+                entries.push((*j, BlockRef::Zero));
+            }
+            if base_data.next_if(|(j, _)| *j == i).map(|(_, b)| b) != Some(id) {
+                entries.push((*i, BlockRef::Data(*id)));
             }
         }
-        // Blocks the base has as data inside the target's range but the target lacks.
-        for (i, _) in base.data.range(..target.block_count) {
-            if !target.data.contains_key(i) {
-                entries.insert(*i, BlockRef::Zero);
-            }
-        }
+        entries.extend(base_data.map(|(j, _)| (*j, BlockRef::Zero)));
         Delta {
             block_count: target.block_count,
-            entries,
+            entries: entries.into_iter().collect(),
         }
     }
 
@@ -253,6 +294,16 @@ mod tests {
                 prop_assert_eq!(&by_index[&k], &to_map(s));
             }
         }
+    }
+
+    #[test]
+    fn maps_built_from_their_data_are_the_same() {
+        let data: Vec<(u64, BlockId)> = [0u64, 3, 4, 9].iter().map(|&i| (i, id(i as u8))).collect();
+        let mut m = BlockMap::zeroed(8);
+        for (i, b) in &data {
+            m.set(*i, BlockRef::Data(*b));
+        }
+        assert_eq!(BlockMap::from_data(8, data), m, "past the end dropped");
     }
 
     #[test]

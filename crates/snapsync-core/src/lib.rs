@@ -25,7 +25,7 @@ pub mod retention;
 pub mod snapshot;
 pub mod time;
 
-pub use blockmap::{BlockMap, BlockRef, Delta};
+pub use blockmap::{BlockMap, BlockRef, Delta, RootHasher};
 pub use extent::{Extent, ExtentList};
 pub use ids::{BlockId, SnapshotId};
 pub use names::{validate_name, NameError};

@@ -27,6 +27,7 @@ use snapsync_store::{
     Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
 };
 
+use cache::{CacheReader, CacheWriter};
 pub use cache::{FileKey, HASH_BLOCK_SIZE};
 
 /// A directory of raw images.
@@ -111,27 +112,147 @@ impl RawStore {
         }))
     }
 
-    /// Block hashes of one image, from the cache or by hashing it (then cached).
-    fn hashes(&self, volume: &str, snapshot: &str) -> Result<Vec<BlockId>> {
+    /// Hand the block hashes of one image to `f`, in order and a chunk at a time: from
+    /// its cache, or by hashing the image (and caching the hashes on the way).
+    fn for_each_hash(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        mut f: impl FnMut(&[BlockId]) -> Result<()>,
+    ) -> Result<()> {
         let path = self.image_path(volume, snapshot)?;
         let key = FileKey::of(&path)?;
         let cache_path = self.cache_path(volume, snapshot);
-        if let Some(h) = cache::load(&cache_path, &key) {
-            return Ok(h);
+        if let Some(mut cached) = CacheReader::open(&cache_path, &key) {
+            let mut chunk = vec![BlockId([0; 32]); cache::READ_CHUNK];
+            while cached.remaining() > 0 {
+                let n = cached.remaining().min(chunk.len() as u64) as usize;
+                cached.read(&mut chunk[..n], &cache_path)?;
+                f(&chunk[..n])?;
+            }
+            return Ok(());
         }
-        let hashes = hash_image(&path, key.size)?;
-        cache::store(&cache_path, &key, &hashes);
-        Ok(hashes)
+        let mut writer = CacheWriter::create(&cache_path, &key);
+        hash_image(&path, key.size, |hashes| {
+            if let Some(w) = writer.as_mut() {
+                w.push(hashes);
+            }
+            f(hashes)
+        })?;
+        if let Some(w) = writer {
+            w.finish();
+        }
+        Ok(())
+    }
+
+    /// The hashes of a base image, to be read along with its target's.
+    fn base_hashes(&self, volume: &str, snapshot: &str) -> Result<BaseHashes> {
+        let path = self.image_path(volume, snapshot)?;
+        let cache_path = self.cache_path(volume, snapshot);
+        let open = || -> Result<Option<CacheReader>> {
+            Ok(CacheReader::open(&cache_path, &FileKey::of(&path)?))
+        };
+        if let Some(r) = open()? {
+            return Ok(BaseHashes::Cached(r, cache_path));
+        }
+        // Hashed (and cached) first, then read back from the cache; kept in memory only
+        // when the cache cannot be written.
+        let mut all = Vec::new();
+        self.for_each_hash(volume, snapshot, |h| {
+            all.extend_from_slice(h);
+            Ok(())
+        })?;
+        Ok(match open()? {
+            Some(r) => BaseHashes::Cached(r, cache_path),
+            None => BaseHashes::InMemory(all.into_iter()),
+        })
+    }
+}
+
+/// A base image's hashes, read in step with its target's.
+enum BaseHashes {
+    Cached(CacheReader, PathBuf),
+    InMemory(std::vec::IntoIter<BlockId>),
+}
+
+impl BaseHashes {
+    /// The next `out.len()` hashes; past the base's end, the hash of a zero block (a
+    /// grown volume reads as zero-extended).
+    fn read(&mut self, out: &mut [BlockId]) -> Result<()> {
+        let zero = cache::zero_hash();
+        match self {
+            BaseHashes::Cached(r, path) => {
+                let n = r.remaining().min(out.len() as u64) as usize;
+                r.read(&mut out[..n], path)?;
+                out[n..].fill(zero);
+            }
+            BaseHashes::InMemory(it) => {
+                for h in out.iter_mut() {
+                    *h = it.next().unwrap_or(zero);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Diff`] from hashes fed in block order.
+struct Compare {
+    size: u64,
+    next: u64,
+    base: Option<BaseHashes>,
+    base_chunk: Vec<BlockId>,
+    diff: Diff,
+}
+
+impl Compare {
+    fn new(size: u64, base: Option<BaseHashes>) -> Self {
+        Self {
+            size,
+            next: 0,
+            base,
+            base_chunk: Vec::new(),
+            diff: Diff::default(),
+        }
+    }
+
+    /// The target's next hashes: changed blocks become extents (data, or zero when the
+    /// block is zero now); without a base, every data block is.
+    fn feed(&mut self, target: &[BlockId]) -> Result<()> {
+        let zero = cache::zero_hash();
+        if let Some(base) = self.base.as_mut() {
+            self.base_chunk.resize(target.len(), zero);
+            base.read(&mut self.base_chunk)?;
+        }
+        for (k, h) in target.iter().enumerate() {
+            let i = self.next + k as u64;
+            if self.base.is_some() && self.base_chunk[k] == *h {
+                continue;
+            }
+            let off = i * HASH_BLOCK_SIZE;
+            let e = Extent::new(off, HASH_BLOCK_SIZE.min(self.size - off));
+            if *h == zero {
+                if self.base.is_some() {
+                    self.diff.zero.push(e);
+                }
+            } else {
+                self.diff.data.push(e);
+            }
+        }
+        self.next += target.len() as u64;
+        Ok(())
     }
 }
 
 /// Hash an image in [`HASH_BLOCK_SIZE`] blocks: one sequential read on one thread,
-/// hashing on all cores, overlapped through a small channel.
-fn hash_image(path: &Path, size: u64) -> Result<Vec<BlockId>> {
-    const CHUNK: usize = 8 << 20;
+/// hashing on all cores, overlapped through a small channel. The hashes go to `f` a
+/// chunk at a time, in order.
+fn hash_image(path: &Path, size: u64, mut f: impl FnMut(&[BlockId]) -> Result<()>) -> Result<()> {
+    // Still long sequential reads, and 32 blocks a chunk to spread over the cores; the
+    // few chunks in flight (about 4) stay small next to what follows the hashing.
+    const CHUNK: usize = 2 << 20;
     let file =
         File::open(path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
-    let mut out = Vec::with_capacity(size.div_ceil(HASH_BLOCK_SIZE) as usize);
     std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<u8>>>(2);
         // Buffers go back to the reader: no fresh allocation (and page faults) per chunk.
@@ -152,18 +273,20 @@ fn hash_image(path: &Path, size: u64) -> Result<Vec<BlockId>> {
                 off += n as u64;
             }
         });
+        let mut hashes = Vec::with_capacity(CHUNK / HASH_BLOCK_SIZE as usize);
         for chunk in rx {
             let chunk = chunk?;
-            out.par_extend(
+            hashes.clear();
+            hashes.par_extend(
                 chunk
                     .par_chunks(HASH_BLOCK_SIZE as usize)
                     .map(cache::hash_block),
             );
             let _ = give_back.try_send(chunk);
+            f(&hashes)?;
         }
         Ok(())
-    })?;
-    Ok(out)
+    })
 }
 
 impl Store for RawStore {
@@ -246,25 +369,25 @@ impl Store for RawStore {
 impl SnapshotSource for RawStore {
     fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
         let tpath = self.image_path(volume, target)?;
-        let size = FileKey::of(&tpath)?.size;
+        let key = FileKey::of(&tpath)?;
         let Some(base) = base else {
             // Without a base, cached hashes tell zero blocks apart for free; without a
             // cache, report everything rather than read the image twice.
-            let key = FileKey::of(&tpath)?;
-            return Ok(match cache::load(&self.cache_path(volume, target), &key) {
-                Some(h) => compare(&h, None, size),
-                None => Diff {
-                    data: ExtentList::from_extents([Extent::new(0, size)]),
+            if CacheReader::open(&self.cache_path(volume, target), &key).is_none() {
+                return Ok(Diff {
+                    data: ExtentList::from_extents([Extent::new(0, key.size)]),
                     zero: ExtentList::new(),
-                },
-            });
+                });
+            }
+            let mut cmp = Compare::new(key.size, None);
+            self.for_each_hash(volume, target, |h| cmp.feed(h))?;
+            return Ok(cmp.diff);
         };
-        self.image_path(base.volume, base.snapshot)?;
-        let (t, b) = rayon::join(
-            || self.hashes(volume, target),
-            || self.hashes(base.volume, base.snapshot),
-        );
-        Ok(compare(&t?, Some(&b?), size))
+        // Both images' hashes are read in step, a chunk at a time.
+        let base = self.base_hashes(base.volume, base.snapshot)?;
+        let mut cmp = Compare::new(key.size, Some(base));
+        self.for_each_hash(volume, target, |h| cmp.feed(h))?;
+        Ok(cmp.diff)
     }
 
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>> {
@@ -272,45 +395,31 @@ impl SnapshotSource for RawStore {
         let key = FileKey::of(&path)?;
         let file =
             File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
-        let blocks = key.size.div_ceil(HASH_BLOCK_SIZE) as usize;
-        let cached = cache::load(&self.cache_path(volume, snapshot), &key).is_some();
+        let cache_path = self.cache_path(volume, snapshot);
+        let cached = CacheReader::open(&cache_path, &key).is_some();
+        let observed = if cached {
+            None
+        } else {
+            CacheWriter::create(&cache_path, &key)
+        };
         Ok(Box::new(RawReader {
             file,
             path,
-            observed: (!cached).then(|| vec![None; blocks]),
-            cache_path: self.cache_path(volume, snapshot),
+            observed,
+            next: 0,
             key,
         }))
     }
 }
 
-/// Changed blocks between two hash lists, as extents of a target of `size` bytes.
-fn compare(target: &[BlockId], base: Option<&[BlockId]>, size: u64) -> Diff {
-    let zero = cache::zero_hash();
-    let mut diff = Diff::default();
-    for (i, h) in target.iter().enumerate() {
-        let old = base.and_then(|b| b.get(i)).unwrap_or(&zero);
-        if base.is_some() && old == h {
-            continue;
-        }
-        let off = i as u64 * HASH_BLOCK_SIZE;
-        let e = Extent::new(off, HASH_BLOCK_SIZE.min(size - off));
-        if *h == zero {
-            if base.is_some() {
-                diff.zero.push(e);
-            }
-        } else {
-            diff.data.push(e);
-        }
-    }
-    diff
-}
-
 struct RawReader {
     file: File,
     path: PathBuf,
-    observed: Option<Vec<Option<BlockId>>>,
-    cache_path: PathBuf,
+    /// The hash cache being filled from the hashes the engine computed, while it reads
+    /// the image block after block.
+    observed: Option<CacheWriter>,
+    /// The next block the cache needs.
+    next: u64,
     key: FileKey,
 }
 
@@ -330,25 +439,80 @@ impl SnapshotReader for RawReader {
     }
 
     fn observe_block(&mut self, offset: u64, len: usize, id: &BlockId) {
-        if let Some(obs) = self.observed.as_mut() {
-            if len as u64 == HASH_BLOCK_SIZE && offset.is_multiple_of(HASH_BLOCK_SIZE) {
-                if let Some(slot) = obs.get_mut((offset / HASH_BLOCK_SIZE) as usize) {
-                    *slot = Some(*id);
-                }
+        if let Some(w) = self.observed.as_mut() {
+            if len as u64 == HASH_BLOCK_SIZE && offset == self.next * HASH_BLOCK_SIZE {
+                w.push(std::slice::from_ref(id));
+                self.next += 1;
+            } else {
+                // Not the whole image in order (another block size, or only some
+                // extents): no cache from this pass.
+                self.observed = None;
             }
         }
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        if let Some(obs) = self.observed {
-            if obs.iter().all(Option::is_some) {
-                // Only trust what we saw if the file did not change while we read it.
-                if FileKey::of(&self.path).ok().as_ref() == Some(&self.key) {
-                    let hashes: Vec<BlockId> = obs.into_iter().flatten().collect();
-                    cache::store(&self.cache_path, &self.key, &hashes);
-                }
+        if let Some(w) = self.observed {
+            // Only trust what we saw if the file did not change while we read it (an
+            // incomplete cache is not put in place).
+            if FileKey::of(&self.path).ok().as_ref() == Some(&self.key) {
+                w.finish();
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store with one image `vm/s1` of `blocks` blocks, every third one zero.
+    fn store(blocks: u64) -> (tempfile::TempDir, RawStore, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("vm")).unwrap();
+        let mut img = vec![0u8; (blocks * HASH_BLOCK_SIZE) as usize];
+        for (i, b) in img.chunks_mut(HASH_BLOCK_SIZE as usize).enumerate() {
+            if i % 3 != 0 {
+                b.fill(i as u8);
+            }
+        }
+        std::fs::write(dir.path().join("vm/s1.img"), &img).unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        (dir, store, img)
+    }
+
+    fn read_observing(store: &RawStore, img: &[u8], order: &[u64]) {
+        let mut r = store.open_snapshot("vm", "s1").unwrap();
+        let mut buf = vec![0u8; HASH_BLOCK_SIZE as usize];
+        for &i in order {
+            r.read_at(i * HASH_BLOCK_SIZE, &mut buf).unwrap();
+            assert_eq!(
+                &buf[..],
+                &img[(i * HASH_BLOCK_SIZE) as usize..][..buf.len()]
+            );
+            r.observe_block(i * HASH_BLOCK_SIZE, buf.len(), &BlockId::of(&buf));
+        }
+        r.finish().unwrap();
+    }
+
+    #[test]
+    fn a_whole_pass_in_order_fills_the_cache() {
+        let (_dir, store, img) = store(7);
+        let cache = store.cache_path("vm", "s1");
+        let key = FileKey::of(&store.image_path("vm", "s1").unwrap()).unwrap();
+        // Without a cache, everything is reported; out of order or partial passes
+        // leave none.
+        let all = store.diff("vm", "s1", None).unwrap();
+        assert_eq!(all.data.total_len(), 7 * HASH_BLOCK_SIZE);
+        read_observing(&store, &img, &[0, 1, 2, 4, 3, 5, 6]);
+        read_observing(&store, &img, &[0, 1, 2]);
+        assert!(CacheReader::open(&cache, &key).is_none());
+        read_observing(&store, &img, &[0, 1, 2, 3, 4, 5, 6]);
+        assert!(CacheReader::open(&cache, &key).is_some());
+        // Now zero blocks are told apart without reading the image.
+        let d = store.diff("vm", "s1", None).unwrap();
+        assert_eq!(d.data.total_len(), 4 * HASH_BLOCK_SIZE);
+        assert!(!d.data.covers(3 * HASH_BLOCK_SIZE, 1));
     }
 }

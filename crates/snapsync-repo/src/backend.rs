@@ -440,11 +440,50 @@ impl Backend {
     ///
     /// Each object is given as its chunks in order, written one after another: a pack is
     /// the buffers its blocks arrived in, never copied into one.
+    ///
+    /// On a local file system the first object is written before this returns (into the
+    /// page cache, which costs about a copy of it) and only its fsync, and the objects
+    /// after it, wait in the background: its buffers (a whole pack) are freed at once
+    /// instead of waiting behind the fsyncs of earlier packs, so a receive holds one pack
+    /// in memory whatever the pace of the disk. Its fsync still comes before the next
+    /// object is written, so an index never names a pack that is not durably there.
     pub(crate) fn spawn_puts(&self, objects: Vec<(String, Vec<Bytes>)>) -> PendingPuts {
         let store = self.store.clone();
         let location = self.location.clone();
         let multipart = matches!(location, Location::S3 { .. });
+        let mut objects = objects.into_iter();
+        let mut written: Option<Result<String>> = None;
+        if let Location::Local(_) = location {
+            written = objects.next().map(|(key, chunks)| {
+                let path = ObjectPath::from(key.as_str());
+                // Outside the runtime, the local store writes on the calling thread, so
+                // the buffer is also freed by the thread that allocated it (and refills
+                // it): freed on a thread of the runtime's, it lingered in the allocator,
+                // and a fast receive held several packs' worth at once.
+                futures::executor::block_on(store.put_opts(
+                    &path,
+                    PutPayload::from_iter(chunks),
+                    PutOptions::default(),
+                ))
+                .map(|_| key.clone())
+                .map_err(|e| backend_err(format!("write {location}/{key}"), e))
+            });
+        }
         let handle = self.runtime.spawn(async move {
+            let sync = |key: String| {
+                let loc = location.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || sync_local(&loc, &key))
+                        .await
+                        .map_err(|e| StoreError::Backend {
+                            context: "fsync task".into(),
+                            source: Box::new(e),
+                        })?
+                }
+            };
+            if let Some(key) = written {
+                sync(key?).await?;
+            }
             for (key, chunks) in objects {
                 let path = ObjectPath::from(key.as_str());
                 let data = PutPayload::from_iter(chunks);
@@ -457,13 +496,7 @@ impl Backend {
                         .map(drop)
                 };
                 r.map_err(|e| backend_err(format!("write {location}/{key}"), e))?;
-                let loc = location.clone();
-                tokio::task::spawn_blocking(move || sync_local(&loc, &key))
-                    .await
-                    .map_err(|e| StoreError::Backend {
-                        context: "fsync task".into(),
-                        source: Box::new(e),
-                    })??;
+                sync(key).await?;
             }
             Ok(())
         });

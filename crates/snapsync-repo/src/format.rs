@@ -56,6 +56,14 @@ pub fn encode_envelope(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
 
 /// Unwrap and check a payload; `location` names the object in errors.
 pub fn decode_envelope<'a>(magic: &[u8; 8], bytes: &'a [u8], location: &str) -> Result<&'a [u8]> {
+    let len = envelope_payload_len(magic, bytes, location)?;
+    decode_envelope_body(bytes, len, location)
+}
+
+/// Check the start of an object (at least its envelope header and trailer's worth of
+/// bytes, or all of it if shorter): magic and version. Returns the payload length its
+/// header states.
+pub(crate) fn envelope_payload_len(magic: &[u8; 8], bytes: &[u8], location: &str) -> Result<u64> {
     let corrupt = |d: String| StoreError::corrupt(location, d);
     let known = [
         MAGIC_CONFIG,
@@ -90,7 +98,14 @@ pub fn decode_envelope<'a>(magic: &[u8; 8], bytes: &'a [u8], location: &str) -> 
             ),
         });
     }
-    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    Ok(u64::from_le_bytes(
+        bytes[12..20].try_into().expect("8 bytes"),
+    ))
+}
+
+/// The rest of [`decode_envelope`], once the header checked out.
+fn decode_envelope_body<'a>(bytes: &'a [u8], len: u64, location: &str) -> Result<&'a [u8]> {
+    let corrupt = |d: String| StoreError::corrupt(location, d);
     let expect = (ENVELOPE_HEADER as u64)
         .checked_add(len)
         .and_then(|x| x.checked_add(ENVELOPE_TRAILER as u64));
@@ -272,25 +287,62 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
 }
 
 /// Decode a manifest, checking its structure (entries sorted and in range).
-pub fn decode_manifest(bytes: &[u8], location: &str) -> Result<Manifest> {
-    let p = decode_envelope(MAGIC_MANIFEST, bytes, location)?;
+///
+/// Given the bytes by value, it frees them once parsed, before building the map: the
+/// encoded entries, the parsed ones and the map are each about as large, and the first
+/// need not live alongside the last.
+pub fn decode_manifest(bytes: impl AsRef<[u8]>, location: &str) -> Result<Manifest> {
+    let (header, block_count, entries) = parse_manifest(bytes.as_ref(), location)?;
+    drop(bytes);
+    let delta = Delta {
+        block_count,
+        entries: entries.into_iter().collect(),
+    };
+    Ok(Manifest { header, delta })
+}
+
+/// A manifest's fields before its entries.
+#[derive(Debug)]
+pub(crate) struct ManifestHead {
+    pub(crate) header: ManifestHeader,
+    pub(crate) block_count: u64,
+    /// Number of entries.
+    pub(crate) count: u64,
+    /// Payload bytes these fields take: the entries start there.
+    pub(crate) len: usize,
+}
+
+/// Parse and check the fields before a manifest's entries from the start `p` of its
+/// payload (of `payload_len` bytes in all); `None` when `p` ends before they do.
+pub(crate) fn parse_manifest_head(
+    p: &[u8],
+    payload_len: u64,
+    location: &str,
+) -> Result<Option<ManifestHead>> {
     let corrupt = |d: String| StoreError::corrupt(location, d);
+    let truncated = |what: &str| -> Result<Option<ManifestHead>> {
+        if (p.len() as u64) < payload_len {
+            Ok(None)
+        } else {
+            Err(corrupt(format!("truncated {what}")))
+        }
+    };
     let mut r = Cursor { p, pos: 0 };
-    let hlen = r
-        .u32()
-        .ok_or_else(|| corrupt("truncated header length".into()))? as usize;
-    let hbytes = r
-        .take(hlen)
-        .ok_or_else(|| corrupt("truncated header".into()))?;
+    let Some(hlen) = r.u32() else {
+        return truncated("header length");
+    };
+    let Some(hbytes) = r.take(hlen as usize) else {
+        return truncated("header");
+    };
     let header: ManifestHeader =
         serde_json::from_slice(hbytes).map_err(|e| corrupt(format!("bad manifest header: {e}")))?;
-    let block_count = r
-        .u64()
-        .ok_or_else(|| corrupt("truncated block count".into()))?;
-    let count = r
-        .u64()
-        .ok_or_else(|| corrupt("truncated entry count".into()))?;
-    if count > block_count || count > (p.len() as u64) / 9 {
+    let Some(block_count) = r.u64() else {
+        return truncated("block count");
+    };
+    let Some(count) = r.u64() else {
+        return truncated("entry count");
+    };
+    if count > block_count || count > payload_len / 9 {
         return Err(corrupt(format!("implausible entry count {count}")));
     }
     if header.size.div_ceil(header.block_size.max(1)) != block_count || header.block_size == 0 {
@@ -298,6 +350,24 @@ pub fn decode_manifest(bytes: &[u8], location: &str) -> Result<Manifest> {
             "block count does not match size and block size".into(),
         ));
     }
+    Ok(Some(ManifestHead {
+        header,
+        block_count,
+        count,
+        len: r.pos,
+    }))
+}
+
+/// A manifest's header, block count and entries (in index order).
+type ParsedManifest = (ManifestHeader, u64, Vec<(u64, BlockRef)>);
+
+fn parse_manifest(bytes: &[u8], location: &str) -> Result<ParsedManifest> {
+    let p = decode_envelope(MAGIC_MANIFEST, bytes, location)?;
+    let corrupt = |d: String| StoreError::corrupt(location, d);
+    let head = parse_manifest_head(p, p.len() as u64, location)?
+        .ok_or_else(|| corrupt("truncated manifest".into()))?;
+    let (header, block_count, count) = (head.header, head.block_count, head.count);
+    let mut r = Cursor { p, pos: head.len };
     // Collected, then built in one pass: a tree built by inserting sorted keys one by
     // one leaves its nodes about half full, 1.5 times the memory of a bulk-built one.
     let mut entries = Vec::with_capacity(count as usize);
@@ -324,11 +394,7 @@ pub fn decode_manifest(bytes: &[u8], location: &str) -> Result<Manifest> {
     if r.pos != p.len() {
         return Err(corrupt("trailing bytes after entries".into()));
     }
-    let delta = Delta {
-        block_count,
-        entries: entries.into_iter().collect(),
-    };
-    Ok(Manifest { header, delta })
+    Ok((header, block_count, entries))
 }
 
 struct Cursor<'a> {

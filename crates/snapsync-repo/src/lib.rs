@@ -35,6 +35,7 @@ mod prune;
 mod receive;
 mod repo;
 mod source;
+mod stream;
 mod verify;
 
 pub use backend::{Location, DEFAULT_RETRY_TIMEOUT_SECS, RETRY_TIMEOUT_ENV};

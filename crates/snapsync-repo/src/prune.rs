@@ -273,6 +273,6 @@ impl Repository {
                 Delta::full(map)
             }
         };
-        self.put_manifest(&Manifest { header, delta })
+        self.put_manifest(Manifest { header, delta })
     }
 }

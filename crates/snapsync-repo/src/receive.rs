@@ -1,11 +1,11 @@
 //! Receiving a snapshot: compress new blocks into packs, then commit a manifest and a
 //! new catalog generation.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use rayon::prelude::*;
-use snapsync_core::{codec, validate_name, BlockId, BlockMap, BlockRef, Delta, Hint};
+use snapsync_core::{codec, validate_name, BlockId, BlockRef, Delta, Hint};
 use snapsync_store::{
     BlockContent, CommitInfo, Compressed, IncomingBlock, ReceiveRequest, Receiver, Result,
     SnapshotSink, StoreError,
@@ -19,6 +19,7 @@ use crate::format::{
 };
 use crate::lock::SessionLock;
 use crate::repo::{key_index, key_pack, Repository, CHECKPOINT_INTERVAL};
+use crate::stream::Overlay;
 
 /// Packs are flushed at this size: large objects for object stores, small enough that a
 /// killed replication loses little and a rerun reuses the rest.
@@ -61,8 +62,8 @@ impl SnapshotSink for Repository {
                 });
             }
         }
-        let (base_manifest, mut map) = match &request.base {
-            None => (None, BlockMap::zeroed(0)),
+        let base_manifest = match &request.base {
+            None => None,
             Some(b) => {
                 let cat = self.catalog(&b.volume)?;
                 let snap = cat
@@ -76,20 +77,19 @@ impl SnapshotSink for Repository {
                             self.location()
                         ))
                     })?;
-                let (m, map) = self.resolve(&snap.manifest)?;
-                (Some((snap.manifest, m.header.depth)), map)
+                Some((snap.manifest, self.manifest_depth(&snap.manifest)?))
             }
         };
-        map.resize(request.snapshot.size.div_ceil(self.config.block_size));
+        let block_count = request.snapshot.size.div_ceil(self.config.block_size);
         Ok(Box::new(RepoReceiver {
             _lock: lock,
             repo: self,
             request,
             base_manifest,
-            map,
+            block_count,
+            changes: BTreeMap::new(),
             pack: PackBuilder::default(),
             session: HashMap::new(),
-            written: Vec::new(),
             uploads: VecDeque::new(),
         }))
     }
@@ -136,14 +136,21 @@ struct RepoReceiver<'a> {
     repo: &'a Repository,
     request: ReceiveRequest,
     base_manifest: Option<(ManifestId, u32)>,
-    map: BlockMap,
+    /// The new snapshot's block count.
+    block_count: u64,
+    /// The blocks received, by index: the snapshot is its transfer base with these
+    /// changed. Only they are held, not a map of the whole volume (for an incremental,
+    /// a few entries instead of one per block of the volume); the base is read along
+    /// its chain when the snapshot is committed.
+    changes: BTreeMap<u64, BlockRef>,
     pack: PackBuilder,
-    /// Blocks stored by this receive (pending or flushed).
+    /// Blocks of this receive not in the shared index yet: in the pack being filled or
+    /// in one being stored.
     session: HashMap<BlockId, ()>,
-    /// Packs flushed by this receive, added to the shared index on commit.
-    written: Vec<(BlockId, Vec<IndexEntry>)>,
-    /// Packs being stored in the background.
-    uploads: VecDeque<PendingPuts>,
+    /// Packs being stored in the background, with their entries. Once stored, a pack
+    /// is added to the shared index and its blocks leave `session`: what a receive
+    /// holds per block it stored is bounded by the packs in flight, not by the volume.
+    uploads: VecDeque<(PendingPuts, BlockId, Vec<IndexEntry>)>,
 }
 
 /// A block new to the repository: id, plaintext, and what its sender knows about
@@ -151,6 +158,20 @@ struct RepoReceiver<'a> {
 type Fresh<'a> = (BlockId, &'a Bytes, &'a Compressed);
 
 impl RepoReceiver<'_> {
+    /// Note block `index` of the new snapshot (past its end: ignored, as
+    /// [`snapsync_core::BlockMap::set`] does). Zero blocks are only noted over a base,
+    /// where they may replace data.
+    fn record(&mut self, index: u64, block: BlockRef) {
+        if index >= self.block_count {
+            return;
+        }
+        if self.base_manifest.is_none() && block == BlockRef::Zero {
+            self.changes.remove(&index);
+        } else {
+            self.changes.insert(index, block);
+        }
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.pack.entries.is_empty() {
             return Ok(());
@@ -165,20 +186,35 @@ impl RepoReceiver<'_> {
             (key_pack(&id), pack.chunks),
             (key_index(&id), vec![Bytes::from(index)]),
         ]);
-        self.uploads.push_back(job);
-        self.written.push((id, pack.entries));
+        self.uploads.push_back((job, id, pack.entries));
         while self.uploads.len() > MAX_UPLOADS {
-            let job = self.uploads.pop_front().expect("non-empty");
-            self.repo.backend.wait(job)?;
+            self.wait_oldest_upload()?;
         }
         Ok(())
     }
 
-    /// Flush the last pack and wait until every pack is stored.
+    /// Wait for the oldest pack being stored, then index it.
+    fn wait_oldest_upload(&mut self) -> Result<()> {
+        let (job, pack, entries) = self.uploads.pop_front().expect("non-empty");
+        // Indexed only once stored. If storing failed, whether the pack got there is
+        // unknown: the index is reloaded when next needed (the packs still in flight
+        // are settled by `Drop`).
+        self.repo
+            .backend
+            .wait(job)
+            .inspect_err(|_| self.repo.invalidate_index())?;
+        self.repo.with_index(|ix| ix.add_pack(pack, &entries))?;
+        for e in &entries {
+            self.session.remove(&e.id);
+        }
+        Ok(())
+    }
+
+    /// Flush the last pack and wait until every pack is stored (and indexed).
     fn finish_uploads(&mut self) -> Result<()> {
         self.flush()?;
-        while let Some(job) = self.uploads.pop_front() {
-            self.repo.backend.wait(job)?;
+        while !self.uploads.is_empty() {
+            self.wait_oldest_upload()?;
         }
         Ok(())
     }
@@ -188,22 +224,17 @@ impl Drop for RepoReceiver<'_> {
     /// A receive abandoned before its commit (a dropped connection, a failed write)
     /// leaves the packs it stored, with their indexes; index them in this process too, so
     /// that a rerun in the same process (a server) does not send their blocks again.
+    /// (Packs stored before are indexed already.)
     fn drop(&mut self) {
-        if self.written.is_empty() {
-            return;
-        }
         let mut stored = true;
-        while let Some(job) = self.uploads.pop_front() {
-            stored &= self.repo.backend.wait(job).is_ok();
+        while let Some((job, pack, entries)) = self.uploads.pop_front() {
+            if self.repo.backend.wait(job).is_ok() {
+                let _ = self.repo.with_index(|ix| ix.add_pack(pack, &entries));
+            } else {
+                stored = false;
+            }
         }
-        if stored {
-            let written = std::mem::take(&mut self.written);
-            let _ = self.repo.with_index(|ix| {
-                for (pack, entries) in &written {
-                    ix.add_pack(*pack, entries);
-                }
-            });
-        } else {
+        if !stored {
             self.repo.invalidate_index();
         }
     }
@@ -221,11 +252,11 @@ impl Receiver for RepoReceiver<'_> {
 
     fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64> {
         let bs = self.repo.config.block_size as usize;
-        let mut fresh: Vec<Fresh<'_>> = Vec::new();
+        let mut candidates: Vec<Fresh<'_>> = Vec::new();
         for b in &blocks {
             match &b.content {
-                BlockContent::Zero => self.map.set(b.index, BlockRef::Zero),
-                BlockContent::Existing(id) => self.map.set(b.index, BlockRef::Data(*id)),
+                BlockContent::Zero => self.record(b.index, BlockRef::Zero),
+                BlockContent::Existing(id) => self.record(b.index, BlockRef::Data(*id)),
                 BlockContent::Data {
                     id,
                     data,
@@ -237,12 +268,25 @@ impl Receiver for RepoReceiver<'_> {
                             detail: format!("{} bytes, expected the block size {bs}", data.len()),
                         });
                     }
-                    self.map.set(b.index, BlockRef::Data(*id));
+                    self.record(b.index, BlockRef::Data(*id));
                     if !self.session.contains_key(id) {
-                        self.session.insert(*id, ());
-                        fresh.push((*id, data, compressed));
+                        candidates.push((*id, data, compressed));
                     }
                 }
+            }
+        }
+        // Each block is stored once per receive: not again if a pack of this receive
+        // already stored and indexed it.
+        let indexed: Vec<bool> = if candidates.is_empty() {
+            Vec::new()
+        } else {
+            self.repo
+                .with_index(|ix| candidates.iter().map(|(id, ..)| ix.contains(id)).collect())?
+        };
+        let mut fresh: Vec<Fresh<'_>> = Vec::with_capacity(candidates.len());
+        for (c, indexed) in candidates.into_iter().zip(indexed) {
+            if !indexed && self.session.insert(c.0, ()).is_none() {
+                fresh.push(c);
             }
         }
         let encoded: Vec<(BlockId, Compression, Bytes)> = fresh
@@ -274,15 +318,9 @@ impl Receiver for RepoReceiver<'_> {
     }
 
     fn commit(mut self: Box<Self>) -> Result<CommitInfo> {
+        // The packs are stored and indexed, so the manifest can name them.
         self.finish_uploads()?;
         let repo = self.repo;
-        // The packs are stored: index them so the manifest can name them.
-        let written = std::mem::take(&mut self.written);
-        repo.with_index(|ix| {
-            for (pack, entries) in &written {
-                ix.add_pack(*pack, entries);
-            }
-        })?;
         let r = &self.request;
         let hint = Hint {
             source_snapshot: r.source_snapshot.clone(),
@@ -290,6 +328,13 @@ impl Receiver for RepoReceiver<'_> {
             created: r.snapshot.created,
             local_volume: r.volume.clone(),
             local_snapshot: r.snapshot.name.clone(),
+        };
+        let mut overlay = Overlay {
+            repo,
+            base: self.base_manifest.map(|(id, _)| id),
+            block_count: self.block_count,
+            changes: std::mem::take(&mut self.changes),
+            moved_to: None,
         };
         let mut attempt = 0;
         let info = loop {
@@ -313,7 +358,7 @@ impl Receiver for RepoReceiver<'_> {
             if cat.origin.is_none() {
                 cat.origin = r.origin.clone();
             }
-            let placed = place_in_chain(repo, &cat, &r.snapshot, &self.map, self.base_manifest)?;
+            let placed = place_in_chain(repo, &cat, &r.snapshot, &mut overlay, self.base_manifest)?;
             let info = CommitInfo {
                 inserted_before: placed.younger.as_ref().map(|y| y.name.clone()),
                 redundant_entries_removed: placed.redundant_entries_removed,
@@ -383,7 +428,7 @@ fn place_in_chain(
     repo: &Repository,
     cat: &Catalog,
     snapshot: &snapsync_core::SnapshotInfo,
-    map: &BlockMap,
+    target: &mut Overlay<'_>,
     transfer_base: Option<(ManifestId, u32)>,
 ) -> Result<Placement> {
     let key = |s: &CatalogSnapshot| (s.created, s.name.clone());
@@ -400,17 +445,29 @@ fn place_in_chain(
         .min_by_key(|s| key(s));
     // An older neighbour, or for the first snapshot of a clone its origin's manifest.
     let storage_base = match older {
-        Some(o) => Some((o.manifest, repo.manifest(&o.manifest)?.header.depth)),
+        Some(o) => Some((o.manifest, repo.manifest_depth(&o.manifest)?)),
         None if cat.origin.is_some() && younger.is_none() => transfer_base,
         None => None,
     };
+    target.restore()?;
+    let root = target.root_hash()?;
     let (delta_base, depth, delta) = match storage_base {
-        Some((id, depth)) if depth + 1 < CHECKPOINT_INTERVAL => {
-            let (_, base_map) = repo.resolve(&id)?;
-            (Some(id), depth + 1, Delta::between(&base_map, map))
+        // Stored against the base it was sent against (the usual case): the delta is
+        // what was received, less what did not change.
+        Some((id, depth)) if depth + 1 < CHECKPOINT_INTERVAL && target.base == Some(id) => {
+            (Some(id), depth + 1, target.delta_against_base()?)
         }
+        Some((id, depth)) if depth + 1 < CHECKPOINT_INTERVAL => (
+            Some(id),
+            depth + 1,
+            repo.delta_against(&id, &target.map()?)?,
+        ),
         // A checkpoint (full map) every CHECKPOINT_INTERVAL deltas bounds chain reads.
-        _ => (None, 0, Delta::full(map)),
+        // Without a transfer base, what was received is the full map: taken as the
+        // delta as it is, not copied (the commit is retried only if another writer
+        // committed meanwhile, when it is rebuilt from the manifest just stored).
+        _ if target.base.is_none() => (None, 0, target.take_full_map()),
+        _ => (None, 0, Delta::full(&target.map()?)),
     };
     let manifest = Manifest {
         header: ManifestHeader {
@@ -422,12 +479,16 @@ fn place_in_chain(
             block_size: repo.config.block_size,
             delta_base,
             depth,
-            root: map.root_hash(),
+            root,
             packs: Vec::new(),
         },
         delta,
     };
-    let manifest_id = repo.put_manifest(&manifest)?;
+    let moved = target.base.is_none() && depth == 0;
+    let manifest_id = repo.put_manifest(manifest)?;
+    if moved {
+        target.moved_to = Some(manifest_id);
+    }
     let entry = CatalogSnapshot {
         name: snapshot.name.clone(),
         id: snapshot.id,
@@ -448,7 +509,8 @@ fn place_in_chain(
         return Ok(placement);
     }
     let (y_manifest, y_map) = repo.resolve(&y.manifest)?;
-    let rebased = Delta::between(map, &y_map);
+    target.restore()?;
+    let rebased = Delta::between(&target.map()?, &y_map);
     let before = y_manifest.delta.len();
     if rebased.len() > before {
         return Ok(placement);
@@ -456,14 +518,14 @@ fn place_in_chain(
     let mut header = y_manifest.header.clone();
     header.delta_base = Some(manifest_id);
     header.depth = depth + 1;
-    let new_id = repo.put_manifest(&Manifest {
+    placement.redundant_entries_removed = (before - rebased.len()) as u64;
+    let new_id = repo.put_manifest(Manifest {
         header,
-        delta: rebased.clone(),
+        delta: rebased,
     })?;
     placement.younger = Some(CatalogSnapshot {
         manifest: new_id,
         ..y.clone()
     });
-    placement.redundant_entries_removed = (before - rebased.len()) as u64;
     Ok(placement)
 }

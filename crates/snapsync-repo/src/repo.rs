@@ -320,6 +320,11 @@ impl Repository {
         self.backend.listings_made()
     }
 
+    /// A manifest if it is in the cache.
+    pub(crate) fn cached_manifest(&self, id: &ManifestId) -> Option<Arc<Manifest>> {
+        lock(&self.manifests).get(id).cloned()
+    }
+
     /// Read a manifest (cached: manifests are immutable).
     pub fn manifest(&self, id: &ManifestId) -> Result<Arc<Manifest>> {
         if let Some(m) = lock(&self.manifests).get(id) {
@@ -336,28 +341,27 @@ impl Repository {
                 "content does not match its id (damaged)",
             ));
         }
-        let m = Arc::new(format::decode_manifest(&bytes, &self.describe(&key))?);
+        let m = Arc::new(format::decode_manifest(bytes, &self.describe(&key))?);
         lock(&self.manifests).insert(*id, m.clone());
         Ok(m)
     }
 
-    /// Store a manifest; returns its id.
-    pub(crate) fn put_manifest(&self, m: &Manifest) -> Result<ManifestId> {
+    /// Store a manifest; returns its id. It is taken by value and kept as it is in the
+    /// cache: a full map's manifest is as large as the map, and copies of it would be
+    /// the largest allocations of a commit.
+    pub(crate) fn put_manifest(&self, mut m: Manifest) -> Result<ManifestId> {
         // Name the packs holding this delta's blocks, so that a reader loads only their
-        // indexes instead of listing all of them.
-        let mut m = m.clone();
+        // indexes instead of listing all of them. (A set of the few packs, not a list
+        // of one pack per block.)
         m.header.packs = self.with_index(|ix| {
-            let mut packs: Vec<BlockId> = m
+            let packs: std::collections::BTreeSet<BlockId> = m
                 .delta
                 .data_ids()
                 .filter_map(|id| ix.get(&id).map(|(p, _)| p))
                 .collect();
-            packs.sort_unstable();
-            packs.dedup();
-            packs
+            packs.into_iter().collect()
         })?;
-        let m = &m;
-        let bytes = format::encode_manifest(m);
+        let bytes = format::encode_manifest(&m);
         let id = BlockId::of(&bytes);
         match self
             .backend
@@ -366,7 +370,7 @@ impl Repository {
             Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
             Err(e) => return Err(e),
         }
-        lock(&self.manifests).insert(id, Arc::new(m.clone()));
+        lock(&self.manifests).insert(id, Arc::new(m));
         Ok(id)
     }
 
@@ -412,10 +416,16 @@ impl Repository {
         let mut guard = lock(&self.index);
         if !guard.as_ref().is_some_and(|ix| ix.complete) {
             // The packs already loaded stay: only the others are read.
-            let partial = guard.take().unwrap_or_default();
+            let partial = guard
+                .take()
+                .unwrap_or_else(|| BlockIndex::new(self.config.block_size));
             *guard = Some(self.load_index(partial)?);
         }
-        Ok(f(guard.as_mut().expect("loaded")))
+        let ix = guard.as_mut().expect("loaded");
+        let out = f(ix);
+        // Whatever `f` added is sorted in before anyone looks blocks up again.
+        ix.seal();
+        Ok(out)
     }
 
     /// Load the indexes of these packs only (no listing), unless already loaded;
@@ -423,13 +433,15 @@ impl Repository {
     /// the index once instead of growing it step by step.
     pub(crate) fn index_packs(&self, packs: &[BlockId], expected_blocks: usize) -> Result<()> {
         let mut guard = lock(&self.index);
-        let ix = guard.get_or_insert_with(BlockIndex::default);
+        let ix = guard.get_or_insert_with(|| BlockIndex::new(self.config.block_size));
         let wanted: Vec<BlockId> = packs.iter().filter(|p| !ix.has_pack(p)).copied().collect();
         if wanted.is_empty() {
             return Ok(());
         }
         ix.reserve(expected_blocks);
-        self.add_indexes(ix, &wanted)
+        let added = self.add_indexes(ix, &wanted);
+        ix.seal();
+        added
     }
 
     /// Read the indexes of `packs` into `ix`, a batch at a time: a 1 TiB volume's are
@@ -467,7 +479,9 @@ impl Repository {
             }
         }
         index.reserve(blocks);
-        self.add_indexes(&mut index, &packs)?;
+        let added = self.add_indexes(&mut index, &packs);
+        index.seal();
+        added?;
         index.complete = true;
         Ok(index)
     }

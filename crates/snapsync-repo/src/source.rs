@@ -1,15 +1,13 @@
 //! The repository as a replication source (cascades, restore): listings come from
 //! catalogs, differences from comparing block maps (metadata only), data from packs.
 
-use std::sync::Arc;
-
 use snapsync_core::{BlockId, BlockMap, BlockRef, Extent, VolumeInfo};
 use snapsync_store::{
     Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
 };
 
-use crate::format::Manifest;
 use crate::repo::Repository;
+use crate::stream::{ChainCursor, CheckedManifest};
 
 impl Store for Repository {
     fn location(&self) -> String {
@@ -67,44 +65,42 @@ impl Repository {
 }
 
 /// Changed blocks between two maps, as byte extents clipped to `size`.
-fn diff_maps(target: &BlockMap, base: Option<&BlockMap>, bs: u64, size: u64) -> Diff {
+fn diff_maps(target: &BlockMap, base: &BlockMap, bs: u64, size: u64) -> Diff {
     let mut diff = Diff::default();
     let extent = |i: u64| {
         let off = i * bs;
         Extent::new(off, bs.min(size - off))
     };
-    match base {
-        None => {
-            for (i, _) in target.iter_data() {
-                diff.data.push(extent(i));
-            }
-        }
-        Some(base) => {
-            let delta = snapsync_core::Delta::between(base, target);
-            for (i, r) in &delta.entries {
-                match r {
-                    BlockRef::Zero => diff.zero.push(extent(*i)),
-                    BlockRef::Data(_) => diff.data.push(extent(*i)),
-                }
-            }
-            // Blocks past the base's end that stay zero are unchanged (zero-extended).
+    let delta = snapsync_core::Delta::between(base, target);
+    for (i, r) in &delta.entries {
+        match r {
+            BlockRef::Zero => diff.zero.push(extent(*i)),
+            BlockRef::Data(_) => diff.data.push(extent(*i)),
         }
     }
+    // Blocks past the base's end that stay zero are unchanged (zero-extended).
     diff
 }
 
 impl SnapshotSource for Repository {
     fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
+        let Some(base) = base else {
+            // A whole snapshot (a restore, a first copy out): its data blocks, straight
+            // from the chain.
+            let (size, manifest) = self.snapshot_manifest(volume, target)?;
+            let chain = self.checked_chain(&manifest)?;
+            let mut cursor = ChainCursor::new(self, &chain)?;
+            let bs = self.block_size();
+            let mut diff = Diff::default();
+            while let Some(i) = cursor.next_data()? {
+                let off = i * bs;
+                diff.data.push(Extent::new(off, bs.min(size - off)));
+            }
+            return Ok(diff);
+        };
         let (size, t) = self.snapshot_map(volume, target)?;
-        let b = base
-            .map(|b| self.snapshot_map(b.volume, b.snapshot))
-            .transpose()?;
-        Ok(diff_maps(
-            &t,
-            b.as_ref().map(|x| &x.1),
-            self.block_size(),
-            size,
-        ))
+        let b = self.snapshot_map(base.volume, base.snapshot)?;
+        Ok(diff_maps(&t, &b.1, self.block_size(), size))
     }
 
     fn estimate_diff(&self, volume: &str, target: &str, base: SnapshotRef<'_>) -> Option<u64> {
@@ -114,10 +110,10 @@ impl SnapshotSource for Repository {
 
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>> {
         let (size, manifest) = self.snapshot_manifest(volume, snapshot)?;
-        let chain = self.chain(&manifest)?;
+        let chain = self.checked_chain(&manifest)?;
         let mut packs: Vec<BlockId> = chain
             .iter()
-            .flat_map(|m| m.header.packs.iter().copied())
+            .flat_map(|m| m.head.header.packs.iter().copied())
             .collect();
         packs.sort_unstable();
         packs.dedup();
@@ -125,6 +121,7 @@ impl SnapshotSource for Repository {
             repo: self,
             packs,
             chain,
+            cursor: None,
             size,
             cached: None,
             scratch: Vec::new(),
@@ -137,10 +134,12 @@ struct RepoReader<'a> {
     repo: &'a Repository,
     /// Packs the snapshot's manifests name: their indexes suffice to read it.
     packs: Vec<BlockId>,
-    /// The snapshot's manifests, newest first: blocks are looked up along the chain
-    /// rather than in a resolved copy of its map (they are cached by the repository
-    /// anyway, and a map costs about 60 bytes a block).
-    chain: Vec<Arc<Manifest>>,
+    /// The snapshot's manifests, newest first, checked but not decoded: blocks are
+    /// looked up by walking them in step with the reads (see [`ChainCursor`]), so
+    /// that no copy of the snapshot's map is held, resolved or not.
+    chain: Vec<CheckedManifest>,
+    /// Where the walk is; started again for a read before it.
+    cursor: Option<ChainCursor<'a>>,
     size: u64,
     /// The last block read in part, for readers that read in pieces smaller than a
     /// block.
@@ -151,20 +150,14 @@ struct RepoReader<'a> {
     indexed: bool,
 }
 
-impl RepoReader<'_> {
-    /// The block at `index`: from the newest manifest that lists it, unless a manifest
-    /// on the way is shorter (a shrink zeroes what it cuts off, see
-    /// [`BlockMap::apply_in_place`]).
-    fn block(&self, index: u64) -> BlockRef {
-        for m in &self.chain {
-            if index >= m.delta.block_count {
-                return BlockRef::Zero;
-            }
-            if let Some(b) = m.delta.entries.get(&index) {
-                return *b;
-            }
+impl<'a> RepoReader<'a> {
+    /// The ids of blocks `first..=last` (`None` for zero blocks).
+    fn ids(&mut self, first: u64, last: u64) -> Result<Vec<Option<BlockId>>> {
+        if self.cursor.as_ref().is_none_or(|c| c.position() > first) {
+            self.cursor = Some(ChainCursor::new(self.repo, &self.chain)?);
         }
-        BlockRef::Zero
+        let cursor = self.cursor.as_mut().expect("set");
+        (first..=last).map(|i| Ok(cursor.block(i)?.id())).collect()
     }
 
     /// The block at `index` whole (data blocks only), from the cache or the packs.
@@ -193,14 +186,18 @@ impl SnapshotReader for RepoReader<'_> {
             return Ok(());
         }
         if !self.indexed {
-            // Sized for this snapshot's blocks at once, not grown step by step.
-            // The full map at the end of the chain lists about as many blocks.
-            let blocks = self.chain.iter().map(|m| m.delta.len()).max().unwrap_or(0);
+            // Sized for this snapshot's blocks at once, not grown step by step: its
+            // packs hold the blocks its manifests list (room that is not needed costs
+            // address space, not memory).
+            let blocks = self.chain.iter().map(|m| m.head.count as usize).sum();
             self.repo.index_packs(&self.packs, blocks)?;
             self.indexed = true;
         }
         // Past the snapshot's size: zeros.
         buf[(end - offset) as usize..].fill(0);
+        let first = offset / bs;
+        let ids = self.ids(first, (end - 1) / bs)?;
+        let id_of = |i: u64| ids[(i - first) as usize];
         // Blocks wholly inside `offset..end` are read straight into `buf`; the one or
         // two cut by its ends go through a block-sized buffer.
         let whole = offset.div_ceil(bs)..end / bs;
@@ -220,7 +217,7 @@ impl SnapshotReader for RepoReader<'_> {
             let from = offset.max(bstart);
             let to = end.min(bstart + bs);
             let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-            match self.block(i).id() {
+            match id_of(i) {
                 None => dst.fill(0),
                 Some(id) => dst.copy_from_slice(
                     &self.partial_block(i, id)?[(from - bstart) as usize..(to - bstart) as usize],
@@ -234,12 +231,185 @@ impl SnapshotReader for RepoReader<'_> {
         let out = &mut buf[at..at + ((whole.end - whole.start) * bs) as usize];
         let mut wanted: Vec<(usize, BlockId)> = Vec::new();
         for (slot, dst) in out.chunks_mut(bs as usize).enumerate() {
-            match self.block(whole.start + slot as u64).id() {
+            match id_of(whole.start + slot as u64) {
                 Some(id) => wanted.push((slot, id)),
                 None => dst.fill(0),
             }
         }
         self.repo
             .read_blocks_into(out, &wanted, &self.packs, &mut self.scratch)
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        // The rest of the walk, so that a manifest that changed since it was checked
+        // is reported.
+        match self.cursor {
+            Some(c) => c.finish(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Manifest, ManifestHeader};
+    use crate::Location;
+    use proptest::prelude::*;
+    use snapsync_core::{Delta, SnapshotId, Timestamp};
+
+    fn put(repo: &Repository, delta: Delta, base: Option<BlockId>) -> BlockId {
+        repo.put_manifest(Manifest {
+            header: ManifestHeader {
+                volume: "v".into(),
+                name: "s".into(),
+                id: SnapshotId([0; 32]),
+                created: Timestamp::new(1, 0),
+                size: delta.block_count,
+                block_size: 1,
+                delta_base: base,
+                depth: 0,
+                root: BlockId([0; 32]),
+                packs: vec![],
+            },
+            delta,
+        })
+        .unwrap()
+    }
+
+    fn map(blocks: &[Option<u8>]) -> BlockMap {
+        let mut m = BlockMap::zeroed(blocks.len() as u64);
+        for (i, b) in blocks.iter().enumerate() {
+            if let Some(n) = b {
+                m.set(i as u64, BlockRef::Data(BlockId::of(&[*n])));
+            }
+        }
+        m
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Walking a chain from storage gives the map it resolves to, through growth,
+        /// shrinks and blocks zeroed again, both block by block and data block by data
+        /// block; manifests are long enough to span many pieces.
+        #[test]
+        fn chain_walk_matches_the_resolved_map(
+            snaps in proptest::collection::vec(
+                proptest::collection::vec(proptest::option::of(0u8..4), 0..400), 1..5),
+            step in 1u64..50,
+            other in proptest::collection::vec(proptest::option::of(0u8..4), 0..400),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let repo = Repository::init(Location::Local(dir.path().join("r")), 4096).unwrap();
+            let mut prev = BlockMap::zeroed(0);
+            let mut head = None;
+            for s in &snaps {
+                let m = map(s);
+                head = Some(put(&repo, Delta::between(&prev, &m), head));
+                prev = m;
+            }
+            let head = head.unwrap();
+            prop_assert_eq!(&repo.resolve(&head).unwrap().1, &prev);
+            let chain = repo.checked_chain(&head).unwrap();
+
+            let mut c = ChainCursor::new(&repo, &chain).unwrap();
+            let mut walked = Vec::new();
+            while let Some(i) = c.next_data().unwrap() {
+                walked.push(i);
+            }
+            c.finish().unwrap();
+            let resolved: Vec<u64> = prev.iter_data().map(|(i, _)| i).collect();
+            prop_assert_eq!(walked, resolved);
+
+            // A delta against the chain, read as it is walked, is the delta against
+            // its map.
+            let target = map(&other);
+            prop_assert_eq!(
+                repo.delta_against(&head, &target).unwrap(),
+                Delta::between(&prev, &target)
+            );
+
+            let mut c = ChainCursor::new(&repo, &chain).unwrap();
+            let mut i = 0;
+            while i < prev.block_count() + 3 {
+                prop_assert_eq!(c.block(i).unwrap(), prev.get(i));
+                prop_assert_eq!(c.block(i).unwrap(), prev.get(i), "asked again");
+                i += step;
+            }
+            c.finish().unwrap();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// A snapshot received as changes over a base has the map, root hash and delta
+        /// of the map the changes make of the base's, shrunk or grown.
+        #[test]
+        fn an_overlay_is_the_map_it_stands_for(
+            base in proptest::collection::vec(proptest::option::of(0u8..4), 0..300),
+            changes in proptest::collection::btree_map(0u64..320, proptest::option::of(0u8..4), 0..60),
+            count in 0u64..320,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let repo = Repository::init(Location::Local(dir.path().join("r")), 4096).unwrap();
+            let base_map = map(&base);
+            let head = put(&repo, Delta::full(&base_map), None);
+            let mut want = base_map.clone();
+            want.resize(count);
+            let mut overlay = crate::stream::Overlay {
+                repo: &repo,
+                base: Some(head),
+                block_count: count,
+                changes: Default::default(),
+                moved_to: None,
+            };
+            for (&i, b) in &changes {
+                let r = b.map_or(BlockRef::Zero, |n| BlockRef::Data(BlockId::of(&[n])));
+                want.set(i, r);
+                if i < count {
+                    overlay.changes.insert(i, r);
+                }
+            }
+            prop_assert_eq!(&overlay.map().unwrap(), &want);
+            prop_assert_eq!(overlay.root_hash().unwrap(), want.root_hash());
+            let delta = overlay.delta_against_base().unwrap();
+            prop_assert_eq!(base_map.apply(&delta), want.clone());
+            prop_assert_eq!(delta, Delta::between(&base_map, &want));
+        }
+    }
+
+    #[test]
+    fn a_damaged_or_missing_manifest_is_refused_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(Location::Local(dir.path().join("r")), 4096).unwrap();
+        let blocks: Vec<Option<u8>> = (0..3000).map(|i| Some((i % 200) as u8)).collect();
+        let id = put(&repo, Delta::full(&map(&blocks)), None);
+        let file = dir.path().join("r").join(crate::repo::key_manifest(&id));
+        let good = std::fs::read(&file).unwrap();
+        assert!(good.len() > 3 * 4099, "spans several pieces");
+        let checked = repo.check_manifest(&id).unwrap();
+        assert_eq!(checked.head.count, 3000);
+        for at in [0, 30, good.len() / 2, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[at] ^= 1;
+            std::fs::write(&file, &bad).unwrap();
+            let err = repo.check_manifest(&id).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{at}: {err}");
+        }
+        std::fs::write(&file, &good[..good.len() - 10]).unwrap();
+        assert!(repo.check_manifest(&id).is_err(), "truncated");
+        // Changed after the check: found by the walk.
+        std::fs::write(&file, &good).unwrap();
+        let chain = vec![repo.check_manifest(&id).unwrap()];
+        let mut bad = good.clone();
+        let n = bad.len();
+        bad[n - 100] ^= 1;
+        std::fs::write(&file, &bad).unwrap();
+        let mut c = ChainCursor::new(&repo, &chain).unwrap();
+        assert!(c.block(0).is_ok());
+        assert!(c.finish().is_err());
+        std::fs::remove_file(&file).unwrap();
+        let err = repo.check_manifest(&id).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 }
