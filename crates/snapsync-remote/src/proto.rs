@@ -285,13 +285,9 @@ pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<Bytes> {
         .map(|b| match &b.content {
             BlockContent::Data {
                 data, compressed, ..
-            } => Some(match compressed {
-                Compressed::Zstd(frame) => (KIND_ZSTD, frame.clone()),
-                Compressed::NotWorthIt => (KIND_RAW, data.clone()),
-                Compressed::NotTried => match codec::compress(data) {
-                    Some(frame) => (KIND_ZSTD, frame.into()),
-                    None => (KIND_RAW, data.clone()),
-                },
+            } => Some(match compressed.frame_for(data) {
+                Some(frame) => (KIND_ZSTD, frame),
+                None => (KIND_RAW, data.clone()),
             }),
             _ => None,
         })

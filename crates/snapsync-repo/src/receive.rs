@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use rayon::prelude::*;
-use snapsync_core::{codec, validate_name, BlockId, BlockRef, Delta, Hint};
+use snapsync_core::{validate_name, BlockId, BlockRef, Delta, Hint};
 use snapsync_store::{
     BlockContent, CommitInfo, Compressed, IncomingBlock, ReceiveRequest, Receiver, Result,
     SnapshotSink, StoreError,
@@ -295,13 +295,9 @@ impl Receiver for RepoReceiver<'_> {
             // here would cost as much as the engine's own hashing. What the sender
             // already compressed (or found not worth it) is not tried again.
             .map(|(id, data, compressed)| {
-                let (compression, bytes) = match compressed {
-                    Compressed::Zstd(frame) => (Compression::Zstd, frame.clone()),
-                    Compressed::NotWorthIt => (Compression::None, (*data).clone()),
-                    Compressed::NotTried => match codec::compress(data) {
-                        Some(frame) => (Compression::Zstd, Bytes::from(frame)),
-                        None => (Compression::None, (*data).clone()),
-                    },
+                let (compression, bytes) = match compressed.frame_for(data) {
+                    Some(frame) => (Compression::Zstd, frame),
+                    None => (Compression::None, (*data).clone()),
                 };
                 (*id, compression, bytes)
             })

@@ -176,6 +176,16 @@ pub enum Compressed {
 }
 
 impl Compressed {
+    /// The zstd frame to store or send for `data` (this block's plaintext), or `None` to
+    /// keep the plaintext: the sender's verdict where it has one, else the codec's.
+    pub fn frame_for(&self, data: &[u8]) -> Option<Bytes> {
+        match self {
+            Compressed::Zstd(frame) => Some(frame.clone()),
+            Compressed::NotWorthIt => None,
+            Compressed::NotTried => snapsync_core::codec::compress(data).map(Bytes::from),
+        }
+    }
+
     /// The sender's verdict from [`snapsync_core::codec::compress`]'s result.
     pub fn from_attempt(frame: Option<Vec<u8>>) -> Self {
         match frame {
