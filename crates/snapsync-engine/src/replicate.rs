@@ -11,7 +11,7 @@ use snapsync_core::{
     Extent, ExtentList, SnapshotInfo, VolumeInfo,
 };
 use snapsync_store::{
-    BaseRef, BlockContent, Bytes, Compressed, IncomingBlock, ReceiveRequest, SnapshotRef,
+    BaseRef, BlockContent, Bytes, Compressed, IncomingBlock, ReceiveRequest, Receiver, SnapshotRef,
     SnapshotSink, SnapshotSource, StoreError,
 };
 use tracing::{debug, info};
@@ -308,6 +308,75 @@ fn block_bytes(batch: &Bytes, range: std::ops::Range<usize>, sending_most: bool)
     }
 }
 
+/// Counts kept while batches are stored.
+struct Tally<'a> {
+    progress: &'a dyn Progress,
+    sent_bytes: u64,
+    dedup_bytes: u64,
+}
+
+/// The distinct ids of a batch's data blocks, in order.
+fn unique_ids(batch: &Batch) -> Vec<BlockId> {
+    let mut seen = HashSet::new();
+    batch
+        .ids
+        .iter()
+        .flatten()
+        .filter(|id| seen.insert(**id))
+        .copied()
+        .collect()
+}
+
+/// Send one batch: ask which of its blocks the receiver lacks, write those, and refer
+/// to the rest. The batch's buffer then goes back to the reader for reuse.
+fn store_batch(
+    receiver: &mut dyn Receiver,
+    batch: Batch,
+    unique: &[BlockId],
+    bs: u64,
+    tally: &mut Tally<'_>,
+    give_back: &crossbeam_channel::Sender<Bytes>,
+) -> std::result::Result<(), StoreError> {
+    let missing: HashSet<BlockId> = receiver
+        .missing(unique)?
+        .into_iter()
+        .zip(unique)
+        .filter_map(|(m, id)| m.then_some(*id))
+        .collect();
+    let sending_most = 2 * missing.len() as u64 * bs >= batch.data.len() as u64;
+    let mut sent_now = HashSet::new();
+    let blocks: Vec<IncomingBlock> = batch
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| {
+            let index = batch.first_index + k as u64;
+            let content = match id {
+                None => BlockContent::Zero,
+                Some(id) if missing.contains(id) && sent_now.insert(*id) => {
+                    let start = k * bs as usize;
+                    BlockContent::Data {
+                        id: *id,
+                        data: block_bytes(&batch.data, start..start + bs as usize, sending_most),
+                        compressed: Compressed::NotTried,
+                    }
+                }
+                Some(id) => {
+                    if !missing.contains(id) {
+                        tally.dedup_bytes += bs;
+                    }
+                    BlockContent::Existing(*id)
+                }
+            };
+            IncomingBlock { index, content }
+        })
+        .collect();
+    tally.sent_bytes += receiver.write(blocks)?;
+    tally.progress.advance(batch.data.len() as u64);
+    let _ = give_back.try_send(batch.data);
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn replicate_one(
     source: &dyn SnapshotSource,
@@ -388,8 +457,11 @@ fn replicate_one(
         .open_snapshot(&volume.name, &target.name)
         .map_err(src_err)?;
     let mut read_bytes = 0u64;
-    let mut sent_bytes = 0u64;
-    let mut dedup_bytes = 0u64;
+    let mut tally = Tally {
+        progress,
+        sent_bytes: 0,
+        dedup_bytes: 0,
+    };
     let batch_blocks = (BATCH_BYTES / bs).max(1);
 
     std::thread::scope(|scope| -> Result<()> {
@@ -444,61 +516,50 @@ fn replicate_one(
             }
             Some(reader)
         });
+        // One batch is held back while the next one's `missing` question is asked, so a
+        // receiver that answers over the network answers while the held batch is stored
+        // instead of the caller waiting a round trip per batch.
+        let mut held: Option<(Batch, Vec<BlockId>)> = None;
         for batch in rx {
             let batch = batch?;
             read_bytes += batch.data.len() as u64;
-            progress.advance(batch.data.len() as u64);
-            let unique: Vec<BlockId> = {
-                let mut seen = HashSet::new();
-                batch
-                    .ids
-                    .iter()
-                    .flatten()
-                    .filter(|id| seen.insert(**id))
-                    .copied()
-                    .collect()
-            };
-            let missing: HashSet<BlockId> = receiver
-                .missing(&unique)
-                .map_err(dst_err)?
-                .into_iter()
-                .zip(&unique)
-                .filter_map(|(m, id)| m.then_some(*id))
-                .collect();
-            let sending_most = 2 * missing.len() as u64 * bs >= batch.data.len() as u64;
-            let mut sent_now = HashSet::new();
-            let blocks: Vec<IncomingBlock> = batch
-                .ids
-                .iter()
-                .enumerate()
-                .map(|(k, id)| {
-                    let index = batch.first_index + k as u64;
-                    let content = match id {
-                        None => BlockContent::Zero,
-                        Some(id) if missing.contains(id) && sent_now.insert(*id) => {
-                            let start = k * bs as usize;
-                            BlockContent::Data {
-                                id: *id,
-                                data: block_bytes(
-                                    &batch.data,
-                                    start..start + bs as usize,
-                                    sending_most,
-                                ),
-                                compressed: Compressed::NotTried,
-                            }
-                        }
-                        Some(id) => {
-                            if !missing.contains(id) {
-                                dedup_bytes += bs;
-                            }
-                            BlockContent::Existing(*id)
-                        }
-                    };
-                    IncomingBlock { index, content }
-                })
-                .collect();
-            sent_bytes += receiver.write(blocks).map_err(dst_err)?;
-            let _ = give_back.try_send(batch.data);
+            let unique = unique_ids(&batch);
+            let asked = receiver.missing_ahead(&unique);
+            if let Some((batch, unique)) = held.take() {
+                store_batch(
+                    receiver.as_mut(),
+                    batch,
+                    &unique,
+                    bs,
+                    &mut tally,
+                    &give_back,
+                )
+                .map_err(dst_err)?;
+            }
+            if asked {
+                held = Some((batch, unique));
+            } else {
+                store_batch(
+                    receiver.as_mut(),
+                    batch,
+                    &unique,
+                    bs,
+                    &mut tally,
+                    &give_back,
+                )
+                .map_err(dst_err)?;
+            }
+        }
+        if let Some((batch, unique)) = held.take() {
+            store_batch(
+                receiver.as_mut(),
+                batch,
+                &unique,
+                bs,
+                &mut tally,
+                &give_back,
+            )
+            .map_err(dst_err)?;
         }
         match reading.join() {
             Ok(Some(reader)) => reader.finish().map_err(src_err),
@@ -506,6 +567,11 @@ fn replicate_one(
             Err(p) => std::panic::resume_unwind(p),
         }
     })?;
+    let Tally {
+        mut sent_bytes,
+        dedup_bytes,
+        ..
+    } = tally;
     sent_bytes += receiver.flush().map_err(dst_err)?;
     let committed = receiver.commit().map_err(dst_err)?;
     progress.end();

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use rayon::prelude::*;
-use snapsync_core::{validate_name, BlockId, BlockMap, Timestamp, VolumeInfo};
+use snapsync_core::{codec, validate_name, BlockId, BlockMap, Timestamp, VolumeInfo};
 use snapsync_store::{Result, StoreError};
 
 use crate::backend::{Backend, Location, Put, PROBE_PREFIX};
@@ -732,10 +732,7 @@ pub(crate) fn decode_block(
 ) -> Option<Vec<u8>> {
     match compression {
         Compression::None => (stored.len() == raw_len as usize).then(|| stored.to_vec()),
-        Compression::Zstd => {
-            let d = zstd::bulk::decompress(stored, raw_len as usize).ok()?;
-            (d.len() == raw_len as usize).then_some(d)
-        }
+        Compression::Zstd => codec::decompress(stored, raw_len as usize).ok(),
     }
 }
 
@@ -781,12 +778,6 @@ enum Source {
     Scratch(usize),
 }
 
-thread_local! {
-    /// One zstd decompression context per thread, reused for every block.
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
 /// Decompress (or copy) a stored block into `dst`; false unless it decodes to exactly
 /// `dst.len()` bytes.
 pub(crate) fn decode_block_into(stored: &[u8], compression: Compression, dst: &mut [u8]) -> bool {
@@ -798,15 +789,7 @@ pub(crate) fn decode_block_into(stored: &[u8], compression: Compression, dst: &m
             dst.copy_from_slice(stored);
             true
         }
-        Compression::Zstd => DECOMPRESSOR.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            if cell.is_none() {
-                *cell = zstd::bulk::Decompressor::new().ok();
-            }
-            cell.as_mut()
-                .and_then(|d| d.decompress_to_buffer(stored, dst).ok())
-                == Some(dst.len())
-        }),
+        Compression::Zstd => codec::decompress_into(stored, dst).is_ok(),
     }
 }
 

@@ -476,6 +476,58 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
     let got = read_all(store, "alpha", "s1", s1.content.len());
     assert!(got == s1.content, "{loc}: s1 damaged by a refused receive");
 
+    // `missing` questions announced ahead are answered as the sink stands when they are
+    // asked: blocks written in between count as present, whatever the receiver did
+    // with the announcement (a remote store asks the server at once).
+    let mut ahead = info(s1);
+    ahead.name = "ahead".into();
+    ahead.id = snapsync_core::SnapshotId::derive("conformance-source", "ahead", "s1", s1.created);
+    let mut rx = store
+        .begin_receive(ReceiveRequest {
+            volume: "ahead".into(),
+            snapshot: ahead,
+            base: None,
+            source_system: "conformance-source".into(),
+            source_volume: "ahead".into(),
+            source_snapshot: "s1".into(),
+            origin: None,
+        })
+        .expect("begin_receive");
+    let fresh: Vec<Vec<u8>> = (0..3).map(|k| pseudo_random(9000 + k, bs)).collect();
+    let ids: Vec<BlockId> = fresh.iter().map(|b| BlockId::of(b)).collect();
+    let data = |k: usize| IncomingBlock {
+        index: k as u64,
+        content: BlockContent::Data {
+            id: ids[k],
+            data: fresh[k].clone().into(),
+            compressed: Compressed::NotTried,
+        },
+    };
+    rx.missing_ahead(&ids);
+    rx.missing_ahead(&ids[2..]);
+    rx.missing_ahead(&ids[1..]);
+    rx.write(vec![data(0)]).expect("write");
+    assert_eq!(
+        rx.missing(&ids).expect("missing"),
+        [false, true, true],
+        "{loc}: an announced question missed a block written since"
+    );
+    // The second announcement is never asked; the third is, after another write.
+    rx.write(vec![data(1)]).expect("write");
+    assert_eq!(
+        rx.missing(&ids[1..]).expect("missing"),
+        [false, true],
+        "{loc}: a question asked after a skipped announcement"
+    );
+    // A question never announced.
+    rx.write(vec![data(2)]).expect("write");
+    assert_eq!(
+        rx.missing(&ids).expect("missing"),
+        [false, false, false],
+        "{loc}: written blocks still reported missing"
+    );
+    drop(rx);
+
     // Names that could escape a directory or key prefix are refused.
     let mut bad = info(s1);
     bad.name = "../evil".into();

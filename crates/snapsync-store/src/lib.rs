@@ -209,6 +209,17 @@ pub struct IncomingBlock {
 pub trait Receiver: Send {
     /// For each id, whether the sink lacks that block (so its data must be sent).
     fn missing(&mut self, ids: &[BlockId]) -> Result<Vec<bool>>;
+    /// Announce that [`Receiver::missing`] will be asked about exactly `ids`, after
+    /// whatever is written in between. A receiver whose answer takes a round trip asks
+    /// now and returns `true`; the caller then has the time of one batch to spend before
+    /// it asks (a network's latency is hidden behind storing the previous batch instead of
+    /// adding to it). Blocks written in between still count as present in the answer.
+    ///
+    /// The default answers on the spot and returns `false`: nothing is gained by waiting.
+    fn missing_ahead(&mut self, ids: &[BlockId]) -> bool {
+        let _ = ids;
+        false
+    }
     /// Store blocks; returns the bytes added to the sink (after compression) by this
     /// call, or by earlier calls a pipelining receiver has finished since.
     ///
