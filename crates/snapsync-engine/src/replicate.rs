@@ -1,9 +1,8 @@
 //! `replicate`: send every snapshot the destination lacks, or one chosen snapshot.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use bytes::BytesMut;
 use rayon::prelude::*;
 use serde::Serialize;
 use snapsync_core::{
@@ -11,7 +10,7 @@ use snapsync_core::{
     Extent, ExtentList, SnapshotInfo, VolumeInfo,
 };
 use snapsync_store::{
-    BaseRef, BlockContent, Bytes, Compressed, IncomingBlock, ReceiveRequest, Receiver, SnapshotRef,
+    BaseRef, BlockContent, BufferPool, Bytes, Compressed, IncomingBlock, ReceiveRequest, Receiver, SnapshotRef,
     SnapshotSink, SnapshotSource, StoreError,
 };
 use tracing::{debug, info};
@@ -335,7 +334,7 @@ fn store_batch(
     unique: &[BlockId],
     bs: u64,
     tally: &mut Tally<'_>,
-    give_back: &crossbeam_channel::Sender<Bytes>,
+    pool: &BufferPool,
 ) -> std::result::Result<(), StoreError> {
     let missing: HashSet<BlockId> = receiver
         .missing(unique)?
@@ -373,7 +372,7 @@ fn store_batch(
         .collect();
     tally.sent_bytes += receiver.write(blocks)?;
     tally.progress.advance(batch.data.len() as u64);
-    let _ = give_back.try_send(batch.data);
+    pool.give_back(batch.data);
     Ok(())
 }
 
@@ -464,31 +463,19 @@ fn replicate_one(
     };
     let batch_blocks = (BATCH_BYTES / bs).max(1);
 
+    // Buffers return to the reader: no fresh allocation (and page faults) per batch,
+    // unless the sink still holds slices of one.
+    let pool = &BufferPool::new(MAX_SPARE_BUFFERS);
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Batch>>(PIPELINE_DEPTH);
-        // Buffers return to the reader: no fresh allocation (and page faults) per batch,
-        // unless the sink still holds slices of one.
-        let (give_back, recycled) = crossbeam_channel::bounded::<Bytes>(MAX_SPARE_BUFFERS);
         let plan = &plan;
         let reading = scope.spawn(move || {
-            // Returned buffers the sink may still hold slices of; each is reused once
-            // the sink lets go of it.
-            let mut spare: VecDeque<Bytes> = VecDeque::new();
             for e in plan.read.as_slice() {
                 let (first, end) = (e.offset / bs, e.end() / bs);
                 let mut index = first;
                 while index < end {
                     let n = batch_blocks.min(end - index);
-                    spare.extend(recycled.try_iter());
-                    let mut data = match spare.iter().position(Bytes::is_unique) {
-                        Some(i) => spare
-                            .remove(i)
-                            .and_then(|b| b.try_into_mut().ok())
-                            .unwrap_or_default(),
-                        None => BytesMut::new(),
-                    };
-                    spare.truncate(MAX_SPARE_BUFFERS);
-                    data.resize((n * bs) as usize, 0);
+                    let mut data = pool.take((n * bs) as usize);
                     if let Err(err) = reader.read_at(index * bs, &mut data) {
                         let _ = tx.send(Err(src_err(err)));
                         return None;
@@ -532,7 +519,7 @@ fn replicate_one(
                     &unique,
                     bs,
                     &mut tally,
-                    &give_back,
+                    pool,
                 )
                 .map_err(dst_err)?;
             }
@@ -545,7 +532,7 @@ fn replicate_one(
                     &unique,
                     bs,
                     &mut tally,
-                    &give_back,
+                    pool,
                 )
                 .map_err(dst_err)?;
             }
@@ -557,7 +544,7 @@ fn replicate_one(
                 &unique,
                 bs,
                 &mut tally,
-                &give_back,
+                pool,
             )
             .map_err(dst_err)?;
         }

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use snapsync_core::{codec, BlockId, ExtentList, Origin, SnapshotInfo};
-use snapsync_store::{BlockContent, Compressed, IncomingBlock, StoreError};
+use snapsync_store::{BlockContent, BufferPool, Compressed, IncomingBlock, StoreError};
 
 /// The protocol version this build speaks. Client and server refuse any other.
 ///
@@ -485,7 +485,11 @@ impl BatchDecoder {
     /// The decoded blocks, once the body has ended. Every data block must decode to
     /// exactly `block_size` bytes whose BLAKE3 is its id: this is where data from the
     /// network is checked, on all cores, before any sink (which trusts ids) sees it.
-    pub fn finish(self) -> Result<Vec<IncomingBlock>, DecodeError> {
+    ///
+    /// Compressed blocks are decompressed into one buffer from `plain` (given back to it
+    /// at once; it is lent again once the sink has let go of the blocks) and each is
+    /// checked as it is decompressed, while in cache.
+    pub fn finish(self, plain: &BufferPool) -> Result<Vec<IncomingBlock>, DecodeError> {
         use rayon::prelude::*;
         let bs = self.block_size;
         let Some(entries) = self.entries else {
@@ -500,37 +504,63 @@ impl BatchDecoder {
                 format!("truncated in the data of block {}", e.index),
             ));
         }
+        let check = |e: &Entry, data: &[u8]| {
+            if BlockId::of(data) == e.id {
+                Ok(())
+            } else {
+                Err(derr(
+                    BATCH,
+                    format!(
+                        "block {}: its data does not hash to its id {}",
+                        e.index, e.id
+                    ),
+                ))
+            }
+        };
+        let frames: Vec<&Entry> = entries.iter().filter(|e| e.kind == KIND_ZSTD).collect();
+        let mut buf = plain.take(frames.len() * bs);
+        buf.par_chunks_mut(bs)
+            .zip(frames.par_iter())
+            .try_for_each(|(dst, e)| {
+                // Bounded: exactly one block of output whatever the frame claims.
+                let frame = e.data.as_deref().unwrap_or_default();
+                codec::decompress_into(frame, dst)
+                    .map_err(|err| derr(BATCH, format!("block {}: {err}", e.index)))?;
+                check(e, dst)
+            })?;
+        let buf = buf.freeze();
+        plain.give_back(buf.clone());
+        let mut next_frame = 0;
+        let slots: Vec<usize> = entries
+            .iter()
+            .map(|e| {
+                let slot = next_frame;
+                next_frame += usize::from(e.kind == KIND_ZSTD);
+                slot
+            })
+            .collect();
         entries
             .into_par_iter()
-            .map(|e| {
-                let content = match (e.kind, e.data) {
+            .zip(slots)
+            .map(|(e, slot)| {
+                let content = match (e.kind, &e.data) {
                     (KIND_ZERO, _) => BlockContent::Zero,
                     (KIND_EXISTING, _) => BlockContent::Existing(e.id),
-                    (kind, Some(bytes)) => {
-                        let (data, compressed) = if kind == KIND_RAW {
-                            (bytes, Compressed::NotWorthIt)
-                        } else {
-                            // Bounded: at most one block of output. The frame goes on to
-                            // the sink, which may store it rather than compress again.
-                            let plain = codec::decompress(&bytes, bs)
-                                .map_err(|err| derr(BATCH, format!("block {}: {err}", e.index)))?;
-                            (Bytes::from(plain), Compressed::Zstd(bytes))
-                        };
-                        if BlockId::of(&data) != e.id {
-                            return Err(derr(
-                                BATCH,
-                                format!(
-                                    "block {}: its data does not hash to its id {}",
-                                    e.index, e.id
-                                ),
-                            ));
-                        }
+                    (KIND_RAW, Some(bytes)) => {
+                        check(&e, bytes)?;
                         BlockContent::Data {
                             id: e.id,
-                            data,
-                            compressed,
+                            data: bytes.clone(),
+                            compressed: Compressed::NotWorthIt,
                         }
                     }
+                    // Checked above. The frame goes on to the sink, which may store it
+                    // rather than compress again.
+                    (_, Some(frame)) => BlockContent::Data {
+                        id: e.id,
+                        data: buf.slice(slot * bs..(slot + 1) * bs),
+                        compressed: Compressed::Zstd(frame.clone()),
+                    },
                     (_, None) => return Err(derr(BATCH, format!("no data for block {}", e.index))),
                 };
                 Ok(IncomingBlock {
@@ -548,7 +578,7 @@ pub fn decode_blocks(body: &[Bytes], block_size: u64) -> Result<Vec<IncomingBloc
     for chunk in body {
         d.feed(chunk.clone())?;
     }
-    d.finish()
+    d.finish(&BufferPool::new(1))
 }
 
 #[cfg(test)]

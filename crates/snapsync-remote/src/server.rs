@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use snapsync_core::{validate_name, BlockId};
 use snapsync_store::{
-    BaseRef, CommitInfo, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink, SnapshotSource,
+    BaseRef, BufferPool, CommitInfo, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink, SnapshotSource,
     StoreError,
 };
 use tokio::sync::oneshot;
@@ -124,7 +124,13 @@ struct State {
     stores: HashMap<String, Arc<dyn ServedStore>>,
     tokens: Tokens,
     sessions: Mutex<HashMap<String, SessionHandle>>,
+    /// Buffers compressed blocks are decompressed into, reused across writes.
+    plain: Arc<BufferPool>,
 }
+
+/// Decompression buffers the server keeps: about the writes a client has in flight
+/// ([`MAX_WRITES_AHEAD`]) and a pack's worth being stored.
+const PLAIN_BUFFERS: usize = 2 * MAX_WRITES_AHEAD as usize;
 
 fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, RemoteError> {
     use rustls::pki_types::pem::PemObject;
@@ -206,6 +212,7 @@ impl Server {
                 stores,
                 tokens: config.tokens,
                 sessions: Mutex::new(HashMap::new()),
+                plain: Arc::new(BufferPool::new(PLAIN_BUFFERS)),
             }),
         })
     }
@@ -364,7 +371,11 @@ async fn blocking<T: Send + 'static>(
 /// Decode a `write` body as it arrives: block data stays slices of the frames it came
 /// in, so the request is never gathered into one buffer. Ids are checked on the blocking
 /// pool once it has all arrived.
-async fn write_batch(req: Request<Incoming>, block_size: u64) -> Result<Vec<IncomingBlock>, Resp> {
+async fn write_batch(
+    req: Request<Incoming>,
+    block_size: u64,
+    plain: Arc<BufferPool>,
+) -> Result<Vec<IncomingBlock>, Resp> {
     let mut body = req.into_body();
     let mut decoder = BatchDecoder::new(block_size);
     while let Some(frame) = body.frame().await {
@@ -389,7 +400,7 @@ async fn write_batch(req: Request<Incoming>, block_size: u64) -> Result<Vec<Inco
             .feed(data)
             .map_err(|e| error(400, "bad_request", e.to_string()))?;
     }
-    tokio::task::spawn_blocking(move || decoder.finish())
+    tokio::task::spawn_blocking(move || decoder.finish(&plain))
         .await
         .map_err(|e| error(500, "internal", e.to_string()))?
         .map_err(|e| error(400, "bad_request", e.to_string()))
@@ -661,7 +672,7 @@ impl State {
                         Command::Missing(ids, rtx)
                     }
                     "write" => {
-                        let blocks = write_batch(req, block_size).await?;
+                        let blocks = write_batch(req, block_size, self.plain.clone()).await?;
                         Command::Write(sequence.expect("set for writes"), blocks, rtx)
                     }
                     "commit" => Command::Commit(rtx),

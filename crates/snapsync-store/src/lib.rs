@@ -15,11 +15,13 @@
 pub mod conformance;
 mod error;
 pub mod memory;
+mod pool;
 
 pub use bytes::Bytes;
 use snapsync_core::{BlockId, ExtentList, Hint, Origin, SnapshotInfo, VolumeInfo};
 
 pub use error::{Result, StoreError};
+pub use pool::BufferPool;
 
 /// A storage system: its identity and its listing.
 pub trait Store: Send + Sync {
