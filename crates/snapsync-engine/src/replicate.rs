@@ -10,8 +10,8 @@ use snapsync_core::{
     Extent, ExtentList, SnapshotInfo, VolumeInfo,
 };
 use snapsync_store::{
-    BaseRef, BlockContent, BufferPool, Bytes, Compressed, IncomingBlock, ReceiveRequest, Receiver, SnapshotRef,
-    SnapshotSink, SnapshotSource, StoreError,
+    BaseRef, BlockContent, BufferPool, Bytes, Compressed, IncomingBlock, ReceiveRequest, Receiver,
+    SnapshotRef, SnapshotSink, SnapshotSource, StoreError,
 };
 use tracing::{debug, info};
 
@@ -513,40 +513,19 @@ fn replicate_one(
             let unique = unique_ids(&batch);
             let asked = receiver.missing_ahead(&unique);
             if let Some((batch, unique)) = held.take() {
-                store_batch(
-                    receiver.as_mut(),
-                    batch,
-                    &unique,
-                    bs,
-                    &mut tally,
-                    pool,
-                )
-                .map_err(dst_err)?;
+                store_batch(receiver.as_mut(), batch, &unique, bs, &mut tally, pool)
+                    .map_err(dst_err)?;
             }
             if asked {
                 held = Some((batch, unique));
             } else {
-                store_batch(
-                    receiver.as_mut(),
-                    batch,
-                    &unique,
-                    bs,
-                    &mut tally,
-                    pool,
-                )
-                .map_err(dst_err)?;
+                store_batch(receiver.as_mut(), batch, &unique, bs, &mut tally, pool)
+                    .map_err(dst_err)?;
             }
         }
         if let Some((batch, unique)) = held.take() {
-            store_batch(
-                receiver.as_mut(),
-                batch,
-                &unique,
-                bs,
-                &mut tally,
-                pool,
-            )
-            .map_err(dst_err)?;
+            store_batch(receiver.as_mut(), batch, &unique, bs, &mut tally, pool)
+                .map_err(dst_err)?;
         }
         match reading.join() {
             Ok(Some(reader)) => reader.finish().map_err(src_err),

@@ -395,29 +395,36 @@ impl SnapshotSource for RawStore {
         let key = FileKey::of(&path)?;
         let file =
             File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
-        let cache_path = self.cache_path(volume, snapshot);
-        let cached = CacheReader::open(&cache_path, &key).is_some();
-        let observed = if cached {
-            None
-        } else {
-            CacheWriter::create(&cache_path, &key)
-        };
         Ok(Box::new(RawReader {
             file,
             path,
-            observed,
+            cache_path: self.cache_path(volume, snapshot),
+            observed: Observed::NotYet,
             next: 0,
             key,
         }))
     }
 }
 
+/// Where a reader stands with the image's hash cache.
+enum Observed {
+    /// Nothing observed yet. Opening stays cheap: a reader that is only read from (a
+    /// server answering one read request of a remote engine) never checks the cache
+    /// nor creates one.
+    NotYet,
+    /// Filling a new cache from the engine's hashes.
+    Filling(CacheWriter),
+    /// A valid cache exists, or this pass does not cover the image in order.
+    Off,
+}
+
 struct RawReader {
     file: File,
     path: PathBuf,
+    cache_path: PathBuf,
     /// The hash cache being filled from the hashes the engine computed, while it reads
     /// the image block after block.
-    observed: Option<CacheWriter>,
+    observed: Observed,
     /// The next block the cache needs.
     next: u64,
     key: FileKey,
@@ -439,20 +446,28 @@ impl SnapshotReader for RawReader {
     }
 
     fn observe_block(&mut self, offset: u64, len: usize, id: &BlockId) {
-        if let Some(w) = self.observed.as_mut() {
-            if len as u64 == HASH_BLOCK_SIZE && offset == self.next * HASH_BLOCK_SIZE {
+        let in_order = len as u64 == HASH_BLOCK_SIZE && offset == self.next * HASH_BLOCK_SIZE;
+        if matches!(self.observed, Observed::NotYet) {
+            let wanted = in_order && CacheReader::open(&self.cache_path, &self.key).is_none();
+            self.observed = match wanted.then(|| CacheWriter::create(&self.cache_path, &self.key)) {
+                Some(Some(w)) => Observed::Filling(w),
+                _ => Observed::Off,
+            };
+        }
+        if let Observed::Filling(w) = &mut self.observed {
+            if in_order {
                 w.push(std::slice::from_ref(id));
                 self.next += 1;
             } else {
                 // Not the whole image in order (another block size, or only some
                 // extents): no cache from this pass.
-                self.observed = None;
+                self.observed = Observed::Off;
             }
         }
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        if let Some(w) = self.observed {
+        if let Observed::Filling(w) = self.observed {
             // Only trust what we saw if the file did not change while we read it (an
             // incomplete cache is not put in place).
             if FileKey::of(&self.path).ok().as_ref() == Some(&self.key) {
@@ -514,5 +529,23 @@ mod tests {
         let d = store.diff("vm", "s1", None).unwrap();
         assert_eq!(d.data.total_len(), 4 * HASH_BLOCK_SIZE);
         assert!(!d.data.covers(3 * HASH_BLOCK_SIZE, 1));
+    }
+
+    #[test]
+    fn reading_without_observing_neither_checks_nor_creates_a_cache() {
+        let (_dir, store, img) = store(4);
+        let cache = store.cache_path("vm", "s1");
+        let mut r = store.open_snapshot("vm", "s1").unwrap();
+        let mut buf = vec![0u8; HASH_BLOCK_SIZE as usize];
+        r.read_at(HASH_BLOCK_SIZE, &mut buf).unwrap();
+        assert_eq!(&buf[..], &img[HASH_BLOCK_SIZE as usize..][..buf.len()]);
+        // Checked while the reader is open: a cache being written is a temporary file.
+        let dir = cache.parent().unwrap();
+        let made: Vec<_> = std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(made.is_empty(), "files made in {}: {made:?}", dir.display());
+        r.finish().unwrap();
+        assert!(!cache.exists());
     }
 }

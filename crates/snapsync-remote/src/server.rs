@@ -28,8 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use snapsync_core::{validate_name, BlockId};
 use snapsync_store::{
-    BaseRef, BufferPool, CommitInfo, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink, SnapshotSource,
-    StoreError,
+    BaseRef, BufferPool, CommitInfo, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
+    SnapshotSource, StoreError,
 };
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
