@@ -662,9 +662,10 @@ class Bench:
     # -- remote over loopback (issue 6) ----------------------------------------------------
 
     def remote_loopback(self) -> None:
-        """The same full replication of one image into a local repository, and over
-        `snapsync+http://` on 127.0.0.1 into a repository `snapsync serve` holds on this
-        machine (client and server share its cores). Median of --remote-runs each."""
+        """The same full replication of one image into a local repository; pushed over
+        `snapsync+http://` on 127.0.0.1 into a repository `snapsync serve` holds; and
+        pulled from the image served the same way into a local repository. Client and
+        server share this machine's cores. Median of --remote-runs each."""
         size = self.args.remote_size
         d = self.work / "remote"
         rmtree(d)
@@ -678,20 +679,28 @@ class Bench:
             if s1.exists():
                 s1.unlink()
             os.link(img, s1)
-            runs: dict[str, list[dict]] = {"local": [], "remote": []}
+            runs: dict[str, list[dict]] = {"local": [], "push": [], "pull": []}
             for _ in range(self.args.remote_runs):
-                for where in ("local", "remote"):
+                for where in runs:
                     rmtree(d / "src" / ".snapsync")
                     repo = d / f"repo-{where}"
                     rmtree(repo)
                     subprocess.run([self.snapsync, "init", str(repo)], check=True,
                                    capture_output=True)
-                    cmd = [self.snapsync, "replicate", f"raw:{d / 'src'}"]
+                    src = f"raw:{d / 'src'}"
                     if where == "local":
-                        m = self.r.timed(cmd + [str(repo), "--json"], inputs=[s1])
+                        m = self.r.timed([self.snapsync, "replicate", src, str(repo), "--json"],
+                                         inputs=[s1])
                         m["server_cpu"] = 0.0
+                    elif where == "push":
+                        m = self.timed_remote(
+                            lambda url: [self.snapsync, "replicate", src, f"{url}/r", "--json"],
+                            f"r=file://{repo}", d / "tokens", token, s1)
                     else:
-                        m = self.timed_remote(cmd, repo, d / "tokens", token, s1)
+                        m = self.timed_remote(
+                            lambda url: [self.snapsync, "replicate", f"{url}/s", str(repo),
+                                         "--json"],
+                            f"s={src}", d / "tokens", token, s1)
                     runs[where].append(m)
                     log(f"remote {kind} {where}: wall {m['wall']:.2f} s cpu {m['cpu']:.2f} "
                         f"+ server {m['server_cpu']:.2f}")
@@ -700,18 +709,20 @@ class Bench:
                 ms.sort(key=lambda m: m["wall"])
                 med = ms[len(ms) // 2]
                 row[where] = {k: med[k] for k in ("wall", "cpu", "server_cpu", "rss")}
-            row["ratio"] = row["local"]["wall"] / row["remote"]["wall"]
+            for where in ("push", "pull"):
+                row[f"{where}_ratio"] = row["local"]["wall"] / row[where]["wall"]
             self.remote_rows.append(row)
         rmtree(d)
 
-    def timed_remote(self, cmd, repo: Path, tokens: Path, token: str, img: Path) -> dict:
+    def timed_remote(self, cmd, store: str, tokens: Path, token: str, img: Path) -> dict:
+        """Run `cmd(url)` against `snapsync serve --store STORE` on a free loopback port."""
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
         server = subprocess.Popen(
-            [self.snapsync, "serve", "--listen", f"127.0.0.1:{port}", "--store",
-             f"r=file://{repo}", "--token-file", str(tokens), "--insecure-plaintext"],
+            [self.snapsync, "serve", "--listen", f"127.0.0.1:{port}", "--store", store,
+             "--token-file", str(tokens), "--insecure-plaintext"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(200):
@@ -726,8 +737,8 @@ class Bench:
                 f = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
             before = cpu()
-            m = self.r.timed(cmd + [f"snapsync+http://127.0.0.1:{port}/r", "--json"],
-                             inputs=[img], env={"SNAPSYNC_TOKEN": token})
+            m = self.r.timed(cmd(f"snapsync+http://127.0.0.1:{port}"), inputs=[img],
+                             env={"SNAPSYNC_TOKEN": token})
             m["server_cpu"] = cpu() - before
             return m
         finally:
@@ -908,11 +919,13 @@ class Bench:
             out.append(f"| peak memory | < 256 MiB, independent of size | {sizes}: "
                        f"{'; '.join(parts)} | {verdict(ok)} |")
         for r in self.remote_rows:
-            if r["kind"] == "incomp":
-                out.append(f"| (issue 6) push over loopback, incompressible | ≥ 80% of the local "
-                           f"replication's throughput | remote {r['remote']['wall']:.2f} s, "
-                           f"local {r['local']['wall']:.2f} s ({100 * r['ratio']:.0f}%) | "
-                           f"{verdict(r['ratio'] >= 0.8)} |")
+            label = {"incomp": "incompressible", "half": "half-compressible"}[r["kind"]]
+            for where in ("push", "pull"):
+                ratio = r[f"{where}_ratio"]
+                out.append(f"| (issue 6) {where} over loopback, {label} | ≥ 80% of the local "
+                           f"replication's throughput | {where} {r[where]['wall']:.2f} s, "
+                           f"local {r['local']['wall']:.2f} s ({100 * ratio:.0f}%) | "
+                           f"{verdict(ratio >= 0.8)} |")
         return out + [""]
 
     def machine(self) -> list[str]:
@@ -1030,19 +1043,24 @@ class Bench:
         if self.remote_rows:
             lines += ["## Remote over loopback", "",
                       f"Full replication of one {size_label(self.remote_rows[0]['size'])} raw "
-                      "image into a fresh local repository, and the same over "
+                      "image into a fresh local repository (local); the same pushed over "
                       "`snapsync+http://127.0.0.1` into a fresh repository served by "
-                      "`snapsync serve --insecure-plaintext` on this machine: client and server "
-                      "share its cores. Median wall of "
+                      "`snapsync serve --insecure-plaintext` (push); and pulled from the image "
+                      "served that way into a fresh local repository (pull). Client and server "
+                      "share this machine's cores. Median wall of "
                       f"{self.args.remote_runs} runs each; CPU is user+sys.", "",
-                      "| data | local: wall / CPU | remote: wall / client CPU + server CPU | "
-                      "remote throughput ÷ local |", "| --- | --- | --- | --- |"]
+                      "| data | local: wall / CPU | push: wall / client + server CPU | "
+                      "push ÷ local | pull: wall / client + server CPU | pull ÷ local |",
+                      "| --- | --- | --- | --- | --- | --- |"]
             for r in self.remote_rows:
-                lo, re_ = r["local"], r["remote"]
+                lo = r["local"]
                 label = {"incomp": "incompressible", "half": "half-compressible"}[r["kind"]]
-                lines.append(f"| {label} | {lo['wall']:.2f} s / {lo['cpu']:.2f} s | "
-                             f"{re_['wall']:.2f} s / {re_['cpu']:.2f} s + "
-                             f"{re_['server_cpu']:.2f} s | {100 * r['ratio']:.0f}% |")
+                cells = [f"{lo['wall']:.2f} s / {lo['cpu']:.2f} s"]
+                for where in ("push", "pull"):
+                    m = r[where]
+                    cells += [f"{m['wall']:.2f} s / {m['cpu']:.2f} s + {m['server_cpu']:.2f} s",
+                              f"{100 * r[where + '_ratio']:.0f}%"]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
         if self.chain:
             c = self.chain

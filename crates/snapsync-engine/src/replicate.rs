@@ -290,6 +290,9 @@ struct Batch {
     /// Shared, so that blocks sent on are slices of it rather than copies.
     data: Bytes,
     ids: Vec<Option<BlockId>>,
+    /// What the source knew about compressing each block (frames a remote source sent
+    /// go on to the sink).
+    compressed: Vec<Compressed>,
 }
 
 /// A block of `batch` as sent to the sink.
@@ -357,7 +360,15 @@ fn store_batch(
                     BlockContent::Data {
                         id: *id,
                         data: block_bytes(&batch.data, start..start + bs as usize, sending_most),
-                        compressed: Compressed::NotTried,
+                        compressed: match batch.compressed.get(k) {
+                            // Like the data: a frame is a slice of the answer it came
+                            // in, kept whole only when most of the batch is sent.
+                            Some(Compressed::Zstd(f)) if !sending_most => {
+                                Compressed::Zstd(Bytes::copy_from_slice(f))
+                            }
+                            Some(c) => c.clone(),
+                            None => Compressed::NotTried,
+                        },
                     }
                 }
                 Some(id) => {
@@ -476,10 +487,13 @@ fn replicate_one(
                 while index < end {
                     let n = batch_blocks.min(end - index);
                     let mut data = pool.take((n * bs) as usize);
-                    if let Err(err) = reader.read_at(index * bs, &mut data) {
-                        let _ = tx.send(Err(src_err(err)));
-                        return None;
-                    }
+                    let compressed = match reader.read_blocks_at(index * bs, &mut data, bs) {
+                        Ok(c) => c,
+                        Err(err) => {
+                            let _ = tx.send(Err(src_err(err)));
+                            return None;
+                        }
+                    };
                     let ids: Vec<Option<BlockId>> = data
                         .par_chunks(bs as usize)
                         .map(|b| (!is_zero(b)).then(|| BlockId::of(b)))
@@ -493,6 +507,7 @@ fn replicate_one(
                             first_index: index,
                             data: data.freeze(),
                             ids,
+                            compressed,
                         }))
                         .is_err()
                     {

@@ -413,7 +413,7 @@ enum Observed {
     /// nor creates one.
     NotYet,
     /// Filling a new cache from the engine's hashes.
-    Filling(CacheWriter),
+    Filling(Box<CacheWriter>),
     /// A valid cache exists, or this pass does not cover the image in order.
     Off,
 }
@@ -450,7 +450,7 @@ impl SnapshotReader for RawReader {
         if matches!(self.observed, Observed::NotYet) {
             let wanted = in_order && CacheReader::open(&self.cache_path, &self.key).is_none();
             self.observed = match wanted.then(|| CacheWriter::create(&self.cache_path, &self.key)) {
-                Some(Some(w)) => Observed::Filling(w),
+                Some(Some(w)) => Observed::Filling(Box::new(w)),
                 _ => Observed::Off,
             };
         }

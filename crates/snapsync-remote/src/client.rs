@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use snapsync_core::{codec, BlockId, Hint, VolumeInfo};
+use snapsync_core::{BlockId, Hint, VolumeInfo};
 use snapsync_store::{
-    BlockContent, CommitInfo, Diff, IncomingBlock, ReceiveRequest, Receiver, Result,
+    BlockContent, CommitInfo, Compressed, Diff, IncomingBlock, ReceiveRequest, Receiver, Result,
     SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
 };
 use tracing::debug;
@@ -252,12 +252,14 @@ impl RemoteStore {
         self.info.writable
     }
 
-    async fn send(
+    /// Send a request; check the answer's status (turning a refusal into its error) and
+    /// protocol version, and leave its body to be read.
+    async fn answered(
         url: &str,
         what: &str,
         req: reqwest::RequestBuilder,
         token: &str,
-    ) -> Result<(reqwest::header::HeaderMap, Bytes)> {
+    ) -> Result<reqwest::Response> {
         let resp = req
             .header(VERSION_HEADER, PROTOCOL_VERSION.to_string())
             .bearer_auth(token)
@@ -268,12 +270,8 @@ impl RemoteStore {
                 source: chain(&e).into(),
             })?;
         let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await.map_err(|e| StoreError::Backend {
-            context: format!("{url}: {what}: reading the answer"),
-            source: chain(&e).into(),
-        })?;
         if !status.is_success() {
+            let body = resp.bytes().await.unwrap_or_default();
             let err: Option<ErrorBody> = serde_json::from_slice(&body).ok();
             return Err(match err {
                 Some(e) => match (e.kind.as_str(), e.what) {
@@ -297,21 +295,32 @@ impl RemoteStore {
                 },
             });
         }
-        match headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok()) {
-            Some(v) if v.trim() == PROTOCOL_VERSION.to_string() => {}
-            Some(v) => {
-                return Err(StoreError::Backend {
-                    context: format!("{url}: {what}"),
-                    source: format!("protocol version mismatch: the server speaks {v}, this client speaks {PROTOCOL_VERSION}").into(),
-                })
-            }
-            None => {
-                return Err(StoreError::Backend {
-                    context: format!("{url}: {what}"),
-                    source: format!("the answer has no {VERSION_HEADER} header; is it a snapsync server?").into(),
-                })
-            }
+        match resp.headers().get(VERSION_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(v) if v.trim() == PROTOCOL_VERSION.to_string() => Ok(resp),
+            Some(v) => Err(StoreError::Backend {
+                context: format!("{url}: {what}"),
+                source: format!("protocol version mismatch: the server speaks {v}, this client speaks {PROTOCOL_VERSION}").into(),
+            }),
+            None => Err(StoreError::Backend {
+                context: format!("{url}: {what}"),
+                source: format!("the answer has no {VERSION_HEADER} header; is it a snapsync server?").into(),
+            }),
         }
+    }
+
+    /// Send a request and read its whole answer.
+    async fn send(
+        url: &str,
+        what: &str,
+        req: reqwest::RequestBuilder,
+        token: &str,
+    ) -> Result<(reqwest::header::HeaderMap, Bytes)> {
+        let resp = Self::answered(url, what, req, token).await?;
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(|e| StoreError::Backend {
+            context: format!("{url}: {what}: reading the answer"),
+            source: chain(&e).into(),
+        })?;
         if body.len() > MAX_RESPONSE {
             return Err(StoreError::Backend {
                 context: format!("{url}: {what}"),
@@ -417,6 +426,7 @@ impl SnapshotSource for RemoteStore {
             snapshot: snapshot.to_string(),
             offset: 0,
             len: 0,
+            block_size: None,
         };
         let body = serde_json::to_vec(&q).map_err(|e| backend(format!("{}: read", self.url), e))?;
         self.request(reqwest::Method::POST, "read", Some(body))?;
@@ -424,6 +434,8 @@ impl SnapshotSource for RemoteStore {
             store: self,
             volume: volume.to_string(),
             snapshot: snapshot.to_string(),
+            last: None,
+            ahead: None,
         }))
     }
 }
@@ -432,45 +444,160 @@ struct RemoteReader<'a> {
     store: &'a RemoteStore,
     volume: String,
     snapshot: String,
+    /// The range read last, to spot a sequential pass.
+    last: Option<Range>,
+    /// The range after it, asked for before it is needed.
+    ahead: Option<(Range, Answers)>,
+}
+
+/// A read: offset, length, block size.
+type Range = (u64, usize, Option<u64>);
+/// The bodies of a read's answers, one per request, as they arrived.
+type Answers = tokio::task::JoinHandle<Result<Vec<Vec<Bytes>>>>;
+
+impl RemoteReader<'_> {
+    /// Ask for `range` in concurrent requests of about [`READ_CHUNK`] bytes; the answers'
+    /// bodies, as they arrived, in order.
+    fn fetch(
+        &self,
+        (offset, len, block_size): Range,
+    ) -> impl std::future::Future<Output = Result<Vec<Vec<Bytes>>>> + Send + 'static {
+        let s = self.store;
+        let per_request = request_len(block_size);
+        let requests: Vec<_> = (0..len.div_ceil(per_request))
+            .map(|i| {
+                let off = offset + (i * per_request) as u64;
+                let q = ReadRequest {
+                    volume: self.volume.clone(),
+                    snapshot: self.snapshot.clone(),
+                    offset: off,
+                    len: per_request.min(len - i * per_request) as u64,
+                    block_size,
+                };
+                let body = serde_json::to_vec(&q).expect("serialisable");
+                (q, s.client.post(format!("{}/read", s.base)).body(body))
+            })
+            .collect();
+        let (url, token) = (s.url.clone(), s.token.clone());
+        async move {
+            let answers = requests.into_iter().map(|(q, req)| {
+                let (url, token) = (url.clone(), token.clone());
+                async move {
+                    let bad = |detail: String| StoreError::Backend {
+                        context: format!("{url}: read {}@{} at {}", q.volume, q.snapshot, q.offset),
+                        source: detail.into(),
+                    };
+                    let limit =
+                        read_answer_limit(q.len as usize, q.block_size.unwrap_or(q.len) as usize);
+                    let mut resp = RemoteStore::answered(&url, "read", req, &token).await?;
+                    let (mut pieces, mut size) = (Vec::new(), 0);
+                    while let Some(piece) = resp
+                        .chunk()
+                        .await
+                        .map_err(|e| bad(format!("reading the answer: {}", chain(&e))))?
+                    {
+                        size += piece.len();
+                        if size > limit {
+                            return Err(bad(format!("the answer is longer than {limit} bytes")));
+                        }
+                        pieces.push(piece);
+                    }
+                    Ok(pieces)
+                }
+            });
+            futures::future::try_join_all(answers).await
+        }
+    }
+
+    /// Read `buf` from `offset` as blocks of `block_size` (`None`: each request's range
+    /// is one block). A pass reading range after range of the same size (the engine
+    /// reading an image) has the next range asked for while this one is used, so the
+    /// server reads and compresses it meanwhile.
+    fn read_blocks(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        block_size: Option<u64>,
+    ) -> Result<Vec<Compressed>> {
+        use rayon::prelude::*;
+        let range = (offset, buf.len(), block_size);
+        let answers = match self.ahead.take() {
+            Some((r, task)) if r == range => task,
+            other => {
+                if let Some((_, task)) = other {
+                    task.abort();
+                }
+                self.store.runtime.spawn(self.fetch(range))
+            }
+        };
+        let sequential = self
+            .last
+            .is_some_and(|(o, l, b)| o + l as u64 == offset && l == buf.len() && b == block_size);
+        if sequential {
+            let next = (offset + buf.len() as u64, buf.len(), block_size);
+            self.ahead = Some((next, self.store.runtime.spawn(self.fetch(next))));
+        }
+        self.last = Some(range);
+        let answers = self
+            .store
+            .runtime
+            .block_on(answers)
+            .map_err(|e| backend(format!("{}: read", self.store.url), e))??;
+        let per_request = request_len(block_size);
+        let (url, volume, snapshot) = (&self.store.url, &self.volume, &self.snapshot);
+        let parts = buf
+            .par_chunks_mut(per_request)
+            .zip(answers)
+            .enumerate()
+            .map(|(i, (chunk, pieces))| {
+                let bs = block_size.unwrap_or(chunk.len() as u64) as usize;
+                let mut decoder = ReadAnswerDecoder::new(chunk, bs);
+                pieces
+                    .into_iter()
+                    .try_for_each(|p| decoder.feed(p))
+                    .and_then(|()| decoder.finish())
+                    .map_err(|e| StoreError::Backend {
+                        context: format!(
+                            "{url}: read {volume}@{snapshot} at {}",
+                            offset + (i * per_request) as u64
+                        ),
+                        source: e.to_string().into(),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(parts.into_iter().flatten().collect())
+    }
+}
+
+impl Drop for RemoteReader<'_> {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.ahead.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Bytes asked for in one `read` request: about [`READ_CHUNK`], whole blocks.
+fn request_len(block_size: Option<u64>) -> usize {
+    let len = match block_size {
+        Some(bs) => (READ_CHUNK / bs).max(1) * bs,
+        None => READ_CHUNK,
+    };
+    len as usize
 }
 
 impl SnapshotReader for RemoteReader<'_> {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let s = self.store;
-        let chunks: Vec<(u64, &mut [u8])> = buf
-            .chunks_mut(READ_CHUNK as usize)
-            .enumerate()
-            .map(|(i, c)| (offset + i as u64 * READ_CHUNK, c))
-            .collect();
-        let futures = chunks.into_iter().map(|(off, chunk)| {
-            let q = ReadRequest {
-                volume: self.volume.clone(),
-                snapshot: self.snapshot.clone(),
-                offset: off,
-                len: chunk.len() as u64,
-            };
-            let body = serde_json::to_vec(&q).expect("serialisable");
-            let req = s.client.post(format!("{}/read", s.base)).body(body);
-            async move {
-                let (h, b) = RemoteStore::send(&s.url, "read", req, &s.token).await?;
-                let bad = |detail: String| StoreError::Backend {
-                    context: format!("{}: read {}@{} at {off}", s.url, q.volume, q.snapshot),
-                    source: detail.into(),
-                };
-                match h.get(ENCODING_HEADER).and_then(|v| v.to_str().ok()) {
-                    Some("zstd") => {
-                        codec::decompress_into(&b, chunk)
-                            .map_err(|e| bad(format!("cannot decompress: {e}")))?;
-                    }
-                    Some("identity") if b.len() == chunk.len() => chunk.copy_from_slice(&b),
-                    e => return Err(bad(format!("unexpected answer ({e:?}, {} bytes)", b.len()))),
-                }
-                Ok::<(), StoreError>(())
-            }
-        });
-        s.runtime
-            .block_on(futures::future::try_join_all(futures))
-            .map(|_| ())
+        self.read_blocks(offset, buf, None).map(drop)
+    }
+
+    fn read_blocks_at(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        block_size: u64,
+    ) -> Result<Vec<Compressed>> {
+        self.read_blocks(offset, buf, Some(block_size))
     }
 }
 
@@ -609,7 +736,7 @@ impl RemoteReceiver<'_> {
             let req = client
                 .post(endpoint)
                 .header(SEQUENCE_HEADER, sequence.to_string())
-                .body(reqwest::Body::wrap(ChunksBody(body.into())));
+                .body(reqwest::Body::wrap(ChunksBody::from(body)));
             let (_, b) = RemoteStore::send(&url, "write", req, &token).await?;
             let r: WriteResponse = serde_json::from_slice(&b).map_err(|e| StoreError::Backend {
                 context: format!("{url}: write: malformed answer"),
@@ -753,27 +880,3 @@ impl Drop for RemoteReceiver<'_> {
 
 /// Shared so the binary can keep one per URL.
 pub type SharedRemote = Arc<RemoteStore>;
-
-/// A request body sent as the chunks it already is (block data stays the buffers it was
-/// read into), each as it comes.
-struct ChunksBody(VecDeque<Bytes>);
-
-impl http_body::Body for ChunksBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        std::task::Poll::Ready(self.0.pop_front().map(|c| Ok(http_body::Frame::data(c))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.0.iter().map(|c| c.len() as u64).sum())
-    }
-}

@@ -8,15 +8,16 @@ use snapsync_store::{BlockContent, BufferPool, Compressed, IncomingBlock, StoreE
 
 /// The protocol version this build speaks. Client and server refuse any other.
 ///
+/// Version 4: a `read` answers with the range's blocks, each zero, plain or a zstd frame
+/// (see [`encode_read_answer`]), so a puller passes the frames on to its destination
+/// instead of compressing every block again.
 /// Version 3: a `write` batch lists all its blocks before their data, so that block
 /// data passes through both ends without being copied (see [`encode_blocks`]).
 /// Version 2: `write` requests carry a [`SEQUENCE_HEADER`] and the server applies them
 /// in its order, so a client may keep several in flight.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Header carrying [`PROTOCOL_VERSION`] on every request and response.
 pub const VERSION_HEADER: &str = "snapsync-protocol";
-/// Header telling how a `read` response body is encoded: `zstd` or `identity`.
-pub const ENCODING_HEADER: &str = "snapsync-encoding";
 /// Header numbering a session's `write` requests from 0: the order the server applies
 /// them in.
 pub const SEQUENCE_HEADER: &str = "snapsync-sequence";
@@ -105,6 +106,9 @@ pub struct ReadRequest {
     pub offset: u64,
     /// Bytes (at most [`MAX_READ_LEN`]).
     pub len: u64,
+    /// Blocks the answer is cut into (`len` a multiple of it); absent: one block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u64>,
 }
 
 /// `POST .../receive`: begin a receive session.
@@ -315,6 +319,280 @@ pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<Bytes> {
     header[..4].copy_from_slice(&header_len.to_le_bytes());
     chunks.insert(0, header.into());
     chunks
+}
+
+/// A body sent as the chunks it already is (block data stays the buffers it was read
+/// or received into), each as it comes: `write` requests and `read` answers.
+#[derive(Debug, Default)]
+pub struct ChunksBody(pub std::collections::VecDeque<Bytes>);
+
+impl From<Vec<Bytes>> for ChunksBody {
+    fn from(chunks: Vec<Bytes>) -> Self {
+        ChunksBody(chunks.into())
+    }
+}
+
+impl http_body::Body for ChunksBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|c| Ok(http_body::Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.0.iter().map(|c| c.len() as u64).sum())
+    }
+}
+
+/// One block of a `read` answer, as the server sends it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadBlock {
+    /// All zero: no data is sent.
+    Zero,
+    /// Plain data, which the server found not worth compressing.
+    Raw(Bytes),
+    /// A zstd frame of the block.
+    Zstd(Bytes),
+}
+
+impl ReadBlock {
+    /// How the server sends `block`: zero, compressed when worth it, or plain (a slice of
+    /// what it read, not a copy).
+    pub fn of(block: Bytes) -> Self {
+        if snapsync_core::is_zero(&block) {
+            return ReadBlock::Zero;
+        }
+        match codec::compress(&block) {
+            Some(frame) => ReadBlock::Zstd(frame.into()),
+            None => ReadBlock::Raw(block),
+        }
+    }
+}
+
+const READ_ANSWER: &str = "read answer";
+/// Bytes of one block's entry in a `read` answer: the kind byte and `u32 len`.
+const READ_ENTRY_LEN: usize = 5;
+
+/// Encode a `read` answer as the chunks to send, in order.
+///
+/// Layout (little-endian): `u32 count`, then per block a kind byte (`zero`, `raw` or
+/// `zstd`, numbered as in batches) and `u32 len` (0 for `zero`), then the data of the
+/// `raw` and `zstd` blocks in order. As in a batch, each block's data is one piece the
+/// server sends as is and the client can keep as is (a frame goes on to the sink).
+pub fn encode_read_answer(blocks: Vec<ReadBlock>) -> Vec<Bytes> {
+    let mut header = Vec::with_capacity(4 + blocks.len() * READ_ENTRY_LEN);
+    header.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+    let mut chunks = vec![Bytes::new()];
+    for b in blocks {
+        let (kind, data) = match b {
+            ReadBlock::Zero => (KIND_ZERO, None),
+            ReadBlock::Raw(d) => (KIND_RAW, Some(d)),
+            ReadBlock::Zstd(f) => (KIND_ZSTD, Some(f)),
+        };
+        header.push(kind);
+        header.extend_from_slice(&(data.as_ref().map_or(0, Bytes::len) as u32).to_le_bytes());
+        chunks.extend(data);
+    }
+    chunks[0] = header.into();
+    chunks
+}
+
+/// The largest well-formed answer to a read of `len` bytes in blocks of `block_size`:
+/// a client stops reading a body beyond it.
+pub fn read_answer_limit(len: usize, block_size: usize) -> usize {
+    4 + len.div_ceil(block_size.max(1)) * READ_ENTRY_LEN + len
+}
+
+/// Decodes a `read` answer (see [`encode_read_answer`]) into the caller's buffer as its
+/// body arrives: plain data is copied into place at once, frames are kept (slices of the
+/// body where whole) and decompressed into place by [`ReadAnswerDecoder::finish`].
+pub struct ReadAnswerDecoder<'a> {
+    buf: &'a mut [u8],
+    block_size: usize,
+    /// The count and the entries, until complete.
+    head: Vec<u8>,
+    /// Kind and data length of each block, once the header is complete.
+    entries: Option<Vec<(u8, usize)>>,
+    /// First block whose data has not fully arrived, and how much of it has.
+    next: usize,
+    arrived: usize,
+    /// Frame of block `next` gathered across pieces of the body.
+    partial: bytes::BytesMut,
+    /// Frames by block.
+    frames: Vec<(usize, Bytes)>,
+}
+
+impl std::fmt::Debug for ReadAnswerDecoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAnswerDecoder")
+            .field("len", &self.buf.len())
+            .field("block_size", &self.block_size)
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl<'a> ReadAnswerDecoder<'a> {
+    /// A decoder filling `buf` with blocks of `block_size` bytes (the last may be
+    /// shorter).
+    pub fn new(buf: &'a mut [u8], block_size: usize) -> Self {
+        ReadAnswerDecoder {
+            buf,
+            block_size: block_size.max(1),
+            head: Vec::new(),
+            entries: None,
+            next: 0,
+            arrived: 0,
+            partial: bytes::BytesMut::new(),
+            frames: Vec::new(),
+        }
+    }
+
+    fn block_range(&self, i: usize) -> std::ops::Range<usize> {
+        let start = i * self.block_size;
+        start..(start + self.block_size).min(self.buf.len())
+    }
+
+    /// Take the next piece of the body.
+    pub fn feed(&mut self, mut chunk: Bytes) -> Result<(), DecodeError> {
+        while !chunk.is_empty() {
+            let Some(entries) = &self.entries else {
+                let want = match self.head.get(..4) {
+                    None => 4,
+                    Some(p) => {
+                        4 + u32::from_le_bytes(p.try_into().expect("4 bytes")) as usize
+                            * READ_ENTRY_LEN
+                    }
+                };
+                let take = (want - self.head.len()).min(chunk.len());
+                self.head.extend_from_slice(&chunk.split_to(take));
+                if self.head.len() == 4 {
+                    let n = u32::from_le_bytes(self.head[..4].try_into().expect("4 bytes"));
+                    let blocks = self.buf.len().div_ceil(self.block_size);
+                    if n as usize != blocks {
+                        return Err(derr(
+                            READ_ANSWER,
+                            format!("{n} blocks where {blocks} were asked for"),
+                        ));
+                    }
+                }
+                let complete = self.head.get(..4).is_some_and(|p| {
+                    let n = u32::from_le_bytes(p.try_into().expect("4 bytes")) as usize;
+                    self.head.len() == 4 + n * READ_ENTRY_LEN
+                });
+                if complete {
+                    self.entries = Some(self.parse_entries()?);
+                }
+                continue;
+            };
+            while entries.get(self.next).is_some_and(|e| e.1 == 0) {
+                self.next += 1;
+            }
+            let Some(&(kind, len)) = entries.get(self.next) else {
+                return Err(derr(
+                    READ_ANSWER,
+                    format!("{} bytes after the last block's data", chunk.len()),
+                ));
+            };
+            let range = self.block_range(self.next);
+            if kind == KIND_RAW {
+                let take = (len - self.arrived).min(chunk.len());
+                let at = range.start + self.arrived;
+                self.buf[at..at + take].copy_from_slice(&chunk.split_to(take));
+                self.arrived += take;
+                if self.arrived < len {
+                    continue;
+                }
+            } else if self.partial.is_empty() && chunk.len() >= len {
+                self.frames.push((self.next, chunk.split_to(len)));
+            } else {
+                let take = (len - self.partial.len()).min(chunk.len());
+                self.partial.extend_from_slice(&chunk.split_to(take));
+                if self.partial.len() < len {
+                    continue;
+                }
+                self.frames.push((self.next, self.partial.split().freeze()));
+            }
+            self.next += 1;
+            self.arrived = 0;
+        }
+        Ok(())
+    }
+
+    fn parse_entries(&self) -> Result<Vec<(u8, usize)>, DecodeError> {
+        self.head[4..]
+            .chunks(READ_ENTRY_LEN)
+            .enumerate()
+            .map(|(i, e)| {
+                let kind = e[0];
+                let len = u32::from_le_bytes(e[1..5].try_into().expect("4 bytes")) as usize;
+                let block = self.block_range(i).len();
+                let ok = match kind {
+                    KIND_ZERO => len == 0,
+                    KIND_RAW => len == block,
+                    KIND_ZSTD => len > 0 && len <= block,
+                    _ => false,
+                };
+                if ok {
+                    Ok((kind, len))
+                } else {
+                    Err(derr(
+                        READ_ANSWER,
+                        format!("block {i}: kind {kind} with {len} bytes of data for a block of {block}"),
+                    ))
+                }
+            })
+            .collect()
+    }
+
+    /// Once the body has ended: decompress the frames into place, zero the zero blocks,
+    /// and tell for each block what the server knew about compressing it.
+    pub fn finish(self) -> Result<Vec<Compressed>, DecodeError> {
+        let ReadAnswerDecoder {
+            buf,
+            block_size,
+            entries,
+            next,
+            frames,
+            ..
+        } = self;
+        let Some(entries) = entries else {
+            return Err(derr(READ_ANSWER, "truncated in the header"));
+        };
+        if let Some(i) = (next..entries.len()).find(|&i| entries[i].1 > 0) {
+            return Err(derr(
+                READ_ANSWER,
+                format!("truncated in the data of block {i}"),
+            ));
+        }
+        let len = buf.len();
+        let range = |i: usize| i * block_size..((i + 1) * block_size).min(len);
+        let mut out = Vec::with_capacity(entries.len());
+        for (i, &(kind, _)) in entries.iter().enumerate() {
+            out.push(match kind {
+                KIND_RAW => Compressed::NotWorthIt,
+                KIND_ZERO => {
+                    buf[range(i)].fill(0);
+                    Compressed::NotTried
+                }
+                _ => Compressed::NotTried,
+            });
+        }
+        for (i, frame) in frames {
+            codec::decompress_into(&frame, &mut buf[range(i)])
+                .map_err(|e| derr(READ_ANSWER, format!("block {i}: {e}")))?;
+            out[i] = Compressed::Zstd(frame);
+        }
+        Ok(out)
+    }
 }
 
 /// One block of a batch being decoded.
@@ -725,6 +1003,104 @@ mod tests {
             content: data(&b, &b, Compressed::Zstd(Bytes::from_static(b"not zstd"))),
         }]);
         assert!(decode_blocks(&bad_frame, bs).is_err());
+    }
+
+    /// A range of four blocks and a short tail: zero, compressible, random, compressible
+    /// again, and a random short one.
+    fn read_range(bs: usize) -> Vec<u8> {
+        let mut r = vec![0u8; bs];
+        r.extend(std::iter::repeat_n(7u8, bs));
+        r.extend(snapsync_store::conformance::pseudo_random(1, bs));
+        r.extend(std::iter::repeat_n(9u8, bs));
+        r.extend(snapsync_store::conformance::pseudo_random(2, bs / 2));
+        r
+    }
+
+    fn answer_for(range: &[u8], bs: usize) -> Vec<Bytes> {
+        let all = Bytes::copy_from_slice(range);
+        encode_read_answer(
+            (0..range.len().div_ceil(bs))
+                .map(|i| ReadBlock::of(all.slice(i * bs..((i + 1) * bs).min(range.len()))))
+                .collect(),
+        )
+    }
+
+    fn read_answer(
+        pieces: &[Bytes],
+        len: usize,
+        bs: usize,
+    ) -> Result<(Vec<u8>, Vec<Compressed>), DecodeError> {
+        // Garbage in the buffer: every byte must be written, zero blocks included.
+        let mut buf = vec![0xAAu8; len];
+        let mut d = ReadAnswerDecoder::new(&mut buf, bs);
+        for p in pieces {
+            d.feed(p.clone())?;
+        }
+        let c = d.finish()?;
+        Ok((buf, c))
+    }
+
+    #[test]
+    fn read_answers_round_trip_however_the_body_is_cut() {
+        let bs = 8192;
+        let range = read_range(bs);
+        let answer = answer_for(&range, bs);
+        let (got, compressed) = read_answer(&answer, range.len(), bs).unwrap();
+        assert!(got == range);
+        assert!(matches!(compressed[0], Compressed::NotTried), "zero block");
+        assert!(matches!(compressed[1], Compressed::Zstd(_)));
+        assert_eq!(compressed[2], Compressed::NotWorthIt);
+        assert_eq!(compressed.len(), 5);
+        // A frame passed on decompresses to its block.
+        let Compressed::Zstd(f) = &compressed[3] else {
+            panic!("not a frame")
+        };
+        assert_eq!(codec::decompress(f, bs).unwrap(), &range[3 * bs..4 * bs]);
+        let whole: Vec<u8> = answer.iter().flat_map(|c| c.to_vec()).collect();
+        for cut in [1, 3, 4, 5, 9, 700, 8191, 8193] {
+            let pieces: Vec<Bytes> = whole.chunks(cut).map(Bytes::copy_from_slice).collect();
+            let (got, again) = read_answer(&pieces, range.len(), bs).unwrap();
+            assert!(got == range, "cut every {cut} bytes");
+            assert_eq!(again, compressed, "cut every {cut} bytes");
+        }
+        // One block: a range read without a block size.
+        let one = answer_for(&range, range.len());
+        assert!(read_answer(&one, range.len(), range.len()).unwrap().0 == range);
+        // An empty read.
+        assert!(read_answer(&answer_for(&[], 1), 0, 1).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn malformed_read_answers_are_refused() {
+        let bs = 8192;
+        let range = read_range(bs);
+        let whole: Vec<u8> = answer_for(&range, bs)
+            .iter()
+            .flat_map(|c| c.to_vec())
+            .collect();
+        let refused = |body: Vec<u8>, why: &str| {
+            let e = read_answer(&[Bytes::from(body)], range.len(), bs);
+            assert!(e.is_err(), "accepted: {why}");
+        };
+        refused(whole[..whole.len() - 1].to_vec(), "truncated data");
+        refused(whole[..7].to_vec(), "truncated header");
+        let mut extra = whole.clone();
+        extra.push(0);
+        refused(extra, "a byte after the data");
+        let mut count = whole.clone();
+        count[0] += 1;
+        refused(count, "more blocks than asked for");
+        let mut kind = whole.clone();
+        kind[4 + READ_ENTRY_LEN] = 1;
+        refused(kind, "an `existing` block in a read");
+        let mut raw_len = whole.clone();
+        raw_len[4 + 2 * READ_ENTRY_LEN + 1] ^= 1;
+        refused(raw_len, "plain data of the wrong length");
+        let header = 4 + 5 * READ_ENTRY_LEN;
+        let mut frame = whole.clone();
+        frame[header + 4] ^= 0xFF;
+        refused(frame, "a damaged frame");
+        assert!(read_answer(&[Bytes::from(whole)], range.len(), bs).is_ok());
     }
 
     #[test]

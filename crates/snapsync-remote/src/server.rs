@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -126,11 +126,16 @@ struct State {
     sessions: Mutex<HashMap<String, SessionHandle>>,
     /// Buffers compressed blocks are decompressed into, reused across writes.
     plain: Arc<BufferPool>,
+    /// Buffers `read` requests are answered from, reused once sent.
+    read_buffers: Arc<BufferPool>,
 }
 
 /// Decompression buffers the server keeps: about the writes a client has in flight
 /// ([`MAX_WRITES_AHEAD`]) and a pack's worth being stored.
 const PLAIN_BUFFERS: usize = 2 * MAX_WRITES_AHEAD as usize;
+/// Read buffers the server keeps: about the requests a puller has in flight (an 8 MiB
+/// batch in 2 MiB requests, read ahead) and the answers being sent.
+const READ_BUFFERS: usize = 16;
 
 fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, RemoteError> {
     use rustls::pki_types::pem::PemObject;
@@ -213,6 +218,7 @@ impl Server {
                 tokens: config.tokens,
                 sessions: Mutex::new(HashMap::new()),
                 plain: Arc::new(BufferPool::new(PLAIN_BUFFERS)),
+                read_buffers: Arc::new(BufferPool::new(READ_BUFFERS)),
             }),
         })
     }
@@ -290,14 +296,14 @@ impl Server {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<ChunksBody>;
 
 fn respond(status: StatusCode, body: Bytes, content_type: &str) -> Resp {
     Response::builder()
         .status(status)
         .header(VERSION_HEADER, PROTOCOL_VERSION.to_string())
         .header("content-type", content_type)
-        .body(Full::new(body))
+        .body(ChunksBody::from(vec![body]))
         .expect("valid response")
 }
 
@@ -596,22 +602,45 @@ impl State {
                         format!("a read may ask for at most {MAX_READ_LEN} bytes"),
                     ));
                 }
-                let (data, encoding) = blocking(move || {
-                    let mut buf = vec![0u8; r.len as usize];
+                let block_size = match r.block_size {
+                    None => r.len.max(1),
+                    Some(bs) if bs > 0 && r.len.is_multiple_of(bs) => bs,
+                    Some(bs) => {
+                        return Err(error(
+                            400,
+                            "bad_request",
+                            format!(
+                                "a read of {} bytes cannot be cut into blocks of {bs}",
+                                r.len
+                            ),
+                        ))
+                    }
+                } as usize;
+                let buffers = self.read_buffers.clone();
+                let answer = blocking(move || {
                     let mut reader = store.source().open_snapshot(&r.volume, &r.snapshot)?;
+                    let mut buf = buffers.take(r.len as usize);
                     reader.read_at(r.offset, &mut buf)?;
-                    Ok(match snapsync_core::codec::compress(&buf) {
-                        Some(c) => (c, "zstd"),
-                        None => (buf, "identity"),
-                    })
+                    let buf = buf.freeze();
+                    // Plain blocks go out as slices of it; it is lent again once sent.
+                    buffers.give_back(buf.clone());
+                    use rayon::prelude::*;
+                    let blocks: Vec<ReadBlock> = (0..buf.len().div_ceil(block_size))
+                        .into_par_iter()
+                        .map(|i| {
+                            let end = ((i + 1) * block_size).min(buf.len());
+                            ReadBlock::of(buf.slice(i * block_size..end))
+                        })
+                        .collect();
+                    Ok(encode_read_answer(blocks))
                 })
                 .await?;
-                let mut resp = respond(StatusCode::OK, data.into(), "application/octet-stream");
-                resp.headers_mut().insert(
-                    ENCODING_HEADER,
-                    hyper::header::HeaderValue::from_static(encoding),
-                );
-                Ok(resp)
+                Ok(Response::builder()
+                    .status(StatusCode::OK)
+                    .header(VERSION_HEADER, PROTOCOL_VERSION.to_string())
+                    .header("content-type", "application/octet-stream")
+                    .body(ChunksBody::from(answer))
+                    .expect("valid response"))
             }
             (Method::POST, ["receive"]) => {
                 let r: BeginRequest = json_body(req).await?;

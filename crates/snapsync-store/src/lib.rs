@@ -68,6 +68,21 @@ pub trait SnapshotReader: Send {
     /// Fill `buf` from `offset`. Bytes past the snapshot's size read as zeros.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
 
+    /// Fill `buf` from `offset` as [`SnapshotReader::read_at`] does, and tell for each
+    /// block of `block_size` bytes in it what the source knows about compressing it. A
+    /// remote source receives blocks compressed: handing the frames on spares the sink
+    /// compressing every block again. The default reads and knows nothing.
+    fn read_blocks_at(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        block_size: u64,
+    ) -> Result<Vec<Compressed>> {
+        self.read_at(offset, buf)?;
+        let blocks = (buf.len() as u64).div_ceil(block_size.max(1)) as usize;
+        Ok(vec![Compressed::NotTried; blocks])
+    }
+
     /// The engine reports the id it computed for the block at `offset`; sources that
     /// cache block hashes (the raw store) may keep it, so that they do not hash the same
     /// image twice. Ignoring it is always correct.
