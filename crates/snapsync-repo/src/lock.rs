@@ -141,6 +141,8 @@ impl Repository {
                         self.invalidate_index();
                     }
                     *seen = Some(epochs);
+                    drop(seen);
+                    self.check_still_the_same()?;
                     return Ok(lock);
                 }
             }

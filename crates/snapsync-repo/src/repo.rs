@@ -161,6 +161,31 @@ impl Repository {
         Ok(Self::from_parts(backend, config))
     }
 
+    /// Refuse to write on when the repository was replaced since it was opened (deleted
+    /// and created again by `init` under a long-running server): the cached block index
+    /// would name packs the new one does not hold, and a snapshot deduplicated against
+    /// them would be missing its blocks.
+    pub(crate) fn check_still_the_same(&self) -> Result<()> {
+        let loc = format!("{}/config", self.backend.location());
+        let now = match self.backend.get("config")? {
+            Some(bytes) => {
+                Some(format::decode_json::<Config>(MAGIC_CONFIG, &bytes, &loc)?.repository_id)
+            }
+            None => None,
+        };
+        if now.as_deref() == Some(self.config.repository_id.as_str()) {
+            return Ok(());
+        }
+        Err(StoreError::Conflict {
+            what: format!(
+                "the repository at {} was replaced while open (its id was {}, now {}); open it again",
+                self.backend.location(),
+                self.config.repository_id,
+                now.as_deref().unwrap_or("none: no config object")
+            ),
+        })
+    }
+
     fn from_parts(backend: Backend, config: Config) -> Self {
         Self {
             backend,

@@ -404,3 +404,33 @@ fn reading_a_snapshot_needs_no_listing() {
     restore(&fresh, "vm", "s19", &out, &NoProgress).unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
 }
+
+#[test]
+fn a_repository_replaced_under_an_open_one_is_refused_not_written_into() {
+    // A long-running server holds the repository open; someone deletes it and runs
+    // `init` again at the same place. The old block index would have the next receive
+    // deduplicate against packs that are gone.
+    let dir = tempfile::tempdir().unwrap();
+    let src = MemoryStore::new("src", BS);
+    let s1 = pseudo_random(7, 16 * BS as usize);
+    src.add_snapshot("vm", "s1", t(10), s1.clone());
+    let open = repo(dir.path());
+    send(&src, &open, Some("s1"));
+    std::fs::remove_dir_all(dir.path().join("repo")).unwrap();
+    let fresh = repo(dir.path());
+    src.add_snapshot("vm", "s2", t(20), s1);
+    let e = replicate(
+        &src,
+        &open,
+        &ReplicateOptions::default(),
+        &NoProgress,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("was replaced while open"), "{e}");
+    // Nothing was written into the new repository, which still works.
+    assert!(fresh.list().unwrap().iter().all(|v| v.snapshots.is_empty()));
+    send(&src, &fresh, None);
+    assert_eq!(read(&fresh, "vm", "s2"), read(&fresh, "vm", "s1"));
+}
