@@ -548,6 +548,9 @@ fn replicate_one(
             Err(p) => std::panic::resume_unwind(p),
         }
     })?;
+    // The read buffers are not held through the commit, which allocates in proportion
+    // to the volume (measured: held, they added ~10 MiB to an 8 GiB replication's peak).
+    pool.clear();
     let Tally {
         mut sent_bytes,
         dedup_bytes,

@@ -55,6 +55,13 @@ impl BufferPool {
         }
         spare.push_back(buf);
     }
+
+    /// Forget every buffer (each is freed once its last slice is gone): when a pass is
+    /// over, what follows it (a commit) should not run with the pass's buffers held.
+    pub fn clear(&self) {
+        let spare = std::mem::take(&mut *self.spare.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(spare);
+    }
 }
 
 #[cfg(test)]
@@ -92,5 +99,16 @@ mod tests {
             pool.give_back(pool.take(10).freeze());
         }
         assert!(pool.spare.lock().unwrap().len() <= 2);
+    }
+
+    #[test]
+    fn a_cleared_pool_holds_nothing() {
+        let pool = BufferPool::new(4);
+        let a = pool.take(64).freeze();
+        let probe = a.clone();
+        pool.give_back(a);
+        assert!(!probe.is_unique(), "the pool holds it");
+        pool.clear();
+        assert!(probe.is_unique(), "the pool let go of it");
     }
 }
