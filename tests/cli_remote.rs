@@ -378,6 +378,18 @@ fn refusals_bad_token_read_only_token_traversal_and_version() {
     );
     assert_eq!(status, 400, "{resp}");
     assert!(resp.contains("invalid volume name"), "{resp}");
+    // Reads cut into blocks that are not whole, or into too many.
+    for block_size in [0, 3000, 16] {
+        let body = format!(
+            r#"{{"volume":"vm","snapshot":"s1","offset":0,"len":4194304,"block_size":{block_size}}}"#
+        );
+        let (status, resp) = raw_http(
+            server.port,
+            &format!("POST /v1/stores/img/read HTTP/1.1\r\nhost: x\r\nsnapsync-protocol: {PROTOCOL_VERSION}\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()),
+        );
+        assert_eq!(status, 400, "block size {block_size}: {resp}");
+        assert!(resp.contains("cannot be cut into blocks"), "{resp}");
+    }
 
     // Another protocol version is refused, clearly.
     let (status, body) = raw_http(

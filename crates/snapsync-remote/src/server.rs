@@ -604,13 +604,21 @@ impl State {
                 }
                 let block_size = match r.block_size {
                     None => r.len.max(1),
-                    Some(bs) if bs > 0 && r.len.is_multiple_of(bs) => bs,
+                    // Bounded like a batch: tiny blocks would make the answer's header,
+                    // and the work per byte, grow without limit.
+                    Some(bs)
+                        if bs > 0
+                            && r.len.is_multiple_of(bs)
+                            && r.len / bs <= MAX_BATCH_BLOCKS as u64 =>
+                    {
+                        bs
+                    }
                     Some(bs) => {
                         return Err(error(
                             400,
                             "bad_request",
                             format!(
-                                "a read of {} bytes cannot be cut into blocks of {bs}",
+                                "a read of {} bytes cannot be cut into blocks of {bs} (whole blocks, at most {MAX_BATCH_BLOCKS})",
                                 r.len
                             ),
                         ))
