@@ -321,6 +321,18 @@ pub fn encode_blocks(blocks: &[IncomingBlock]) -> Vec<Bytes> {
     chunks
 }
 
+/// The next `len` bytes of a body arriving in pieces, once they have all arrived: a slice
+/// of `chunk` when they are whole in it (no copy), else gathered in `partial` across
+/// pieces. Takes what it uses from the front of `chunk`.
+fn next_piece(partial: &mut bytes::BytesMut, chunk: &mut Bytes, len: usize) -> Option<Bytes> {
+    if partial.is_empty() && chunk.len() >= len {
+        return Some(chunk.split_to(len));
+    }
+    let take = (len - partial.len()).min(chunk.len());
+    partial.extend_from_slice(&chunk.split_to(take));
+    (partial.len() == len).then(|| partial.split().freeze())
+}
+
 /// A body sent as the chunks it already is (block data stays the buffers it was read
 /// or received into), each as it comes: `write` requests and `read` answers.
 #[derive(Debug, Default)]
@@ -511,15 +523,11 @@ impl<'a> ReadAnswerDecoder<'a> {
                 if self.arrived < len {
                     continue;
                 }
-            } else if self.partial.is_empty() && chunk.len() >= len {
-                self.frames.push((self.next, chunk.split_to(len)));
             } else {
-                let take = (len - self.partial.len()).min(chunk.len());
-                self.partial.extend_from_slice(&chunk.split_to(take));
-                if self.partial.len() < len {
+                let Some(frame) = next_piece(&mut self.partial, &mut chunk, len) else {
                     continue;
-                }
-                self.frames.push((self.next, self.partial.split().freeze()));
+                };
+                self.frames.push((self.next, frame));
             }
             self.next += 1;
             self.arrived = 0;
@@ -684,16 +692,10 @@ impl BatchDecoder {
                     format!("{} bytes after the last block's data", chunk.len()),
                 ));
             };
-            if self.partial.is_empty() && chunk.len() >= e.len {
-                e.data = Some(chunk.split_to(e.len));
-            } else {
-                let take = (e.len - self.partial.len()).min(chunk.len());
-                self.partial.extend_from_slice(&chunk.split_to(take));
-                if self.partial.len() < e.len {
-                    continue;
-                }
-                e.data = Some(self.partial.split().freeze());
-            }
+            let Some(data) = next_piece(&mut self.partial, &mut chunk, e.len) else {
+                continue;
+            };
+            e.data = Some(data);
             self.next += 1;
         }
         Ok(())
