@@ -603,6 +603,21 @@ impl<'a> ReadAnswerDecoder<'a> {
     }
 }
 
+/// Refuse a block whose data does not hash to the id it was sent with.
+fn check_id(e: &Entry, data: &[u8]) -> Result<(), DecodeError> {
+    if BlockId::of(data) == e.id {
+        Ok(())
+    } else {
+        Err(derr(
+            BATCH,
+            format!(
+                "block {}: its data does not hash to its id {}",
+                e.index, e.id
+            ),
+        ))
+    }
+}
+
 /// One block of a batch being decoded.
 struct Entry {
     index: u64,
@@ -661,6 +676,12 @@ impl BatchDecoder {
         self.received
     }
 
+    /// Whether [`Self::finish`] has frames to decompress (and check): work for a
+    /// blocking thread. Without, it only assembles what has been checked already.
+    pub fn has_frames(&self) -> bool {
+        self.entries.iter().flatten().any(|e| e.kind == KIND_ZSTD)
+    }
+
     /// Take the next piece of the body.
     pub fn feed(&mut self, mut chunk: Bytes) -> Result<(), DecodeError> {
         self.received += chunk.len();
@@ -695,6 +716,11 @@ impl BatchDecoder {
             let Some(data) = next_piece(&mut self.partial, &mut chunk, e.len) else {
                 continue;
             };
+            // Plain data is checked as it arrives, while the receive copy left it in
+            // cache: later (a batch or more) it would be read from memory again.
+            if e.kind == KIND_RAW {
+                check_id(e, &data)?;
+            }
             e.data = Some(data);
             self.next += 1;
         }
@@ -763,12 +789,12 @@ impl BatchDecoder {
     }
 
     /// The decoded blocks, once the body has ended. Every data block must decode to
-    /// exactly `block_size` bytes whose BLAKE3 is its id: this is where data from the
-    /// network is checked, on all cores, before any sink (which trusts ids) sees it.
+    /// exactly `block_size` bytes whose BLAKE3 is its id, checked before any sink (which
+    /// trusts ids) sees it: plain blocks were checked by [`Self::feed`] as they arrived.
     ///
     /// Compressed blocks are decompressed into one buffer from `plain` (given back to it
-    /// at once; it is lent again once the sink has let go of the blocks) and each is
-    /// checked as it is decompressed, while in cache.
+    /// at once; it is lent again once the sink has let go of the blocks), on all cores,
+    /// and each is checked as it is decompressed, while in cache.
     pub fn finish(self, plain: &BufferPool) -> Result<Vec<IncomingBlock>, DecodeError> {
         use rayon::prelude::*;
         let bs = self.block_size;
@@ -784,30 +810,20 @@ impl BatchDecoder {
                 format!("truncated in the data of block {}", e.index),
             ));
         }
-        let check = |e: &Entry, data: &[u8]| {
-            if BlockId::of(data) == e.id {
-                Ok(())
-            } else {
-                Err(derr(
-                    BATCH,
-                    format!(
-                        "block {}: its data does not hash to its id {}",
-                        e.index, e.id
-                    ),
-                ))
-            }
-        };
         let frames: Vec<&Entry> = entries.iter().filter(|e| e.kind == KIND_ZSTD).collect();
         let mut buf = plain.take(frames.len() * bs);
-        buf.par_chunks_mut(bs)
-            .zip(frames.par_iter())
-            .try_for_each(|(dst, e)| {
-                // Bounded: exactly one block of output whatever the frame claims.
-                let frame = e.data.as_deref().unwrap_or_default();
-                codec::decompress_into(frame, dst)
-                    .map_err(|err| derr(BATCH, format!("block {}: {err}", e.index)))?;
-                check(e, dst)
-            })?;
+        // (A parallel call, even on nothing, hands work to the pool and wakes it.)
+        if !frames.is_empty() {
+            buf.par_chunks_mut(bs)
+                .zip(frames.par_iter())
+                .try_for_each(|(dst, e)| {
+                    // Bounded: exactly one block of output whatever the frame claims.
+                    let frame = e.data.as_deref().unwrap_or_default();
+                    codec::decompress_into(frame, dst)
+                        .map_err(|err| derr(BATCH, format!("block {}: {err}", e.index)))?;
+                    check_id(e, dst)
+                })?;
+        }
         let buf = buf.freeze();
         plain.give_back(buf.clone());
         let mut next_frame = 0;
@@ -819,21 +835,20 @@ impl BatchDecoder {
                 slot
             })
             .collect();
+        // Cheap per block (slices of buffers already checked): no threads to wake.
         entries
-            .into_par_iter()
+            .into_iter()
             .zip(slots)
             .map(|(e, slot)| {
                 let content = match (e.kind, &e.data) {
                     (KIND_ZERO, _) => BlockContent::Zero,
                     (KIND_EXISTING, _) => BlockContent::Existing(e.id),
-                    (KIND_RAW, Some(bytes)) => {
-                        check(&e, bytes)?;
-                        BlockContent::Data {
-                            id: e.id,
-                            data: bytes.clone(),
-                            compressed: Compressed::NotWorthIt,
-                        }
-                    }
+                    // Checked as it arrived.
+                    (KIND_RAW, Some(bytes)) => BlockContent::Data {
+                        id: e.id,
+                        data: bytes.clone(),
+                        compressed: Compressed::NotWorthIt,
+                    },
                     // Checked above. The frame goes on to the sink, which may store it
                     // rather than compress again.
                     (_, Some(frame)) => BlockContent::Data {

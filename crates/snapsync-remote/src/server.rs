@@ -406,10 +406,14 @@ async fn write_batch(
             .feed(data)
             .map_err(|e| error(400, "bad_request", e.to_string()))?;
     }
-    tokio::task::spawn_blocking(move || decoder.finish(&plain))
-        .await
-        .map_err(|e| error(500, "internal", e.to_string()))?
-        .map_err(|e| error(400, "bad_request", e.to_string()))
+    let blocks = if decoder.has_frames() {
+        tokio::task::spawn_blocking(move || decoder.finish(&plain))
+            .await
+            .map_err(|e| error(500, "internal", e.to_string()))?
+    } else {
+        decoder.finish(&plain)
+    };
+    blocks.map_err(|e| error(400, "bad_request", e.to_string()))
 }
 
 async fn body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {

@@ -289,19 +289,25 @@ impl Receiver for RepoReceiver<'_> {
                 fresh.push(c);
             }
         }
-        let encoded: Vec<(BlockId, Compression, Bytes)> = fresh
-            .par_iter()
-            // Ids are trusted (see `BlockContent::Data`): hashing every block again
-            // here would cost as much as the engine's own hashing. What the sender
-            // already compressed (or found not worth it) is not tried again.
-            .map(|(id, data, compressed)| {
-                let (compression, bytes) = match compressed.frame_for(data) {
-                    Some(frame) => (Compression::Zstd, frame),
-                    None => (Compression::None, (*data).clone()),
-                };
-                (*id, compression, bytes)
-            })
-            .collect();
+        // Ids are trusted (see `BlockContent::Data`): hashing every block again here
+        // would cost as much as the engine's own hashing. What the sender already
+        // compressed (or found not worth it) is not tried again, and when nothing is
+        // left to try, no pool threads are woken for it.
+        let encode = |(id, data, compressed): &Fresh<'_>| {
+            let (compression, bytes) = match compressed.frame_for(data) {
+                Some(frame) => (Compression::Zstd, frame),
+                None => (Compression::None, (*data).clone()),
+            };
+            (*id, compression, bytes)
+        };
+        let encoded: Vec<(BlockId, Compression, Bytes)> = if fresh
+            .iter()
+            .any(|(_, _, c)| matches!(c, Compressed::NotTried))
+        {
+            fresh.par_iter().map(encode).collect()
+        } else {
+            fresh.iter().map(encode).collect()
+        };
         let mut added = 0u64;
         for (id, compression, bytes) in encoded {
             added += bytes.len() as u64;
