@@ -5,6 +5,7 @@
 //! progress to a terminal and prints results. Everything else lives in the library
 //! crates under `crates/`.
 
+mod allocator;
 mod commands;
 mod demo;
 mod progress;
@@ -172,6 +173,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    allocator::tune();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
