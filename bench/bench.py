@@ -157,6 +157,10 @@ def set_mtime(p: Path, t: float) -> None:
 # measurement
 
 
+# How a measurement read its input, for tables.
+CACHE_LABEL = {"drop": "from disk", "warm": "from page cache"}
+
+
 class Runner:
     def __init__(self, args):
         self.args = args
@@ -672,47 +676,60 @@ class Bench:
         (d / "src" / "vm").mkdir(parents=True)
         token = "bench-token-0123456789abcdef"
         (d / "tokens").write_text(token + "\n")
-        for kind in ("incomp", "half"):
-            log(f"=== remote over loopback: {size_label(size)} {kind}")
-            img = self.base_image(kind, size)
-            s1 = d / "src" / "vm" / "s1.img"
-            if s1.exists():
-                s1.unlink()
-            os.link(img, s1)
-            runs: dict[str, list[dict]] = {"local": [], "push": [], "pull": []}
-            for _ in range(self.args.remote_runs):
-                for where in runs:
-                    rmtree(d / "src" / ".snapsync")
-                    repo = d / f"repo-{where}"
-                    rmtree(repo)
-                    subprocess.run([self.snapsync, "init", str(repo)], check=True,
-                                   capture_output=True)
-                    src = f"raw:{d / 'src'}"
-                    if where == "local":
-                        m = self.r.timed([self.snapsync, "replicate", src, str(repo), "--json"],
-                                         inputs=[s1])
-                        m["server_cpu"] = 0.0
-                    elif where == "push":
-                        m = self.timed_remote(
-                            lambda url: [self.snapsync, "replicate", src, f"{url}/r", "--json"],
-                            f"r=file://{repo}", d / "tokens", token, s1)
-                    else:
-                        m = self.timed_remote(
-                            lambda url: [self.snapsync, "replicate", f"{url}/s", str(repo),
-                                         "--json"],
-                            f"s={src}", d / "tokens", token, s1)
-                    runs[where].append(m)
-                    log(f"remote {kind} {where}: wall {m['wall']:.2f} s cpu {m['cpu']:.2f} "
-                        f"+ server {m['server_cpu']:.2f}")
-            row = {"kind": kind, "size": size}
-            for where, ms in runs.items():
-                ms.sort(key=lambda m: m["wall"])
-                med = ms[len(ms) // 2]
-                row[where] = {k: med[k] for k in ("wall", "cpu", "server_cpu", "rss")}
-            for where in ("push", "pull"):
-                row[f"{where}_ratio"] = row["local"]["wall"] / row[where]["wall"]
-            self.remote_rows.append(row)
+        # From disk is how a replication usually reads; from page cache (an image just
+        # written, or small enough to stay cached) leaves only CPU, which client and
+        # server then share. Both are reported when the cache can be dropped.
+        modes = ["drop", "warm"] if self.r.cache_mode == "drop" else [self.r.cache_mode]
+        try:
+            for mode in modes:
+                self.r.cache_mode = mode
+                for kind in ("incomp", "half"):
+                    self.remote_one(d, size, kind, mode, token)
+        finally:
+            self.r.cache_mode = modes[0]
         rmtree(d)
+
+    def remote_one(self, d: Path, size: int, kind: str, cache: str, token: str) -> None:
+        """One row of the loopback comparison: local, push and pull of one image."""
+        log(f"=== remote over loopback: {size_label(size)} {kind}, page cache {cache}")
+        img = self.base_image(kind, size)
+        s1 = d / "src" / "vm" / "s1.img"
+        if s1.exists():
+            s1.unlink()
+        os.link(img, s1)
+        runs: dict[str, list[dict]] = {"local": [], "push": [], "pull": []}
+        for _ in range(self.args.remote_runs):
+            for where in runs:
+                rmtree(d / "src" / ".snapsync")
+                repo = d / f"repo-{where}"
+                rmtree(repo)
+                subprocess.run([self.snapsync, "init", str(repo)], check=True,
+                               capture_output=True)
+                src = f"raw:{d / 'src'}"
+                if where == "local":
+                    m = self.r.timed([self.snapsync, "replicate", src, str(repo), "--json"],
+                                     inputs=[s1])
+                    m["server_cpu"] = 0.0
+                elif where == "push":
+                    m = self.timed_remote(
+                        lambda url: [self.snapsync, "replicate", src, f"{url}/r", "--json"],
+                        f"r=file://{repo}", d / "tokens", token, s1)
+                else:
+                    m = self.timed_remote(
+                        lambda url: [self.snapsync, "replicate", f"{url}/s", str(repo),
+                                     "--json"],
+                        f"s={src}", d / "tokens", token, s1)
+                runs[where].append(m)
+                log(f"remote {kind} {where}: wall {m['wall']:.2f} s cpu {m['cpu']:.2f} "
+                    f"+ server {m['server_cpu']:.2f}")
+        row = {"kind": kind, "size": size, "cache": cache}
+        for where, ms in runs.items():
+            ms.sort(key=lambda m: m["wall"])
+            med = ms[len(ms) // 2]
+            row[where] = {k: med[k] for k in ("wall", "cpu", "server_cpu", "rss")}
+        for where in ("push", "pull"):
+            row[f"{where}_ratio"] = row["local"]["wall"] / row[where]["wall"]
+        self.remote_rows.append(row)
 
     def timed_remote(self, cmd, store: str, tokens: Path, token: str, img: Path) -> dict:
         """Run `cmd(url)` against `snapsync serve --store STORE` on a free loopback port."""
@@ -920,6 +937,7 @@ class Bench:
                        f"{'; '.join(parts)} | {verdict(ok)} |")
         for r in self.remote_rows:
             label = {"incomp": "incompressible", "half": "half-compressible"}[r["kind"]]
+            label += f", {CACHE_LABEL[r.get('cache', 'drop')]}"
             for where in ("push", "pull"):
                 ratio = r[f"{where}_ratio"]
                 out.append(f"| (issue 6) {where} over loopback, {label} | ≥ 80% of the local "
@@ -1047,14 +1065,17 @@ class Bench:
                       "`snapsync+http://127.0.0.1` into a fresh repository served by "
                       "`snapsync serve --insecure-plaintext` (push); and pulled from the image "
                       "served that way into a fresh local repository (pull). Client and server "
-                      "share this machine's cores. Median wall of "
+                      "share this machine's cores. Each image is read from disk (page cache "
+                      "dropped before every run) and from page cache (read once before every "
+                      "run), where only CPU limits. Median wall of "
                       f"{self.args.remote_runs} runs each; CPU is user+sys.", "",
-                      "| data | local: wall / CPU | push: wall / client + server CPU | "
+                      "| data | read | local: wall / CPU | push: wall / client + server CPU | "
                       "push ÷ local | pull: wall / client + server CPU | pull ÷ local |",
-                      "| --- | --- | --- | --- | --- | --- |"]
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
             for r in self.remote_rows:
                 lo = r["local"]
                 label = {"incomp": "incompressible", "half": "half-compressible"}[r["kind"]]
+                label += f" | {CACHE_LABEL[r.get('cache', 'drop')]}"
                 cells = [f"{lo['wall']:.2f} s / {lo['cpu']:.2f} s"]
                 for where in ("push", "pull"):
                     m = r[where]
@@ -1143,9 +1164,9 @@ def main() -> None:
     ap.add_argument("--mem-sizes", default="2GiB,8GiB",
                     help="image sizes for the peak-memory scaling run ('' to skip; default 2GiB,8GiB)")
     ap.add_argument("--no-mem-scaling", action="store_true", help="skip the memory scaling run")
-    ap.add_argument("--remote-runs", type=int, default=3,
+    ap.add_argument("--remote-runs", type=int, default=5,
                     help="runs (median taken) of the loopback remote-vs-local comparison (0 skips; "
-                         "default 3)")
+                         "default 5)")
     ap.add_argument("--remote-size", type=parse_size, default=parse_size("1GiB"),
                     help="image size of the loopback remote-vs-local comparison (default 1GiB)")
     ap.add_argument("--chain-depth", type=int, default=200,
