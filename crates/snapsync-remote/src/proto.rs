@@ -1014,6 +1014,16 @@ mod tests {
         }]);
         let e = decode_blocks(&wrong_id, bs).unwrap_err().to_string();
         assert!(e.contains("does not hash"), "{e}");
+        // Plain data is checked as it arrives: fed in pieces, the block is refused by
+        // the piece that completes it, before the body has ended.
+        let bytes: Vec<u8> = wrong_id.iter().flat_map(|c| c.iter().copied()).collect();
+        let mut d = BatchDecoder::new(bs);
+        let e = bytes
+            .chunks(1000)
+            .try_for_each(|p| d.feed(Bytes::copy_from_slice(p)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not hash"), "{e}");
         // A frame that is not zstd is refused, not trusted.
         let bad_frame = encode_blocks(&[IncomingBlock {
             index: 3,
