@@ -811,9 +811,12 @@ impl BatchDecoder {
             ));
         }
         let frames: Vec<&Entry> = entries.iter().filter(|e| e.kind == KIND_ZSTD).collect();
-        let mut buf = plain.take(frames.len() * bs);
-        // (A parallel call, even on nothing, hands work to the pool and wakes it.)
-        if !frames.is_empty() {
+        // Without frames there is nothing to decompress: no buffer, and no parallel call
+        // (even on nothing, one hands work to the pool and wakes it).
+        let buf = if frames.is_empty() {
+            Bytes::new()
+        } else {
+            let mut buf = plain.take(frames.len() * bs);
             buf.par_chunks_mut(bs)
                 .zip(frames.par_iter())
                 .try_for_each(|(dst, e)| {
@@ -823,9 +826,10 @@ impl BatchDecoder {
                         .map_err(|err| derr(BATCH, format!("block {}: {err}", e.index)))?;
                     check_id(e, dst)
                 })?;
-        }
-        let buf = buf.freeze();
-        plain.give_back(buf.clone());
+            let buf = buf.freeze();
+            plain.give_back(buf.clone());
+            buf
+        };
         let mut next_frame = 0;
         let slots: Vec<usize> = entries
             .iter()
