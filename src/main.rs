@@ -22,8 +22,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// PEM certificate(s) to trust for snapsync:// servers, instead of the system roots
-    /// (else SNAPSYNC_CA).
+    /// PEM certificate(s) to trust for snapsync:// servers instead of the system roots:
+    /// a server presenting one of them is trusted (pinned), as is one they sign (else
+    /// SNAPSYNC_CA).
     #[arg(long, global = true)]
     ca: Option<std::path::PathBuf>,
     /// Bearer token file: the token for snapsync:// stores (else SNAPSYNC_TOKEN); for

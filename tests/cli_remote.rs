@@ -750,3 +750,87 @@ fn tls_with_a_self_signed_certificate() {
     ]);
     assert!(failure_line(&out).contains("--insecure-plaintext"));
 }
+
+/// A self-signed certificate as `openssl req -x509` makes one: marked a CA, and naming a
+/// host other than the address the client dials.
+fn openssl_style_certificate(name: &str) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn tls_pins_the_exact_certificate_given_with_ca() {
+    // Such a certificate cannot verify as a server's under the usual rules (a CA used as
+    // an end entity, another name): `--ca` with exactly it pins it, and nothing else
+    // passes for it.
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let s1 = random(22, MIB);
+    write_image(&images, "vm", "s1", &s1, T0);
+    let repo = init_repo(dir.path(), &[]);
+    let (cert, key) = openssl_style_certificate("backup.example");
+    let cert_pem = dir.path().join("cert.pem");
+    let key_pem = dir.path().join("key.pem");
+    std::fs::write(&cert_pem, &cert).unwrap();
+    std::fs::write(&key_pem, key).unwrap();
+    let (other, _) = openssl_style_certificate("backup.example");
+    let other_pem = dir.path().join("other.pem");
+    std::fs::write(&other_pem, &other).unwrap();
+    // A bundle holding the pinned certificate among others pins it too.
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, format!("{other}{cert}")).unwrap();
+
+    let server = start_server(
+        &[
+            "--token-file".into(),
+            token_file(dir.path()).to_str().unwrap().into(),
+            "--tls-cert".into(),
+            cert_pem.to_str().unwrap().into(),
+            "--tls-key".into(),
+            key_pem.to_str().unwrap().into(),
+            "--store".into(),
+            format!("repo={repo}"),
+        ],
+        0,
+    );
+    let remote = format!("snapsync://127.0.0.1:{}/repo", server.port);
+    let src = format!("raw:{}", images.display());
+    for ca in [&cert_pem, &bundle] {
+        ok_env(
+            &["list", &remote, "--ca", ca.to_str().unwrap()],
+            &env(TOKEN),
+        );
+    }
+    let out = ok_env(
+        &[
+            "replicate",
+            &src,
+            &remote,
+            "--ca",
+            cert_pem.to_str().unwrap(),
+            "--json",
+        ],
+        &env(TOKEN),
+    );
+    assert_eq!(out.lines().count(), 1);
+    restore_equals(&repo, "vm@s1", dir.path(), &s1);
+
+    // Another certificate with the same name and the same flags is not the pin.
+    let out = run_env(
+        &["list", &remote, "--ca", other_pem.to_str().unwrap()],
+        &env(TOKEN),
+    );
+    let line = failure_line(&out);
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    // Nor is a file without certificates a way around the check.
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "nothing here\n").unwrap();
+    let out = run_env(
+        &["list", &remote, "--ca", junk.to_str().unwrap()],
+        &env(TOKEN),
+    );
+    assert!(failure_line(&out).contains("no certificate"));
+}

@@ -189,28 +189,15 @@ impl RemoteStore {
             .pool_idle_timeout(Duration::from_secs(60))
             .http2_initial_stream_window_size(16 << 20)
             .http2_initial_connection_window_size(64 << 20)
-            .http2_max_frame_size(1 << 20)
-            .use_rustls_tls();
+            .http2_max_frame_size(1 << 20);
         if u.tls {
-            if let Some(pem) = &options.ca_pem {
-                let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
-                    StoreError::Malformed {
-                        location: display.clone(),
-                        detail: format!("the --ca certificates are not usable: {e}"),
-                    }
-                })?;
-                if certs.is_empty() {
-                    return Err(StoreError::Malformed {
-                        location: display,
-                        detail: "the --ca file holds no certificate".into(),
-                    });
+            let tls = crate::tls::client_config(options.ca_pem.as_deref()).map_err(|detail| {
+                StoreError::Malformed {
+                    location: display.clone(),
+                    detail,
                 }
-                // Trust only these: the server must present a certificate they sign.
-                builder = builder.tls_built_in_root_certs(false);
-                for c in certs {
-                    builder = builder.add_root_certificate(c);
-                }
-            }
+            })?;
+            builder = builder.use_preconfigured_tls(tls);
             builder = builder.https_only(true);
         } else {
             builder = builder.http2_prior_knowledge();

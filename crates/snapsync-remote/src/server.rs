@@ -161,20 +161,18 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, RemoteErr
             files.key.display()
         ))
     })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| cfg(format!("TLS setup: {e}")))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| {
-        cfg(format!(
-            "TLS certificate {} and key {} do not work together: {e}",
-            files.cert.display(),
-            files.key.display()
-        ))
-    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cfg(format!("TLS setup: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            cfg(format!(
+                "TLS certificate {} and key {} do not work together: {e}",
+                files.cert.display(),
+                files.key.display()
+            ))
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
