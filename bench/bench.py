@@ -676,6 +676,18 @@ class Bench:
         (d / "src" / "vm").mkdir(parents=True)
         token = "bench-token-0123456789abcdef"
         (d / "tokens").write_text(token + "\n")
+        # TLS is the default: a self-signed certificate as an operator makes one, which the
+        # client pins with --ca.
+        self.remote_tls = None
+        cert, key = d / "cert.pem", d / "key.pem"
+        made = shutil.which("openssl") and subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "2", "-subj", "/CN=snapsync-bench"], capture_output=True).returncode == 0
+        if made:
+            self.remote_tls = (cert, key)
+        else:
+            self.note("remote over loopback: no openssl to make a certificate; TLS not measured")
         # From disk is how a replication usually reads; from page cache (an image just
         # written, or small enough to stay cached) leaves only CPU, which client and
         # server then share. Both are reported when the cache can be dropped.
@@ -698,6 +710,8 @@ class Bench:
             s1.unlink()
         os.link(img, s1)
         runs: dict[str, list[dict]] = {"local": [], "push": [], "pull": []}
+        if self.remote_tls:
+            runs.update({"push_tls": [], "pull_tls": []})
         for _ in range(self.args.remote_runs):
             for where in runs:
                 rmtree(d / "src" / ".snapsync")
@@ -710,15 +724,15 @@ class Bench:
                     m = self.r.timed([self.snapsync, "replicate", src, str(repo), "--json"],
                                      inputs=[s1])
                     m["server_cpu"] = 0.0
-                elif where == "push":
+                elif where.startswith("push"):
                     m = self.timed_remote(
                         lambda url: [self.snapsync, "replicate", src, f"{url}/r", "--json"],
-                        f"r=file://{repo}", d / "tokens", token, s1)
+                        f"r=file://{repo}", d / "tokens", token, s1, where.endswith("tls"))
                 else:
                     m = self.timed_remote(
                         lambda url: [self.snapsync, "replicate", f"{url}/s", str(repo),
                                      "--json"],
-                        f"s={src}", d / "tokens", token, s1)
+                        f"s={src}", d / "tokens", token, s1, where.endswith("tls"))
                 runs[where].append(m)
                 log(f"remote {kind} {where}: wall {m['wall']:.2f} s cpu {m['cpu']:.2f} "
                     f"+ server {m['server_cpu']:.2f}")
@@ -727,19 +741,28 @@ class Bench:
             ms.sort(key=lambda m: m["wall"])
             med = ms[len(ms) // 2]
             row[where] = {k: med[k] for k in ("wall", "cpu", "server_cpu", "rss")}
-        for where in ("push", "pull"):
+        for where in runs:
             row[f"{where}_ratio"] = row["local"]["wall"] / row[where]["wall"]
         self.remote_rows.append(row)
 
-    def timed_remote(self, cmd, store: str, tokens: Path, token: str, img: Path) -> dict:
-        """Run `cmd(url)` against `snapsync serve --store STORE` on a free loopback port."""
+    def timed_remote(self, cmd, store: str, tokens: Path, token: str, img: Path,
+                     tls: bool) -> dict:
+        """Run `cmd(url)` against `snapsync serve --store STORE` on a free loopback port,
+        over TLS (the certificate pinned with --ca) or in plain text."""
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
+        if tls:
+            cert, key = self.remote_tls
+            how = ["--tls-cert", str(cert), "--tls-key", str(key)]
+            url, extra = f"snapsync://127.0.0.1:{port}", ["--ca", str(cert)]
+        else:
+            how = ["--insecure-plaintext"]
+            url, extra = f"snapsync+http://127.0.0.1:{port}", []
         server = subprocess.Popen(
             [self.snapsync, "serve", "--listen", f"127.0.0.1:{port}", "--store", store,
-             "--token-file", str(tokens), "--insecure-plaintext"],
+             "--token-file", str(tokens)] + how,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(200):
@@ -754,8 +777,7 @@ class Bench:
                 f = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
             before = cpu()
-            m = self.r.timed(cmd(f"snapsync+http://127.0.0.1:{port}"), inputs=[img],
-                             env={"SNAPSYNC_TOKEN": token})
+            m = self.r.timed(cmd(url) + extra, inputs=[img], env={"SNAPSYNC_TOKEN": token})
             m["server_cpu"] = cpu() - before
             return m
         finally:
@@ -938,10 +960,14 @@ class Bench:
         for r in self.remote_rows:
             label = {"incomp": "incompressible", "half": "half-compressible"}[r["kind"]]
             label += f", {CACHE_LABEL[r.get('cache', 'drop')]}"
-            for where in ("push", "pull"):
+            for where in ("push", "pull", "push_tls", "pull_tls"):
+                if where not in r:
+                    continue
                 ratio = r[f"{where}_ratio"]
-                out.append(f"| (issue 6) {where} over loopback, {label} | ≥ 80% of the local "
-                           f"replication's throughput | {where} {r[where]['wall']:.2f} s, "
+                what = where.replace("_tls", " over loopback with TLS") \
+                    if where.endswith("tls") else f"{where} over loopback"
+                out.append(f"| (issue 6) {what}, {label} | ≥ 80% of the local "
+                           f"replication's throughput | {r[where]['wall']:.2f} s, "
                            f"local {r['local']['wall']:.2f} s ({100 * ratio:.0f}%) | "
                            f"{verdict(ratio >= 0.8)} |")
         return out + [""]
@@ -1083,6 +1109,23 @@ class Bench:
                               f"{100 * r[where + '_ratio']:.0f}%"]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
+            tls_rows = [r for r in self.remote_rows if "push_tls" in r]
+            if tls_rows:
+                lines += ["With TLS, the default (a self-signed certificate pinned with "
+                          "`--ca`; `snapsync://`), the same runs interleaved with those above:",
+                          "", "| data | read | push TLS: wall / client + server CPU | "
+                          "push TLS ÷ local | pull TLS: wall / client + server CPU | "
+                          "pull TLS ÷ local |", "| --- | --- | --- | --- | --- | --- |"]
+                for r in tls_rows:
+                    label = {"incomp": "incompressible", "half": "half-compressible"}[r["kind"]]
+                    label += f" | {CACHE_LABEL[r.get('cache', 'drop')]}"
+                    cells = []
+                    for where in ("push_tls", "pull_tls"):
+                        m = r[where]
+                        cells += [f"{m['wall']:.2f} s / {m['cpu']:.2f} s + "
+                                  f"{m['server_cpu']:.2f} s", f"{100 * r[where + '_ratio']:.0f}%"]
+                    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+                lines.append("")
         if self.chain:
             c = self.chain
             lines += ["## Chain depth", "",
