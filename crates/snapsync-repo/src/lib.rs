@@ -27,6 +27,7 @@
 //! The format is specified in `docs/FORMAT.md` and in [`format`].
 
 mod backend;
+mod diff;
 pub mod format;
 mod gc;
 mod index;

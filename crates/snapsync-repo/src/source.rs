@@ -1,11 +1,13 @@
 //! The repository as a replication source (cascades, restore): listings come from
-//! catalogs, differences from comparing block maps (metadata only), data from packs.
+//! catalogs, differences from the delta chains (metadata only, see [`crate::diff`]),
+//! data from packs.
 
-use snapsync_core::{BlockId, BlockMap, BlockRef, Extent, VolumeInfo};
+use snapsync_core::{BlockId, Extent, VolumeInfo};
 use snapsync_store::{
     Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
 };
 
+use crate::diff::DiffSide;
 use crate::repo::Repository;
 use crate::stream::{ChainCursor, CheckedManifest};
 
@@ -35,19 +37,18 @@ impl Store for Repository {
 }
 
 impl Repository {
-    /// The block map of `volume@snapshot`.
-    pub fn snapshot_map(&self, volume: &str, snapshot: &str) -> Result<(u64, BlockMap)> {
-        let (size, manifest) = self.snapshot_manifest(volume, snapshot)?;
-        let (_, map) = self.resolve(&manifest)?;
-        Ok((size, map))
-    }
-
     /// Size and manifest id of `volume@snapshot`, from its catalog (no listing).
     fn snapshot_manifest(
         &self,
         volume: &str,
         snapshot: &str,
     ) -> Result<(u64, crate::format::ManifestId)> {
+        let s = self.snapshot_side(volume, snapshot)?;
+        Ok((s.size, s.manifest))
+    }
+
+    /// Manifest id, size and age of `volume@snapshot`, from its catalog (no listing).
+    fn snapshot_side(&self, volume: &str, snapshot: &str) -> Result<DiffSide> {
         snapsync_core::validate_name("volume", volume)?;
         snapsync_core::validate_name("snapshot", snapshot)?;
         let cat = self.catalog(volume)?;
@@ -60,26 +61,12 @@ impl Repository {
                     self.location()
                 ))
             })?;
-        Ok((s.size, s.manifest))
+        Ok(DiffSide {
+            manifest: s.manifest,
+            size: s.size,
+            created: s.created,
+        })
     }
-}
-
-/// Changed blocks between two maps, as byte extents clipped to `size`.
-fn diff_maps(target: &BlockMap, base: &BlockMap, bs: u64, size: u64) -> Diff {
-    let mut diff = Diff::default();
-    let extent = |i: u64| {
-        let off = i * bs;
-        Extent::new(off, bs.min(size - off))
-    };
-    let delta = snapsync_core::Delta::between(base, target);
-    for (i, r) in &delta.entries {
-        match r {
-            BlockRef::Zero => diff.zero.push(extent(*i)),
-            BlockRef::Data(_) => diff.data.push(extent(*i)),
-        }
-    }
-    // Blocks past the base's end that stay zero are unchanged (zero-extended).
-    diff
 }
 
 impl SnapshotSource for Repository {
@@ -98,9 +85,10 @@ impl SnapshotSource for Repository {
             }
             return Ok(diff);
         };
-        let (size, t) = self.snapshot_map(volume, target)?;
-        let b = self.snapshot_map(base.volume, base.snapshot)?;
-        Ok(diff_maps(&t, &b.1, self.block_size(), size))
+        // From the manifests above where the two chains meet (see crate::diff).
+        let t = self.snapshot_side(volume, target)?;
+        let b = self.snapshot_side(base.volume, base.snapshot)?;
+        self.diff_snapshots(t, b)
     }
 
     fn estimate_diff(&self, volume: &str, target: &str, base: SnapshotRef<'_>) -> Option<u64> {
@@ -256,7 +244,7 @@ mod tests {
     use crate::format::{Manifest, ManifestHeader};
     use crate::Location;
     use proptest::prelude::*;
-    use snapsync_core::{Delta, SnapshotId, Timestamp};
+    use snapsync_core::{BlockMap, BlockRef, Delta, SnapshotId, Timestamp};
 
     fn put(repo: &Repository, delta: Delta, base: Option<BlockId>) -> BlockId {
         repo.put_manifest(Manifest {

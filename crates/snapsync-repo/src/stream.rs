@@ -158,7 +158,7 @@ impl Repository {
 }
 
 /// The entries of one checked manifest, in index order, read a piece at a time.
-struct EntryStream<'a> {
+pub(crate) struct EntryStream<'a> {
     repo: &'a Repository,
     key: String,
     id: ManifestId,
@@ -176,7 +176,7 @@ struct EntryStream<'a> {
 }
 
 impl<'a> EntryStream<'a> {
-    fn new(repo: &'a Repository, m: &CheckedManifest) -> Result<Self> {
+    pub(crate) fn new(repo: &'a Repository, m: &CheckedManifest) -> Result<Self> {
         let mut s = Self {
             repo,
             key: key_manifest(&m.id),
@@ -238,7 +238,7 @@ impl<'a> EntryStream<'a> {
     }
 
     /// The next entry, checked as [`format::decode_manifest`] checks them.
-    fn next_entry(&mut self) -> Result<Option<(u64, BlockRef)>> {
+    pub(crate) fn next_entry(&mut self) -> Result<Option<(u64, BlockRef)>> {
         if self.left == 0 {
             if !self.done {
                 // What is left is the trailer: read it, so the whole object is hashed.

@@ -2,12 +2,13 @@
 //! depth; and a property test of all of them against a model (the source's bytes).
 
 use proptest::prelude::*;
+use snapsync_core::{Extent, ExtentList};
 use snapsync_core::{KeepPolicy, Origin, Timestamp};
 use snapsync_engine::{replicate, restore, NoProgress, ReplicateOptions, SnapshotReport};
 use snapsync_repo::{Location, Repository, CHECKPOINT_INTERVAL};
 use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
-use snapsync_store::{SnapshotSource, Store};
+use snapsync_store::{SnapshotRef, SnapshotSource, Store};
 
 const BS: u64 = 4096;
 
@@ -321,6 +322,36 @@ proptest! {
                 for s in &v.snapshots {
                     let want = src.content(&v.name, &s.name).unwrap();
                     prop_assert!(read(&dst, &v.name, &s.name) == *want, "{}@{}", v.name, s.name);
+                }
+            }
+        }
+        // As a source, the repository reports exactly the blocks that differ between any
+        // two of its snapshots (of a volume, or a clone and its origin's volume), however
+        // their chains were inserted into, re-based and pruned.
+        let all: Vec<(String, String)> = dst
+            .list()
+            .unwrap()
+            .into_iter()
+            .flat_map(|v| v.snapshots.into_iter().map(move |s| (v.name.clone(), s.name)))
+            .collect();
+        for (tv, ts) in &all {
+            for (bv, bs) in &all {
+                let d = dst.diff(tv, ts, Some(SnapshotRef::new(bv, bs))).unwrap();
+                let target = src.content(tv, ts).unwrap();
+                let base = src.content(bv, bs).unwrap();
+                prop_assert_eq!(target.len(), base.len());
+                let mut want = ExtentList::new();
+                for (k, (a, b)) in target.chunks(BS as usize).zip(base.chunks(BS as usize)).enumerate() {
+                    if a != b {
+                        want.push(Extent::new(k as u64 * BS, BS));
+                    }
+                }
+                prop_assert_eq!(d.changed(), want, "{}@{} against {}@{}", tv, ts, bv, bs);
+                for e in d.zero.as_slice() {
+                    prop_assert!(
+                        target[e.offset as usize..e.end() as usize].iter().all(|b| *b == 0),
+                        "{}@{} against {}@{}: zero extent {:?} holds data", tv, ts, bv, bs, e
+                    );
                 }
             }
         }
