@@ -47,6 +47,7 @@ ALL_SCENARIOS = [
     "raw-half-1pct",
     "qcow2-incomp-1pct",
     "qcow2-incomp-10pct",
+    "repo-incomp-1pct",
 ]
 
 
@@ -511,6 +512,8 @@ class Bench:
         if src_kind == "raw":
             self.raw_scenario(scen, sdir, base, kind, change, offsets, append if change ==
                               "append" else 0)
+        elif src_kind == "repo":
+            self.repo_scenario(scen, sdir, base, kind, offsets)
         else:
             if self.qcow2_skip:
                 self.note(f"{scen} skipped: {self.qcow2_skip}")
@@ -555,6 +558,72 @@ class Bench:
             self.run_borg(scen, flat, s1, s2, "vm.img")
         if "refs" in tools:
             self.run_refs(scen, s2)
+
+    def repo_scenario(self, scen, sdir: Path, base: Path, kind, offsets) -> None:
+        """A backup repository copied off-site (a cascade). The source repositories are
+        filled, untimed, with s1 (then s2) of a raw image; then snapsync replicates its
+        repository into another, rsync copies the repository's files, and restic copies
+        its snapshots from one restic repository into another."""
+        raw = sdir / "raw"
+        (raw / "vm").mkdir(parents=True)
+        s1, s2 = raw / "vm" / "s1.img", raw / "vm" / "s2.img"
+        os.link(base, s1)
+        make_s2_scattered(s1, s2, offsets, kind)
+        now = time.time()
+        set_mtime(s1, now - 7200)
+        set_mtime(s2, now - 3600)
+        flat = sdir / "flat"
+        flat.mkdir()
+        tools = self.args.tools
+        src_repo, dst_repo = sdir / "repo-a", self.work / "dest-snapsync"
+        rsync_dst = self.work / "dest-rsync"
+        restic_src, restic_dst = sdir / "restic-a", self.work / "dest-restic"
+        pw = sdir / "restic-password"
+        pw.write_text("bench\n")
+        restic_env = {"RESTIC_PASSWORD_FILE": str(pw), "RESTIC_CACHE_DIR":
+                      str(self.work / "restic-cache")}
+        for d in (dst_repo, rsync_dst, restic_dst, self.work / "restic-cache"):
+            rmtree(d)
+        rsync_dst.mkdir(parents=True)
+
+        def run(cmd, env=None):
+            subprocess.run([str(c) for c in cmd], check=True, capture_output=True,
+                           env=dict(os.environ, **(env or {})))
+
+        run([self.snapsync, "init", src_repo])
+        if "snapsync" in tools:
+            run([self.snapsync, "init", dst_repo])
+        if "restic" in tools:
+            for r in (restic_src, restic_dst):
+                run(["restic", "-r", r, "init"], restic_env)
+        for phase, snap, img in (("initial", "s1", s1), ("incremental", "s2", s2)):
+            run([self.snapsync, "replicate", f"raw:{raw}", src_repo, "--volume", "vm",
+                 "--snapshot", snap])
+            files = [p for p in src_repo.rglob("*") if p.is_file()]
+            if "snapsync" in tools:
+                before = disk_usage(dst_repo)
+                m = self.r.timed([self.snapsync, "replicate", src_repo, dst_repo, "--volume",
+                                  "vm", "--snapshot", snap, "--json"], inputs=files)
+                self.record(scen, "snapsync repo→file", phase, m,
+                            disk_usage(dst_repo) - before, self.snapsync_json(m["stdout"]))
+            if "rsync" in tools:
+                before = disk_usage(rsync_dst)
+                m = self.r.timed(["rsync", "-a", "--delete", f"{src_repo}/", f"{rsync_dst}/"],
+                                 inputs=files)
+                self.record(scen, "rsync -a of the repository", phase, m,
+                            disk_usage(rsync_dst) - before)
+            if "restic" in tools:
+                self._point(flat / "vm.img", img)
+                run(["restic", "-r", restic_src, "backup", "--quiet", "--host", "bench",
+                     flat / "vm.img"], restic_env)
+                before = disk_usage(restic_dst)
+                m = self.r.timed(["restic", "-r", restic_dst, "copy", "--from-repo",
+                                  restic_src, "--from-password-file", pw],
+                                 inputs=[p for p in restic_src.rglob("*") if p.is_file()],
+                                 env=restic_env)
+                self.record(scen, "restic copy", phase, m, disk_usage(restic_dst) - before)
+        for d in (dst_repo, rsync_dst, restic_dst, self.work / "restic-cache"):
+            rmtree(d)
 
     def qcow2_scenario(self, scen, sdir: Path, base: Path, kind, offsets) -> None:
         (sdir / "A").mkdir(parents=True)
@@ -1057,6 +1126,11 @@ class Bench:
             "was after s1 and after s2; `qemu-img convert -l snapshot.name=sN`, whose "
             "\"incremental\" is a second full convert (qemu-img has no incremental copy out of "
             "an internal snapshot: `convert -B s1.qcow2` still writes every allocated cluster).",
+            "- repo (a cascade, e.g. off-site): a snapsync repository holding s1, then also s2, "
+            "replicated into another (`snapsync replicate REPO DEST --volume vm --snapshot "
+            "sN`); `rsync -a --delete` of the repository's files; `restic copy` between two "
+            "restic repositories, the source one holding `restic backup`s of the same images. "
+            "The sources are filled untimed.",
             "- References: `cp` of the s2 image followed by `sync FILE` (the machine's "
             "copy limit, with the same durability as snapsync's fsync), and `b3sum` of it "
             "(read + hash limit, all cores). Their ratio columns compare them with snapsync's "
