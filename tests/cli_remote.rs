@@ -668,6 +668,28 @@ fn an_idle_session_of_a_killed_client_is_abandoned_and_releases_its_lock() {
     assert_eq!(v["ok"], true, "{v}");
 }
 
+/// A server of `repo` over TLS with this certificate and key, on a free port.
+fn start_tls_server(
+    dir: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    repo: &str,
+) -> ServerProc {
+    start_server(
+        &[
+            "--token-file".into(),
+            token_file(dir).to_str().unwrap().into(),
+            "--tls-cert".into(),
+            cert.to_str().unwrap().into(),
+            "--tls-key".into(),
+            key.to_str().unwrap().into(),
+            "--store".into(),
+            format!("repo={repo}"),
+        ],
+        0,
+    )
+}
+
 #[test]
 fn tls_with_a_self_signed_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -684,19 +706,7 @@ fn tls_with_a_self_signed_certificate() {
     let other_pem = dir.path().join("other.pem");
     std::fs::write(&other_pem, other.cert.pem()).unwrap();
 
-    let server = start_server(
-        &[
-            "--token-file".into(),
-            token_file(dir.path()).to_str().unwrap().into(),
-            "--tls-cert".into(),
-            cert_pem.to_str().unwrap().into(),
-            "--tls-key".into(),
-            key_pem.to_str().unwrap().into(),
-            "--store".into(),
-            format!("repo={repo}"),
-        ],
-        0,
-    );
+    let server = start_tls_server(dir.path(), &cert_pem, &key_pem, &repo);
     let remote = format!("snapsync://127.0.0.1:{}/repo", server.port);
     let src = format!("raw:{}", images.display());
     let ca = cert_pem.to_str().unwrap();
@@ -783,19 +793,7 @@ fn tls_pins_the_exact_certificate_given_with_ca() {
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(&bundle, format!("{other}{cert}")).unwrap();
 
-    let server = start_server(
-        &[
-            "--token-file".into(),
-            token_file(dir.path()).to_str().unwrap().into(),
-            "--tls-cert".into(),
-            cert_pem.to_str().unwrap().into(),
-            "--tls-key".into(),
-            key_pem.to_str().unwrap().into(),
-            "--store".into(),
-            format!("repo={repo}"),
-        ],
-        0,
-    );
+    let server = start_tls_server(dir.path(), &cert_pem, &key_pem, &repo);
     let remote = format!("snapsync://127.0.0.1:{}/repo", server.port);
     let src = format!("raw:{}", images.display());
     for ca in [&cert_pem, &bundle] {
