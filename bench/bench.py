@@ -184,8 +184,8 @@ class Runner:
         # costs the host's page faults, charged to whoever touches it first: measured
         # here, writing 1 GiB into fresh page cache took 3.5 s of system time instead of
         # 0.25 s. Which timed run meets that memory is luck (in the loopback comparison
-        # the local runs met it three times in four), so before every timed run the
-        # harness touches and frees this much (see prepare_cache).
+        # the local runs met it three times in four), so before every timed run from
+        # page cache the harness touches and frees this much (see prepare_cache).
         self.warm_memory = args.warm_memory if args.warm_memory >= 0 else \
             (2 * GiB if free_page_reporting() else 0)
 
@@ -199,10 +199,6 @@ class Runner:
             return False
 
     def prepare_cache(self, inputs) -> None:
-        # Memory first: touched and freed before the page cache is dropped, the run
-        # meets memory in use a moment ago (measured: touching after the drop left local
-        # replications from disk at 1.2-1.8 s, before it at 1.15-1.4 s; not at all, 1.5-3 s).
-        self.touch_memory()
         if self.cache_mode == "drop":
             os.sync()
             with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -212,6 +208,11 @@ class Runner:
                 with open(p, "rb") as f:
                     while f.read(CHUNK):
                         pass
+            # Only where the page cache stays warm: with it dropped, touching memory
+            # first steadied the local replications of a loopback comparison but slowed
+            # others (a 2 GiB raw incremental 0.97 -> 1.47 s, b3sum not), reading from
+            # disk is the larger noise, and a run mostly reuses the pages just dropped.
+            self.touch_memory()
 
     def touch_memory(self) -> None:
         """Touch and free `warm_memory` bytes (see __init__)."""
@@ -1082,8 +1083,9 @@ class Bench:
                 f"page reporting), and touching such memory again costs the host's page "
                 f"faults (writing 1 GiB into fresh page cache: 3.5 s of system time instead "
                 f"of 0.25 s), charged to whichever run meets it first. Before every timed "
-                f"run the harness touches and frees {human(self.r.warm_memory)}, so that "
-                f"every run gets memory in use a moment ago.")
+                f"run from page cache the harness touches and frees "
+                f"{human(self.r.warm_memory)}, so that every such run gets memory in use a "
+                f"moment ago; runs from disk mostly reuse the page cache just dropped.")
 
     def machine(self) -> list[str]:
         def cmd(c):
