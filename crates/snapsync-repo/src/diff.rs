@@ -275,7 +275,7 @@ impl Repository {
 }
 
 /// Block `i`'s bytes, clipped to `size`.
-fn block_extent(i: u64, bs: u64, size: u64) -> Extent {
+pub(crate) fn block_extent(i: u64, bs: u64, size: u64) -> Extent {
     let off = i * bs;
     Extent::new(off, bs.min(size - off))
 }

@@ -2,7 +2,7 @@
 //! catalogs, differences from the delta chains (metadata only, see [`crate::diff`]),
 //! data from packs.
 
-use snapsync_core::{BlockId, Extent, VolumeInfo};
+use snapsync_core::{BlockId, VolumeInfo};
 use snapsync_store::{
     Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
 };
@@ -80,8 +80,7 @@ impl SnapshotSource for Repository {
             let bs = self.block_size();
             let mut diff = Diff::default();
             while let Some(i) = cursor.next_data()? {
-                let off = i * bs;
-                diff.data.push(Extent::new(off, bs.min(size - off)));
+                diff.data.push(crate::diff::block_extent(i, bs, size));
             }
             return Ok(diff);
         };
