@@ -60,7 +60,15 @@ pub fn init(repo: &str, block_size: u64) -> Result<ExitCode> {
 pub fn list(store: &str, as_json: bool) -> Result<ExitCode> {
     let s = stores::open(store)?;
     let volumes = s.source().list()?;
+    let skipped = s.source().skipped()?;
+    for k in &skipped {
+        eprintln!("warning: skipped {:?}: {}", k.what, k.reason);
+    }
     if as_json {
+        let skipped: Vec<_> = skipped
+            .iter()
+            .map(|k| json!({"what": k.what, "reason": k.reason}))
+            .collect();
         let v: Vec<_> = volumes
             .iter()
             .map(|v| {
@@ -77,7 +85,7 @@ pub fn list(store: &str, as_json: bool) -> Result<ExitCode> {
                 })
             })
             .collect();
-        println!("{}", json!({ "volumes": v }));
+        println!("{}", json!({ "volumes": v, "skipped": skipped }));
         return Ok(ExitCode::SUCCESS);
     }
     if volumes.is_empty() {

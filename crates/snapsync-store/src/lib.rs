@@ -33,6 +33,13 @@ pub trait Store: Send + Sync {
     /// All volumes, each with its snapshots sorted oldest first.
     fn list(&self) -> Result<Vec<VolumeInfo>>;
 
+    /// What [`Store::list`] left out, and why: files whose names do not fit the store's
+    /// naming, damaged entries of an otherwise readable image. A store never drops
+    /// something silently; it lists it here so that `list` can tell the operator.
+    fn skipped(&self) -> Result<Vec<Skipped>> {
+        Ok(Vec::new())
+    }
+
     /// One volume's listing.
     fn volume(&self, volume: &str) -> Result<VolumeInfo> {
         self.list()?
@@ -41,6 +48,26 @@ pub trait Store: Send + Sync {
             .ok_or_else(|| StoreError::NotFound {
                 what: format!("volume {volume:?} in {}", self.location()),
             })
+    }
+}
+
+/// Something a store found but could not list as a volume or snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Skipped {
+    /// What was skipped: a path, or an entry within an image (`IMAGE snapshot #N`).
+    pub what: String,
+    /// Why, in words.
+    pub reason: String,
+}
+
+impl Skipped {
+    /// Construct.
+    pub fn new(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            reason: reason.into(),
+        }
     }
 }
 
