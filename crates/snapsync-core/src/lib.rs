@@ -9,6 +9,7 @@
 //! - [`time`]: snapshot ages ([`Timestamp`]).
 //! - [`extent`]: byte ranges and their algebra ([`ExtentList`]).
 //! - [`blockmap`]: a snapshot's content as a map of blocks, and deltas between maps.
+//! - [`blockplan`]: which blocks of a diff a destination is sent, read or known zero.
 //! - [`codec`]: block compression, the one policy for packs and the wire.
 //! - [`snapshot`]: what stores list (volumes, snapshots) and what destinations remember (hints).
 //! - [`plan`]: which base a replication uses, from hints and listings.
@@ -16,6 +17,7 @@
 //! - [`names`]: validation of volume and snapshot names (they become object keys and paths).
 
 pub mod blockmap;
+pub mod blockplan;
 pub mod codec;
 pub mod extent;
 pub mod ids;
@@ -26,6 +28,7 @@ pub mod snapshot;
 pub mod time;
 
 pub use blockmap::{BlockMap, BlockRef, Delta, RootHasher};
+pub use blockplan::{plan_blocks, BlockPlan};
 pub use extent::{Extent, ExtentList};
 pub use ids::{BlockId, SnapshotId};
 pub use names::{validate_name, NameError};
