@@ -232,23 +232,14 @@ fn restore_qcow2(
     output: &Path,
 ) -> Result<ExitCode> {
     let progress = crate::progress::for_terminal(false);
-    let mut started = false;
     let stats = snapsync_qcow2::restore_qcow2(
         source,
         volume,
         snap,
         output,
         snapsync_qcow2::DEFAULT_CLUSTER_SIZE,
-        &mut |n| {
-            if started {
-                progress.advance(n);
-            } else {
-                progress.begin(&format!("{volume}@{snap}"), n);
-                started = true;
-            }
-        },
+        progress.as_ref(),
     )?;
-    progress.end();
     println!(
         "restored {volume}@{snap} to {} (qcow2, {}, {} of data read)",
         output.display(),
@@ -262,11 +253,7 @@ pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
     let s = stores::open(repo)?;
     let r = s.repository()?;
     let progress = crate::progress::for_terminal(as_json);
-    if read_data {
-        progress.begin("verify", r.stored_bytes()?);
-    }
-    let report = r.verify(read_data, &|n| progress.advance(n))?;
-    progress.end();
+    let report = r.verify(read_data, progress.as_ref())?;
     if as_json {
         println!("{}", serde_json::to_string(&report).expect("serialisable"));
     } else {

@@ -11,10 +11,11 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use snapsync_engine::{NoProgress, ReplicateOptions, SnapshotReport};
+use snapsync_engine::{ReplicateOptions, SnapshotReport};
 use snapsync_raw::RawStore;
 use snapsync_repo::{Location, Repository};
 use snapsync_store::conformance::pseudo_random;
+use snapsync_store::NoProgress;
 
 const MIB: usize = 1 << 20;
 const BLOCK: usize = 64 << 10;
@@ -175,7 +176,7 @@ pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<ExitCode> {
         &a.to_hex()[..16]
     );
 
-    let report = repo.verify(true, &|_| {})?;
+    let report = repo.verify(true, &NoProgress)?;
     if !report.ok {
         bail!("verify found damage: {:?}", report.damaged);
     }

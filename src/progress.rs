@@ -4,15 +4,15 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use snapsync_engine::{NoProgress, Progress};
+use snapsync_store::{NoProgress, Phase, Progress};
 
-/// A progress bar on stderr.
+/// A progress bar on stderr, one per phase.
 pub struct Bar {
     bar: Mutex<Option<ProgressBar>>,
 }
 
 impl Progress for Bar {
-    fn begin(&self, label: &str, total_bytes: u64) {
+    fn start(&self, phase: Phase<'_>, total_bytes: u64) {
         let bar = ProgressBar::new(total_bytes);
         bar.set_style(
             ProgressStyle::with_template(
@@ -21,7 +21,7 @@ impl Progress for Bar {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        bar.set_message(label.to_string());
+        bar.set_message(phase.to_string());
         *self.bar.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar);
     }
 
@@ -31,7 +31,7 @@ impl Progress for Bar {
         }
     }
 
-    fn end(&self) {
+    fn finish(&self) {
         if let Some(b) = self.bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
             b.finish_and_clear();
         }

@@ -1,24 +1,28 @@
 //! The replication engine.
 //!
 //! It is the coordinator of the Pure Storage seed, written once against the store
-//! traits: for each snapshot to send it
+//! traits. For each snapshot to send it
 //!
-//! 1. reads the destination's hints,
-//! 2. finds the snapshots common to both sides (dropping stale hints),
-//! 3. chooses the base nearest in age (or with the smallest estimated diff),
-//! 4. asks the source for the differences between target and base,
-//! 5. reads only those extents, hashes them, asks the destination which blocks it
-//!    lacks, sends only those, and commits.
+//! 1. **plans** (`Ctx::common` and `Ctx::plan` in `replicate.rs`): reads the
+//!    destination's hints, finds the snapshots common to both sides (dropping stale
+//!    hints), chooses the base nearest in age (or with the smallest estimated diff),
+//!    asks the source for the differences between target and base, and maps them onto
+//!    the destination's blocks;
+//! 2. **sends** (`Ctx::send`): reads only those blocks, hashes them, asks the
+//!    destination which it lacks and writes those. Reading and hashing run on one side
+//!    of a bounded channel (`read_batches`) and storing on the other (`store_batch`), so
+//!    disk, CPU and destination overlap;
+//! 3. **commits** (`Ctx::commit`): the destination makes the snapshot visible
+//!    atomically.
 //!
-//! The decisions (steps 2–3, and the block arithmetic of step 5) are pure functions in
-//! `snapsync-core`; this crate only moves data. Reading and hashing run on one side of a
-//! bounded channel and storing on the other, so disk, CPU and destination overlap.
+//! The decisions are pure functions in `snapsync-core`: finding common snapshots and
+//! choosing the base in [`snapsync_core::plan`], the block arithmetic in
+//! [`snapsync_core::blockplan`]; this crate only moves data. Progress is reported
+//! through [`snapsync_store::Progress`].
 
-mod progress;
 mod replicate;
 mod restore;
 
-pub use progress::{NoProgress, Progress};
 pub use replicate::{replicate, ReplicateOptions, SnapshotReport};
 pub use restore::{restore, RestoreStats};
 

@@ -5,9 +5,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use snapsync_core::is_zero;
-use snapsync_store::{SnapshotSource, StoreError};
+use snapsync_store::{Phase, Progress, SnapshotSource, StoreError};
 
-use crate::{EngineError, Progress, Result};
+use crate::{EngineError, Result};
 
 /// What a restore did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -68,7 +68,7 @@ pub fn restore(
         size: info.size,
         written_bytes: 0,
     };
-    progress.begin(&format!("{volume}@{snapshot}"), diff.data.total_len());
+    progress.start(Phase::Restore { volume, snapshot }, diff.data.total_len());
     let mut buf = Vec::new();
     for e in diff.data.as_slice() {
         let mut off = e.offset;
@@ -107,6 +107,6 @@ pub fn restore(
     }
     file.sync_all().map_err(|e| out_err("cannot sync", e))?;
     reader.finish().map_err(src_err)?;
-    progress.end();
+    progress.finish();
     Ok(stats)
 }

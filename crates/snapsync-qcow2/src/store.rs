@@ -82,7 +82,7 @@ use snapsync_core::{
     validate_name, Extent, ExtentList, Origin, SnapshotId, SnapshotInfo, Timestamp, VolumeInfo,
 };
 use snapsync_store::{
-    Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
+    Diff, Phase, Progress, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
 };
 
 use crate::chain::{Chain, LayerFormat};
@@ -674,14 +674,14 @@ pub struct Qcow2RestoreStats {
 /// Write `volume@snapshot` of any source to a new qcow2 image at `output`: only the
 /// extents the source reports as data are read (its metadata says where the rest is
 /// zero), and all-zero clusters stay unallocated. `progress` is told the bytes to read
-/// first, then each amount read. On error the partial image is removed.
+/// ([`Phase::Restore`]), then each amount read. On error the partial image is removed.
 pub fn restore_qcow2(
     source: &dyn SnapshotSource,
     volume: &str,
     snapshot: &str,
     output: &Path,
     cluster_size: u64,
-    progress: &mut dyn FnMut(u64),
+    progress: &dyn Progress,
 ) -> Result<Qcow2RestoreStats> {
     let info = source
         .volume(volume)?
@@ -704,7 +704,7 @@ pub fn restore_qcow2(
     };
     let mut writer = Qcow2Writer::new(output, info.size, cluster_size).map_err(out_err)?;
     let plan = diff.data.align(cluster_size, info.size);
-    progress(plan.total_len());
+    progress.start(Phase::Restore { volume, snapshot }, plan.total_len());
     let result = (|| {
         const CHUNK: u64 = 8 << 20;
         let chunk = CHUNK.max(cluster_size);
@@ -719,12 +719,13 @@ pub fn restore_qcow2(
                 reader.read_at(off, &mut buf)?;
                 writer.write_at(off, &buf).map_err(out_err)?;
                 read_bytes += n;
-                progress(n);
+                progress.advance(n);
                 off += n;
             }
         }
         writer.finish().map_err(out_err)?;
         reader.finish()?;
+        progress.finish();
         Ok(Qcow2RestoreStats {
             size: info.size.next_multiple_of(512),
             read_bytes,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use rayon::prelude::*;
 use serde::Serialize;
 use snapsync_core::BlockId;
-use snapsync_store::Result;
+use snapsync_store::{Phase, Progress, Result};
 
 use crate::format::{self, MAGIC_PACK};
 use crate::repo::{decode_block, key_pack, Repository};
@@ -42,8 +42,9 @@ pub struct VerifyReport {
 }
 
 impl Repository {
-    /// Verify the repository. `progress` is called with bytes of pack data read.
-    pub fn verify(&self, read_data: bool, progress: &dyn Fn(u64)) -> Result<VerifyReport> {
+    /// Verify the repository. With `read_data`, `progress` is told of the pack data to
+    /// read ([`Phase::Verify`]) and of each pack read.
+    pub fn verify(&self, read_data: bool, progress: &dyn Progress) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
 
         // Catalogs: read each volume's newest generation separately, so one damaged
@@ -105,6 +106,11 @@ impl Repository {
         // Data: read every pack whole and re-hash each block.
         let mut bad_blocks: HashMap<BlockId, String> = HashMap::new();
         if read_data {
+            let total = pack_entries
+                .iter()
+                .filter_map(|(pack, _)| packs_present.get(&key_pack(pack)))
+                .sum();
+            progress.start(Phase::Verify, total);
             for (pack, entries) in &pack_entries {
                 let key = key_pack(pack);
                 let Some(bytes) = self.backend.get(&key)? else {
@@ -114,7 +120,7 @@ impl Repository {
                     continue;
                 };
                 report.bytes_read += bytes.len() as u64;
-                progress(bytes.len() as u64);
+                progress.advance(bytes.len() as u64);
                 if bytes.len() < 8 || &bytes[..8] != MAGIC_PACK {
                     report
                         .repository_errors
@@ -145,6 +151,7 @@ impl Repository {
                 report.blocks_read += entries.len() as u64;
                 bad_blocks.extend(bad);
             }
+            progress.finish();
         }
 
         // Snapshots: chain, root hash, identity, and every block present (and good).

@@ -4,11 +4,11 @@
 use proptest::prelude::*;
 use snapsync_core::{Extent, ExtentList};
 use snapsync_core::{KeepPolicy, Origin, Timestamp};
-use snapsync_engine::{replicate, restore, NoProgress, ReplicateOptions, SnapshotReport};
+use snapsync_engine::{replicate, restore, ReplicateOptions, SnapshotReport};
 use snapsync_repo::{Location, Repository, CHECKPOINT_INTERVAL};
 use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
-use snapsync_store::{SnapshotRef, SnapshotSource, Store};
+use snapsync_store::{NoProgress, SnapshotRef, SnapshotSource, Store};
 
 const BS: u64 = 4096;
 
@@ -72,7 +72,7 @@ fn inserting_an_older_snapshot_rebases_its_younger_neighbour() {
     for (name, want) in [("s1", &s1), ("s3", &s3), ("s5", &s5)] {
         assert!(&read(&dst, "vm", name) == want, "{name}");
     }
-    assert!(dst.verify(true, &|_| {}).unwrap().ok);
+    assert!(dst.verify(true, &NoProgress).unwrap().ok);
 }
 
 #[test]
@@ -145,7 +145,7 @@ fn prune_merges_removed_deltas_and_gc_reclaims_space() {
     for k in [4, 5] {
         assert!(read(&dst, "vm", &format!("s{k}")) == versions[k]);
     }
-    let v = dst.verify(true, &|_| {}).unwrap();
+    let v = dst.verify(true, &NoProgress).unwrap();
     assert!(v.ok, "{v:?}");
     // A replication after gc still deduplicates correctly against what is left.
     src.add_snapshot("vm", "s6", t(7 * 86400), versions[5].clone());
@@ -355,7 +355,7 @@ proptest! {
                 }
             }
         }
-        let report = dst.verify(true, &|_| {}).unwrap();
+        let report = dst.verify(true, &NoProgress).unwrap();
         prop_assert!(report.ok, "{:?}", report);
     }
 }

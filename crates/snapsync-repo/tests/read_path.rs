@@ -3,11 +3,11 @@
 //! any offset; damage found whichever way a block is stored.
 
 use snapsync_core::Timestamp;
-use snapsync_engine::{replicate, restore, NoProgress, ReplicateOptions};
+use snapsync_engine::{replicate, restore, ReplicateOptions};
 use snapsync_repo::{Location, Repository};
 use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
-use snapsync_store::SnapshotSource;
+use snapsync_store::{NoProgress, SnapshotSource};
 
 const BS: usize = 4096;
 

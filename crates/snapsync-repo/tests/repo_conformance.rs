@@ -1,10 +1,11 @@
 //! The repository runs the shared conformance suite, as a sink and as a source.
 
 use snapsync_core::Timestamp;
-use snapsync_engine::{replicate, NoProgress, ReplicateOptions};
+use snapsync_engine::{replicate, ReplicateOptions};
 use snapsync_repo::{Location, Repository};
 use snapsync_store::conformance::{check_sink, check_source, standard_fixture};
 use snapsync_store::memory::MemoryStore;
+use snapsync_store::NoProgress;
 
 fn fresh(dir: &std::path::Path, bs: u64) -> Repository {
     Repository::init(Location::Local(dir.join("repo")), bs).unwrap()
@@ -37,7 +38,7 @@ fn repository_is_a_conforming_source() {
     // And reopened from disk, without any cache.
     let reopened = Repository::open(Location::Local(dir.path().join("repo"))).unwrap();
     check_source(&reopened, &fixture, 16 << 10);
-    let report = reopened.verify(true, &|_| {}).unwrap();
+    let report = reopened.verify(true, &NoProgress).unwrap();
     assert!(report.ok, "{report:?}");
     let _ = Timestamp::default();
 }

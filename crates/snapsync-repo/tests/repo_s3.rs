@@ -4,11 +4,11 @@
 #[path = "../../../tests/common/s3.rs"]
 mod s3;
 
-use snapsync_engine::{replicate, NoProgress, ReplicateOptions};
+use snapsync_engine::{replicate, ReplicateOptions};
 use snapsync_repo::{Location, Repository};
 use snapsync_store::conformance::{check_sink, check_source, standard_fixture};
 use snapsync_store::memory::MemoryStore;
-use snapsync_store::StoreError;
+use snapsync_store::{NoProgress, StoreError};
 
 /// A location in a fresh bucket (the server is started on first use).
 fn fresh_location(prefix: &str) -> Location {
@@ -47,7 +47,7 @@ fn s3_repository_is_a_conforming_source() {
     // Reopened, without any cache.
     let reopened = Repository::open(loc).unwrap();
     check_source(&reopened, &fixture, 16 << 10);
-    let report = reopened.verify(true, &|_| {}).unwrap();
+    let report = reopened.verify(true, &NoProgress).unwrap();
     assert!(report.ok, "{report:?}");
 }
 

@@ -9,6 +9,8 @@
 //! - [`SnapshotSink`]: the destination's hints, which blocks it lacks, and an atomic
 //!   receive-then-commit of one snapshot.
 //!
+//! Long operations over them report through one [`Progress`] trait.
+//!
 //! [`memory::MemoryStore`] implements all three in memory; [`conformance`] is the one
 //! suite every implementation runs, so that behaviour cannot drift between stores.
 
@@ -16,12 +18,14 @@ pub mod conformance;
 mod error;
 pub mod memory;
 mod pool;
+mod progress;
 
 pub use bytes::Bytes;
 use snapsync_core::{BlockId, ExtentList, Hint, Origin, SnapshotInfo, VolumeInfo};
 
 pub use error::{Result, StoreError};
 pub use pool::BufferPool;
+pub use progress::{NoProgress, Phase, Progress};
 
 /// A storage system: its identity and its listing.
 pub trait Store: Send + Sync {
