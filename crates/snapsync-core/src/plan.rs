@@ -196,6 +196,8 @@ pub fn missing_snapshots<'a>(
 mod tests {
     use super::*;
     use crate::time::Timestamp;
+    use crate::Origin;
+    use std::collections::HashSet;
 
     fn snap(name: &str, t: i64) -> SnapshotInfo {
         SnapshotInfo {
@@ -282,5 +284,195 @@ mod tests {
             choose_base(&s3, &common, Some(&est)).reason,
             BaseReason::NearestOlder
         );
+    }
+
+    /// Where the destination holds (or claims to hold) one source snapshot `i`.
+    #[derive(Clone, Copy, Debug)]
+    enum Held {
+        /// Not at all.
+        No,
+        /// In the same-named volume, under the same name.
+        SameName,
+        /// In the same-named volume, under another name (a rebuilt hint store finds it).
+        Renamed,
+        /// In another volume: found only through a hint.
+        Elsewhere,
+        /// Not held, but the same-named volume has a snapshot of the same name and
+        /// another identity (a trap for matching by name).
+        NameClash,
+    }
+
+    fn held() -> impl Strategy<Value = Held> {
+        prop_oneof![
+            Just(Held::No),
+            Just(Held::SameName),
+            Just(Held::Renamed),
+            Just(Held::Elsewhere),
+            Just(Held::NameClash)
+        ]
+    }
+
+    fn at(volume: &str, name: &str, t: i64) -> SnapshotInfo {
+        SnapshotInfo {
+            name: name.into(),
+            id: SnapshotId::derive("src", volume, name, Timestamp::new(t, 0)),
+            created: Timestamp::new(t, 0),
+            size: 100,
+        }
+    }
+
+    fn dest_volume(name: &str, snapshots: Vec<SnapshotInfo>) -> VolumeInfo {
+        VolumeInfo {
+            name: name.into(),
+            size: 100,
+            snapshots,
+            origin: None,
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Base selection against a model: random source snapshots (ages may tie), each
+        /// held by the destination in one of the ways above, hinted or not, stale hints,
+        /// a clone's origin held or not, and random diff estimates.
+        #[test]
+        fn base_selection_matches_model(
+            snaps in proptest::collection::vec((0i64..12, held(), any::<bool>()), 1..8),
+            target_pick in any::<prop::sample::Index>(),
+            stale_hints in proptest::collection::vec(0i64..12, 0..3),
+            origin in proptest::option::of((0i64..12, any::<bool>())),
+            estimates in proptest::option::of(proptest::collection::vec(proptest::option::of(0u64..4), 8)),
+        ) {
+            let source_snaps: Vec<SnapshotInfo> =
+                snaps.iter().enumerate().map(|(i, (t, _, _))| at("vol", &format!("s{i}"), *t)).collect();
+            let parent = origin.map(|(t, held)| (at("base", "p", t), held));
+            let source = VolumeInfo {
+                origin: parent.as_ref().map(|(p, _)| Origin {
+                    volume: "base".into(),
+                    snapshot: p.name.clone(),
+                    id: p.id,
+                }),
+                ..volume(&source_snaps)
+            };
+            let (mut same, mut other, mut hints) = (Vec::new(), Vec::new(), Vec::new());
+            let mut expected = HashSet::new();
+            let hint_to = |s: &SnapshotInfo, volume: &str, name: &str| Hint {
+                local_volume: volume.into(),
+                local_snapshot: name.into(),
+                ..hint(s)
+            };
+            for (i, (s, (_, how, hinted))) in source_snaps.iter().zip(&snaps).enumerate() {
+                let (volume, name) = match how {
+                    Held::No => ("vol", s.name.clone()),
+                    Held::SameName => ("vol", s.name.clone()),
+                    Held::Renamed => ("vol", format!("d{i}")),
+                    Held::Elsewhere => ("other", format!("o{i}")),
+                    Held::NameClash => ("vol", s.name.clone()),
+                };
+                match how {
+                    Held::No => {}
+                    Held::NameClash => same.push(at("elsewhere", &s.name, 99)),
+                    _ => {
+                        let copy = SnapshotInfo { name: name.clone(), ..s.clone() };
+                        if volume == "vol" { same.push(copy) } else { other.push(copy) }
+                        if volume == "vol" || *hinted {
+                            expected.insert(s.id);
+                        }
+                    }
+                }
+                if *hinted {
+                    hints.push(hint_to(s, volume, &name));
+                }
+            }
+            // Hints naming snapshots the source no longer has, some still at the destination.
+            for (j, t) in stale_hints.iter().enumerate() {
+                let gone = at("vol", &format!("gone{j}"), *t);
+                if j % 2 == 0 {
+                    other.push(gone.clone());
+                }
+                hints.push(hint_to(&gone, "other", &gone.name));
+            }
+            if let Some((p, true)) = &parent {
+                other.push(SnapshotInfo { name: "held-parent".into(), ..p.clone() });
+                expected.insert(p.id);
+            }
+            let dest = vec![dest_volume("vol", same), dest_volume("other", other)];
+
+            let common = common_snapshots(
+                &source,
+                parent.as_ref().map(|(p, _)| ("base", p)),
+                &hints,
+                &dest,
+            );
+            // Exactly the snapshots both sides hold, each where the destination holds it.
+            let got: HashSet<SnapshotId> = common.iter().map(|c| c.source.id).collect();
+            prop_assert_eq!(&got, &expected);
+            prop_assert_eq!(got.len(), common.len());
+            for c in &common {
+                let d = dest.iter().find(|v| v.name == c.dest_volume).and_then(|v| v.snapshot(&c.dest_snapshot));
+                prop_assert_eq!(d.map(|d| d.id), Some(c.source.id));
+                let from_parent = parent.as_ref().is_some_and(|(p, _)| p.id == c.source.id);
+                prop_assert_eq!(&c.source_volume, if from_parent { "base" } else { "vol" });
+            }
+            let missing: Vec<&str> = missing_snapshots(&source, &common).iter().map(|s| s.name.as_str()).collect();
+            let mut want_missing: Vec<&SnapshotInfo> = source_snaps.iter().filter(|s| !expected.contains(&s.id)).collect();
+            want_missing.sort_by_key(|s| (s.created, s.name.clone()));
+            prop_assert_eq!(missing, want_missing.iter().map(|s| s.name.as_str()).collect::<Vec<_>>());
+
+            let target = &source_snaps[target_pick.index(source_snaps.len())];
+            let candidates: Vec<&CommonSnapshot> = common.iter().filter(|c| c.source.id != target.id).collect();
+            let d = |c: &CommonSnapshot| c.source.created.distance(&target.created);
+            let younger = |c: &CommonSnapshot| c.source.created > target.created;
+
+            // By age: the nearest; on a tie the older, then the first by name.
+            let by_age = choose_base(target, &common, None);
+            let Some(nearest) = by_age.base.clone() else {
+                prop_assert!(candidates.is_empty());
+                prop_assert_eq!(by_age.reason, BaseReason::NoCommonBase);
+                return Ok(());
+            };
+            prop_assert!(candidates.contains(&&nearest), "the base is common and not the target");
+            for c in &candidates {
+                let beaten = d(&nearest) < d(c)
+                    || (d(&nearest) == d(c) && !younger(&nearest) && younger(c))
+                    || (d(&nearest) == d(c) && younger(&nearest) == younger(c) && nearest.source.name <= c.source.name);
+                prop_assert!(beaten, "{} chosen over nearer {}", nearest.source.name, c.source.name);
+            }
+            prop_assert_eq!(
+                by_age.reason,
+                if younger(&nearest) { BaseReason::NearestYounger } else { BaseReason::NearestOlder }
+            );
+            // A clone of which the destination holds nothing yet is a delta against its origin.
+            if let Some((p, true)) = &parent {
+                if candidates.iter().all(|c| c.source.id == p.id) {
+                    prop_assert_eq!(nearest.source.id, p.id);
+                    prop_assert_eq!(&nearest.dest_snapshot, "held-parent");
+                }
+            }
+
+            // With estimates: the smallest estimate wins when strictly smaller than the
+            // nearest's (or the nearest has none); ties go to the nearer.
+            let Some(costs) = estimates else { return Ok(()) };
+            let est: HashMap<SnapshotId, u64> = common
+                .iter()
+                .zip(&costs)
+                .filter_map(|(c, cost)| cost.map(|n| (c.source.id, n)))
+                .collect();
+            let choice = choose_base(target, &common, Some(&est));
+            let cost = |c: &CommonSnapshot| est.get(&c.source.id).copied();
+            let cheapest = candidates.iter().filter_map(|c| cost(c)).min();
+            match (cheapest, cost(&nearest)) {
+                (Some(min), n) if n.is_none_or(|n| min < n) => {
+                    prop_assert_eq!(choice.reason, BaseReason::SmallestDiff);
+                    let base = choice.base.expect("a base");
+                    prop_assert_eq!(cost(&base), Some(min));
+                    for c in candidates.iter().filter(|c| cost(c) == Some(min)) {
+                        prop_assert!(d(&base) <= d(c), "{} chosen over nearer {} of equal cost", base.source.name, c.source.name);
+                    }
+                }
+                _ => prop_assert_eq!(choice, by_age),
+            }
+        }
     }
 }
