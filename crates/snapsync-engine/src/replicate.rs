@@ -10,8 +10,8 @@ use snapsync_core::{
     BlockPlan, CommonSnapshot, ExtentList, SnapshotInfo, VolumeInfo,
 };
 use snapsync_store::{
-    BaseRef, BlockContent, BufferPool, Bytes, Compressed, IncomingBlock, Phase, Progress,
-    ReceiveRequest, Receiver, SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource,
+    BaseRef, BlockContent, BufferPool, Bytes, CommitInfo, Compressed, IncomingBlock, Phase,
+    Progress, ReceiveRequest, Receiver, SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource,
     StoreError,
 };
 use tracing::{debug, info};
@@ -240,16 +240,17 @@ impl Ctx<'_> {
             target.size,
             base.as_ref().map(|b| b.source.size),
         );
+        let changed_bytes = diff.changed().total_len();
         debug!(
             volume = %volume.name,
             snapshot = %target.name,
             base = ?base.as_ref().map(|b| &b.source.name),
-            changed_bytes = diff.changed().total_len(),
+            changed_bytes,
             read = blocks.read.total_len(),
             "replicating"
         );
         Ok(SnapshotPlan {
-            changed_bytes: diff.changed().total_len(),
+            changed_bytes,
             target,
             base,
             reason: choice.reason,
@@ -264,8 +265,8 @@ impl Ctx<'_> {
             .sink
             .begin_receive(self.receive_request(volume, &plan))
             .map_err(|e| self.dst_err(e))?;
-        let sent = self.send(volume, &plan, receiver.as_mut())?;
-        let committed = self.commit(receiver, sent)?;
+        let mut tally = self.send(volume, &plan, receiver.as_mut())?;
+        let committed = self.commit(receiver, &mut tally)?;
         Ok(SnapshotReport {
             volume: volume.name.clone(),
             snapshot: plan.target.name,
@@ -274,13 +275,15 @@ impl Ctx<'_> {
             inserted_before: committed.inserted_before,
             redundant_entries_removed: committed.redundant_entries_removed,
             changed_bytes: plan.changed_bytes,
-            read_bytes: committed.read_bytes,
-            sent_bytes: committed.sent_bytes,
-            dedup_bytes: committed.dedup_bytes,
+            read_bytes: tally.read_bytes,
+            sent_bytes: tally.sent_bytes,
+            dedup_bytes: tally.dedup_bytes,
             duration_ms: started.elapsed().as_millis() as u64,
         })
     }
 
+    /// What the sink is told of the snapshot it is about to receive: which it is, the
+    /// base its delta is against (in the sink's names), and where it came from (its hint).
     fn receive_request(&self, volume: &VolumeInfo, plan: &SnapshotPlan) -> ReceiveRequest {
         ReceiveRequest {
             volume: volume.name.clone(),
@@ -296,30 +299,24 @@ impl Ctx<'_> {
         }
     }
 
-    /// Send: tell the receiver which blocks are zero, then read and hash the
-    /// planned extents on one thread while this one asks which blocks the receiver lacks
-    /// and writes those.
+    /// Send: tell the receiver which blocks are zero, then read and hash the planned
+    /// extents on one thread ([`read_batches`]) while this one asks which blocks the
+    /// receiver lacks and writes those ([`Ctx::store_batches`]).
     fn send(
         &self,
         volume: &VolumeInfo,
         plan: &SnapshotPlan,
         receiver: &mut dyn Receiver,
     ) -> Result<Tally> {
-        let dst_err = |e| self.dst_err(e);
         let blocks = &plan.blocks;
         if !blocks.zero_blocks.is_empty() {
+            let zeros = blocks.zero_blocks.iter().map(|&index| IncomingBlock {
+                index,
+                content: BlockContent::Zero,
+            });
             receiver
-                .write(
-                    blocks
-                        .zero_blocks
-                        .iter()
-                        .map(|&index| IncomingBlock {
-                            index,
-                            content: BlockContent::Zero,
-                        })
-                        .collect(),
-                )
-                .map_err(dst_err)?;
+                .write(zeros.collect())
+                .map_err(|e| self.dst_err(e))?;
         }
         self.progress.start(
             Phase::Replicate {
@@ -340,27 +337,7 @@ impl Ctx<'_> {
         std::thread::scope(|scope| -> Result<()> {
             let (tx, rx) = crossbeam_channel::bounded(PIPELINE_DEPTH);
             let reading = scope.spawn(move || read_batches(reader, &blocks.read, bs, pool, tx));
-            // One batch is held back while the next one's `missing` question is asked,
-            // so a receiver that answers over the network answers while the held batch
-            // is stored instead of the caller waiting a round trip per batch.
-            let mut held: Option<(Batch, Vec<BlockId>)> = None;
-            for batch in rx {
-                let batch = batch.map_err(|e| self.src_err(e))?;
-                tally.read_bytes += batch.data.len() as u64;
-                let unique = unique_ids(&batch);
-                let asked = receiver.missing_ahead(&unique);
-                if let Some((batch, unique)) = held.take() {
-                    self.store(receiver, batch, &unique, &mut tally, pool)?;
-                }
-                if asked {
-                    held = Some((batch, unique));
-                } else {
-                    self.store(receiver, batch, &unique, &mut tally, pool)?;
-                }
-            }
-            if let Some((batch, unique)) = held.take() {
-                self.store(receiver, batch, &unique, &mut tally, pool)?;
-            }
+            self.store_batches(rx, receiver, &mut tally, pool)?;
             match reading.join() {
                 Ok(Some(reader)) => reader.finish().map_err(|e| self.src_err(e)),
                 Ok(None) => Ok(()),
@@ -372,6 +349,39 @@ impl Ctx<'_> {
         // replication's peak).
         pool.clear();
         Ok(tally)
+    }
+
+    /// The storing side of the pipeline: store each batch read, and report it done.
+    ///
+    /// One batch is held back while the next one's `missing` question is asked, so a
+    /// receiver that answers over the network answers while the held batch is stored
+    /// instead of the caller waiting a round trip per batch.
+    fn store_batches(
+        &self,
+        batches: crossbeam_channel::Receiver<std::result::Result<Batch, StoreError>>,
+        receiver: &mut dyn Receiver,
+        tally: &mut Tally,
+        pool: &BufferPool,
+    ) -> Result<()> {
+        let mut held: Option<(Batch, Vec<BlockId>)> = None;
+        for batch in batches {
+            let batch = batch.map_err(|e| self.src_err(e))?;
+            tally.read_bytes += batch.data.len() as u64;
+            let unique = unique_ids(&batch);
+            let asked = receiver.missing_ahead(&unique);
+            if let Some((batch, unique)) = held.take() {
+                self.store(receiver, batch, &unique, tally, pool)?;
+            }
+            if asked {
+                held = Some((batch, unique));
+            } else {
+                self.store(receiver, batch, &unique, tally, pool)?;
+            }
+        }
+        if let Some((batch, unique)) = held {
+            self.store(receiver, batch, &unique, tally, pool)?;
+        }
+        Ok(())
     }
 
     /// Store one batch (see [`store_batch`]) and report its bytes as done.
@@ -390,19 +400,17 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Commit: flush what the receiver still buffers and commit the snapshot
-    /// atomically at the destination.
-    fn commit(&self, mut receiver: Box<dyn Receiver + '_>, mut sent: Tally) -> Result<Committed> {
-        sent.sent_bytes += receiver.flush().map_err(|e| self.dst_err(e))?;
+    /// Commit: flush what the receiver still buffers (its bytes count as sent) and
+    /// commit the snapshot atomically at the destination.
+    fn commit(
+        &self,
+        mut receiver: Box<dyn Receiver + '_>,
+        tally: &mut Tally,
+    ) -> Result<CommitInfo> {
+        tally.sent_bytes += receiver.flush().map_err(|e| self.dst_err(e))?;
         let committed = receiver.commit().map_err(|e| self.dst_err(e))?;
         self.progress.finish();
-        Ok(Committed {
-            inserted_before: committed.inserted_before,
-            redundant_entries_removed: committed.redundant_entries_removed,
-            read_bytes: sent.read_bytes,
-            sent_bytes: sent.sent_bytes,
-            dedup_bytes: sent.dedup_bytes,
-        })
+        Ok(committed)
     }
 }
 
@@ -447,15 +455,6 @@ struct SnapshotPlan {
 /// Counts kept while batches are read and stored.
 #[derive(Default)]
 struct Tally {
-    read_bytes: u64,
-    sent_bytes: u64,
-    dedup_bytes: u64,
-}
-
-/// What a committed snapshot adds to its report.
-struct Committed {
-    inserted_before: Option<String>,
-    redundant_entries_removed: u64,
     read_bytes: u64,
     sent_bytes: u64,
     dedup_bytes: u64,
