@@ -704,7 +704,8 @@ pub fn restore_qcow2(
     };
     let mut writer = Qcow2Writer::new(output, info.size, cluster_size).map_err(out_err)?;
     let plan = diff.data.align(cluster_size, info.size);
-    progress.start(Phase::Restore { volume, snapshot }, plan.total_len());
+    let to_read = plan.clip(info.size).total_len();
+    progress.start(Phase::Restore { volume, snapshot }, to_read);
     let result = (|| {
         const CHUNK: u64 = 8 << 20;
         let chunk = CHUNK.max(cluster_size);

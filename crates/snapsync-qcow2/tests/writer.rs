@@ -139,3 +139,32 @@ fn writer_rejects_bad_requests() {
     let out = qemu_img(&["check", &s(&img)]);
     assert!(out.contains("No errors"), "{out}");
 }
+
+/// `restore_qcow2` reports progress by the one contract: one phase, advanced by exactly
+/// the bytes it announced and read, then finished.
+#[test]
+fn restore_reports_progress_of_what_it_reads() {
+    use snapsync_store::memory::MemoryStore;
+    use snapsync_store::RecordedProgress;
+
+    let dir = tmp();
+    let src = MemoryStore::new("src", 4096);
+    // Data in the last, partial cluster too: the total is what is read, not the
+    // cluster-aligned extent past the end.
+    let mut data = vec![0u8; (1 << 20) + 1000];
+    data[300_000..400_000].fill(9);
+    data[(1 << 20) + 10] = 1;
+    src.add_snapshot("vm", "s1", snapsync_core::Timestamp::new(1, 0), data);
+    let progress = RecordedProgress::default();
+    let out = p(dir.path(), "out.qcow2");
+    let stats =
+        snapsync_qcow2::restore_qcow2(&src, "vm", "s1", &out, DEFAULT_CLUSTER_SIZE, &progress)
+            .unwrap();
+    let phases = progress.phases();
+    assert_eq!(phases.len(), 1, "{phases:?}");
+    assert_eq!(phases[0].label, "vm@s1");
+    assert!(stats.read_bytes > 0 && stats.read_bytes < 1 << 20);
+    assert_eq!(phases[0].total_bytes, stats.read_bytes);
+    assert_eq!(phases[0].done_bytes, stats.read_bytes);
+    assert!(phases[0].finished);
+}

@@ -25,7 +25,7 @@ use snapsync_core::{BlockId, ExtentList, Hint, Origin, SnapshotInfo, VolumeInfo}
 
 pub use error::{Result, StoreError};
 pub use pool::BufferPool;
-pub use progress::{NoProgress, Phase, Progress};
+pub use progress::{NoProgress, Phase, Progress, RecordedPhase, RecordedProgress};
 
 /// A storage system: its identity and its listing.
 pub trait Store: Send + Sync {

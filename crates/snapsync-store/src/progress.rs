@@ -2,7 +2,8 @@
 //!
 //! One trait for every long operation (replicate, restore in either format, verify), so
 //! that a front end implements it once: the binary adapts it to a progress bar, and
-//! tests, `--json` and library users that want nothing pass [`NoProgress`].
+//! tests, `--json` and library users that want nothing pass [`NoProgress`];
+//! [`RecordedProgress`] lets tests check what an operation reported.
 
 use std::fmt;
 
@@ -63,4 +64,62 @@ impl Progress for NoProgress {
     fn start(&self, _phase: Phase<'_>, _total_bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
     fn finish(&self) {}
+}
+
+/// One phase as [`RecordedProgress`] saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordedPhase {
+    /// The phase's label ([`Phase`]'s `Display`).
+    pub label: String,
+    /// The total announced by [`Progress::start`].
+    pub total_bytes: u64,
+    /// The sum of [`Progress::advance`] calls.
+    pub done_bytes: u64,
+    /// Whether [`Progress::finish`] was called.
+    pub finished: bool,
+}
+
+/// Records what an operation reports, so that tests of operations (in any crate) check
+/// the one contract: every phase started, advanced up to its total, and finished. It
+/// panics on `advance` or `finish` outside a started phase.
+#[derive(Debug, Default)]
+pub struct RecordedProgress {
+    phases: std::sync::Mutex<Vec<RecordedPhase>>,
+}
+
+impl RecordedProgress {
+    /// The phases reported so far, in order.
+    pub fn phases(&self) -> Vec<RecordedPhase> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RecordedPhase>> {
+        self.phases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn current(&self, f: impl FnOnce(&mut RecordedPhase)) {
+        let mut phases = self.lock();
+        match phases.last_mut() {
+            Some(p) if !p.finished => f(p),
+            _ => panic!("progress reported outside a started phase"),
+        }
+    }
+}
+
+impl Progress for RecordedProgress {
+    fn start(&self, phase: Phase<'_>, total_bytes: u64) {
+        self.lock().push(RecordedPhase {
+            label: phase.to_string(),
+            total_bytes,
+            done_bytes: 0,
+            finished: false,
+        });
+    }
+    fn advance(&self, bytes: u64) {
+        self.current(|p| p.done_bytes += bytes);
+    }
+    fn finish(&self) {
+        self.current(|p| p.finished = true);
+    }
 }
