@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use snapsync_core::{Extent, ExtentList};
 use snapsync_core::{KeepPolicy, Origin, Timestamp};
 use snapsync_engine::{replicate, restore, NoProgress, ReplicateOptions, SnapshotReport};
-use snapsync_repo::{Location, Repository, CHECKPOINT_INTERVAL};
+use snapsync_repo::{Location, PruneOptions, Repository, CHECKPOINT_INTERVAL};
 use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
 use snapsync_store::{SnapshotRef, SnapshotSource, Store};
@@ -114,15 +114,10 @@ fn prune_merges_removed_deltas_and_gc_reclaims_space() {
     send(&src, &dst, None);
     let before = dir_size(&dir.path().join("repo/packs"));
     let report = dst
-        .prune(
-            &[],
-            &KeepPolicy {
-                last: 2,
-                ..Default::default()
-            },
-            false,
-            false,
-        )
+        .prune(&PruneOptions::new(KeepPolicy {
+            last: 2,
+            ..Default::default()
+        }))
         .unwrap();
     assert_eq!(report.volumes[0].removed, ["s0", "s1", "s2", "s3"]);
     let names: Vec<_> = dst
@@ -313,7 +308,7 @@ proptest! {
                 Op::ReplicateAll => { send(&src, &dst, None); }
                 Op::Prune(n) => {
                     if !dst.list().unwrap().is_empty() {
-                        dst.prune(&[], &KeepPolicy { last: n, ..Default::default() }, true, false).unwrap();
+                        dst.prune(&PruneOptions::new(KeepPolicy { last: n, ..Default::default() }).with_force(true)).unwrap();
                     }
                 }
                 Op::Gc => { dst.gc().unwrap(); }
@@ -421,13 +416,11 @@ fn reading_a_snapshot_needs_no_listing() {
     );
     // After gc repacks, the pack hints are stale: reading falls back to the full index.
     dst.prune(
-        &[],
-        &KeepPolicy {
+        &PruneOptions::new(KeepPolicy {
             last: 1,
             ..Default::default()
-        },
-        true,
-        false,
+        })
+        .with_force(true),
     )
     .unwrap();
     dst.gc().unwrap();
