@@ -42,7 +42,8 @@ pub fn restore(
         .cloned()
         .ok_or_else(|| {
             EngineError::NotFound(format!(
-                "snapshot {volume}@{snapshot} not found in {}",
+                "snapshot {} not found in {}",
+                snapsync_core::quote_snapshot(volume, snapshot),
                 source.location()
             ))
         })?;
