@@ -758,7 +758,9 @@ fn tls_with_a_self_signed_certificate() {
         "--token-file",
         token_file(dir.path()).to_str().unwrap(),
     ]);
-    assert!(failure_line(&out).contains("--insecure-plaintext"));
+    // A usage error, found by clap: exit 2, naming the way to serve without TLS.
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure-plaintext"));
 }
 
 /// A self-signed certificate as `openssl req -x509` makes one: marked a CA, and naming a

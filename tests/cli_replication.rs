@@ -201,7 +201,6 @@ fn usage_errors_exit_2_and_failures_exit_1_with_one_line() {
     let missing = dir.path().join("nothing");
     for args in [
         vec!["list", missing.to_str().unwrap()],
-        vec!["list", "ftp://x/y"],
         vec!["verify", "raw:/tmp"],
     ] {
         let out = run(&args);
