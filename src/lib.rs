@@ -42,7 +42,9 @@ pub use snapsync_engine::{
 };
 pub use snapsync_qcow2::restore_qcow2;
 pub use snapsync_remote::ClientOptions;
-pub use snapsync_repo::{Location, PruneOptions, PruneReport, RepoOptions, Repository};
+pub use snapsync_repo::{
+    Location, PruneOptions, PruneReport, RepoOptions, Repository, DEFAULT_BLOCK_SIZE,
+};
 pub use snapsync_store::{SnapshotSink, SnapshotSource, Store, StoreError};
 
 pub use snapsync_core;
