@@ -220,7 +220,9 @@ pub fn replicate(
     let src = client.open(source)?;
     let dst = client.open(dest)?;
     let progress = crate::progress::for_terminal(as_json);
-    let opts = ReplicateOptions { volumes, snapshot };
+    let opts = ReplicateOptions::default()
+        .with_volumes(volumes)
+        .with_snapshot(snapshot);
     let reports = snapsync_engine::replicate(
         src.source(),
         dst.sink()?,

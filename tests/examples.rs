@@ -35,7 +35,10 @@ fn replicate_a_directory_then_restore_a_snapshot() {
     let url = format!("file://{}", repo.display());
     let stats = restore_snapshot::restore_snapshot(&url, "vm@s2", &out).unwrap();
     assert_eq!(stats.size, data.len() as u64);
-    assert!(std::fs::read(&out).unwrap() == data, "restored image differs");
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "restored image differs"
+    );
 
     let e = restore_snapshot::restore_snapshot(&url, "vm@", &out).unwrap_err();
     assert!(e.to_string().contains("VOLUME@SNAPSHOT"), "{e}");

@@ -10,6 +10,7 @@ use snapsync_store::{SnapshotSource, StoreError};
 use crate::{EngineError, Progress, Result};
 
 /// What a restore did.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestoreStats {
     /// Size of the image.

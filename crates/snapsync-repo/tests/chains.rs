@@ -21,10 +21,7 @@ fn repo(dir: &std::path::Path) -> Repository {
 }
 
 fn send(src: &MemoryStore, dst: &Repository, snapshot: Option<&str>) -> Vec<SnapshotReport> {
-    let opts = ReplicateOptions {
-        snapshot: snapshot.map(String::from),
-        ..Default::default()
-    };
+    let opts = ReplicateOptions::default().with_snapshot(snapshot.map(String::from));
     replicate(src, dst, &opts, &NoProgress, &mut |_| {}).unwrap()
 }
 
@@ -234,10 +231,7 @@ fn a_clone_is_stored_against_its_origin_and_keeps_lineage_onward() {
     let r = replicate(
         &a,
         &b,
-        &ReplicateOptions {
-            volumes: vec!["vm".into()],
-            ..Default::default()
-        },
+        &ReplicateOptions::default().with_volumes(vec!["vm".into()]),
         &NoProgress,
         &mut |_| {},
     )
@@ -302,7 +296,7 @@ proptest! {
             match op {
                 Op::Replicate(k) => {
                     let (vol, name) = &names[k % names.len()];
-                    let opts = ReplicateOptions { volumes: vec![vol.to_string()], snapshot: Some(name.clone()) };
+                    let opts = ReplicateOptions::default().with_volumes(vec![vol.to_string()]).with_snapshot(Some(name.clone()));
                     replicate(&src, &dst, &opts, &NoProgress, &mut |_| {}).unwrap();
                 }
                 Op::ReplicateAll => { send(&src, &dst, None); }
@@ -372,10 +366,7 @@ fn a_source_that_estimates_diffs_gets_the_smallest_delta_not_the_nearest() {
     send(&src, &a, None);
     // b holds s1 and s2; s2 is nearest to s3 in age, s1 is nearest in content.
     for s in ["s1", "s2"] {
-        let o = ReplicateOptions {
-            snapshot: Some(s.into()),
-            ..Default::default()
-        };
+        let o = ReplicateOptions::default().with_snapshot(Some(s.into()));
         replicate(&a, &b, &o, &NoProgress, &mut |_| {}).unwrap();
     }
     let r = replicate(
