@@ -115,9 +115,17 @@ impl ClientArgs {
     }
 }
 
-/// Open a store where no `snapsync://` store is expected to be (repository-only
-/// commands, `serve`); a remote URL fails for want of a token.
+/// Open a store for a repository-only command (or `serve`, which refuses remote URLs
+/// itself): a remote store cannot be one, so it is refused before any token is asked
+/// for.
 pub fn open(url: &str) -> Result<AnyStore> {
+    if let StoreUrl::Remote(u) = StoreUrl::parse(url)? {
+        return Err(OpenError::NotARepository {
+            location: u,
+            kind: StoreKind::Remote,
+        }
+        .into());
+    }
     ClientArgs::default().open(url)
 }
 
