@@ -3,12 +3,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::json;
+use snapsync::{parse_target, StoreUrl};
 use snapsync_engine::{ReplicateOptions, SnapshotReport};
-use snapsync_repo::Repository;
+use snapsync_repo::{PruneOptions, Repository};
 
-use crate::stores::{self, StoreUrl};
+use crate::stores::{self, ClientArgs, Usage};
 
 /// Image formats `restore` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -21,10 +22,14 @@ pub enum OutputFormat {
 
 /// Split `VOLUME@SNAPSHOT`.
 fn split_target(s: &str) -> Result<(&str, &str)> {
-    match s.split_once('@') {
-        Some((v, n)) if !v.is_empty() && !n.is_empty() => Ok((v, n)),
-        _ => bail!("{s:?} is not VOLUME@SNAPSHOT"),
-    }
+    let t = parse_target(s)?;
+    Ok((t.volume, t.snapshot))
+}
+
+/// A volume or snapshot name from the command line; a bad one is a usage error.
+fn check_name(kind: &'static str, name: &str) -> Result<()> {
+    snapsync_core::validate_name(kind, name).map_err(snapsync::UrlError::from)?;
+    Ok(())
 }
 
 fn human(bytes: u64) -> String {
@@ -44,7 +49,10 @@ fn human(bytes: u64) -> String {
 
 pub fn init(repo: &str, block_size: u64) -> Result<ExitCode> {
     let StoreUrl::Repo(loc) = StoreUrl::parse(repo)? else {
-        bail!("{repo:?} is not a repository URL (use file:///path or a plain path)");
+        return Err(Usage(format!(
+            "{repo:?} is not a repository URL (use file:///path, s3://BUCKET/PREFIX or a plain path)"
+        ))
+        .into());
     };
     let r = Repository::init(loc, block_size)
         .with_context(|| format!("cannot create a repository at {repo}"))?;
@@ -57,8 +65,8 @@ pub fn init(repo: &str, block_size: u64) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn list(store: &str, as_json: bool) -> Result<ExitCode> {
-    let s = stores::open(store)?;
+pub fn list(client: &ClientArgs, store: &str, as_json: bool) -> Result<ExitCode> {
+    let s = client.open(store)?;
     let volumes = s.source().list()?;
     let skipped = s.source().skipped()?;
     for k in &skipped {
@@ -111,15 +119,25 @@ pub fn list(store: &str, as_json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn diff(store: &str, target: &str, base: Option<&str>, as_json: bool) -> Result<ExitCode> {
+pub fn diff(
+    client: &ClientArgs,
+    store: &str,
+    target: &str,
+    base: Option<&str>,
+    as_json: bool,
+) -> Result<ExitCode> {
     let (volume, snap) = split_target(target)?;
-    let s = stores::open(store)?;
     // --base SNAP names a snapshot of the same volume; --base VOLUME@SNAP another
     // volume's (a clone's origin).
-    let base = base.map(|b| match b.split_once('@') {
-        Some((v, n)) => snapsync_store::SnapshotRef::new(v, n),
-        None => snapsync_store::SnapshotRef::new(volume, b),
-    });
+    let base = match base {
+        Some(b) if b.contains('@') => Some(parse_target(b)?),
+        Some(b) => {
+            check_name("snapshot", b)?;
+            Some(snapsync_store::SnapshotRef::new(volume, b))
+        }
+        None => None,
+    };
+    let s = client.open(store)?;
     let d = s.source().diff(volume, snap, base)?;
     let changed = d.changed();
     let pairs = |l: &snapsync_core::ExtentList| {
@@ -183,16 +201,28 @@ fn print_report(r: &SnapshotReport, as_json: bool) {
 }
 
 pub fn replicate(
+    client: &ClientArgs,
     source: &str,
     dest: &str,
     volumes: Vec<String>,
     snapshot: Option<String>,
     as_json: bool,
 ) -> Result<ExitCode> {
-    let src = stores::open(source)?;
-    let dst = stores::open(dest)?;
+    for v in &volumes {
+        check_name("volume", v)?;
+    }
+    if let Some(n) = &snapshot {
+        check_name("snapshot", n)?;
+    }
+    // Both URLs are checked before either store is opened.
+    StoreUrl::parse(source)?;
+    StoreUrl::parse(dest)?;
+    let src = client.open(source)?;
+    let dst = client.open(dest)?;
     let progress = crate::progress::for_terminal(as_json);
-    let opts = ReplicateOptions { volumes, snapshot };
+    let opts = ReplicateOptions::default()
+        .with_volumes(volumes)
+        .with_snapshot(snapshot);
     let reports = snapsync_engine::replicate(
         src.source(),
         dst.sink()?,
@@ -206,9 +236,15 @@ pub fn replicate(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn restore(store: &str, target: &str, output: &Path, format: OutputFormat) -> Result<ExitCode> {
+pub fn restore(
+    client: &ClientArgs,
+    store: &str,
+    target: &str,
+    output: &Path,
+    format: OutputFormat,
+) -> Result<ExitCode> {
     let (volume, snap) = split_target(target)?;
-    let s = stores::open(store)?;
+    let s = client.open(store)?;
     if format == OutputFormat::Qcow2 {
         return restore_qcow2(s.source(), volume, snap, output);
     }
@@ -292,7 +328,7 @@ pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
         let names: Vec<String> = report
             .damaged
             .iter()
-            .map(|d| format!("{}@{}", d.volume, d.snapshot))
+            .map(|d| snapsync_core::quote_snapshot(&d.volume, &d.snapshot))
             .collect();
         eprintln!(
             "snapsync: error: repository {} is damaged: {}",
@@ -307,20 +343,23 @@ pub fn verify(repo: &str, read_data: bool, as_json: bool) -> Result<ExitCode> {
     }
 }
 
-pub fn prune(
-    repo: &str,
-    volumes: &[String],
-    policy: &snapsync_core::KeepPolicy,
-    force: bool,
-    dry_run: bool,
-    as_json: bool,
-) -> Result<ExitCode> {
+pub fn prune(repo: &str, options: &PruneOptions, as_json: bool) -> Result<ExitCode> {
+    if options.policy.is_empty() {
+        return Err(Usage(
+            "prune without any --keep-* rule would remove every snapshot; give at least one".into(),
+        )
+        .into());
+    }
+    for v in &options.volumes {
+        check_name("volume", v)?;
+    }
     let s = stores::open(repo)?;
-    let report = s.repository()?.prune(volumes, policy, force, dry_run)?;
+    let report = s.repository()?.prune(options)?;
     if as_json {
         println!("{}", serde_json::to_string(&report).expect("serialisable"));
         return Ok(ExitCode::SUCCESS);
     }
+    let dry_run = options.dry_run;
     let verb = if dry_run { "would remove" } else { "removed" };
     for v in &report.volumes {
         println!(

@@ -121,10 +121,9 @@ pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<ExitCode> {
     println!("2. created repository {}", repo.location());
 
     println!("3. full replication of the first snapshot:");
-    let first = ReplicateOptions {
-        volumes: vec!["vm-disk".into()],
-        snapshot: Some("monday".into()),
-    };
+    let first = ReplicateOptions::default()
+        .with_volumes(vec!["vm-disk".into()])
+        .with_snapshot(Some("monday".into()));
     snapsync_engine::replicate(&raw, &repo, &first, &NoProgress, &mut show)?;
 
     println!("4. replicating everything else (incremental, deduplicated):");

@@ -1,9 +1,10 @@
 //! `snapsync`: replicate block-volume snapshots between storage systems, sending only
 //! what changed.
 //!
-//! This binary is the thin edge: it parses arguments, opens stores from URLs, adapts
-//! progress to a terminal and prints results. Everything else lives in the library
-//! crates under `crates/`.
+//! This binary is the thin edge: it parses arguments, reads the environment into
+//! [`snapsync::OpenOptions`], adapts progress to a terminal and prints results.
+//! Everything else lives in the `snapsync` library (`src/lib.rs`) and the crates under
+//! `crates/`.
 
 mod allocator;
 mod commands;
@@ -14,7 +15,9 @@ mod stores;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
+use snapsync_repo::PruneOptions;
+use stores::{ClientArgs, Usage};
 
 /// Replicate block-volume snapshots between storage systems, sending only what changed.
 #[derive(Debug, Parser)]
@@ -22,15 +25,6 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// PEM certificate(s) to trust for snapsync:// servers instead of the system roots:
-    /// a server presenting one of them is trusted (pinned), as is one they sign (else
-    /// SNAPSYNC_CA).
-    #[arg(long, global = true)]
-    ca: Option<std::path::PathBuf>,
-    /// Bearer token file: the token for snapsync:// stores (else SNAPSYNC_TOKEN); for
-    /// `serve`, the tokens it accepts.
-    #[arg(long, global = true)]
-    token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +41,8 @@ enum Command {
     List {
         /// Store URL.
         store: String,
+        #[command(flatten)]
+        client: ClientArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -55,6 +51,8 @@ enum Command {
     Diff {
         /// Store URL.
         store: String,
+        #[command(flatten)]
+        client: ClientArgs,
         /// VOLUME@SNAPSHOT
         target: String,
         /// Base snapshot of the same volume; without it, the snapshot's data extents.
@@ -70,6 +68,8 @@ enum Command {
         source: String,
         /// Destination store URL.
         dest: String,
+        #[command(flatten)]
+        client: ClientArgs,
         /// Only these volumes (repeatable).
         #[arg(long = "volume")]
         volumes: Vec<String>,
@@ -84,6 +84,8 @@ enum Command {
     Restore {
         /// Store URL.
         store: String,
+        #[command(flatten)]
+        client: ClientArgs,
         /// VOLUME@SNAPSHOT
         target: String,
         /// Output file (or device).
@@ -107,31 +109,8 @@ enum Command {
     Prune {
         /// Repository URL.
         repo: String,
-        /// Only these volumes (repeatable).
-        #[arg(long = "volume")]
-        volumes: Vec<String>,
-        /// Keep the N newest snapshots.
-        #[arg(long, default_value_t = 0)]
-        keep_last: u32,
-        /// Keep the newest snapshot of each of the last N hours that have snapshots.
-        #[arg(long, default_value_t = 0)]
-        keep_hourly: u32,
-        /// Same, per day.
-        #[arg(long, default_value_t = 0)]
-        keep_daily: u32,
-        /// Same, per ISO week.
-        #[arg(long, default_value_t = 0)]
-        keep_weekly: u32,
-        /// Same, per month.
-        #[arg(long, default_value_t = 0)]
-        keep_monthly: u32,
-        /// Also remove the newest snapshot a source replicates against (its next
-        /// replication will be full).
-        #[arg(long)]
-        force: bool,
-        /// Show what would be removed, change nothing.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        options: PruneOptions,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -145,6 +124,7 @@ enum Command {
         json: bool,
     },
     /// Serve local stores to snapsync clients (snapsync://HOST:PORT/NAME).
+    #[command(group(ArgGroup::new("transport").required(true).args(["tls_cert", "insecure_plaintext"])))]
     Serve {
         /// Address to listen on, ADDR:PORT (port 0: any free port, printed when ready).
         #[arg(long)]
@@ -152,14 +132,17 @@ enum Command {
         /// NAME=URL of a store to serve (repeatable).
         #[arg(long = "store", required = true)]
         stores: Vec<String>,
+        /// The tokens it accepts: one per line, or `TOKEN STORE ro|rw`.
+        #[arg(long, required = true)]
+        token_file: std::path::PathBuf,
         /// TLS certificate chain (PEM).
-        #[arg(long)]
+        #[arg(long, requires = "tls_key")]
         tls_cert: Option<std::path::PathBuf>,
         /// TLS private key (PEM).
-        #[arg(long)]
+        #[arg(long, requires = "tls_cert")]
         tls_key: Option<std::path::PathBuf>,
         /// Serve without TLS (clients then use snapsync+http://).
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
         insecure_plaintext: bool,
     },
     /// A self-contained walkthrough on generated sample data.
@@ -183,32 +166,35 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    stores::set_remote_args(stores::RemoteArgs {
-        ca: cli.ca.clone(),
-        token_file: cli.token_file.clone(),
-    });
     let result = match cli.command {
         Command::Init { repo, block_size } => commands::init(&repo, block_size),
-        Command::List { store, json } => commands::list(&store, json),
+        Command::List {
+            store,
+            client,
+            json,
+        } => commands::list(&client, &store, json),
         Command::Diff {
             store,
+            client,
             target,
             base,
             json,
-        } => commands::diff(&store, &target, base.as_deref(), json),
+        } => commands::diff(&client, &store, &target, base.as_deref(), json),
         Command::Replicate {
             source,
             dest,
+            client,
             volumes,
             snapshot,
             json,
-        } => commands::replicate(&source, &dest, volumes, snapshot, json),
+        } => commands::replicate(&client, &source, &dest, volumes, snapshot, json),
         Command::Restore {
             store,
+            client,
             target,
             output,
             format,
-        } => commands::restore(&store, &target, &output, format),
+        } => commands::restore(&client, &store, &target, &output, format),
         Command::Verify {
             repo,
             read_data,
@@ -216,40 +202,21 @@ fn main() -> ExitCode {
         } => commands::verify(&repo, read_data, json),
         Command::Prune {
             repo,
-            volumes,
-            keep_last,
-            keep_hourly,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            force,
-            dry_run,
+            options,
             json,
-        } => commands::prune(
-            &repo,
-            &volumes,
-            &snapsync_core::KeepPolicy {
-                last: keep_last,
-                hourly: keep_hourly,
-                daily: keep_daily,
-                weekly: keep_weekly,
-                monthly: keep_monthly,
-            },
-            force,
-            dry_run,
-            json,
-        ),
+        } => commands::prune(&repo, &options, json),
         Command::Gc { repo, json } => commands::gc(&repo, json),
         Command::Serve {
             listen,
             stores,
+            token_file,
             tls_cert,
             tls_key,
             insecure_plaintext,
         } => serve::run(serve::ServeArgs {
             listen,
             stores,
-            token_file: cli.token_file,
+            token_file,
             tls_cert,
             tls_key,
             insecure_plaintext,
@@ -269,8 +236,25 @@ fn main() -> ExitCode {
                     line.push_str(&c);
                 }
             }
+            if let Some(hint) = stores::hint(&e) {
+                line.push_str(hint);
+            }
             eprintln!("snapsync: error: {line}");
-            ExitCode::from(1)
+            // A mistake in the command line (a malformed URL or target, a missing
+            // rule) is a usage error, as clap's own are.
+            ExitCode::from(if is_usage(&e) { 2 } else { 1 })
         }
     }
+}
+
+/// Whether `e` is a mistake in the command line rather than a failure.
+fn is_usage(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<Usage>()
+            || c.is::<snapsync::UrlError>()
+            || matches!(
+                c.downcast_ref::<snapsync::OpenError>(),
+                Some(snapsync::OpenError::Url(_))
+            )
+    })
 }

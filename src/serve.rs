@@ -4,54 +4,67 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use snapsync::StoreUrl;
 use snapsync_remote::{ServedStore, Server, ServerConfig, TlsFiles, Tokens};
-use snapsync_store::{SnapshotSink, SnapshotSource};
 
-use crate::stores::{self, AnyStore};
-
-impl ServedStore for AnyStore {
-    fn source(&self) -> &dyn SnapshotSource {
-        AnyStore::source(self)
-    }
-    fn sink(&self) -> Option<&dyn SnapshotSink> {
-        AnyStore::sink(self).ok()
-    }
-}
+use crate::stores::{self, Usage};
 
 /// Options of `serve`.
 #[derive(Debug)]
 pub struct ServeArgs {
     pub listen: String,
     pub stores: Vec<String>,
-    pub token_file: Option<PathBuf>,
+    pub token_file: PathBuf,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub insecure_plaintext: bool,
 }
 
 pub fn run(a: ServeArgs) -> Result<ExitCode> {
-    let Some(token_file) = &a.token_file else {
-        bail!("serve needs --token-file FILE (one token per line, or `TOKEN STORE ro|rw`)");
-    };
-    let tokens = Tokens::load(token_file)?;
+    // clap has checked the flags: TLS files both or neither, and then plain text asked.
     let tls = match (a.tls_cert, a.tls_key, a.insecure_plaintext) {
         (Some(cert), Some(key), false) => Some(TlsFiles { cert, key }),
-        (None, None, true) => None,
-        (_, _, true) => bail!("--insecure-plaintext and --tls-cert/--tls-key exclude each other"),
-        _ => bail!(
-            "serve needs --tls-cert CERT and --tls-key KEY (or --insecure-plaintext to serve without encryption)"
-        ),
+        _ => None,
     };
-    let mut served: Vec<(String, Arc<dyn ServedStore>)> = Vec::new();
+    let session_idle = match stores::seconds_from_env(stores::SESSION_IDLE_ENV)? {
+        Some(d) if d.is_zero() => anyhow::bail!(
+            "{}=0: the limit is at least 1 second",
+            stores::SESSION_IDLE_ENV
+        ),
+        Some(d) => d,
+        None => snapsync_remote::server::SESSION_IDLE,
+    };
+    // Every URL is checked before any store is opened.
+    let mut named = Vec::new();
     for s in &a.stores {
         let Some((name, url)) = s.split_once('=') else {
-            bail!("--store {s:?} is not NAME=URL");
+            return Err(Usage(format!("--store {s:?} is not NAME=URL")).into());
         };
-        snapsync_core::validate_name("store", name).with_context(|| format!("--store {s:?}"))?;
-        if url.starts_with("snapsync://") || url.starts_with("snapsync+http://") {
-            bail!("--store {s:?}: serving a remote store is not supported; serve it where it is");
+        snapsync_core::validate_name("store", name)
+            .map_err(|e| Usage(format!("--store {s:?}: {e}")))?;
+        if matches!(
+            StoreUrl::parse(url).with_context(|| format!("--store {s:?}"))?,
+            StoreUrl::Remote(_)
+        ) {
+            return Err(Usage(format!(
+                "--store {s:?}: serving a remote store is not supported; serve it where it is"
+            ))
+            .into());
         }
+        named.push((name, url));
+    }
+    let tokens = Tokens::load(&a.token_file)?;
+    let names: Vec<&str> = named.iter().map(|(n, _)| *n).collect();
+    for (line, store) in tokens.unknown_stores(&names) {
+        tracing::warn!(
+            "token file {}, line {line}: store {store:?} is not served (served: {})",
+            a.token_file.display(),
+            names.join(", ")
+        );
+    }
+    let mut served: Vec<(String, Arc<dyn ServedStore>)> = Vec::new();
+    for (name, url) in named {
         let store =
             stores::open(url).with_context(|| format!("cannot open store {name:?} ({url})"))?;
         served.push((name.to_string(), Arc::new(store)));
@@ -63,6 +76,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             stores: served,
             tokens,
             tls,
+            session_idle,
         },
         &a.listen,
     )?;

@@ -175,6 +175,14 @@ fn failure_line(out: &Output) -> String {
     err
 }
 
+/// A usage error (a malformed URL or target): exit 2, one line.
+fn usage_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    err
+}
+
 fn restore_equals(repo: &str, target: &str, dir: &Path, want: &[u8]) {
     let out = dir.join(format!("{}.out", target.replace('@', "_")));
     ok(&["restore", repo, target, out.to_str().unwrap()]);
@@ -361,16 +369,13 @@ fn refusals_bad_token_read_only_token_traversal_and_version() {
         );
     }
     let out = run_env(&["list", "snapsync+http://127.0.0.1:1/../etc"], &env(TOKEN));
-    assert!(failure_line(&out).contains("invalid store name"));
+    assert!(usage_line(&out).contains("invalid store name"));
     // A volume name with a path in it.
     let out = run_env(
         &["diff", &url(&server, "img"), "../../etc@passwd"],
         &env(TOKEN),
     );
-    assert!(
-        failure_line(&out).contains("invalid volume name"),
-        "{out:?}"
-    );
+    assert!(usage_line(&out).contains("invalid volume name"), "{out:?}");
     let body = r#"{"volume":"../x","snapshot":"s1","offset":0,"len":4096}"#;
     let (status, resp) = raw_http(
         server.port,
@@ -758,7 +763,9 @@ fn tls_with_a_self_signed_certificate() {
         "--token-file",
         token_file(dir.path()).to_str().unwrap(),
     ]);
-    assert!(failure_line(&out).contains("--insecure-plaintext"));
+    // A usage error, found by clap: exit 2, naming the way to serve without TLS.
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure-plaintext"));
 }
 
 /// A self-signed certificate as `openssl req -x509` makes one: marked a CA, and naming a

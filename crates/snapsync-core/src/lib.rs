@@ -31,7 +31,7 @@ pub use blockmap::{BlockMap, BlockRef, Delta, RootHasher};
 pub use blockplan::{plan_blocks, BlockPlan};
 pub use extent::{Extent, ExtentList};
 pub use ids::{BlockId, SnapshotId};
-pub use names::{validate_name, NameError};
+pub use names::{quote_snapshot, validate_name, NameError};
 pub use plan::{
     choose_base, common_snapshots, missing_snapshots, BaseChoice, BaseReason, CommonSnapshot,
 };

@@ -41,6 +41,13 @@ pub fn validate_name(kind: &'static str, name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// `"vm@mon"`: a snapshot as messages name it. Quoted (Rust string syntax) so that a
+/// name holding a newline or another control character keeps the message on one line
+/// and cannot pass for other text.
+pub fn quote_snapshot(volume: &str, snapshot: &str) -> String {
+    format!("{:?}", format!("{volume}@{snapshot}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,17 +10,26 @@ use std::collections::BTreeMap;
 use crate::snapshot::SnapshotInfo;
 
 /// How many snapshots each rule keeps; zero disables a rule.
+///
+/// With the `clap` feature it is also the `--keep-*` flags of a command line, so a
+/// program's flags and the policy cannot drift apart.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct KeepPolicy {
-    /// The newest N.
+    /// Keep the N newest snapshots.
+    #[cfg_attr(feature = "clap", arg(long = "keep-last", default_value_t = 0))]
     pub last: u32,
-    /// One per hour, for the N newest hours with snapshots.
+    /// Keep the newest snapshot of each of the last N hours that have snapshots.
+    #[cfg_attr(feature = "clap", arg(long = "keep-hourly", default_value_t = 0))]
     pub hourly: u32,
-    /// One per day.
+    /// Same, per day.
+    #[cfg_attr(feature = "clap", arg(long = "keep-daily", default_value_t = 0))]
     pub daily: u32,
-    /// One per ISO week.
+    /// Same, per ISO week.
+    #[cfg_attr(feature = "clap", arg(long = "keep-weekly", default_value_t = 0))]
     pub weekly: u32,
-    /// One per month.
+    /// Same, per month.
+    #[cfg_attr(feature = "clap", arg(long = "keep-monthly", default_value_t = 0))]
     pub monthly: u32,
 }
 

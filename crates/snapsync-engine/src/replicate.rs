@@ -18,7 +18,9 @@ use tracing::{debug, info};
 
 use crate::{EngineError, Result};
 
-/// What to replicate.
+/// What to replicate: `ReplicateOptions::default()` (everything the destination lacks)
+/// narrowed with the `with_*` methods.
+#[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 pub struct ReplicateOptions {
     /// Volumes to replicate; empty means all.
@@ -27,7 +29,22 @@ pub struct ReplicateOptions {
     pub snapshot: Option<String>,
 }
 
+impl ReplicateOptions {
+    /// Only these volumes (all when empty).
+    pub fn with_volumes(mut self, volumes: Vec<String>) -> Self {
+        self.volumes = volumes;
+        self
+    }
+
+    /// Only this snapshot of each selected volume (every missing one when `None`).
+    pub fn with_snapshot(mut self, snapshot: Option<String>) -> Self {
+        self.snapshot = snapshot;
+        self
+    }
+}
+
 /// What happened to one snapshot; printed as one JSON line by `replicate --json`.
+#[non_exhaustive]
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct SnapshotReport {
     /// Volume.

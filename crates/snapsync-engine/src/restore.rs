@@ -10,6 +10,7 @@ use snapsync_store::{Phase, Progress, SnapshotSource, StoreError};
 use crate::{EngineError, Result};
 
 /// What a restore did.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestoreStats {
     /// Size of the image.
@@ -42,7 +43,8 @@ pub fn restore(
         .cloned()
         .ok_or_else(|| {
             EngineError::NotFound(format!(
-                "snapshot {volume}@{snapshot} not found in {}",
+                "snapshot {} not found in {}",
+                snapsync_core::quote_snapshot(volume, snapshot),
                 source.location()
             ))
         })?;

@@ -40,10 +40,7 @@ fn full_then_incremental_then_nothing() {
     );
 
     assert!(run(&src, &dst, &ReplicateOptions::default()).is_empty());
-    let one = ReplicateOptions {
-        snapshot: Some("s2".into()),
-        ..Default::default()
-    };
+    let one = ReplicateOptions::default().with_snapshot(Some("s2".into()));
     assert!(run(&src, &dst, &one).is_empty());
 }
 
@@ -59,18 +56,12 @@ fn base_found_through_hints_after_source_lost_older_snapshots() {
     run(
         &src,
         &dst,
-        &ReplicateOptions {
-            snapshot: Some("s1".into()),
-            ..Default::default()
-        },
+        &ReplicateOptions::default().with_snapshot(Some("s1".into())),
     );
     run(
         &src,
         &dst,
-        &ReplicateOptions {
-            snapshot: Some("s2".into()),
-            ..Default::default()
-        },
+        &ReplicateOptions::default().with_snapshot(Some("s2".into())),
     );
     src.remove_snapshot("vol", "s1");
     dst.remove_snapshot("vol", "s2");
@@ -80,10 +71,7 @@ fn base_found_through_hints_after_source_lost_older_snapshots() {
     let r = run(
         &src,
         &dst,
-        &ReplicateOptions {
-            snapshot: Some("s3".into()),
-            ..Default::default()
-        },
+        &ReplicateOptions::default().with_snapshot(Some("s3".into())),
     );
     assert_eq!(r[0].base, None);
     let r = run(&src, &dst, &ReplicateOptions::default());
@@ -125,15 +113,9 @@ fn unknown_volume_or_snapshot_is_an_error() {
     let src = MemoryStore::new("src", BS);
     let dst = MemoryStore::new("dst", BS);
     src.add_snapshot("a", "s1", t(1), vec![1; 100]);
-    let bad = ReplicateOptions {
-        volumes: vec!["zz".into()],
-        ..Default::default()
-    };
+    let bad = ReplicateOptions::default().with_volumes(vec!["zz".into()]);
     assert!(replicate(&src, &dst, &bad, &NoProgress, &mut |_| {}).is_err());
-    let bad = ReplicateOptions {
-        snapshot: Some("zz".into()),
-        ..Default::default()
-    };
+    let bad = ReplicateOptions::default().with_snapshot(Some("zz".into()));
     assert!(replicate(&src, &dst, &bad, &NoProgress, &mut |_| {}).is_err());
 }
 
@@ -166,10 +148,7 @@ fn a_clone_replicates_as_a_delta_against_its_parent_which_is_sent_first() {
     let r = run(
         &src,
         &dst,
-        &ReplicateOptions {
-            volumes: vec!["vm".into()],
-            ..Default::default()
-        },
+        &ReplicateOptions::default().with_volumes(vec!["vm".into()]),
     );
     let got: Vec<_> = r
         .iter()
@@ -220,7 +199,7 @@ proptest! {
         }
         for o in order {
             let name = format!("s{}", o % snaps.len());
-            run(&src, &dst, &ReplicateOptions { snapshot: Some(name), ..Default::default() });
+            run(&src, &dst, &ReplicateOptions::default().with_snapshot(Some(name)));
         }
         run(&src, &dst, &ReplicateOptions::default());
         for k in 0..snaps.len() {

@@ -467,7 +467,8 @@ impl Qcow2Store {
             })?;
         let p = v.points.get(snapshot).ok_or_else(|| {
             StoreError::not_found(format!(
-                "snapshot {volume}@{snapshot} in {}",
+                "snapshot {} in {}",
+                snapsync_core::quote_snapshot(volume, snapshot),
                 self.location()
             ))
         })?;
@@ -689,7 +690,8 @@ pub fn restore_qcow2(
         .cloned()
         .ok_or_else(|| {
             StoreError::not_found(format!(
-                "snapshot {volume}@{snapshot} in {}",
+                "snapshot {} in {}",
+                snapsync_core::quote_snapshot(volume, snapshot),
                 source.location()
             ))
         })?;

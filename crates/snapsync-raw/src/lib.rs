@@ -64,7 +64,8 @@ impl RawStore {
             .join(format!("{snapshot}.{IMAGE_EXT}"));
         if !p.is_file() {
             return Err(StoreError::not_found(format!(
-                "snapshot {volume}@{snapshot} ({})",
+                "snapshot {} ({})",
+                snapsync_core::quote_snapshot(volume, snapshot),
                 p.display()
             )));
         }

@@ -31,7 +31,9 @@ const WRITE_BODY_TARGET: usize = 32 << 20;
 const WRITES_IN_FLIGHT: usize = 6;
 const _: () = assert!(WRITES_IN_FLIGHT as u64 <= MAX_WRITES_AHEAD);
 
-/// How to reach and authenticate to a server.
+/// How to reach and authenticate to a server. Nothing here is read from the
+/// environment: the program decides where the token and certificates come from.
+#[non_exhaustive]
 #[derive(Clone, Default)]
 pub struct ClientOptions {
     /// The bearer token.
@@ -39,6 +41,22 @@ pub struct ClientOptions {
     /// PEM certificates to trust instead of the system roots (a self-signed server
     /// certificate, or the CA that signed it).
     pub ca_pem: Option<Vec<u8>>,
+}
+
+impl ClientOptions {
+    /// Options presenting `token`, trusting the system roots.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self {
+            token: token.into(),
+            ca_pem: None,
+        }
+    }
+
+    /// Trust these PEM certificates instead of the system roots.
+    pub fn with_ca_pem(mut self, ca_pem: Vec<u8>) -> Self {
+        self.ca_pem = Some(ca_pem);
+        self
+    }
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -78,8 +96,9 @@ impl RemoteUrl {
         let (authority, name) = rest
             .split_once('/')
             .ok_or_else(|| bad("it names no store (use snapsync://HOST:PORT/NAME)"))?;
-        if authority.is_empty() || !authority.contains(':') {
-            return Err(bad("it needs HOST:PORT"));
+        match authority.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => return Err(bad("it needs HOST:PORT")),
         }
         if name.is_empty() {
             return Err(bad("it names no store (use snapsync://HOST:PORT/NAME)"));
@@ -180,7 +199,7 @@ impl RemoteStore {
         if options.token.trim().is_empty() {
             return Err(StoreError::Malformed {
                 location: display,
-                detail: "no token: set SNAPSYNC_TOKEN or pass --token-file".into(),
+                detail: "no token given".into(),
             });
         }
         let mut builder = reqwest::Client::builder()
@@ -471,7 +490,11 @@ impl RemoteReader<'_> {
                 let (url, token) = (url.clone(), token.clone());
                 async move {
                     let bad = |detail: String| StoreError::Backend {
-                        context: format!("{url}: read {}@{} at {}", q.volume, q.snapshot, q.offset),
+                        context: format!(
+                            "{url}: read {} at {}",
+                            snapsync_core::quote_snapshot(&q.volume, &q.snapshot),
+                            q.offset
+                        ),
                         source: detail.into(),
                     };
                     let limit =
@@ -545,7 +568,8 @@ impl RemoteReader<'_> {
                     .and_then(|()| decoder.finish())
                     .map_err(|e| StoreError::Backend {
                         context: format!(
-                            "{url}: read {volume}@{snapshot} at {}",
+                            "{url}: read {} at {}",
+                            snapsync_core::quote_snapshot(volume, snapshot),
                             offset + (i * per_request) as u64
                         ),
                         source: e.to_string().into(),

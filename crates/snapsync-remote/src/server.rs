@@ -5,8 +5,8 @@
 //! a thread of its own that owns a handle to the store and takes commands over a
 //! channel; the session id names that thread. A session left behind by a dropped
 //! connection is abandoned when the same snapshot is begun again, or after
-//! [`SESSION_IDLE`] without requests (`SNAPSYNC_SESSION_IDLE_SECS`, read at startup, sets
-//! another limit in seconds: [`SESSION_IDLE_ENV`]); blocks it already stored stay, so the
+//! [`ServerConfig::session_idle`] without requests (default [`SESSION_IDLE`]); blocks it
+//! already stored stay, so the
 //! rerun does not send them again. Abandoning a session releases what its receiver holds,
 //! e.g. a repository's session lock, which `gc` waits for.
 
@@ -38,25 +38,9 @@ use crate::proto::*;
 use crate::tokens::{Access, Authorized, Tokens};
 use crate::RemoteError;
 
-/// A receive session untouched this long is abandoned (unless [`SESSION_IDLE_ENV`] is set).
+/// The default of [`ServerConfig::session_idle`]: a receive session untouched this long
+/// is abandoned.
 pub const SESSION_IDLE: Duration = Duration::from_secs(15 * 60);
-
-/// Environment variable overriding [`SESSION_IDLE`]: whole seconds, at least 1. Read once,
-/// when the server is bound.
-pub const SESSION_IDLE_ENV: &str = "SNAPSYNC_SESSION_IDLE_SECS";
-
-/// The idle limit of receive sessions: [`SESSION_IDLE_ENV`] if set, else [`SESSION_IDLE`].
-fn session_idle() -> Result<Duration, RemoteError> {
-    let Some(v) = std::env::var_os(SESSION_IDLE_ENV) else {
-        return Ok(SESSION_IDLE);
-    };
-    match v.to_str().and_then(|v| v.trim().parse::<u64>().ok()) {
-        Some(secs) if secs >= 1 => Ok(Duration::from_secs(secs)),
-        _ => Err(RemoteError::Config {
-            what: format!("{SESSION_IDLE_ENV}={v:?} is not a whole number of seconds (at least 1)"),
-        }),
-    }
-}
 
 /// How often idle sessions are looked for: a quarter of the limit, within 1 s..30 s.
 fn reap_interval(idle: Duration) -> Duration {
@@ -86,8 +70,11 @@ pub struct ServerConfig {
     pub stores: Vec<(String, Arc<dyn ServedStore>)>,
     /// Accepted tokens.
     pub tokens: Tokens,
-    /// TLS, or `None` for plain text (`--insecure-plaintext`).
+    /// TLS, or `None` for plain text.
     pub tls: Option<TlsFiles>,
+    /// Receive sessions untouched this long are abandoned (at least 1 s; [`SESSION_IDLE`]
+    /// unless the program says otherwise).
+    pub session_idle: Duration,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -181,7 +168,14 @@ impl Server {
     /// Check the configuration and bind `addr`.
     pub fn bind(config: ServerConfig, addr: &str) -> Result<Self, RemoteError> {
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
-        let session_idle = session_idle()?;
+        let session_idle = config.session_idle;
+        if session_idle < Duration::from_secs(1) {
+            return Err(RemoteError::Config {
+                what: format!(
+                    "the receive-session idle limit {session_idle:?} is shorter than 1 s"
+                ),
+            });
+        }
         let mut stores = HashMap::new();
         for (name, store) in config.stores {
             validate_name("store", &name).map_err(|e| RemoteError::Config {

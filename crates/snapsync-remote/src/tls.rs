@@ -42,7 +42,7 @@ pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
-/// The client's TLS configuration: `ca_pem` (the `--ca` file's contents) pinned and as
+/// The client's TLS configuration: `ca_pem` (a CA file's contents) pinned and as
 /// roots, or the system roots without it. ALPN offers only HTTP/2, which the protocol
 /// runs on.
 pub(crate) fn client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
@@ -53,9 +53,9 @@ pub(crate) fn client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfi
         Some(pem) => {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<_, _>>()
-                .map_err(|e| format!("the --ca certificates are not usable: {e}"))?;
+                .map_err(|e| format!("the CA certificates are not usable: {e}"))?;
             if certs.is_empty() {
-                return Err("the --ca file holds no certificate".into());
+                return Err("the CA certificates given hold no certificate".into());
             }
             for c in &certs {
                 // A certificate that cannot be a root (an end-entity one, say) can still
@@ -71,7 +71,7 @@ pub(crate) fn client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfi
             }
             if roots.is_empty() {
                 return Err(format!(
-                    "no system root certificates could be loaded ({} errors); pass --ca FILE",
+                    "no system root certificates could be loaded ({} errors); trust a CA certificate instead",
                     native.errors.len()
                 ));
             }

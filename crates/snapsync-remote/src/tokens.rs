@@ -11,6 +11,13 @@
 //!
 //! A token may appear on several lines to reach several stores. Tokens are kept only as
 //! BLAKE3 hashes and compared in constant time (`blake3::Hash` equality is).
+//!
+//! A token is at least 16 characters of printable ASCII other than space (`!` to `~`):
+//! it travels in an HTTP header, where nothing else is portable, so anything else is
+//! refused with the line number rather than becoming a token no client can send. Lines
+//! may end in LF or CRLF (a file edited on Windows); the CR is not part of the entry.
+//! An entry naming a store the server does not serve is kept (the store may be added
+//! later) but reported by [`Tokens::unknown_stores`], since it is most likely a typo.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -38,6 +45,8 @@ struct Grant {
 #[derive(Clone, Debug, Default)]
 pub struct Tokens {
     grants: Vec<(blake3::Hash, Grant)>,
+    /// Per-store entries as (line number, store), for [`Tokens::unknown_stores`].
+    store_lines: Vec<(usize, String)>,
 }
 
 /// What a presented token may do.
@@ -69,6 +78,7 @@ impl Tokens {
     /// Parse the token file format.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut by_token: Vec<(blake3::Hash, Grant)> = Vec::new();
+        let mut store_lines = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -76,6 +86,12 @@ impl Tokens {
             }
             let f: Vec<&str> = line.split_whitespace().collect();
             let hash = blake3::hash(f[0].as_bytes());
+            if !f[0].bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "line {}: the token has a character outside printable ASCII ('!' to '~')",
+                    n + 1
+                ));
+            }
             if f[0].len() < 16 {
                 return Err(format!(
                     "line {}: the token is shorter than 16 characters",
@@ -105,6 +121,7 @@ impl Tokens {
                     };
                     let e = g.stores.entry(store.to_string()).or_insert(access);
                     *e = (*e).max(access);
+                    store_lines.push((n + 1, store.to_string()));
                 }
                 _ => {
                     return Err(format!(
@@ -117,7 +134,19 @@ impl Tokens {
         if by_token.is_empty() {
             return Err("it holds no token".into());
         }
-        Ok(Self { grants: by_token })
+        Ok(Self {
+            grants: by_token,
+            store_lines,
+        })
+    }
+
+    /// The entries (line number, store) naming a store not in `served`.
+    pub fn unknown_stores<'a>(&'a self, served: &[&str]) -> Vec<(usize, &'a str)> {
+        self.store_lines
+            .iter()
+            .filter(|(_, s)| !served.contains(&s.as_str()))
+            .map(|(n, s)| (*n, s.as_str()))
+            .collect()
     }
 
     /// The grant of a presented token. Every known token is compared, whatever matches.
@@ -155,5 +184,42 @@ mod tests {
         assert!(Tokens::parse("short").is_err());
         assert!(Tokens::parse("BBBBBBBBBBBBBBBBBBBB repo rx").is_err());
         assert!(Tokens::parse("\n# none\n").is_err());
+    }
+
+    #[test]
+    fn crlf_line_ends_are_accepted() {
+        let t = Tokens::parse(
+            "# from Windows\r\nAAAAAAAAAAAAAAAAAAAA\r\nBBBBBBBBBBBBBBBBBBBB repo ro\r\n",
+        )
+        .unwrap();
+        // The CR belongs to neither the token nor the access mode.
+        assert_eq!(
+            t.check("AAAAAAAAAAAAAAAAAAAA").unwrap().access("x"),
+            Some(Access::Write)
+        );
+        assert_eq!(
+            t.check("BBBBBBBBBBBBBBBBBBBB").unwrap().access("repo"),
+            Some(Access::Read)
+        );
+    }
+
+    #[test]
+    fn non_ascii_tokens_are_refused_with_their_line() {
+        let e = Tokens::parse("# ok\nAAAAAAAAAAAAAAAAAAAA\nBBBBBBBBBBBBBBBBBBBü repo ro\n")
+            .unwrap_err();
+        assert!(e.starts_with("line 3: "), "{e}");
+        assert!(e.contains("printable ASCII"), "{e}");
+        let e = Tokens::parse("AAAAAAAAAAAAAAAA\u{7f}AAAA\n").unwrap_err();
+        assert!(e.starts_with("line 1: "), "{e}");
+    }
+
+    #[test]
+    fn entries_for_stores_not_served_are_reported() {
+        let t = Tokens::parse(
+            "AAAAAAAAAAAAAAAAAAAA\nBBBBBBBBBBBBBBBBBBBB repo ro\n\nBBBBBBBBBBBBBBBBBBBB rpeo rw\n",
+        )
+        .unwrap();
+        assert_eq!(t.unknown_stores(&["repo", "img"]), [(4, "rpeo")]);
+        assert!(t.unknown_stores(&["repo", "rpeo"]).is_empty());
     }
 }

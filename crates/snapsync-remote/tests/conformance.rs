@@ -30,6 +30,7 @@ fn serve(stores: Vec<(String, MemoryStore)>) -> u16 {
                 .collect(),
             tokens: Tokens::parse(TOKEN).unwrap(),
             tls: None,
+            session_idle: snapsync_remote::server::SESSION_IDLE,
         },
         "127.0.0.1:0",
     )
@@ -42,10 +43,7 @@ fn serve(stores: Vec<(String, MemoryStore)>) -> u16 {
 fn client(port: u16, name: &str) -> RemoteStore {
     RemoteStore::open(
         &format!("snapsync+http://127.0.0.1:{port}/{name}"),
-        ClientOptions {
-            token: TOKEN.into(),
-            ca_pem: None,
-        },
+        ClientOptions::new(TOKEN),
     )
     .unwrap()
 }

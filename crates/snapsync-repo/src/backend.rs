@@ -15,7 +15,7 @@
 //! On S3 the endpoint and credentials come from the standard `AWS_*` variables
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
 //! `AWS_ALLOW_HTTP`), so snapsync is configured like every other S3 client. Transient
-//! failures are retried with backoff for at most [`RETRY_TIMEOUT_ENV`] seconds
+//! failures are retried with backoff for at most [`RepoOptions::retry_timeout`]
 //! (default [`DEFAULT_RETRY_TIMEOUT_SECS`]), so a dead server is reported within about
 //! half a minute instead of hanging a replication.
 
@@ -33,8 +33,8 @@ use object_store::{
 };
 use snapsync_store::{Result, StoreError};
 
-/// Environment variable overriding how long transient S3 errors are retried (seconds).
-pub const RETRY_TIMEOUT_ENV: &str = "SNAPSYNC_RETRY_TIMEOUT_SECS";
+use crate::RepoOptions;
+
 /// Default bound on retries of one request: long enough to ride out a server restart or
 /// a burst of 503 SlowDown, short enough that a dead server gives a clear error soon.
 pub const DEFAULT_RETRY_TIMEOUT_SECS: u64 = 30;
@@ -76,28 +76,18 @@ impl std::fmt::Display for Location {
 }
 
 /// The retry policy for S3 requests: exponential backoff bounded in total time by
-/// [`RETRY_TIMEOUT_ENV`], so tests can make a dead server fail fast.
-fn retry_config() -> Result<RetryConfig> {
-    let secs = match std::env::var(RETRY_TIMEOUT_ENV) {
-        Err(_) => DEFAULT_RETRY_TIMEOUT_SECS,
-        Ok(v) => v
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| StoreError::Unsupported {
-                what: format!("{RETRY_TIMEOUT_ENV}={v:?}: expected a whole number of seconds"),
-            })?,
-    };
-    let timeout = Duration::from_secs(secs);
-    Ok(RetryConfig {
+/// `timeout`, so tests can make a dead server fail fast.
+fn retry_config(timeout: Duration) -> RetryConfig {
+    RetryConfig {
         backoff: BackoffConfig {
             init_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5).min(timeout.max(Duration::from_millis(100))),
             base: 2.0,
         },
         // The time bound is what matters; the count only has to be large enough.
-        max_retries: if secs == 0 { 0 } else { 1000 },
+        max_retries: if timeout.is_zero() { 0 } else { 1000 },
         retry_timeout: timeout,
-    })
+    }
 }
 
 /// Whether a put may replace an existing object.
@@ -221,7 +211,7 @@ fn summarize(e: &object_store::Error) -> String {
 
 impl Backend {
     /// Open the backend for `location`, creating a local directory if `create`.
-    pub(crate) fn open(location: Location, create: bool) -> Result<Self> {
+    pub(crate) fn open(location: Location, create: bool, options: &RepoOptions) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("snapsync-io")
@@ -238,7 +228,7 @@ impl Backend {
                 let s3 = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_conditional_put(S3ConditionalPut::ETagMatch)
-                    .with_retry(retry_config()?)
+                    .with_retry(retry_config(options.retry_timeout))
                     .build()
                     .map_err(|e| backend_err(format!("configure {location}"), e))?;
                 if prefix.is_empty() {

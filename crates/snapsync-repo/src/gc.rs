@@ -21,6 +21,7 @@ use crate::format::{self, IndexEntry, ManifestId, MAGIC_PACK, PACK_HEADER};
 use crate::repo::{decode_block, key_index, key_manifest, key_pack, random_id, Repository};
 
 /// What gc did.
+#[non_exhaustive]
 #[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
 pub struct GcReport {
     /// Packs deleted because nothing in them is referenced.

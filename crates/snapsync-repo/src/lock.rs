@@ -75,15 +75,6 @@ fn is_live(bytes: &[u8]) -> bool {
     now_secs().saturating_sub(info.started) < STALE_AFTER_SECS
 }
 
-/// How long writers and gc wait for each other.
-fn wait_limit() -> Duration {
-    let secs = std::env::var("SNAPSYNC_LOCK_WAIT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3600);
-    Duration::from_secs(secs)
-}
-
 /// A writer's session lock; released on drop.
 #[derive(Debug)]
 pub struct SessionLock<'a> {
@@ -120,12 +111,12 @@ impl Repository {
             match self.backend.get(GC_LOCK)? {
                 Some(b) if is_live(&b) => {
                     drop(lock);
-                    if started.elapsed() > wait_limit() {
+                    if started.elapsed() > self.options.lock_wait {
                         return Err(StoreError::Conflict {
                             what: format!(
                                 "a gc holds {} and did not finish within {:?}",
                                 self.describe(GC_LOCK),
-                                wait_limit()
+                                self.options.lock_wait
                             ),
                         });
                     }
@@ -189,11 +180,11 @@ impl Repository {
             if live == 0 {
                 return Ok(lock);
             }
-            if started.elapsed() > wait_limit() {
+            if started.elapsed() > self.options.lock_wait {
                 return Err(StoreError::Conflict {
                     what: format!(
                         "{live} writers still hold session locks after {:?}",
-                        wait_limit()
+                        self.options.lock_wait
                     ),
                 });
             }

@@ -19,6 +19,7 @@ use crate::format::{Catalog, CatalogSnapshot, Manifest, ManifestId};
 use crate::repo::{Repository, CHECKPOINT_INTERVAL};
 
 /// What prune did (or would do, with `dry_run`) to one volume.
+#[non_exhaustive]
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct VolumePrune {
     /// Volume.
@@ -32,6 +33,7 @@ pub struct VolumePrune {
 }
 
 /// A kept snapshot and why.
+#[non_exhaustive]
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct KeptSnapshot {
     /// Name.
@@ -41,6 +43,7 @@ pub struct KeptSnapshot {
 }
 
 /// What prune did.
+#[non_exhaustive]
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
 pub struct PruneReport {
     /// True when nothing was changed.
@@ -51,21 +54,73 @@ pub struct PruneReport {
 
 const COMMIT_ATTEMPTS: u32 = 20;
 
+/// What [`Repository::prune`] removes and how.
+///
+/// With the `clap` feature it is also the command line's prune flags (`--volume`,
+/// `--keep-*`, `--force`, `--dry-run`).
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct PruneOptions {
+    /// Only these volumes (repeatable); every volume when empty.
+    #[cfg_attr(feature = "clap", arg(long = "volume"))]
+    pub volumes: Vec<String>,
+    /// The retention rules; at least one must be set.
+    #[cfg_attr(feature = "clap", command(flatten))]
+    pub policy: KeepPolicy,
+    /// Also remove the newest snapshot a source replicates against (its next
+    /// replication will be full).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub force: bool,
+    /// Show what would be removed, change nothing.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub dry_run: bool,
+}
+
+impl PruneOptions {
+    /// Options that apply `policy` to every volume.
+    pub fn new(policy: KeepPolicy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// Only these volumes.
+    pub fn with_volumes(mut self, volumes: Vec<String>) -> Self {
+        self.volumes = volumes;
+        self
+    }
+
+    /// Set [`PruneOptions::force`].
+    pub fn with_force(mut self, force: bool) -> Self {
+        self.force = force;
+        self
+    }
+
+    /// Set [`PruneOptions::dry_run`].
+    pub fn with_dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+}
+
 impl Repository {
-    /// Apply `policy` to `volumes` (all when empty). The newest snapshot that hints name
-    /// as the common base with a source is kept unless `force`: removing it would make
-    /// that source's next replication a full one.
-    pub fn prune(
-        &self,
-        volumes: &[String],
-        policy: &KeepPolicy,
-        force: bool,
-        dry_run: bool,
-    ) -> Result<PruneReport> {
+    /// Apply `options.policy` to `options.volumes` (all when empty). The newest snapshot
+    /// that hints name as the common base with a source is kept unless `options.force`:
+    /// removing it would make that source's next replication a full one.
+    pub fn prune(&self, options: &PruneOptions) -> Result<PruneReport> {
+        let PruneOptions {
+            volumes,
+            policy,
+            force: _,
+            dry_run,
+        } = options;
+        let dry_run = *dry_run;
         if policy.is_empty() {
             return Err(StoreError::Unsupported {
                 what:
-                    "prune without any --keep-* rule would remove every snapshot; give at least one"
+                    "a prune without any keep rule would remove every snapshot; give at least one"
                         .into(),
             });
         }
@@ -97,7 +152,7 @@ impl Repository {
             loop {
                 attempt += 1;
                 let fresh = self.catalog(&cat.volume)?.unwrap_or_else(|| cat.clone());
-                let (next, vp) = self.prune_catalog(&fresh, policy, force, dry_run)?;
+                let (next, vp) = self.prune_catalog(&fresh, options)?;
                 if dry_run || vp.removed.is_empty() {
                     report.volumes.push(vp);
                     break;
@@ -120,10 +175,14 @@ impl Repository {
     fn prune_catalog(
         &self,
         cat: &Catalog,
-        policy: &KeepPolicy,
-        force: bool,
-        dry_run: bool,
+        options: &PruneOptions,
     ) -> Result<(Catalog, VolumePrune)> {
+        let PruneOptions {
+            policy,
+            force,
+            dry_run,
+            ..
+        } = options;
         let infos: Vec<SnapshotInfo> = cat
             .snapshots
             .iter()
@@ -138,7 +197,7 @@ impl Repository {
             .into_iter()
             .map(|(k, v)| (k, v.into_iter().map(String::from).collect()))
             .collect();
-        if !force {
+        if !*force {
             // The replication cursor: per source, the newest snapshot held.
             for h in &cat.hints {
                 let newest = h
@@ -179,7 +238,7 @@ impl Repository {
             manifests_rewritten: 0,
         };
         let mut next = cat.clone();
-        if removed.is_empty() || dry_run {
+        if removed.is_empty() || *dry_run {
             return Ok((next, vp));
         }
         // Live manifests after prune: this volume's kept snapshots, and every other

@@ -54,9 +54,8 @@ impl SnapshotSink for Repository {
             if c.snapshots.iter().any(|s| s.name == request.snapshot.name) {
                 return Err(StoreError::AlreadyExists {
                     what: format!(
-                        "snapshot {}@{} in {}",
-                        request.volume,
-                        request.snapshot.name,
+                        "snapshot {} in {}",
+                        snapsync_core::quote_snapshot(&request.volume, &request.snapshot.name),
                         self.location()
                     ),
                 });
@@ -71,9 +70,8 @@ impl SnapshotSink for Repository {
                     .and_then(|c| c.snapshots.iter().find(|s| s.name == b.snapshot))
                     .ok_or_else(|| {
                         StoreError::not_found(format!(
-                            "base snapshot {}@{} in {}",
-                            b.volume,
-                            b.snapshot,
+                            "base snapshot {} in {}",
+                            snapsync_core::quote_snapshot(&b.volume, &b.snapshot),
                             self.location()
                         ))
                     })?;
@@ -352,8 +350,9 @@ impl Receiver for RepoReceiver<'_> {
                 }
                 return Err(StoreError::AlreadyExists {
                     what: format!(
-                        "snapshot {}@{} (committed meanwhile by another writer, with another identity) in {}",
-                        r.volume, r.snapshot.name, repo.location()
+                        "snapshot {} (committed meanwhile by another writer, with another identity) in {}",
+                        snapsync_core::quote_snapshot(&r.volume, &r.snapshot.name),
+                        repo.location()
                     ),
                 });
             }

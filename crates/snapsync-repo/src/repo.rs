@@ -13,6 +13,7 @@ use crate::format::{
     self, Catalog, Compression, Config, Manifest, ManifestId, MAGIC_CATALOG, MAGIC_CONFIG,
 };
 use crate::index::{BlockIndex, BlockLocation};
+use crate::RepoOptions;
 
 /// Default block size: the qcow2 default cluster size, a good balance of dedup
 /// granularity and metadata size.
@@ -30,6 +31,7 @@ const KEEP_GENERATIONS: u64 = 8;
 pub struct Repository {
     pub(crate) backend: Backend,
     pub(crate) config: Config,
+    pub(crate) options: RepoOptions,
     index: Mutex<Option<BlockIndex>>,
     manifests: Mutex<HashMap<ManifestId, Arc<Manifest>>>,
     /// gc runs seen when the block index was last trusted (see `lock.rs`).
@@ -78,8 +80,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Repository {
     /// Create a repository at `location` with the given block size (a power of two
-    /// from 512 B to 16 MiB). The location must be empty.
+    /// from 512 B to 16 MiB) and default [`RepoOptions`]. The location must be empty.
     pub fn init(location: Location, block_size: u64) -> Result<Self> {
+        Self::init_with(location, block_size, &RepoOptions::default())
+    }
+
+    /// [`Repository::init`] with `options`.
+    pub fn init_with(location: Location, block_size: u64, options: &RepoOptions) -> Result<Self> {
         if !block_size.is_power_of_two() || !(512..=16 << 20).contains(&block_size) {
             return Err(StoreError::Unsupported {
                 what: format!(
@@ -87,7 +94,7 @@ impl Repository {
                 ),
             });
         }
-        let backend = Backend::open(location, true)?;
+        let backend = Backend::open(location, true, options)?;
         let probe = format!("{PROBE_PREFIX}/");
         if let Some((key, _)) = backend
             .list("")?
@@ -119,12 +126,17 @@ impl Repository {
                 },
                 other => other,
             })?;
-        Ok(Self::from_parts(backend, config))
+        Ok(Self::from_parts(backend, config, options))
     }
 
-    /// Open an existing repository.
+    /// Open an existing repository with default [`RepoOptions`].
     pub fn open(location: Location) -> Result<Self> {
-        let backend = Backend::open(location, false).map_err(|e| match e {
+        Self::open_with(location, &RepoOptions::default())
+    }
+
+    /// [`Repository::open`] with `options`.
+    pub fn open_with(location: Location, options: &RepoOptions) -> Result<Self> {
+        let backend = Backend::open(location, false, options).map_err(|e| match e {
             StoreError::NotFound { what } => StoreError::NotFound {
                 what: format!(
                     "{what} (no snapsync repository there; create one with `snapsync init`)"
@@ -158,7 +170,7 @@ impl Repository {
                 Ok(()) => {}
             }
         }
-        Ok(Self::from_parts(backend, config))
+        Ok(Self::from_parts(backend, config, options))
     }
 
     /// Refuse to write on when the repository was replaced since it was opened (deleted
@@ -186,10 +198,11 @@ impl Repository {
         })
     }
 
-    fn from_parts(backend: Backend, config: Config) -> Self {
+    fn from_parts(backend: Backend, config: Config, options: &RepoOptions) -> Self {
         Self {
             backend,
             config,
+            options: options.clone(),
             index: Mutex::new(None),
             manifests: Mutex::new(HashMap::new()),
             gc_epochs: Mutex::new(None),
@@ -294,7 +307,7 @@ impl Repository {
             }
         }
         Err(StoreError::Conflict {
-            what: format!("catalog of volume {volume} keeps changing while being read"),
+            what: format!("catalog of volume {volume:?} keeps changing while being read"),
         })
     }
 
@@ -305,7 +318,7 @@ impl Repository {
         match self.backend.put(&key, Bytes::from(bytes), Put::Create) {
             Err(StoreError::AlreadyExists { .. }) => Err(StoreError::Conflict {
                 what: format!(
-                    "generation {} of volume {} was committed by another writer",
+                    "generation {} of volume {:?} was committed by another writer",
                     catalog.generation, catalog.volume
                 ),
             }),

@@ -57,7 +57,8 @@ impl Repository {
             .and_then(|c| c.snapshots.iter().find(|s| s.name == snapshot))
             .ok_or_else(|| {
                 StoreError::not_found(format!(
-                    "snapshot {volume}@{snapshot} in {}",
+                    "snapshot {} in {}",
+                    snapsync_core::quote_snapshot(volume, snapshot),
                     self.location()
                 ))
             })?;

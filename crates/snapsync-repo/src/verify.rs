@@ -12,6 +12,7 @@ use crate::format::{self, MAGIC_PACK};
 use crate::repo::{decode_block, key_pack, Repository};
 
 /// One damaged snapshot (or, with `snapshot` empty, a damaged repository object).
+#[non_exhaustive]
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Damage {
     /// Volume.
@@ -23,6 +24,7 @@ pub struct Damage {
 }
 
 /// What `verify` found.
+#[non_exhaustive]
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct VerifyReport {
     /// True when nothing is damaged.

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use snapsync_core::{Extent, ExtentList};
 use snapsync_core::{KeepPolicy, Origin, Timestamp};
 use snapsync_engine::{replicate, restore, ReplicateOptions, SnapshotReport};
-use snapsync_repo::{Location, Repository, CHECKPOINT_INTERVAL};
+use snapsync_repo::{Location, PruneOptions, Repository, CHECKPOINT_INTERVAL};
 use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
 use snapsync_store::{NoProgress, SnapshotRef, SnapshotSource, Store};
@@ -21,10 +21,7 @@ fn repo(dir: &std::path::Path) -> Repository {
 }
 
 fn send(src: &MemoryStore, dst: &Repository, snapshot: Option<&str>) -> Vec<SnapshotReport> {
-    let opts = ReplicateOptions {
-        snapshot: snapshot.map(String::from),
-        ..Default::default()
-    };
+    let opts = ReplicateOptions::default().with_snapshot(snapshot.map(String::from));
     replicate(src, dst, &opts, &NoProgress, &mut |_| {}).unwrap()
 }
 
@@ -114,15 +111,10 @@ fn prune_merges_removed_deltas_and_gc_reclaims_space() {
     send(&src, &dst, None);
     let before = dir_size(&dir.path().join("repo/packs"));
     let report = dst
-        .prune(
-            &[],
-            &KeepPolicy {
-                last: 2,
-                ..Default::default()
-            },
-            false,
-            false,
-        )
+        .prune(&PruneOptions::new(KeepPolicy {
+            last: 2,
+            ..Default::default()
+        }))
         .unwrap();
     assert_eq!(report.volumes[0].removed, ["s0", "s1", "s2", "s3"]);
     let names: Vec<_> = dst
@@ -239,10 +231,7 @@ fn a_clone_is_stored_against_its_origin_and_keeps_lineage_onward() {
     let r = replicate(
         &a,
         &b,
-        &ReplicateOptions {
-            volumes: vec!["vm".into()],
-            ..Default::default()
-        },
+        &ReplicateOptions::default().with_volumes(vec!["vm".into()]),
         &NoProgress,
         &mut |_| {},
     )
@@ -307,13 +296,13 @@ proptest! {
             match op {
                 Op::Replicate(k) => {
                     let (vol, name) = &names[k % names.len()];
-                    let opts = ReplicateOptions { volumes: vec![vol.to_string()], snapshot: Some(name.clone()) };
+                    let opts = ReplicateOptions::default().with_volumes(vec![vol.to_string()]).with_snapshot(Some(name.clone()));
                     replicate(&src, &dst, &opts, &NoProgress, &mut |_| {}).unwrap();
                 }
                 Op::ReplicateAll => { send(&src, &dst, None); }
                 Op::Prune(n) => {
                     if !dst.list().unwrap().is_empty() {
-                        dst.prune(&[], &KeepPolicy { last: n, ..Default::default() }, true, false).unwrap();
+                        dst.prune(&PruneOptions::new(KeepPolicy { last: n, ..Default::default() }).with_force(true)).unwrap();
                     }
                 }
                 Op::Gc => { dst.gc().unwrap(); }
@@ -377,10 +366,7 @@ fn a_source_that_estimates_diffs_gets_the_smallest_delta_not_the_nearest() {
     send(&src, &a, None);
     // b holds s1 and s2; s2 is nearest to s3 in age, s1 is nearest in content.
     for s in ["s1", "s2"] {
-        let o = ReplicateOptions {
-            snapshot: Some(s.into()),
-            ..Default::default()
-        };
+        let o = ReplicateOptions::default().with_snapshot(Some(s.into()));
         replicate(&a, &b, &o, &NoProgress, &mut |_| {}).unwrap();
     }
     let r = replicate(
@@ -421,13 +407,11 @@ fn reading_a_snapshot_needs_no_listing() {
     );
     // After gc repacks, the pack hints are stale: reading falls back to the full index.
     dst.prune(
-        &[],
-        &KeepPolicy {
+        &PruneOptions::new(KeepPolicy {
             last: 1,
             ..Default::default()
-        },
-        true,
-        false,
+        })
+        .with_force(true),
     )
     .unwrap();
     dst.gc().unwrap();

@@ -110,7 +110,8 @@ impl MemoryStore {
     fn lookup(&self, volume: &str, snapshot: &str) -> Result<Arc<Vec<u8>>> {
         self.content(volume, snapshot).ok_or_else(|| {
             StoreError::not_found(format!(
-                "snapshot {volume}@{snapshot} in {}",
+                "snapshot {} in {}",
+                snapsync_core::quote_snapshot(volume, snapshot),
                 self.location()
             ))
         })
@@ -229,9 +230,8 @@ impl SnapshotSink for MemoryStore {
             let _ = existing;
             return Err(StoreError::AlreadyExists {
                 what: format!(
-                    "snapshot {}@{} in {}",
-                    request.volume,
-                    request.snapshot.name,
+                    "snapshot {} in {}",
+                    snapsync_core::quote_snapshot(&request.volume, &request.snapshot.name),
                     self.location()
                 ),
             });

@@ -1,0 +1,46 @@
+//! How a repository is opened: limits an embedding program sets, never read from the
+//! environment here (only the `snapsync` binary reads environment variables).
+
+use std::time::Duration;
+
+use crate::backend::DEFAULT_RETRY_TIMEOUT_SECS;
+
+/// Default for [`RepoOptions::lock_wait`]: long enough for a gc of a large repository.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(3600);
+
+/// Options of [`Repository::open_with`](crate::Repository::open_with) and
+/// [`Repository::init_with`](crate::Repository::init_with).
+///
+/// Build with `RepoOptions::default()` and the `with_*` methods; the struct is
+/// non-exhaustive so that later options do not break callers.
+#[non_exhaustive]
+#[derive(Clone, Debug)]
+pub struct RepoOptions {
+    /// How long transient S3 errors of one request are retried (zero: never).
+    pub retry_timeout: Duration,
+    /// How long writers and gc wait for each other's locks before failing.
+    pub lock_wait: Duration,
+}
+
+impl Default for RepoOptions {
+    fn default() -> Self {
+        Self {
+            retry_timeout: Duration::from_secs(DEFAULT_RETRY_TIMEOUT_SECS),
+            lock_wait: DEFAULT_LOCK_WAIT,
+        }
+    }
+}
+
+impl RepoOptions {
+    /// Set [`RepoOptions::retry_timeout`].
+    pub fn with_retry_timeout(mut self, timeout: Duration) -> Self {
+        self.retry_timeout = timeout;
+        self
+    }
+
+    /// Set [`RepoOptions::lock_wait`].
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
+}

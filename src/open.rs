@@ -1,0 +1,211 @@
+//! Opening stores from URLs: the one place that knows every kind of store.
+
+use snapsync_qcow2::Qcow2Store;
+use snapsync_raw::RawStore;
+use snapsync_remote::{ClientOptions, RemoteStore, ServedStore};
+use snapsync_repo::{RepoOptions, Repository};
+use snapsync_store::{SnapshotSink, SnapshotSource, StoreError};
+
+use crate::url::{StoreUrl, UrlError};
+
+/// How stores are opened: everything a library reads instead of the environment.
+///
+/// Build with `OpenOptions::default()` and the `with_*` methods.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// For repositories (`file://`, `s3://`, plain paths).
+    pub repo: RepoOptions,
+    /// For `snapsync://` stores: the token and the certificates to trust.
+    pub client: ClientOptions,
+    /// Let every qcow2 store's backing files lie anywhere, as `?backing=any` does for
+    /// one URL. Only for images whose author is trusted.
+    pub qcow2_backing_any: bool,
+}
+
+impl OpenOptions {
+    /// Set [`OpenOptions::repo`].
+    pub fn with_repo(mut self, repo: RepoOptions) -> Self {
+        self.repo = repo;
+        self
+    }
+
+    /// Set [`OpenOptions::client`].
+    pub fn with_client(mut self, client: ClientOptions) -> Self {
+        self.client = client;
+        self
+    }
+
+    /// Set [`OpenOptions::qcow2_backing_any`].
+    pub fn with_qcow2_backing_any(mut self, any: bool) -> Self {
+        self.qcow2_backing_any = any;
+        self
+    }
+}
+
+/// What opening a store can fail with.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The URL cannot name a store.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A store that is a source only, asked for as a destination.
+    #[error("{location} is {kind}, which is a source only; replicate into a repository")]
+    NotASink {
+        /// The store.
+        location: String,
+        /// What kind of store it is.
+        kind: StoreKind,
+    },
+    /// A store that is not a repository, asked for as one.
+    #[error("{location} is {kind}, not a repository{}", if *kind == StoreKind::Remote { "; run this on its server" } else { "" })]
+    NotARepository {
+        /// The store.
+        location: String,
+        /// What kind of store it is.
+        kind: StoreKind,
+    },
+}
+
+/// The kinds of store a URL can name.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `raw:`
+    Raw,
+    /// `qcow2:`
+    Qcow2,
+    /// A repository.
+    Repository,
+    /// A store on a `snapsync serve` server.
+    Remote,
+}
+
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreKind::Raw => "a raw image directory",
+            StoreKind::Qcow2 => "a qcow2 store",
+            StoreKind::Repository => "a repository",
+            StoreKind::Remote => "a remote store",
+        })
+    }
+}
+
+/// An opened storage system of any kind.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AnyStore {
+    /// `raw:`
+    Raw(RawStore),
+    /// `qcow2:`
+    Qcow2(Box<Qcow2Store>),
+    /// A repository.
+    Repo(Box<Repository>),
+    /// `snapsync://`: a store served by `snapsync serve`.
+    Remote(Box<RemoteStore>),
+}
+
+impl StoreUrl {
+    /// Open the store this URL names.
+    pub fn open(&self, options: &OpenOptions) -> Result<AnyStore, OpenError> {
+        Ok(match self {
+            StoreUrl::Raw(p) => AnyStore::Raw(RawStore::open(p)?),
+            // `backing_any` (or `options.qcow2_backing_any`) is honoured by the qcow2
+            // store's backing-file rule; the store follows every backing file today.
+            StoreUrl::Qcow2 { path, .. } => AnyStore::Qcow2(Box::new(Qcow2Store::open(path)?)),
+            StoreUrl::Repo(loc) => {
+                AnyStore::Repo(Box::new(Repository::open_with(loc.clone(), &options.repo)?))
+            }
+            StoreUrl::Remote(u) => {
+                AnyStore::Remote(Box::new(RemoteStore::open(u, options.client.clone())?))
+            }
+        })
+    }
+}
+
+/// Parse `url` and open the store it names, whatever it can be used as.
+pub fn open(url: &str, options: &OpenOptions) -> Result<AnyStore, OpenError> {
+    StoreUrl::parse(url)?.open(options)
+}
+
+/// Open `url` as a replication source (every kind of store is one).
+pub fn open_source(url: &str, options: &OpenOptions) -> Result<Box<dyn SnapshotSource>, OpenError> {
+    Ok(match open(url, options)? {
+        AnyStore::Raw(r) => Box::new(r),
+        AnyStore::Qcow2(q) => q,
+        AnyStore::Repo(r) => r,
+        AnyStore::Remote(r) => r,
+    })
+}
+
+/// Open `url` as a destination; a source-only store is an [`OpenError::NotASink`].
+pub fn open_sink(url: &str, options: &OpenOptions) -> Result<Box<dyn SnapshotSink>, OpenError> {
+    match open(url, options)? {
+        AnyStore::Repo(r) => Ok(r),
+        AnyStore::Remote(r) if r.is_sink() => Ok(r),
+        other => Err(other.not_a_sink()),
+    }
+}
+
+impl AnyStore {
+    /// What kind of store it is.
+    pub fn kind(&self) -> StoreKind {
+        match self {
+            AnyStore::Raw(_) => StoreKind::Raw,
+            AnyStore::Qcow2(_) => StoreKind::Qcow2,
+            AnyStore::Repo(_) => StoreKind::Repository,
+            AnyStore::Remote(_) => StoreKind::Remote,
+        }
+    }
+
+    /// As a replication source.
+    pub fn source(&self) -> &dyn SnapshotSource {
+        match self {
+            AnyStore::Raw(r) => r,
+            AnyStore::Qcow2(q) => q.as_ref(),
+            AnyStore::Repo(r) => r.as_ref(),
+            AnyStore::Remote(r) => r.as_ref(),
+        }
+    }
+
+    /// As a destination, if it can be one.
+    pub fn sink(&self) -> Result<&dyn SnapshotSink, OpenError> {
+        match self {
+            AnyStore::Repo(r) => Ok(r.as_ref()),
+            AnyStore::Remote(r) if r.is_sink() => Ok(r.as_ref()),
+            _ => Err(self.not_a_sink()),
+        }
+    }
+
+    fn not_a_sink(&self) -> OpenError {
+        OpenError::NotASink {
+            location: self.source().location(),
+            kind: self.kind(),
+        }
+    }
+
+    /// As a repository, for repository-only operations (verify, prune, gc).
+    pub fn repository(&self) -> Result<&Repository, OpenError> {
+        match self {
+            AnyStore::Repo(r) => Ok(r),
+            _ => Err(OpenError::NotARepository {
+                location: self.source().location(),
+                kind: self.kind(),
+            }),
+        }
+    }
+}
+
+impl ServedStore for AnyStore {
+    fn source(&self) -> &dyn SnapshotSource {
+        AnyStore::source(self)
+    }
+    fn sink(&self) -> Option<&dyn SnapshotSink> {
+        AnyStore::sink(self).ok()
+    }
+}
