@@ -37,15 +37,16 @@ pub use url::{parse_target, StoreUrl, UrlError};
 
 pub use snapsync_core::KeepPolicy;
 pub use snapsync_engine::{
-    replicate, restore, EngineError, NoProgress, Progress, ReplicateOptions, RestoreStats,
-    SnapshotReport,
+    replicate, restore, EngineError, ReplicateOptions, RestoreStats, SnapshotReport,
 };
 pub use snapsync_qcow2::restore_qcow2;
 pub use snapsync_remote::ClientOptions;
 pub use snapsync_repo::{
     Location, PruneOptions, PruneReport, RepoOptions, Repository, DEFAULT_BLOCK_SIZE,
 };
-pub use snapsync_store::{SnapshotSink, SnapshotSource, Store, StoreError};
+pub use snapsync_store::{
+    NoProgress, Phase, Progress, SnapshotSink, SnapshotSource, Store, StoreError,
+};
 
 pub use snapsync_core;
 pub use snapsync_engine;
