@@ -131,8 +131,8 @@ fn prune_keeps_the_right_snapshots_protects_the_replication_base_and_gc_reclaims
     let out = run(&["prune", &repo]);
     assert_eq!(
         out.status.code(),
-        Some(1),
-        "prune without rules must refuse"
+        Some(2),
+        "prune without rules is a usage error"
     );
 
     let packs = |r: &str| dir_bytes(&Path::new(r).join("packs"));
