@@ -54,7 +54,7 @@ pub fn init(repo: &str, block_size: u64) -> Result<ExitCode> {
         ))
         .into());
     };
-    let r = Repository::init(loc, block_size)
+    let r = Repository::init_with(loc, block_size, &stores::repo_options()?)
         .with_context(|| format!("cannot create a repository at {repo}"))?;
     println!(
         "created repository {} (id {}, block size {})",

@@ -54,7 +54,8 @@ pub fn seconds_from_env(name: &str) -> Result<Option<Duration>> {
     }
 }
 
-fn repo_options() -> Result<RepoOptions> {
+/// The repository options the environment sets.
+pub fn repo_options() -> Result<RepoOptions> {
     let mut o = RepoOptions::default();
     if let Some(t) = seconds_from_env(RETRY_TIMEOUT_ENV)? {
         o = o.with_retry_timeout(t);
