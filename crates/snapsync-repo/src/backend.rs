@@ -398,7 +398,7 @@ impl Backend {
     /// Returns `Err(Unsupported)` for a store that overwrote; other errors (e.g. no
     /// permission to write) are returned as they are.
     pub(crate) fn check_create_only(&self) -> Result<()> {
-        let key = format!("{PROBE_PREFIX}/create-only-{}", crate::repo::random_id());
+        let key = format!("{PROBE_PREFIX}/create-only-{}", crate::random::random_id());
         self.put(&key, Bytes::from_static(b"first"), Put::Create)?;
         let second = self.put(&key, Bytes::from_static(b"second"), Put::Create);
         let _ = self.delete(&key);

@@ -34,6 +34,7 @@ mod index;
 mod lock;
 mod options;
 mod prune;
+mod random;
 mod receive;
 mod repo;
 mod source;

@@ -24,7 +24,8 @@ use snapsync_store::{Result, StoreError};
 use tracing::{debug, info};
 
 use crate::backend::Put;
-use crate::repo::{random_id, Repository};
+use crate::random::random_id;
+use crate::repo::Repository;
 
 /// A lock from another host that is this old is ignored.
 pub const STALE_AFTER_SECS: u64 = 6 * 3600;

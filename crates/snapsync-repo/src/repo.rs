@@ -112,7 +112,7 @@ impl Repository {
         // let concurrent commits overwrite each other.
         backend.check_create_only()?;
         let config = Config {
-            repository_id: random_id(),
+            repository_id: crate::random::random_id(),
             block_size,
             created: Timestamp::from_system_time(std::time::SystemTime::now()),
             create_only_checked: true,
@@ -829,17 +829,4 @@ pub(crate) fn decode_block_into(stored: &[u8], compression: Compression, dst: &m
         }
         Compression::Zstd => codec::decompress_into(stored, dst).is_ok(),
     }
-}
-
-/// A random 128-bit id in hex, from the OS's randomness through the hasher's keys.
-pub(crate) fn random_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = blake3::Hasher::new();
-    for _ in 0..4 {
-        let mut s = std::collections::hash_map::RandomState::new().build_hasher();
-        s.write_u64(0);
-        h.update(&s.finish().to_le_bytes());
-    }
-    h.update(&format!("{:?}{}", std::time::SystemTime::now(), std::process::id()).into_bytes());
-    h.finalize().to_hex()[..32].to_string()
 }

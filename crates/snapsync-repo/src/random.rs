@@ -1,0 +1,24 @@
+//! Random ids for objects that must never collide between writers: repository ids,
+//! lock sessions, gc epochs and probes. One helper, so that every such id has the same
+//! strength (128 bits from the operating system's generator).
+
+/// A random 128-bit id in lower-case hex.
+pub(crate) fn random_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random_id;
+
+    #[test]
+    fn ids_are_32_hex_digits_and_differ() {
+        let a = random_id();
+        let b = random_id();
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(a, b);
+    }
+}
