@@ -24,7 +24,7 @@
 //!   writers committing at once cannot lose each other's snapshots: the loser rereads
 //!   and retries.
 //!
-//! The format is specified in `docs/FORMAT.md` and in [`format`].
+//! The format is specified in `docs/FORMAT.md` and in [`mod@format`].
 
 mod backend;
 mod diff;
