@@ -1,10 +1,10 @@
 //! `restore`: write a snapshot out as a raw image, sparse where it is zero.
 
-use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use snapsync_core::is_zero;
+use snapsync_store::output::{OutputFile, OutputKind};
 use snapsync_store::{Phase, Progress, SnapshotSource, StoreError};
 
 use crate::{EngineError, Result};
@@ -24,7 +24,9 @@ const HOLE_GRANULE: usize = 64 << 10;
 const CHUNK: u64 = 8 << 20;
 
 /// Write `volume@snapshot` of `source` to `output` as a raw image. Zero regions are left
-/// as holes (the file is truncated to zero first, so they read as zeros).
+/// as holes in a fresh file, which replaces `output` only when complete; a device is
+/// written in place. An output that is a file the source reads is refused
+/// ([`OutputFile`]).
 pub fn restore(
     source: &dyn SnapshotSource,
     volume: &str,
@@ -54,15 +56,12 @@ pub fn restore(
         context: format!("{context} {}", output.display()),
         source: e,
     };
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(output)
-        .map_err(|e| out_err("cannot open", e))?;
-    let is_regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+    let source_files = source.local_files(volume, snapshot).map_err(src_err)?;
+    let output_file =
+        OutputFile::create(output, &source_files).map_err(|e| out_err("cannot restore to", e))?;
+    let file = output_file.file();
+    let is_regular = output_file.kind() == OutputKind::Regular;
     if is_regular {
-        file.set_len(0).map_err(|e| out_err("cannot truncate", e))?;
         file.set_len(info.size)
             .map_err(|e| out_err("cannot size", e))?;
     }
@@ -107,8 +106,10 @@ pub fn restore(
             }
         }
     }
-    file.sync_all().map_err(|e| out_err("cannot sync", e))?;
     reader.finish().map_err(src_err)?;
+    output_file
+        .commit()
+        .map_err(|e| out_err("cannot complete", e))?;
     progress.finish();
     Ok(stats)
 }

@@ -614,6 +614,11 @@ impl Store for Qcow2Store {
 }
 
 impl SnapshotSource for Qcow2Store {
+    fn local_files(&self, volume: &str, snapshot: &str) -> Result<Vec<PathBuf>> {
+        // The whole chain: a restore must not overwrite a layer any view reads.
+        Ok(self.resolve(volume, snapshot)?.0.canon.clone())
+    }
+
     fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
         let (tv, t) = self.resolve(volume, target)?;
         let base = match base {
@@ -704,11 +709,18 @@ pub fn restore_qcow2(
             source: Box::new(other),
         },
     };
-    let mut writer = Qcow2Writer::new(output, info.size, cluster_size).map_err(out_err)?;
+    let output_file =
+        snapsync_store::output::OutputFile::create(output, &source.local_files(volume, snapshot)?)
+            .map_err(|e| StoreError::Io {
+                context: format!("cannot restore to {}", output.display()),
+                source: e,
+            })?;
+    let mut writer =
+        Qcow2Writer::new(output_file.path(), info.size, cluster_size).map_err(out_err)?;
     let plan = diff.data.align(cluster_size, info.size);
     let to_read = plan.clip(info.size).total_len();
     progress.start(Phase::Restore { volume, snapshot }, to_read);
-    let result = (|| {
+    let result: Result<Qcow2RestoreStats> = (|| {
         const CHUNK: u64 = 8 << 20;
         let chunk = CHUNK.max(cluster_size);
         let mut buf = Vec::new();
@@ -734,8 +746,12 @@ pub fn restore_qcow2(
             read_bytes,
         })
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(output);
-    }
-    result
+    // Dropped on an error, the output's temporary file goes with it: what stood at
+    // `output` before stays as it was.
+    let stats = result?;
+    output_file.commit().map_err(|e| StoreError::Io {
+        context: format!("cannot complete {}", output.display()),
+        source: e,
+    })?;
+    Ok(stats)
 }

@@ -167,7 +167,7 @@ impl Qcow2Writer {
     }
 
     /// Write the last L2 table, the refcounts, the L1 table and the header,
-    /// then sync the file to disk.
+    /// then sync the file to disk (unless it is a stream such as `/dev/null`).
     pub fn finish(mut self) -> Result<(), Qcow2Error> {
         self.flush_l2()?;
         let cs = self.cluster_size;
@@ -234,8 +234,15 @@ impl Qcow2Writer {
             file.write_all_at(&l1, self.l1_offset)
                 .map_err(|e| Qcow2Error::io(ctx("writing L1 table of"), e))?;
         }
-        file.sync_all()
-            .map_err(|e| Qcow2Error::io(ctx("syncing"), e))?;
+        // A character device or pipe (`/dev/null`) has nothing to sync and refuses to.
+        let is_stream = file.metadata().is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_char_device() || m.file_type().is_fifo()
+        });
+        if !is_stream {
+            file.sync_all()
+                .map_err(|e| Qcow2Error::io(ctx("syncing"), e))?;
+        }
         Ok(())
     }
 }

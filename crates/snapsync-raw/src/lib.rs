@@ -385,6 +385,10 @@ impl Store for RawStore {
 }
 
 impl SnapshotSource for RawStore {
+    fn local_files(&self, volume: &str, snapshot: &str) -> Result<Vec<PathBuf>> {
+        Ok(vec![self.image_path(volume, snapshot)?])
+    }
+
     fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
         let tpath = self.image_path(volume, target)?;
         let key = FileKey::of(&tpath)?;

@@ -71,6 +71,13 @@ impl Repository {
 }
 
 impl SnapshotSource for Repository {
+    fn local_files(&self, _volume: &str, _snapshot: &str) -> Result<Vec<std::path::PathBuf>> {
+        Ok(match self.location() {
+            crate::Location::Local(root) => vec![root.clone()],
+            _ => Vec::new(),
+        })
+    }
+
     fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
         let Some(base) = base else {
             // A whole snapshot (a restore, a first copy out): its data blocks, straight

@@ -17,6 +17,7 @@
 pub mod conformance;
 mod error;
 pub mod memory;
+pub mod output;
 mod pool;
 mod progress;
 
@@ -142,6 +143,15 @@ pub trait SnapshotSource: Store {
 
     /// Open a snapshot for reading.
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>>;
+
+    /// The local files reading `volume@snapshot` touches (an image and its backing
+    /// chain), and the local directories the store keeps (a repository's root). A restore
+    /// refuses to write over any of them (see [`output::OutputFile`]): writing a snapshot
+    /// onto the file it is read from would destroy it. Stores with nothing local (S3, a
+    /// remote server, memory) return nothing.
+    fn local_files(&self, _volume: &str, _snapshot: &str) -> Result<Vec<std::path::PathBuf>> {
+        Ok(Vec::new())
+    }
 }
 
 /// A snapshot named by volume and name, borrowed.
