@@ -53,6 +53,13 @@ impl Timestamp {
         (self.as_nanos() - other.as_nanos()).unsigned_abs()
     }
 
+    /// Whether this is a time a snapshot can have: nanoseconds below one second and a
+    /// date that can be written out (years -9999 to 9999). Deserialized timestamps may be
+    /// anything; a receiver checks them before it commits one.
+    pub fn is_valid(&self) -> bool {
+        self.nanos < 1_000_000_000 && ::time::OffsetDateTime::from_unix_timestamp(self.secs).is_ok()
+    }
+
     /// RFC 3339 in UTC, with nanoseconds when non-zero.
     pub fn to_rfc3339(&self) -> String {
         match ::time::OffsetDateTime::from_unix_timestamp_nanos(self.as_nanos()) {

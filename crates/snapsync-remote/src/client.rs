@@ -286,6 +286,9 @@ impl RemoteStore {
                     },
                     ("already_exists", Some(w)) => StoreError::AlreadyExists { what: w },
                     ("conflict", Some(w)) => StoreError::Conflict { what: w },
+                    ("invalid_argument", Some(w)) => StoreError::InvalidArgument {
+                        what: format!("{w} (refused by {url})"),
+                    },
                     _ => StoreError::Backend {
                         context: format!("{url}: {what}"),
                         source: format!("refused by the server ({status}): {}", e.message)

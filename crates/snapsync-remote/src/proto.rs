@@ -157,11 +157,12 @@ pub struct CommitResponse {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
     /// `unauthorized`, `forbidden`, `not_found`, `already_exists`, `conflict`,
-    /// `bad_request`, `version`, `unsupported`, `internal`.
+    /// `bad_request`, `invalid_argument`, `version`, `unsupported`, `malformed`,
+    /// `corrupt`, `internal`.
     pub kind: String,
     /// The full one-line message.
     pub message: String,
-    /// For `not_found`, `already_exists` and `conflict`: what.
+    /// For `not_found`, `already_exists`, `conflict` and `invalid_argument`: what.
     #[serde(default)]
     pub what: Option<String>,
 }
@@ -173,6 +174,7 @@ impl ErrorBody {
             StoreError::NotFound { what } => (404, "not_found", Some(what.clone())),
             StoreError::AlreadyExists { what } => (409, "already_exists", Some(what.clone())),
             StoreError::Conflict { what } => (409, "conflict", Some(what.clone())),
+            StoreError::InvalidArgument { what } => (400, "invalid_argument", Some(what.clone())),
             StoreError::InvalidName(_) => (400, "bad_request", None),
             StoreError::Unsupported { .. } => (501, "unsupported", None),
             StoreError::Malformed { .. } => (422, "malformed", None),

@@ -330,6 +330,15 @@ fn store_error(e: StoreError) -> Resp {
     error_body(status, body)
 }
 
+/// The answer to any request of a session that had a refused one.
+fn refused_session(sid: &str, why: &str) -> Resp {
+    error(
+        409,
+        "conflict",
+        format!("receive session {sid} had a refused request ({why}); it cannot go on or be committed: rerun the replication"),
+    )
+}
+
 /// Decode a percent-encoded path segment.
 fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
@@ -673,42 +682,13 @@ impl State {
                         )
                     })?;
                     h.last_used = Instant::now();
+                    if let Some(why) = &h.refused {
+                        return Err(refused_session(&sid, why));
+                    }
                     (h.tx.clone(), h.block_size)
                 };
-                let limit = if cmd == "write" {
-                    MAX_BODY
-                } else {
-                    MAX_JSON_BODY * 4
-                };
-                let sequence = if cmd == "write" {
-                    let seq = req
-                        .headers()
-                        .get(SEQUENCE_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok());
-                    Some(seq.ok_or_else(|| {
-                        error(
-                            400,
-                            "bad_request",
-                            format!("a write needs a numeric {SEQUENCE_HEADER} header"),
-                        )
-                    })?)
-                } else {
-                    None
-                };
-                let (rtx, rrx) = oneshot::channel();
-                let command = match cmd.as_str() {
-                    "missing" => {
-                        let b = body(req, limit).await?;
-                        let ids =
-                            decode_ids(&b).map_err(|e| error(400, "bad_request", e.to_string()))?;
-                        Command::Missing(ids, rtx)
-                    }
-                    "write" => {
-                        let blocks = write_batch(req, block_size, self.plain.clone()).await?;
-                        Command::Write(sequence.expect("set for writes"), blocks, rtx)
-                    }
-                    "commit" => Command::Commit(rtx),
+                match cmd.as_str() {
+                    "missing" | "write" | "commit" => {}
                     "abort" => {
                         self.sessions
                             .lock()
@@ -717,6 +697,17 @@ impl State {
                         return Ok(json_ok(&serde_json::json!({})));
                     }
                     _ => return Err(error(404, "not_found", format!("no such endpoint {path}"))),
+                }
+                // Whatever is refused from here on (a body that does not decode, a
+                // write the receiver refuses) ends the session for good: a commit after
+                // it would leave what the refused request carried missing.
+                let (rtx, rrx) = oneshot::channel();
+                let command = match self.decode_command(req, &cmd, block_size, rtx).await {
+                    Ok(c) => c,
+                    Err((why, resp)) => {
+                        self.refuse_session(&sid, why);
+                        return Err(resp);
+                    }
                 };
                 if tx.send(command).is_err() {
                     return Err(error(
@@ -730,9 +721,12 @@ impl State {
                     .map_err(|_| error(500, "internal", format!("receive session {sid} failed")))?;
                 {
                     let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-                    if cmd == "commit" || reply.is_err() {
-                        // A failed receive cannot continue: drop it.
+                    if cmd == "commit" && reply.is_ok() {
                         sessions.remove(&sid);
+                    } else if let Err(e) = &reply {
+                        if let Some(h) = sessions.get_mut(&sid) {
+                            h.refuse(e.to_string());
+                        }
                     } else if let Some(h) = sessions.get_mut(&sid) {
                         // Idle time counts from the end of the last request, so a long
                         // write (or one waiting for its predecessor) is not idleness.
@@ -753,6 +747,50 @@ impl State {
                 }
             }
             _ => Err(error(404, "not_found", format!("no such endpoint {path}"))),
+        }
+    }
+
+    /// Read and decode one request of a receive session.
+    async fn decode_command(
+        &self,
+        req: Request<Incoming>,
+        cmd: &str,
+        block_size: u64,
+        reply: Responder,
+    ) -> Result<Command, (String, Resp)> {
+        let bad = |detail: String| (detail.clone(), error(400, "bad_request", detail));
+        match cmd {
+            "missing" => {
+                let b = body(req, MAX_JSON_BODY * 4)
+                    .await
+                    .map_err(|r| ("a body that could not be read".to_string(), r))?;
+                let ids = decode_ids(&b).map_err(|e| bad(e.to_string()))?;
+                Ok(Command::Missing(ids, reply))
+            }
+            "write" => {
+                let sequence = req
+                    .headers()
+                    .get(SEQUENCE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        bad(format!("a write needs a numeric {SEQUENCE_HEADER} header"))
+                    })?;
+                let blocks = write_batch(req, block_size, self.plain.clone())
+                    .await
+                    .map_err(|r| ("a write batch that was refused".to_string(), r))?;
+                Ok(Command::Write(sequence, blocks, reply))
+            }
+            _ => Ok(Command::Commit(reply)),
+        }
+    }
+
+    /// Mark session `sid` refused: its receiver is abandoned now, and every later
+    /// request of it (the commit above all) answers 409 with `why`.
+    fn refuse_session(&self, sid: &str, why: String) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = sessions.get_mut(sid) {
+            h.refuse(why);
         }
     }
 
@@ -816,6 +854,7 @@ impl State {
                 session.clone(),
                 SessionHandle {
                     store: name,
+                    refused: None,
                     key,
                     block_size,
                     tx,
@@ -868,6 +907,8 @@ enum Reply {
 
 struct SessionHandle {
     store: String,
+    /// Why a request of this session was refused; from then on it only answers that.
+    refused: Option<String>,
     key: (String, String, String),
     block_size: u64,
     tx: std::sync::mpsc::Sender<Command>,
@@ -876,6 +917,13 @@ struct SessionHandle {
 }
 
 impl SessionHandle {
+    /// Remember the first refusal and abandon the receiver (its thread ends when the
+    /// channel closes, releasing what it holds, such as a repository's session lock).
+    fn refuse(&mut self, why: String) {
+        self.refused.get_or_insert(why);
+        self.tx = std::sync::mpsc::channel().0;
+    }
+
     /// Drop the session and wait until its receiver is gone.
     async fn close(mut self) {
         let done = self.done.take();

@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use rayon::prelude::*;
-use snapsync_core::{validate_name, BlockId, BlockRef, Delta, Hint};
+use snapsync_core::{BlockId, BlockRef, Delta, Hint};
 use snapsync_store::{
-    BlockContent, CommitInfo, Compressed, IncomingBlock, ReceiveRequest, Receiver, Result,
+    BlockContent, CommitInfo, Compressed, Guarded, IncomingBlock, ReceiveRequest, Receiver, Result,
     SnapshotSink, StoreError,
 };
 use tracing::debug;
@@ -47,8 +47,7 @@ impl SnapshotSink for Repository {
     }
 
     fn begin_receive(&self, request: ReceiveRequest) -> Result<Box<dyn Receiver + '_>> {
-        validate_name("volume", &request.volume)?;
-        validate_name("snapshot", &request.snapshot.name)?;
+        request.validate(&self.location().to_string())?;
         let lock = self.session_lock("replicate")?;
         if let Some(c) = self.catalog(&request.volume)? {
             if c.snapshots.iter().any(|s| s.name == request.snapshot.name) {
@@ -79,7 +78,7 @@ impl SnapshotSink for Repository {
             }
         };
         let block_count = request.snapshot.size.div_ceil(self.config.block_size);
-        Ok(Box::new(RepoReceiver {
+        Ok(Box::new(Guarded::new(RepoReceiver {
             _lock: lock,
             repo: self,
             request,
@@ -89,7 +88,7 @@ impl SnapshotSink for Repository {
             pack: PackBuilder::default(),
             session: HashMap::new(),
             uploads: VecDeque::new(),
-        }))
+        })))
     }
 }
 
@@ -156,17 +155,43 @@ struct RepoReceiver<'a> {
 type Fresh<'a> = (BlockId, &'a Bytes, &'a Compressed);
 
 impl RepoReceiver<'_> {
-    /// Note block `index` of the new snapshot (past its end: ignored, as
-    /// [`snapsync_core::BlockMap::set`] does). Zero blocks are only noted over a base,
-    /// where they may replace data.
+    /// Note block `index` of the new snapshot ([`RepoReceiver::check_batch`] has kept
+    /// it inside the snapshot). Zero blocks are only noted over a base, where they may
+    /// replace data.
     fn record(&mut self, index: u64, block: BlockRef) {
-        if index >= self.block_count {
-            return;
-        }
         if self.base_manifest.is_none() && block == BlockRef::Zero {
             self.changes.remove(&index);
         } else {
             self.changes.insert(index, block);
+        }
+    }
+
+    /// Refuse a batch that would commit a damaged snapshot: an index past the end, or
+    /// an [`BlockContent::Existing`] id that neither the repository nor this receive
+    /// holds. Checked before anything of the batch is recorded.
+    fn check_batch(&self, blocks: &[IncomingBlock]) -> Result<()> {
+        let bs = self.repo.config.block_size;
+        let mut existing = Vec::new();
+        for b in blocks {
+            self.request.check_index(b.index, bs)?;
+            if let BlockContent::Existing(id) = &b.content {
+                if !self.session.contains_key(id) {
+                    existing.push((b.index, *id));
+                }
+            }
+        }
+        if existing.is_empty() {
+            return Ok(());
+        }
+        let unknown = self
+            .repo
+            .with_index(|ix| existing.iter().find(|(_, id)| !ix.contains(id)).copied())?;
+        match unknown {
+            None => Ok(()),
+            Some((index, id)) => Err(StoreError::invalid_argument(format!(
+                "block {index} names block {id}, which {} does not hold",
+                self.repo.location()
+            ))),
         }
     }
 
@@ -249,6 +274,7 @@ impl Receiver for RepoReceiver<'_> {
     }
 
     fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64> {
+        self.check_batch(&blocks)?;
         let bs = self.repo.config.block_size as usize;
         let mut candidates: Vec<Fresh<'_>> = Vec::new();
         for b in &blocks {

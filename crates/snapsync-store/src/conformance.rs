@@ -453,7 +453,7 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
     );
 
     // A second receive of an existing snapshot name is refused, and changes nothing.
-    let mut rx_err = store.begin_receive(ReceiveRequest {
+    let rx_err = store.begin_receive(ReceiveRequest {
         volume: "alpha".into(),
         snapshot: info(s1),
         base: None,
@@ -462,9 +462,6 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
         source_snapshot: "s1".into(),
         origin: None,
     });
-    if let Ok(rx) = rx_err.as_mut() {
-        let _ = rx;
-    }
     let refused = match rx_err {
         Err(_) => true,
         Ok(rx) => rx.commit().is_err(),
@@ -528,6 +525,8 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
     );
     drop(rx);
 
+    check_hostile_receives(store, &info(s1), &s1.content);
+
     // Names that could escape a directory or key prefix are refused.
     let mut bad = info(s1);
     bad.name = "../evil".into();
@@ -544,5 +543,126 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
             })
             .is_err(),
         "{loc}: a path-like snapshot name was accepted"
+    );
+}
+
+/// A peer speaking the protocol by hand may send what the engine never does. Each such
+/// request is refused, the receive can no longer commit, and nothing already committed
+/// changes. `committed` is a snapshot of volume `alpha` the store already holds.
+fn check_hostile_receives<S: SnapshotSink + SnapshotSource>(
+    store: &S,
+    committed: &SnapshotInfo,
+    content: &[u8],
+) {
+    let loc = store.location();
+    let bs = store.block_size();
+    let blocks = committed.size.div_ceil(bs);
+    let request = |name: &str, created: snapsync_core::Timestamp| {
+        let mut snapshot = committed.clone();
+        snapshot.name = name.into();
+        snapshot.created = created;
+        snapshot.id = snapsync_core::SnapshotId::derive("hostile", "alpha", name, created);
+        ReceiveRequest {
+            volume: "alpha".into(),
+            snapshot,
+            base: Some(BaseRef {
+                volume: "alpha".into(),
+                snapshot: committed.name.clone(),
+            }),
+            source_system: "hostile".into(),
+            source_volume: "alpha".into(),
+            source_snapshot: name.into(),
+            origin: None,
+        }
+    };
+    let fresh = pseudo_random(4242, bs as usize);
+    let data = |index: u64| IncomingBlock {
+        index,
+        content: BlockContent::Data {
+            id: BlockId::of(&fresh),
+            data: fresh.clone().into(),
+            compressed: Compressed::NotTried,
+        },
+    };
+    let unknown = BlockId::of(b"a block no conformance store ever holds");
+    let cases: Vec<(&str, Vec<IncomingBlock>)> = vec![
+        ("past-end", vec![data(blocks)]),
+        ("far-past-end", vec![data(u64::MAX)]),
+        (
+            "zero-past-end",
+            vec![IncomingBlock {
+                index: blocks + 7,
+                content: BlockContent::Zero,
+            }],
+        ),
+        (
+            "unknown-existing",
+            vec![IncomingBlock {
+                index: 0,
+                content: BlockContent::Existing(unknown),
+            }],
+        ),
+        // A good block first, so the refusal is not the first request.
+        ("good-then-past-end", vec![data(0), data(blocks)]),
+    ];
+    for (name, batch) in cases {
+        let mut rx = store
+            .begin_receive(request(name, committed.created))
+            .expect("begin_receive");
+        // A receiver may answer a write later (a remote one pipelines them), so the
+        // refusal may surface at any later call; once it has, every call fails.
+        let mut refused = false;
+        for block in batch.into_iter().chain([data(0)]) {
+            let result = rx.write(vec![block]);
+            assert!(
+                !(refused && result.is_ok()),
+                "{loc}: a receive went on after a refused write ({name})"
+            );
+            refused |= result.is_err();
+        }
+        let commit = rx.commit();
+        assert!(
+            commit.is_err(),
+            "{loc}: a hostile receive ({name}) committed"
+        );
+        let listed = store.volume("alpha").expect("volume");
+        assert!(
+            listed.snapshot(name).is_none(),
+            "{loc}: a refused receive ({name}) became visible"
+        );
+    }
+
+    // Times that are not times: nanoseconds past a second, years past 9999.
+    for (name, created) in [
+        (
+            "bad-nanos",
+            snapsync_core::Timestamp {
+                secs: 1_700_000_000,
+                nanos: 2_000_000_000,
+            },
+        ),
+        (
+            "bad-year",
+            snapsync_core::Timestamp {
+                secs: i64::MAX,
+                nanos: 0,
+            },
+        ),
+    ] {
+        let refused = match store.begin_receive(request(name, created)) {
+            Err(_) => true,
+            Ok(rx) => rx.commit().is_err(),
+        };
+        assert!(
+            refused,
+            "{loc}: a snapshot with an impossible time ({name}) was accepted"
+        );
+    }
+
+    let got = read_all(store, "alpha", &committed.name, content.len());
+    assert!(
+        got == content,
+        "{loc}: hostile receives changed the committed {}",
+        committed.name
     );
 }

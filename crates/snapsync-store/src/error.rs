@@ -53,6 +53,13 @@ pub enum StoreError {
         /// What was asked.
         what: String,
     },
+    /// An argument a caller (or a peer) gave is not valid here: a block index past the
+    /// end of a snapshot, a block id the sink does not hold, a timestamp out of range.
+    #[error("invalid argument: {what}")]
+    InvalidArgument {
+        /// What is wrong, and where.
+        what: String,
+    },
     /// A name that cannot be used as a volume or snapshot name.
     #[error(transparent)]
     InvalidName(#[from] NameError),
@@ -88,6 +95,11 @@ impl StoreError {
     /// A not-found error.
     pub fn not_found(what: impl Into<String>) -> Self {
         StoreError::NotFound { what: what.into() }
+    }
+
+    /// An invalid-argument error.
+    pub fn invalid_argument(what: impl Into<String>) -> Self {
+        StoreError::InvalidArgument { what: what.into() }
     }
 
     /// A corruption error.

@@ -16,6 +16,7 @@
 
 pub mod conformance;
 mod error;
+mod guarded;
 pub mod memory;
 pub mod output;
 mod pool;
@@ -25,6 +26,7 @@ pub use bytes::Bytes;
 use snapsync_core::{BlockId, ExtentList, Hint, Origin, SnapshotInfo, VolumeInfo};
 
 pub use error::{Result, StoreError};
+pub use guarded::Guarded;
 pub use pool::BufferPool;
 pub use progress::{NoProgress, Phase, Progress, RecordedPhase, RecordedProgress};
 
@@ -198,6 +200,37 @@ pub struct ReceiveRequest {
     pub origin: Option<Origin>,
 }
 
+impl ReceiveRequest {
+    /// Check what a sink must before it begins: the names, and a snapshot time that is a
+    /// real time (a peer may send anything). `location` names the sink in the message.
+    pub fn validate(&self, location: &str) -> Result<()> {
+        snapsync_core::validate_name("volume", &self.volume)?;
+        snapsync_core::validate_name("snapshot", &self.snapshot.name)?;
+        let t = self.snapshot.created;
+        if !t.is_valid() {
+            return Err(StoreError::invalid_argument(format!(
+                "snapshot {} for {location} has an impossible creation time ({} s, {} ns)",
+                snapsync_core::quote_snapshot(&self.volume, &self.snapshot.name),
+                t.secs,
+                t.nanos
+            )));
+        }
+        Ok(())
+    }
+
+    /// Check that block `index` (of `block_size` bytes) lies inside the snapshot.
+    pub fn check_index(&self, index: u64, block_size: u64) -> Result<()> {
+        let blocks = self.snapshot.size.div_ceil(block_size.max(1));
+        if index >= blocks {
+            return Err(StoreError::invalid_argument(format!(
+                "block {index} is past the end of snapshot {} ({blocks} blocks)",
+                snapsync_core::quote_snapshot(&self.volume, &self.snapshot.name)
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The content of one block sent to a sink.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockContent {
@@ -264,6 +297,13 @@ pub struct IncomingBlock {
 
 /// One snapshot being received. Nothing is visible until [`Receiver::commit`]; dropping
 /// the receiver abandons the snapshot (blocks already stored may be reused by a rerun).
+///
+/// A receiver trusts nothing it commits, whoever drives it (the engine in process, or a
+/// peer over the network): every block index lies inside the snapshot, every
+/// [`BlockContent::Existing`] id is held by the sink or was stored by this receive, the
+/// snapshot's timestamp is valid ([`snapsync_core::Timestamp::is_valid`]), and a receive
+/// that has had one refused request can no longer commit ([`Guarded`] does the last for
+/// any receiver). The conformance suite holds every sink to these rules.
 pub trait Receiver: Send {
     /// For each id, whether the sink lacks that block (so its data must be sent).
     fn missing(&mut self, ids: &[BlockId]) -> Result<Vec<bool>>;

@@ -8,13 +8,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use snapsync_core::{
-    validate_name, BlockId, Extent, ExtentList, Hint, Origin, SnapshotId, SnapshotInfo, Timestamp,
-    VolumeInfo,
+    BlockId, Extent, ExtentList, Hint, Origin, SnapshotId, SnapshotInfo, Timestamp, VolumeInfo,
 };
 
 use crate::{
-    BlockContent, CommitInfo, Compressed, Diff, IncomingBlock, ReceiveRequest, Receiver, Result,
-    SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
+    BlockContent, CommitInfo, Compressed, Diff, Guarded, IncomingBlock, ReceiveRequest, Receiver,
+    Result, SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
 };
 
 #[derive(Debug, Default)]
@@ -224,10 +223,11 @@ impl SnapshotSink for MemoryStore {
     }
 
     fn begin_receive(&self, request: ReceiveRequest) -> Result<Box<dyn Receiver + '_>> {
-        validate_name("volume", &request.volume)?;
-        validate_name("snapshot", &request.snapshot.name)?;
-        if let Some(existing) = self.content(&request.volume, &request.snapshot.name) {
-            let _ = existing;
+        request.validate(&self.location())?;
+        if self
+            .content(&request.volume, &request.snapshot.name)
+            .is_some()
+        {
             return Err(StoreError::AlreadyExists {
                 what: format!(
                     "snapshot {} in {}",
@@ -244,12 +244,12 @@ impl SnapshotSink for MemoryStore {
             what: "huge volume in memory".into(),
         })?;
         content.resize(size, 0);
-        Ok(Box::new(MemReceiver {
+        Ok(Box::new(Guarded::new(MemReceiver {
             store: self,
             request,
             content,
             pending: HashMap::new(),
-        }))
+        })))
     }
 }
 
@@ -285,6 +285,7 @@ impl Receiver for MemReceiver<'_> {
         let bs = self.store.block_size as usize;
         let mut added = 0;
         for b in blocks {
+            self.request.check_index(b.index, bs as u64)?;
             match b.content {
                 BlockContent::Zero => self.put(b.index, &vec![0; bs]),
                 BlockContent::Existing(id) => {
@@ -293,7 +294,13 @@ impl Receiver for MemReceiver<'_> {
                         .get(&id)
                         .cloned()
                         .or_else(|| self.store.state().blocks.get(&id).cloned())
-                        .ok_or_else(|| StoreError::not_found(format!("block {id}")))?;
+                        .ok_or_else(|| {
+                            StoreError::invalid_argument(format!(
+                                "block {} names block {id}, which {} does not hold",
+                                b.index,
+                                self.store.location()
+                            ))
+                        })?;
                     self.put(b.index, &data);
                 }
                 BlockContent::Data {
