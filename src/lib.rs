@@ -39,7 +39,7 @@ pub use snapsync_core::KeepPolicy;
 pub use snapsync_engine::{
     replicate, restore, EngineError, ReplicateOptions, RestoreStats, SnapshotReport,
 };
-pub use snapsync_qcow2::restore_qcow2;
+pub use snapsync_qcow2::{restore_qcow2, Qcow2Options};
 pub use snapsync_remote::ClientOptions;
 pub use snapsync_repo::{
     Location, PruneOptions, PruneReport, RepoOptions, Repository, DEFAULT_BLOCK_SIZE,

@@ -1,6 +1,6 @@
 //! Opening stores from URLs: the one place that knows every kind of store.
 
-use snapsync_qcow2::Qcow2Store;
+use snapsync_qcow2::{Qcow2Options, Qcow2Store};
 use snapsync_raw::RawStore;
 use snapsync_remote::{ClientOptions, RemoteStore, ServedStore};
 use snapsync_repo::{RepoOptions, Repository};
@@ -18,9 +18,9 @@ pub struct OpenOptions {
     pub repo: RepoOptions,
     /// For `snapsync://` stores: the token and the certificates to trust.
     pub client: ClientOptions,
-    /// Let every qcow2 store's backing files lie anywhere, as `?backing=any` does for
-    /// one URL. Only for images whose author is trusted.
-    pub qcow2_backing_any: bool,
+    /// For `qcow2:` stores. `backing_anywhere` here applies to every qcow2 store, as
+    /// `?backing=any` does for one URL: only for images whose author is trusted.
+    pub qcow2: Qcow2Options,
 }
 
 impl OpenOptions {
@@ -36,9 +36,9 @@ impl OpenOptions {
         self
     }
 
-    /// Set [`OpenOptions::qcow2_backing_any`].
-    pub fn with_qcow2_backing_any(mut self, any: bool) -> Self {
-        self.qcow2_backing_any = any;
+    /// Set [`OpenOptions::qcow2`].
+    pub fn with_qcow2(mut self, qcow2: Qcow2Options) -> Self {
+        self.qcow2 = qcow2;
         self
     }
 }
@@ -115,9 +115,13 @@ impl StoreUrl {
     pub fn open(&self, options: &OpenOptions) -> Result<AnyStore, OpenError> {
         Ok(match self {
             StoreUrl::Raw(p) => AnyStore::Raw(RawStore::open(p)?),
-            // `backing_any` (or `options.qcow2_backing_any`) is honoured by the qcow2
-            // store's backing-file rule; the store follows every backing file today.
-            StoreUrl::Qcow2 { path, .. } => AnyStore::Qcow2(Box::new(Qcow2Store::open(path)?)),
+            StoreUrl::Qcow2 { path, backing_any } => {
+                let options = options
+                    .qcow2
+                    .clone()
+                    .with_backing_anywhere(options.qcow2.backing_anywhere || *backing_any);
+                AnyStore::Qcow2(Box::new(Qcow2Store::open_with(path, &options)?))
+            }
             StoreUrl::Repo(loc) => {
                 AnyStore::Repo(Box::new(Repository::open_with(loc.clone(), &options.repo)?))
             }

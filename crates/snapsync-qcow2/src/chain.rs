@@ -53,30 +53,126 @@ pub struct Chain {
     layers: Vec<Layer>,
 }
 
-fn probe_is_qcow2(path: &Path) -> Result<bool, Qcow2Error> {
-    let f =
-        File::open(path).map_err(|e| Qcow2Error::io(format!("opening {}", path.display()), e))?;
+/// Where the backing files of a chain may lie.
+///
+/// An image's header is written by whoever made the image; a hosting provider
+/// replicates images its tenants uploaded, and `serve` lets remote readers read what the
+/// store reads. Following any backing name would let an image's owner read any file the
+/// snapsync process can (`../../../../etc/passwd` as a raw backing file), so by default
+/// the chain stays inside one directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackingRule {
+    /// Every backing file must resolve (after symlinks) inside this directory and be a
+    /// regular file.
+    Confined(PathBuf),
+    /// Backing files may lie anywhere and may be block devices: for trusted images only.
+    Any,
+}
+
+impl BackingRule {
+    /// The default rule for `top`: its own directory.
+    pub fn beside(top: &Path) -> Result<Self, Qcow2Error> {
+        let canonical = fs::canonicalize(top)
+            .map_err(|e| Qcow2Error::io(format!("resolving {}", top.display()), e))?;
+        Ok(BackingRule::Confined(
+            canonical.parent().unwrap_or(Path::new("/")).to_path_buf(),
+        ))
+    }
+
+    /// Why `canonical` (the resolved backing file `backing` of `image`) may not be a
+    /// layer, if it may not.
+    fn refusal(&self, canonical: &Path, file_type: fs::FileType) -> Option<String> {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if file_type.is_file() {
+            None
+        } else if file_type.is_block_device() {
+            Some("a block device")
+        } else if file_type.is_char_device() {
+            Some("a character device")
+        } else if file_type.is_fifo() {
+            Some("a FIFO")
+        } else if file_type.is_socket() {
+            Some("a socket")
+        } else if file_type.is_dir() {
+            Some("a directory")
+        } else {
+            Some("not a regular file")
+        };
+        match self {
+            BackingRule::Any => match kind {
+                None | Some("a block device") => None,
+                Some(kind) => Some(format!(
+                    "{} is {kind}; a backing file must be a regular file or a block device",
+                    canonical.display()
+                )),
+            },
+            BackingRule::Confined(root) => {
+                if !canonical.starts_with(root) {
+                    Some(format!(
+                        "it resolves to {}, outside {}; backing files must lie inside the \
+                         store's directory (`?backing=any` on the qcow2: URL allows any \
+                         path, for trusted images only)",
+                        canonical.display(),
+                        root.display()
+                    ))
+                } else {
+                    kind.map(|kind| {
+                        format!(
+                            "{} is {kind}; a backing file must be a regular file",
+                            canonical.display()
+                        )
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Open a layer's file without ever blocking on it: a FIFO opened for reading waits for
+/// a writer, so the file is opened non-blocking and its type checked on the open file.
+fn open_layer(path: &Path) -> Result<(File, fs::Metadata), Qcow2Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Qcow2Error::io(format!("opening {}", path.display()), e))?;
+    let md = file
+        .metadata()
+        .map_err(|e| Qcow2Error::io(format!("reading the type of {}", path.display()), e))?;
+    Ok((file, md))
+}
+
+fn probe_is_qcow2(file: &File, path: &Path) -> Result<bool, Qcow2Error> {
     let size =
-        ReadAt::size(&f).map_err(|e| Qcow2Error::io(format!("probing {}", path.display()), e))?;
+        ReadAt::size(file).map_err(|e| Qcow2Error::io(format!("probing {}", path.display()), e))?;
     if size < 4 {
         return Ok(false);
     }
     let mut m = [0u8; 4];
-    ReadAt::read_exact_at(&f, &mut m, 0)
+    ReadAt::read_exact_at(file, &mut m, 0)
         .map_err(|e| Qcow2Error::io(format!("probing {}", path.display()), e))?;
     Ok(m == MAGIC)
 }
 
+/// The next layer below an image: its path and format name.
+struct Below {
+    image: PathBuf,
+    name: String,
+    format: Option<String>,
+}
+
 impl Chain {
-    /// Open `top` and every backing file below it. Refuses cycles, chains
-    /// deeper than [`MAX_CHAIN_DEPTH`], protocol/JSON backing names and
+    /// Open `top` and every backing file below it, each allowed by `rule`. Refuses
+    /// cycles, chains deeper than [`MAX_CHAIN_DEPTH`], protocol/JSON backing names and
     /// formats other than qcow2 and raw.
-    pub fn open(top: &Path) -> Result<Self, Qcow2Error> {
+    pub fn open(top: &Path, rule: &BackingRule) -> Result<Self, Qcow2Error> {
         let mut infos = Vec::new();
         let mut layers = Vec::new();
         let mut seen = HashSet::new();
         let mut path = top.to_path_buf();
-        let mut format: Option<String> = None;
+        let mut below: Option<Below> = None;
         loop {
             if layers.len() >= MAX_CHAIN_DEPTH {
                 return Err(Qcow2Error::too_large(format!(
@@ -85,13 +181,30 @@ impl Chain {
             }
             let canonical = fs::canonicalize(&path)
                 .map_err(|e| Qcow2Error::io(format!("resolving {}", path.display()), e))?;
+            let (file, md) = open_layer(&canonical)?;
+            if let Some(b) = &below {
+                if let Some(reason) = rule.refusal(&canonical, md.file_type()) {
+                    return Err(Qcow2Error::BackingRefused {
+                        image: b.image.display().to_string(),
+                        backing: b.name.clone(),
+                        reason,
+                    });
+                }
+            } else if !md.is_file()
+                && !std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type())
+            {
+                return Err(Qcow2Error::invalid(format!(
+                    "{} is not a regular file or a block device",
+                    path.display()
+                )));
+            }
             if !seen.insert(canonical.clone()) {
                 return Err(Qcow2Error::malformed(
                     format!("backing chain cycle: {} appears twice", canonical.display()),
                     0,
                 ));
             }
-            let is_qcow2 = match format.as_deref() {
+            let is_qcow2 = match below.as_ref().and_then(|b| b.format.as_deref()) {
                 Some("qcow2") => true,
                 Some("raw") => false,
                 Some(other) => {
@@ -99,11 +212,9 @@ impl Chain {
                         "backing file format '{other}' (only qcow2 and raw)"
                     )))
                 }
-                None => probe_is_qcow2(&path)?,
+                None => probe_is_qcow2(&file, &path)?,
             };
             if !is_qcow2 {
-                let file = File::open(&path)
-                    .map_err(|e| Qcow2Error::io(format!("opening {}", path.display()), e))?;
                 let size = ReadAt::size(&file).map_err(|e| {
                     Qcow2Error::io(format!("reading size of {}", path.display()), e)
                 })?;
@@ -115,7 +226,7 @@ impl Chain {
                 layers.push(Layer::Raw { file, size });
                 break;
             }
-            let img = Qcow2Image::open(&path)?;
+            let img = Qcow2Image::from_file(file, &path)?;
             infos.push(LayerInfo {
                 path: path.clone(),
                 format: LayerFormat::Qcow2,
@@ -125,19 +236,23 @@ impl Chain {
                 .backing_file()
                 .map(|b| (b.to_string(), img.backing_format().map(str::to_string)));
             layers.push(Layer::Qcow2(Box::new(img)));
-            let Some((name, fmt)) = next else { break };
+            let Some((name, format)) = next else { break };
             if name.starts_with("json:") || (name.contains("://") || name.starts_with("nbd:")) {
                 return Err(Qcow2Error::unsupported(format!(
                     "backing file '{name}' is not a plain path"
                 )));
             }
             let p = Path::new(&name);
-            path = if p.is_absolute() {
+            let next_path = if p.is_absolute() {
                 p.to_path_buf()
             } else {
                 path.parent().unwrap_or(Path::new(".")).join(p)
             };
-            format = fmt;
+            below = Some(Below {
+                image: std::mem::replace(&mut path, next_path),
+                name,
+                format,
+            });
         }
         infos.reverse();
         layers.reverse();

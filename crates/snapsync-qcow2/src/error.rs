@@ -39,6 +39,18 @@ pub enum Qcow2Error {
         /// Which field is too large and what the limit is.
         what: String,
     },
+    /// A backing file the chain's [`crate::BackingRule`] does not allow: outside the
+    /// permitted directory, or not a regular file (a FIFO would hang the reader, a
+    /// character device such as `/dev/zero` is no image).
+    #[error("{image}: backing file {backing:?} is refused: {reason}")]
+    BackingRefused {
+        /// The image whose header names the backing file.
+        image: String,
+        /// The backing file name as the header gives it.
+        backing: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
     /// The caller asked for something outside the image (bad view index, read past the end, ...).
     #[error("invalid request: {what}")]
     InvalidArgument {

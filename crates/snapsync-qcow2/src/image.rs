@@ -93,6 +93,11 @@ impl Qcow2Image {
     pub fn open(path: &Path) -> Result<Self, Qcow2Error> {
         let file = File::open(path)
             .map_err(|e| Qcow2Error::io(format!("opening {}", path.display()), e))?;
+        Self::from_file(file, path)
+    }
+
+    /// Read an image from a file already open, named `path` in errors.
+    pub(crate) fn from_file(file: File, path: &Path) -> Result<Self, Qcow2Error> {
         // Name the file in structural errors: in a backing chain the
         // offset alone does not say which image is broken.
         Self::from_source(Box::new(file), path.display().to_string()).map_err(|e| match e {

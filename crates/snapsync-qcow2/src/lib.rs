@@ -63,11 +63,11 @@ mod source;
 mod store;
 mod writer;
 
-pub use chain::{Chain, LayerFormat, LayerInfo, MAX_CHAIN_DEPTH};
+pub use chain::{BackingRule, Chain, LayerFormat, LayerInfo, MAX_CHAIN_DEPTH};
 pub use error::Qcow2Error;
 pub use extent::{DiffExtent, ExtentKind};
 pub use format::{CompressionType, InternalSnapshot};
 pub use image::{Qcow2Image, View};
 pub use source::ReadAt;
-pub use store::{restore_qcow2, Qcow2RestoreStats, Qcow2Store};
+pub use store::{restore_qcow2, Qcow2Options, Qcow2RestoreStats, Qcow2Store};
 pub use writer::{Qcow2Writer, DEFAULT_CLUSTER_SIZE};

@@ -85,7 +85,7 @@ use snapsync_store::{
     Diff, Phase, Progress, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
 };
 
-use crate::chain::{Chain, LayerFormat};
+use crate::chain::{BackingRule, Chain, LayerFormat};
 use crate::error::Qcow2Error;
 use crate::extent::{DiffExtent, ExtentKind};
 use crate::format::MAGIC;
@@ -147,6 +147,14 @@ fn store_err(path: &Path, e: Qcow2Error) -> StoreError {
         Qcow2Error::Io { context, source } => StoreError::Io { context, source },
         Qcow2Error::Unsupported { feature } => StoreError::Unsupported {
             what: format!("{location} uses {feature}, which snapsync cannot read"),
+        },
+        Qcow2Error::BackingRefused {
+            image,
+            backing,
+            reason,
+        } => StoreError::Malformed {
+            location: image,
+            detail: format!("backing file {backing:?} is refused: {reason}"),
         },
         Qcow2Error::Malformed { what, offset } => StoreError::Malformed {
             // The reader already prefixes the path of the broken file (which may be a
@@ -228,16 +236,57 @@ fn next_nano(t: Timestamp) -> Timestamp {
     Timestamp::new(t.secs, t.nanos + 1)
 }
 
+/// How a [`Qcow2Store`] treats its images.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Qcow2Options {
+    /// Let backing files lie anywhere (and be block devices) instead of inside the
+    /// store's directory: for trusted images only (see [`BackingRule`]).
+    pub backing_anywhere: bool,
+}
+
+impl Qcow2Options {
+    /// Set [`Qcow2Options::backing_anywhere`].
+    pub fn with_backing_anywhere(mut self, anywhere: bool) -> Self {
+        self.backing_anywhere = anywhere;
+        self
+    }
+}
+
 impl Qcow2Store {
+    /// [`Qcow2Store::open_with`] the default options: backing files confined to the
+    /// store's directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, &Qcow2Options::default())
+    }
+
     /// Open one image or a directory of images (see the module documentation), reading
     /// every header and snapshot table. Malformed or unsupported images are errors
-    /// naming the image.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// naming the image. Backing files must lie inside the directory (a single image's
+    /// own directory) unless `options` allow any.
+    pub fn open_with(path: &Path, options: &Qcow2Options) -> Result<Self> {
         let md = std::fs::metadata(path).map_err(|e| io_err("qcow2 store", path, e))?;
         let root = std::fs::canonicalize(path).map_err(|e| io_err("resolve", path, e))?;
+        let directory = if md.is_dir() {
+            root.clone()
+        } else {
+            root.parent().unwrap_or(Path::new("/")).to_path_buf()
+        };
+        let rule = if options.backing_anywhere {
+            BackingRule::Any
+        } else {
+            BackingRule::Confined(directory)
+        };
         let tops = if md.is_dir() {
             Self::find_tops(&root)?
         } else {
+            if !md.is_file() {
+                return Err(StoreError::Malformed {
+                    location: root.display().to_string(),
+                    detail: "not a regular file; a qcow2 store is an image or a directory of them"
+                        .into(),
+                });
+            }
             if !is_qcow2(&root)? {
                 return Err(StoreError::Malformed {
                     location: root.display().to_string(),
@@ -248,7 +297,7 @@ impl Qcow2Store {
         };
         let mut by_name: BTreeMap<String, (PathBuf, Chain)> = BTreeMap::new();
         for top in tops {
-            let chain = Chain::open(&top).map_err(|e| store_err(&top, e))?;
+            let chain = Chain::open(&top, &rule).map_err(|e| store_err(&top, e))?;
             let name = stem(&top);
             validate_name("volume", &name)?;
             if let Some((other, _)) = by_name.get(&name) {

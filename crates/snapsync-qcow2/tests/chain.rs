@@ -6,7 +6,12 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use snapsync_qcow2::{Chain, LayerFormat, Qcow2Error, Qcow2Image, View};
+use snapsync_qcow2::{BackingRule, Chain, LayerFormat, Qcow2Error, Qcow2Image, View};
+
+/// Open a chain under the default rule: backing files beside the top image.
+fn open_chain(top: &Path) -> Result<Chain, Qcow2Error> {
+    Chain::open(top, &BackingRule::beside(top)?)
+}
 
 const C: u64 = 4096;
 const N: u64 = 4 << 20;
@@ -87,7 +92,7 @@ fn build_qcow2_chain(dir: &Path) -> Vec<std::path::PathBuf> {
 
 fn verify_chain(paths: &[std::path::PathBuf], formats: &[LayerFormat]) {
     let top = paths.last().unwrap();
-    let chain = Chain::open(top).unwrap();
+    let chain = open_chain(top).unwrap();
     let layers = chain.layers();
     assert_eq!(layers.len(), paths.len());
     let raws: Vec<Vec<u8>> = paths
@@ -152,7 +157,7 @@ fn qcow2_chain_reads_and_diffs() {
     let paths = build_qcow2_chain(dir.path());
     verify_chain(&paths, &[LayerFormat::Qcow2; 3]);
     // Layer images are accessible; the middle layer's own allocation is small.
-    let chain = Chain::open(&paths[2]).unwrap();
+    let chain = open_chain(&paths[2]).unwrap();
     let mid = chain.image(1).unwrap();
     assert_eq!(mid.backing_file(), Some("base.qcow2"));
     assert_eq!(mid.backing_format(), Some("qcow2"));
@@ -208,7 +213,7 @@ fn single_image_chain() {
     let img = p(dir.path(), "one.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &s(&img), "1M"]);
     qemu_io(&img, "qcow2", &["write -P 0x55 0 4096".into()]);
-    let chain = Chain::open(&img).unwrap();
+    let chain = open_chain(&img).unwrap();
     assert_eq!(chain.layers().len(), 1);
     assert_eq!(chain.diff(0, None).unwrap().len(), 1);
 }
@@ -236,14 +241,14 @@ fn cyclic_chains_are_refused() {
     qemu_img(&["create", "-q", "-f", "qcow2", &s(&b), "1M"]);
     set_backing(&a, "b.qcow2");
     set_backing(&b, "a.qcow2");
-    let err = Chain::open(&a).unwrap_err();
+    let err = open_chain(&a).unwrap_err();
     assert!(matches!(err, Qcow2Error::Malformed { .. }), "{err}");
     assert!(err.to_string().contains("cycle"), "{err}");
 
     let selfref = p(dir.path(), "self.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &s(&selfref), "1M"]);
     set_backing(&selfref, "self.qcow2");
-    assert!(Chain::open(&selfref)
+    assert!(open_chain(&selfref)
         .unwrap_err()
         .to_string()
         .contains("cycle"));
@@ -252,7 +257,7 @@ fn cyclic_chains_are_refused() {
     let orphan = p(dir.path(), "orphan.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &s(&orphan), "1M"]);
     set_backing(&orphan, "does-not-exist.qcow2");
-    let err = Chain::open(&orphan).unwrap_err();
+    let err = open_chain(&orphan).unwrap_err();
     assert!(err.to_string().contains("does-not-exist"), "{err}");
     // The image alone still opens.
     assert!(Qcow2Image::open(&orphan).is_ok());
@@ -275,6 +280,6 @@ fn unsupported_backing_format() {
         "vmdk",
         &s(&a),
     ]);
-    let err = Chain::open(&a).unwrap_err();
+    let err = open_chain(&a).unwrap_err();
     assert!(matches!(err, Qcow2Error::Unsupported { .. }), "{err}");
 }
