@@ -8,6 +8,7 @@ use serde_json::json;
 use snapsync::{parse_target, StoreUrl};
 use snapsync_engine::{ReplicateOptions, SnapshotReport};
 use snapsync_repo::{PruneOptions, Repository};
+use snapsync_store::{Skipped, SnapshotSource};
 
 use crate::stores::{self, ClientArgs, Usage};
 
@@ -65,13 +66,19 @@ pub fn init(repo: &str, block_size: u64) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn list(client: &ClientArgs, store: &str, as_json: bool) -> Result<ExitCode> {
-    let s = client.open(store)?;
-    let volumes = s.source().list()?;
-    let skipped = s.source().skipped()?;
+/// Tell the operator, one stderr line each, what `source` leaves out of its listing.
+fn warn_skipped(source: &dyn SnapshotSource) -> Result<Vec<Skipped>> {
+    let skipped = source.skipped()?;
     for k in &skipped {
         eprintln!("warning: skipped {:?}: {}", k.what, k.reason);
     }
+    Ok(skipped)
+}
+
+pub fn list(client: &ClientArgs, store: &str, as_json: bool) -> Result<ExitCode> {
+    let s = client.open(store)?;
+    let volumes = s.source().list()?;
+    let skipped = warn_skipped(s.source())?;
     if as_json {
         let skipped: Vec<_> = skipped
             .iter()
@@ -219,6 +226,7 @@ pub fn replicate(
     StoreUrl::parse(dest)?;
     let src = client.open(source)?;
     let dst = client.open(dest)?;
+    warn_skipped(src.source())?;
     let progress = crate::progress::for_terminal(as_json);
     let opts = ReplicateOptions::default()
         .with_volumes(volumes)

@@ -55,3 +55,94 @@ fn a_backing_file_outside_the_store_is_refused_unless_the_url_allows_any() {
     ok(&["replicate", &trusted, &repo]);
     assert!(ok(&["list", &repo]).contains("passwd"));
 }
+
+/// The file offset of entry `index` of `img`'s snapshot table (walking the entries as
+/// the qcow2 specification lays them out).
+fn snapshot_entry_offset(img: &std::path::Path, index: usize) -> u64 {
+    let bytes = std::fs::read(img).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as u64;
+    let be16 = |at: usize| u16::from_be_bytes(bytes[at..at + 2].try_into().unwrap()) as u64;
+    let mut pos = be64(64);
+    for _ in 0..index {
+        let p = pos as usize;
+        let len = 40 + be32(p + 36) + be16(p + 12) + be16(p + 14);
+        pos += len.div_ceil(8) * 8;
+    }
+    pos
+}
+
+#[test]
+fn a_damaged_snapshot_entry_is_skipped_and_named_and_the_others_stay_readable() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let img = images.join("vm.qcow2");
+    let i = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", i, "1M"]);
+    for (k, name) in ["s1", "s2", "s3"].iter().enumerate() {
+        qemu_write(&img, "qcow2", k as u64 * 65536, &random(k as u64, 65536));
+        qemu_img(&["snapshot", "-c", name, i]);
+    }
+    // Entry 1 (s2): its L1 table at an offset that is not cluster-aligned.
+    let entry = snapshot_entry_offset(&img, 1);
+    let file = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    file.write_all_at(&12_345u64.to_be_bytes(), entry).unwrap();
+    drop(file);
+    // qemu-img still lists the image and its snapshots.
+    let info = qemu_img(&["snapshot", "-l", i]);
+    assert!(
+        info.contains("s1") && info.contains("s2") && info.contains("s3"),
+        "{info}"
+    );
+
+    let url = format!("qcow2://{}", images.display());
+    let out = run(&["list", &url, "--json"]);
+    let listed = success(&["list", &url, "--json"], &out);
+    let warning = stderr(&out);
+    assert!(
+        warning.contains("warning: skipped") && warning.contains("\\\"s2\\\""),
+        "{warning}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let names: Vec<&str> = v["volumes"][0]["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["s1", "s3"]);
+    let skipped = v["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{v}");
+    assert!(skipped[0]["what"].as_str().unwrap().contains("#1"), "{v}");
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cluster-aligned"),
+        "{v}"
+    );
+
+    let repo = init_repo(dir.path(), &[]);
+    let out = run(&["replicate", &url, &repo]);
+    success(&["replicate"], &out);
+    assert!(
+        stderr(&out).contains("warning: skipped"),
+        "{}",
+        stderr(&out)
+    );
+    for snap in ["s1", "s3"] {
+        let restored = dir.path().join(format!("{snap}.raw"));
+        ok(&[
+            "restore",
+            &repo,
+            &format!("vm@{snap}"),
+            restored.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read(&restored).unwrap() == qemu_raw(&img, Some(snap), 1 << 20),
+            "{snap} differs from qemu-img's"
+        );
+    }
+}

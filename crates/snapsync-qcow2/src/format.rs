@@ -414,14 +414,36 @@ pub struct InternalSnapshot {
     pub l1_size: u32,
 }
 
-/// Read the snapshot table, enforcing QEMU's own limits on count and size.
-pub(crate) fn parse_snapshots(
-    meta: &Meta,
-    header: &Header,
-) -> Result<Vec<InternalSnapshot>, Qcow2Error> {
+/// A snapshot table entry that is laid out correctly but cannot be used: its L1 table
+/// lies outside the file, its disk size is absurd. QEMU lists such an image and fails
+/// only when the snapshot is used, so the reader skips the entry and keeps the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedSnapshot {
+    /// Position in the snapshot table, from 0.
+    pub index: u32,
+    /// Unique ID string, as stored.
+    pub id: String,
+    /// User-visible name, as stored.
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The snapshot table: the usable entries, and the damaged ones left out.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotTable {
+    pub(crate) snapshots: Vec<InternalSnapshot>,
+    pub(crate) damaged: Vec<DamagedSnapshot>,
+}
+
+/// Read the snapshot table, enforcing QEMU's own limits on count and size. A table that
+/// cannot be walked (an entry that does not fit in the file, too much extra data) is an
+/// error for the whole image, as in QEMU; an entry whose own fields are unusable is
+/// skipped and reported in [`SnapshotTable::damaged`].
+pub(crate) fn parse_snapshots(meta: &Meta, header: &Header) -> Result<SnapshotTable, Qcow2Error> {
     let n = header.nb_snapshots;
     if n == 0 {
-        return Ok(Vec::new());
+        return Ok(SnapshotTable::default());
     }
     if n > MAX_SNAPSHOTS {
         return Err(Qcow2Error::too_large(format!(
@@ -430,14 +452,21 @@ pub(crate) fn parse_snapshots(
     }
     let cluster_size = 1u64 << header.cluster_bits;
     let off = header.snapshots_offset;
-    if !off.is_multiple_of(cluster_size) || off == 0 {
+    if off == 0 {
+        return Err(Qcow2Error::malformed(
+            format!("the header counts {n} snapshots but gives no snapshot table (offset 0)"),
+            // Where the header keeps the snapshot table's offset.
+            64,
+        ));
+    }
+    if !off.is_multiple_of(cluster_size) {
         return Err(Qcow2Error::malformed(
             "snapshot table offset is not cluster-aligned",
             off,
         ));
     }
     let mut pos = off;
-    let mut out = Vec::with_capacity(n.min(1024) as usize);
+    let mut out = SnapshotTable::default();
     for i in 0..n {
         if pos - off > MAX_SNAPSHOT_TABLE_BYTES {
             return Err(Qcow2Error::too_large(format!(
@@ -484,20 +513,34 @@ pub(crate) fn parse_snapshots(
         let id = String::from_utf8_lossy(&var[id_start..name_start]).into_owned();
         let name = String::from_utf8_lossy(&var[name_start..]).into_owned();
 
-        validate_l1(meta, header, l1_table_offset, l1_size, &what)?;
-        check_virtual_size(header, disk_size, &what)?;
-        out.push(InternalSnapshot {
-            id,
-            name,
-            date_sec,
-            date_nsec,
-            vm_clock_nsec,
-            vm_state_size,
-            disk_size,
-            icount,
-            l1_table_offset,
-            l1_size,
-        });
+        let l1 = L1Location {
+            offset: l1_table_offset,
+            entries: l1_size,
+            field_at: pos,
+        };
+        let usable = validate_l1(meta, header, l1, &what)
+            .and_then(|()| check_virtual_size(header, disk_size, &what));
+        if let Err(e) = usable {
+            out.damaged.push(DamagedSnapshot {
+                index: i,
+                id,
+                name,
+                reason: e.to_string(),
+            });
+        } else {
+            out.snapshots.push(InternalSnapshot {
+                id,
+                name,
+                date_sec,
+                date_nsec,
+                vm_clock_nsec,
+                vm_state_size,
+                disk_size,
+                icount,
+                l1_table_offset,
+                l1_size,
+            });
+        }
         let entry_len = (40 + var_len).div_ceil(8) * 8;
         pos = pos
             .checked_add(entry_len)
@@ -530,14 +573,30 @@ pub(crate) fn check_virtual_size(header: &Header, size: u64, what: &str) -> Resu
     Ok(())
 }
 
+/// Where an L1 table is, as a header or snapshot table entry says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct L1Location {
+    /// The table's offset in the file.
+    pub(crate) offset: u64,
+    /// Its number of entries.
+    pub(crate) entries: u32,
+    /// Where in the file the offset field itself is: the place to look when the
+    /// offset is 0, which is no place at all.
+    pub(crate) field_at: u64,
+}
+
 /// Check an L1 table location without reading it.
 pub(crate) fn validate_l1(
     meta: &Meta,
     header: &Header,
-    offset: u64,
-    entries: u32,
+    l1: L1Location,
     what: &str,
 ) -> Result<(), Qcow2Error> {
+    let L1Location {
+        offset,
+        entries,
+        field_at,
+    } = l1;
     if u64::from(entries) > MAX_L1_ENTRIES {
         return Err(Qcow2Error::too_large(format!(
             "{what}: L1 table of {entries} entries (limit {MAX_L1_ENTRIES})"
@@ -547,7 +606,14 @@ pub(crate) fn validate_l1(
         return Ok(());
     }
     let cluster_size = 1u64 << header.cluster_bits;
-    if !offset.is_multiple_of(cluster_size) || offset == 0 {
+    if offset == 0 {
+        // Offset 0 is the header itself: point at the field that says 0.
+        return Err(Qcow2Error::malformed(
+            format!("{what}: L1 table of {entries} entries has offset 0 (the header)"),
+            field_at,
+        ));
+    }
+    if !offset.is_multiple_of(cluster_size) {
         return Err(Qcow2Error::malformed(
             format!("{what}: L1 table offset is not cluster-aligned"),
             offset,

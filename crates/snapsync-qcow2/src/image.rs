@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::error::Qcow2Error;
 use crate::extent::{DiffExtent, ExtentKind, ExtentList};
 use crate::format::{
-    self, CompressionType, Header, InternalSnapshot, Meta, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    self, CompressionType, DamagedSnapshot, Header, InternalSnapshot, Meta, INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
 };
 use crate::source::ReadAt;
 
@@ -72,6 +73,8 @@ pub struct Qcow2Image {
     meta: Meta,
     header: Header,
     snapshots: Vec<InternalSnapshot>,
+    /// Snapshot table entries left out of `snapshots` (see [`DamagedSnapshot`]).
+    damaged_snapshots: Vec<DamagedSnapshot>,
     cluster_size: u64,
     /// Guest bytes per allocation unit (cluster or subcluster).
     unit_size: u64,
@@ -131,11 +134,15 @@ impl Qcow2Image {
         format::validate_l1(
             &meta,
             &header,
-            header.l1_table_offset,
-            header.l1_size,
+            format::L1Location {
+                offset: header.l1_table_offset,
+                entries: header.l1_size,
+                // The header's l1_table_offset field.
+                field_at: 40,
+            },
             "active L1 table",
         )?;
-        let snapshots = format::parse_snapshots(&meta, &header)?;
+        let table = format::parse_snapshots(&meta, &header)?;
         let cluster_size = 1u64 << header.cluster_bits;
         let (units_per_cluster, entry_size) = if header.extended_l2() {
             (32u32, 16u64)
@@ -150,7 +157,8 @@ impl Qcow2Image {
             cluster_size,
             meta,
             header,
-            snapshots,
+            snapshots: table.snapshots,
+            damaged_snapshots: table.damaged,
             l1_cache: Mutex::new(HashMap::new()),
             l2_cache: Mutex::new(L2Cache::default()),
             last_decompressed: Mutex::new(None),
@@ -188,9 +196,16 @@ impl Qcow2Image {
         self.header.backing_format.as_deref()
     }
 
-    /// Internal snapshots in table order.
+    /// Internal snapshots in table order, damaged entries left out (so that
+    /// `View::Snapshot(i)` is `snapshots()[i]`).
     pub fn snapshots(&self) -> &[InternalSnapshot] {
         &self.snapshots
+    }
+
+    /// Snapshot table entries that cannot be used, with the reason; the others are in
+    /// [`Self::snapshots`].
+    pub fn damaged_snapshots(&self) -> &[DamagedSnapshot] {
+        &self.damaged_snapshots
     }
 
     /// Whether the image uses extended L2 entries (32 subclusters per cluster).

@@ -66,7 +66,7 @@ mod writer;
 pub use chain::{BackingRule, Chain, LayerFormat, LayerInfo, MAX_CHAIN_DEPTH};
 pub use error::Qcow2Error;
 pub use extent::{DiffExtent, ExtentKind};
-pub use format::{CompressionType, InternalSnapshot};
+pub use format::{CompressionType, DamagedSnapshot, InternalSnapshot};
 pub use image::{Qcow2Image, View};
 pub use source::ReadAt;
 pub use store::{restore_qcow2, Qcow2Options, Qcow2RestoreStats, Qcow2Store};

@@ -82,7 +82,8 @@ use snapsync_core::{
     validate_name, Extent, ExtentList, Origin, SnapshotId, SnapshotInfo, Timestamp, VolumeInfo,
 };
 use snapsync_store::{
-    Diff, Phase, Progress, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
+    Diff, Phase, Progress, Result, Skipped, SnapshotReader, SnapshotRef, SnapshotSource, Store,
+    StoreError,
 };
 
 use crate::chain::{BackingRule, Chain, LayerFormat};
@@ -103,6 +104,8 @@ pub struct Qcow2Store {
     root: PathBuf,
     volumes: Vec<Vol>,
     listing: Vec<VolumeInfo>,
+    /// Damaged snapshot table entries of the top images, left out of `listing`.
+    skipped: Vec<Skipped>,
 }
 
 /// One volume: the chain below its top image, and where each snapshot is in it.
@@ -316,6 +319,7 @@ impl Qcow2Store {
             root,
             volumes: Vec::new(),
             listing: Vec::new(),
+            skipped: Vec::new(),
         };
         store.build(by_name)?;
         Ok(store)
@@ -442,6 +446,18 @@ impl Qcow2Store {
                     file_name(&top),
                     below.map_or_else(|| "-".to_string(), |b| b.id.to_hex())
                 );
+                for damaged in img.damaged_snapshots() {
+                    self.skipped.push(Skipped::new(
+                        format!(
+                            "{} internal snapshot #{} (id {:?}, name {:?})",
+                            top.display(),
+                            damaged.index,
+                            damaged.id,
+                            damaged.name
+                        ),
+                        damaged.reason.clone(),
+                    ));
+                }
                 for (i, sn) in img.snapshots().iter().enumerate() {
                     let created = Timestamp::new(i64::from(sn.date_sec), sn.date_nsec);
                     let sname = unique(sanitize(&sn.name), &mut taken);
@@ -659,6 +675,10 @@ impl Store for Qcow2Store {
 
     fn list(&self) -> Result<Vec<VolumeInfo>> {
         Ok(self.listing.clone())
+    }
+
+    fn skipped(&self) -> Result<Vec<Skipped>> {
+        Ok(self.skipped.clone())
     }
 }
 

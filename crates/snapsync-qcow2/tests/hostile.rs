@@ -156,11 +156,46 @@ fn snapshot_table_out_of_file() {
     let mut m = img.clone();
     set32(&mut m, 60, 60_000);
     assert!(open_mem(&m).is_err());
-    // Snapshot L1 table pointing out of the file.
-    let mut m = img;
+    // Snapshot L1 table pointing out of the file: that entry is skipped and named,
+    // the image stays readable (QEMU lists it too).
+    let mut m = img.clone();
     let snap = be64(&m, 64) as usize;
     set64(&mut m, snap, 1 << 50);
-    assert!(open_mem(&m).is_err());
+    let opened = open_mem(&m).unwrap();
+    let before = open_mem(&img).unwrap();
+    assert_eq!(opened.snapshots().len() + 1, before.snapshots().len());
+    let damaged = opened.damaged_snapshots();
+    assert_eq!(damaged.len(), 1);
+    assert_eq!(damaged[0].index, 0);
+    assert_eq!(damaged[0].name, before.snapshots()[0].name);
+    assert!(
+        damaged[0].reason.contains("past the end"),
+        "{:?}",
+        damaged[0]
+    );
+    // Offset 0 names the field that says 0, not "not aligned at byte 0".
+    let mut m = img.clone();
+    set64(&mut m, snap, 0);
+    let damaged = open_mem(&m).unwrap().damaged_snapshots()[0].reason.clone();
+    assert!(
+        damaged.contains("offset 0 (the header)")
+            && damaged.contains(&format!("at byte offset {snap}")),
+        "{damaged}"
+    );
+    let mut m = img.clone();
+    set64(&mut m, 40, 0);
+    let err = open_mem(&m).unwrap_err().to_string();
+    assert!(
+        err.contains("offset 0 (the header)") && err.contains("at byte offset 40"),
+        "{err}"
+    );
+    let mut m = img;
+    set64(&mut m, 64, 0);
+    let err = open_mem(&m).unwrap_err().to_string();
+    assert!(
+        err.contains("no snapshot table") && err.contains("at byte offset 64"),
+        "{err}"
+    );
 }
 
 #[test]
