@@ -146,3 +146,115 @@ fn a_damaged_snapshot_entry_is_skipped_and_named_and_the_others_stay_readable() 
         );
     }
 }
+
+#[test]
+fn raw_images_whose_names_do_not_fit_are_reported_not_dropped_in_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_image(&src, "v", "mon", &random(1, 65536), 1_000);
+    write_image(&src, "v", "mon day", &random(2, 65536), 2_000);
+    write_image(&src, "w", "dienstag-ü", &random(3, 65536), 3_000);
+    write_image(&src, "bad vol", "s1", &random(4, 65536), 4_000);
+    std::fs::write(src.join("loose.img"), b"x").unwrap();
+    std::fs::create_dir(src.join("v/dir.img")).unwrap();
+    // Not images: no report.
+    std::fs::write(src.join("v/notes.txt"), b"x").unwrap();
+    std::fs::write(src.join("v/.partial.img"), b"x").unwrap();
+
+    let url = format!("raw:{}", src.display());
+    let out = run(&["list", &url, "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&success(&["list"], &out)).unwrap();
+    let skipped: Vec<(String, String)> = listed["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["what"].as_str().unwrap().to_string(),
+                s["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let what: Vec<&str> = skipped
+        .iter()
+        .map(|(w, _)| w.strip_prefix(src.to_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(
+        what,
+        [
+            "/bad vol",
+            "/loose.img",
+            "/v/dir.img",
+            "/v/mon day.img",
+            "/w/dienstag-ü.img"
+        ],
+        "{skipped:?}"
+    );
+    assert!(skipped.iter().all(|(_, reason)| !reason.is_empty()));
+    let warnings = stderr(&out);
+    assert_eq!(
+        warnings
+            .lines()
+            .filter(|l| l.starts_with("warning: skipped"))
+            .count(),
+        5,
+        "{warnings}"
+    );
+    assert_eq!(listed["volumes"].as_array().unwrap().len(), 1, "{listed}");
+
+    let repo = init_repo(dir.path(), &[]);
+    let out = run(&["replicate", &url, &repo]);
+    success(&["replicate"], &out);
+    assert!(stderr(&out).contains("mon day.img"), "{}", stderr(&out));
+    assert!(ok(&["list", &repo]).contains("mon"));
+}
+
+#[test]
+fn a_raw_image_written_while_it_is_read_commits_nothing_and_the_rerun_succeeds() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let img = write_image(&src, "vm", "live", &random(5, 32 << 20), 1_000);
+    let repo = init_repo(dir.path(), &[]);
+    let url = format!("raw:{}", src.display());
+
+    // Append while replicate runs: at least once before it starts, then every 2 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let writer = {
+        let stop = stop.clone();
+        let img = img.clone();
+        std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&img).unwrap();
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all(&random(100 + k, 4096)).unwrap();
+                if k == 0 {
+                    started_tx.send(()).unwrap();
+                }
+                k += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+    };
+    started_rx.recv().unwrap();
+    let out = run(&["replicate", &url, &repo]);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("changed while it was read"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        ok(&["list", &repo]).contains("no volumes"),
+        "nothing committed"
+    );
+
+    // Still now: the rerun succeeds, and restores what the image holds.
+    ok(&["replicate", &url, &repo]);
+    let restored = dir.path().join("restored.img");
+    ok(&["restore", &repo, "vm@live", restored.to_str().unwrap()]);
+    assert!(std::fs::read(&restored).unwrap() == std::fs::read(&img).unwrap());
+}

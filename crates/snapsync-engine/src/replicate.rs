@@ -283,6 +283,7 @@ impl Ctx<'_> {
             .begin_receive(self.receive_request(volume, &plan))
             .map_err(|e| self.dst_err(e))?;
         let mut tally = self.send(volume, &plan, receiver.as_mut())?;
+        self.check_unchanged(volume, &plan.target)?;
         let committed = self.commit(receiver, &mut tally)?;
         Ok(SnapshotReport {
             volume: volume.name.clone(),
@@ -297,6 +298,33 @@ impl Ctx<'_> {
             dedup_bytes: tally.dedup_bytes,
             duration_ms: started.elapsed().as_millis() as u64,
         })
+    }
+
+    /// Refuse to commit a snapshot the source no longer lists as it did when planned: a
+    /// raw image written to between the listing and the end of the read would
+    /// otherwise commit a mix of two states under the first one's name and identity
+    /// (and the next run would find that name taken).
+    fn check_unchanged(&self, volume: &VolumeInfo, planned: &SnapshotInfo) -> Result<()> {
+        let now = self
+            .source
+            .volume(&volume.name)
+            .map_err(|e| self.src_err(e))?;
+        match now.snapshot(&planned.name) {
+            Some(now) if now == planned => Ok(()),
+            now => Err(self.src_err(StoreError::Conflict {
+                what: format!(
+                    "snapshot {} changed while it was read ({}); nothing of it is committed: replicate again once nothing writes to it",
+                    snapsync_core::quote_snapshot(&volume.name, &planned.name),
+                    match now {
+                        None => "it is gone".to_string(),
+                        Some(now) if now.size != planned.size => {
+                            format!("size {} -> {} bytes", planned.size, now.size)
+                        }
+                        Some(_) => "its age or identity differs".to_string(),
+                    }
+                ),
+            })),
+        }
     }
 
     /// What the sink is told of the snapshot it is about to receive: which it is, the

@@ -59,6 +59,24 @@ impl FileKey {
         })
     }
 
+    /// What differs from `self` to `now`, in words.
+    pub fn change_to(&self, now: &FileKey) -> String {
+        let mut changes = Vec::new();
+        if self.size != now.size {
+            changes.push(format!("size {} -> {} bytes", self.size, now.size));
+        }
+        if self.mtime != now.mtime {
+            changes.push("modification time".to_string());
+        }
+        if self.ctime != now.ctime {
+            changes.push("change time".to_string());
+        }
+        if (self.inode, self.device) != (now.inode, now.device) {
+            changes.push("replaced by another file".to_string());
+        }
+        changes.join(", ")
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(Self::ENCODED_LEN);
         for x in [

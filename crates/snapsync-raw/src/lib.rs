@@ -24,7 +24,7 @@ use snapsync_core::{
     validate_name, BlockId, Extent, ExtentList, SnapshotId, SnapshotInfo, Timestamp, VolumeInfo,
 };
 use snapsync_store::{
-    Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
+    Diff, Result, Skipped, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
 };
 
 use cache::{CacheReader, CacheWriter};
@@ -80,37 +80,131 @@ impl RawStore {
             .join(format!("{snapshot}.b3"))
     }
 
+    /// The snapshot an entry of a volume directory is, if it is one; what is wrong
+    /// with it if it looks like an image (`*.img`) but cannot be listed.
     fn snapshot_info(
         &self,
         system: &str,
         volume: &str,
         path: &Path,
-    ) -> Result<Option<SnapshotInfo>> {
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".img"))
+    ) -> Result<Option<std::result::Result<SnapshotInfo, Skipped>>> {
+        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let Some(stem) = file_name
+            .as_deref()
+            .and_then(|n| n.strip_suffix(&format!(".{IMAGE_EXT}")))
         else {
             return Ok(None);
         };
-        if validate_name("snapshot", name).is_err() {
+        if stem.starts_with('.') {
+            // Hidden files (a download in progress, an editor's copy) are not images.
             return Ok(None);
+        }
+        let skipped =
+            |reason: String| Ok(Some(Err(Skipped::new(path.display().to_string(), reason))));
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(&format!(".{IMAGE_EXT}")))
+        else {
+            return skipped(
+                "the file name is not valid UTF-8, so it cannot be a snapshot name".into(),
+            );
+        };
+        if let Err(e) = validate_name("snapshot", name) {
+            return skipped(e.to_string());
         }
         let md = std::fs::metadata(path)
             .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
         if !md.is_file() {
-            return Ok(None);
+            return skipped("not a regular file".into());
         }
         let created = Timestamp::from_system_time(
             md.modified()
                 .map_err(|e| StoreError::io(format!("mtime of {}", path.display()), e))?,
         );
-        Ok(Some(SnapshotInfo {
+        Ok(Some(Ok(SnapshotInfo {
             name: name.to_string(),
             id: SnapshotId::derive(system, volume, name, created),
             created,
             size: md.len(),
-        }))
+        })))
+    }
+
+    /// Every volume (or only `only`), and what was left out of them and why.
+    fn scan(&self, only: Option<&str>) -> Result<(Vec<VolumeInfo>, Vec<Skipped>)> {
+        let system = self.system_id()?;
+        let mut volumes = Vec::new();
+        let mut skipped = Vec::new();
+        let listing_error = |e| StoreError::io(format!("list {}", self.root.display()), e);
+        let entries: Vec<_> = match only {
+            Some(volume) => {
+                validate_name("volume", volume)?;
+                vec![(volume.to_string(), self.root.join(volume))]
+            }
+            None => {
+                let mut entries = Vec::new();
+                for entry in std::fs::read_dir(&self.root).map_err(listing_error)? {
+                    let entry = entry.map_err(listing_error)?;
+                    let path = entry.path();
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with('.') || !path.is_dir() {
+                        if name.ends_with(&format!(".{IMAGE_EXT}")) && !name.starts_with('.') {
+                            skipped.push(Skipped::new(
+                                path.display().to_string(),
+                                "an image directly in the store directory; a raw store holds images as VOLUME/SNAPSHOT.img",
+                            ));
+                        }
+                        continue;
+                    }
+                    match entry
+                        .file_name()
+                        .to_str()
+                        .map(|n| validate_name("volume", n))
+                    {
+                        Some(Ok(())) => entries.push((name, path)),
+                        Some(Err(e)) => {
+                            skipped.push(Skipped::new(path.display().to_string(), e.to_string()))
+                        }
+                        None => skipped.push(Skipped::new(
+                            path.display().to_string(),
+                            "the directory name is not valid UTF-8, so it cannot be a volume name",
+                        )),
+                    }
+                }
+                entries
+            }
+        };
+        for (name, dir) in entries {
+            let mut snapshots = Vec::new();
+            let dir_error = |e| StoreError::io(format!("list {}", dir.display()), e);
+            let files = match std::fs::read_dir(&dir) {
+                Err(e) if only.is_some() && e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                files => files
+                    .map_err(dir_error)?
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .map_err(dir_error)?,
+            };
+            for f in files {
+                match self.snapshot_info(&system, &name, &f.path())? {
+                    Some(Ok(info)) => snapshots.push(info),
+                    Some(Err(s)) => skipped.push(s),
+                    None => {}
+                }
+            }
+            if snapshots.is_empty() {
+                continue;
+            }
+            snapshots.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+            volumes.push(VolumeInfo {
+                size: snapshots.last().map_or(0, |s| s.size),
+                name,
+                snapshots,
+                origin: None,
+            });
+        }
+        volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        skipped.sort_by(|a, b| a.what.cmp(&b.what));
+        Ok((volumes, skipped))
     }
 
     /// Hand the block hashes of one image to `f`, in order and a chunk at a time: from
@@ -345,42 +439,22 @@ impl Store for RawStore {
     }
 
     fn list(&self) -> Result<Vec<VolumeInfo>> {
-        let system = self.system_id()?;
-        let mut volumes = Vec::new();
-        let entries = std::fs::read_dir(&self.root)
-            .map_err(|e| StoreError::io(format!("list {}", self.root.display()), e))?;
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| StoreError::io(format!("list {}", self.root.display()), e))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
-            if validate_name("volume", &name).is_err() || !entry.path().is_dir() {
-                continue;
-            }
-            let mut snapshots = Vec::new();
-            let files = std::fs::read_dir(entry.path())
-                .map_err(|e| StoreError::io(format!("list {}", entry.path().display()), e))?;
-            for f in files {
-                let f =
-                    f.map_err(|e| StoreError::io(format!("list {}", entry.path().display()), e))?;
-                if let Some(info) = self.snapshot_info(&system, &name, &f.path())? {
-                    snapshots.push(info);
-                }
-            }
-            if snapshots.is_empty() {
-                continue;
-            }
-            snapshots.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-            volumes.push(VolumeInfo {
-                size: snapshots.last().map_or(0, |s| s.size),
-                name,
-                snapshots,
-                origin: None,
-            });
-        }
-        volumes.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(volumes)
+        Ok(self.scan(None)?.0)
+    }
+
+    fn skipped(&self) -> Result<Vec<Skipped>> {
+        Ok(self.scan(None)?.1)
+    }
+
+    /// Only the one directory is read: the engine asks again for each snapshot it has
+    /// read, to see that the image did not change meanwhile.
+    fn volume(&self, volume: &str) -> Result<VolumeInfo> {
+        self.scan(Some(volume))?
+            .0
+            .pop()
+            .ok_or_else(|| StoreError::NotFound {
+                what: format!("volume {volume:?} in {}", self.location()),
+            })
     }
 }
 
@@ -489,12 +563,21 @@ impl SnapshotReader for RawReader {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
+        // A raw image has no snapshot semantics of its own: if anything wrote to it
+        // while it was read, what was read is no point in time of it. Its size, times,
+        // inode and device must be as they were when it was opened.
+        let now = FileKey::of(&self.path)?;
+        if now != self.key {
+            return Err(StoreError::Conflict {
+                what: format!(
+                    "{} changed while it was read ({}); nothing of it is committed: replicate again once nothing writes to it",
+                    self.path.display(),
+                    self.key.change_to(&now)
+                ),
+            });
+        }
         if let Observed::Filling(w) = self.observed {
-            // Only trust what we saw if the file did not change while we read it (an
-            // incomplete cache is not put in place).
-            if FileKey::of(&self.path).ok().as_ref() == Some(&self.key) {
-                w.finish();
-            }
+            w.finish();
         }
         Ok(())
     }
@@ -517,6 +600,29 @@ mod tests {
         std::fs::write(dir.path().join("vm/s1.img"), &img).unwrap();
         let store = RawStore::open(dir.path()).unwrap();
         (dir, store, img)
+    }
+
+    #[test]
+    fn a_reader_refuses_to_finish_when_the_image_changed_while_it_was_read() {
+        use std::io::Write;
+        let (dir, store, img) = store(4);
+        let mut reader = store.open_snapshot("vm", "s1").unwrap();
+        let mut buf = vec![0u8; img.len()];
+        reader.read_at(0, &mut buf).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("vm/s1.img"))
+            .unwrap()
+            .write_all(b"late")
+            .unwrap();
+        let err = reader.finish().unwrap_err().to_string();
+        assert!(
+            err.contains("changed while it was read") && err.contains("size"),
+            "{err}"
+        );
+        // Unchanged, it finishes.
+        let reader = store.open_snapshot("vm", "s1").unwrap();
+        reader.finish().unwrap();
     }
 
     #[test]
