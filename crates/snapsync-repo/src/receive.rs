@@ -171,11 +171,19 @@ impl RepoReceiver<'_> {
     /// holds. Checked before anything of the batch is recorded.
     fn check_batch(&self, blocks: &[IncomingBlock]) -> Result<()> {
         let bs = self.repo.config.block_size;
+        // A block repeated within one batch is sent once, as data, and then named.
+        let carried: std::collections::HashSet<&BlockId> = blocks
+            .iter()
+            .filter_map(|b| match &b.content {
+                BlockContent::Data { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
         let mut existing = Vec::new();
         for b in blocks {
             self.request.check_index(b.index, bs)?;
             if let BlockContent::Existing(id) = &b.content {
-                if !self.session.contains_key(id) {
+                if !self.session.contains_key(id) && !carried.contains(id) {
                     existing.push((b.index, *id));
                 }
             }

@@ -525,6 +525,7 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
     );
     drop(rx);
 
+    check_repeated_block_in_one_batch(store);
     check_hostile_receives(store, &info(s1), &s1.content);
 
     // Names that could escape a directory or key prefix are refused.
@@ -664,5 +665,61 @@ fn check_hostile_receives<S: SnapshotSink + SnapshotSource>(
         got == content,
         "{loc}: hostile receives changed the committed {}",
         committed.name
+    );
+}
+
+/// A block that repeats within one write batch is carried once, as data, and then named
+/// as existing (the engine sends it so); the sink accepts that and reads it back twice.
+fn check_repeated_block_in_one_batch<S: SnapshotSink + SnapshotSource>(store: &S) {
+    let loc = store.location();
+    let bs = store.block_size();
+    let block = pseudo_random(31337, bs as usize);
+    let id = BlockId::of(&block);
+    let created = snapsync_core::Timestamp::new(1_700_000_100, 0);
+    let mut rx = store
+        .begin_receive(ReceiveRequest {
+            volume: "repeat".into(),
+            snapshot: SnapshotInfo {
+                name: "r1".into(),
+                id: snapsync_core::SnapshotId::derive(
+                    "conformance-source",
+                    "repeat",
+                    "r1",
+                    created,
+                ),
+                created,
+                size: 3 * bs,
+            },
+            base: None,
+            source_system: "conformance-source".into(),
+            source_volume: "repeat".into(),
+            source_snapshot: "r1".into(),
+            origin: None,
+        })
+        .expect("begin_receive");
+    rx.write(vec![
+        IncomingBlock {
+            index: 0,
+            content: BlockContent::Data {
+                id,
+                data: block.clone().into(),
+                compressed: Compressed::NotTried,
+            },
+        },
+        IncomingBlock {
+            index: 2,
+            content: BlockContent::Existing(id),
+        },
+    ])
+    .unwrap_or_else(|e| panic!("{loc}: a block repeated within a batch was refused: {e}"));
+    rx.flush().expect("flush");
+    rx.commit().expect("commit");
+    let mut want = block.clone();
+    want.extend(vec![0u8; bs as usize]);
+    want.extend(&block);
+    let got = read_all(store, "repeat", "r1", want.len());
+    assert!(
+        got == want,
+        "{loc}: a block repeated within a batch reads back wrong"
     );
 }
