@@ -839,3 +839,155 @@ fn tls_pins_the_exact_certificate_given_with_ca() {
     );
     assert!(failure_line(&out).contains("no certificate"));
 }
+
+/// One HTTP/1.1 POST with a binary body to `/v1/stores/{store}/{path}`, with the rw
+/// token; returns (status, body).
+fn post_bytes(port: u16, store: &str, path: &str, headers: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /v1/stores/{store}/{path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+         authorization: Bearer {TOKEN}\r\nsnapsync-protocol: {PROTOCOL_VERSION}\r\n\
+         {headers}content-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {resp:?}"));
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// A block batch (docs/PROTOCOL.md) of the given header entries and data.
+fn batch(entries: &[(u64, u8, &[u8])], data: &[u8]) -> Vec<u8> {
+    let mut header = Vec::new();
+    for (index, kind, rest) in entries {
+        header.extend_from_slice(&index.to_le_bytes());
+        header.push(*kind);
+        header.extend_from_slice(rest);
+    }
+    let mut body = (header.len() as u32).to_le_bytes().to_vec();
+    body.extend(header);
+    body.extend_from_slice(data);
+    body
+}
+
+/// A writer with a read-write token, speaking the protocol by hand, tries every way to
+/// commit a damaged snapshot into a served repository: each receive that had a refused
+/// request answers 409 at commit, nothing is committed, and `verify --read-data` passes.
+#[test]
+fn a_hostile_writer_cannot_commit_a_damaged_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    write_image(&images, "vm", "s1", &random(11, MIB), T0);
+    let repo = init_repo(dir.path(), &[]);
+    ok(&["replicate", &format!("raw:{}", images.display()), &repo]);
+    let server = plaintext_server(dir.path(), &[("repo", repo.clone())]);
+    let bs: usize = 64 << 10;
+    let good = random(12, bs);
+    let good_id = blake3::hash(&good);
+    let unknown = [0x5a_u8; 32];
+    let mut wrong_id_plain = Vec::new();
+    wrong_id_plain.extend_from_slice(&unknown);
+    wrong_id_plain.extend_from_slice(&(bs as u32).to_le_bytes());
+    let mut good_plain = Vec::new();
+    good_plain.extend_from_slice(good_id.as_bytes());
+    good_plain.extend_from_slice(&(bs as u32).to_le_bytes());
+    let blocks = (MIB / bs) as u64;
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown-existing", batch(&[(0, 1, &unknown)], &[])),
+        ("past-end", batch(&[(blocks, 0, &[])], &[])),
+        ("u64-max", batch(&[(u64::MAX, 2, &good_plain)], &good)),
+        ("hash-mismatch", batch(&[(0, 2, &wrong_id_plain)], &good)),
+        ("unknown-kind", batch(&[(0, 9, &[])], &[])),
+        ("short-plain", batch(&[(0, 2, &good_plain)], &good[..100])),
+        ("trailing-bytes", {
+            let mut b = batch(&[(0, 0, &[])], &[]);
+            b.extend_from_slice(b"junk");
+            b
+        }),
+        ("huge-header", u32::MAX.to_le_bytes().to_vec()),
+        ("three-bytes", vec![1, 2, 3]),
+        ("empty", Vec::new()),
+    ];
+    let begin = |name: &str, created: serde_json::Value| {
+        let body = serde_json::json!({
+            "volume": "vm",
+            "snapshot": {
+                "name": name,
+                "id": "00".repeat(32),
+                "created": created,
+                "size": MIB,
+            },
+            "base": {"volume": "vm", "snapshot": "s1"},
+            "source_system": "hostile",
+            "source_volume": "vm",
+            "source_snapshot": name,
+            "origin": null,
+        });
+        post_bytes(
+            server.port,
+            "repo",
+            "receive",
+            "content-type: application/json\r\n",
+            body.to_string().as_bytes(),
+        )
+    };
+    for (name, body) in &attacks {
+        let (status, answer) = begin(name, serde_json::json!({"secs": T0 + 10, "nanos": 0}));
+        assert_eq!(status, 200, "{name}: begin: {answer}");
+        let session: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        let session = session["session"].as_str().unwrap().to_string();
+        let (status, answer) = post_bytes(
+            server.port,
+            "repo",
+            &format!("receive/{session}/write"),
+            "snapsync-sequence: 0\r\n",
+            body,
+        );
+        assert!(
+            status == 400 || status == 413,
+            "{name}: write answered {status}: {answer}"
+        );
+        let (status, answer) = post_bytes(
+            server.port,
+            "repo",
+            &format!("receive/{session}/commit"),
+            "",
+            b"",
+        );
+        assert_eq!(
+            status, 409,
+            "{name}: commit after a refused write: {answer}"
+        );
+    }
+    for (name, created) in [
+        (
+            "nanos",
+            serde_json::json!({"secs": T0, "nanos": 4_294_967_295u64}),
+        ),
+        ("secs", serde_json::json!({"secs": i64::MIN, "nanos": 0})),
+    ] {
+        let (status, answer) = begin(name, created);
+        assert_eq!(
+            status, 400,
+            "{name}: an impossible time was accepted: {answer}"
+        );
+    }
+    drop(server);
+    let listed = ok(&["list", &repo, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        v["volumes"][0]["snapshots"].as_array().unwrap().len(),
+        1,
+        "only the snapshot replicated honestly: {listed}"
+    );
+    ok(&["verify", &repo, "--read-data"]);
+}
