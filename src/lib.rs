@@ -50,4 +50,6 @@ pub use snapsync_store::{
 
 pub use snapsync_core;
 pub use snapsync_engine;
+/// The object-store crate, for [`OpenOptions::with_object_store`].
+pub use snapsync_repo::object_store;
 pub use snapsync_store;

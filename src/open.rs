@@ -1,9 +1,13 @@
 //! Opening stores from URLs: the one place that knows every kind of store.
 
+use std::sync::Arc;
+
 use snapsync_qcow2::{Qcow2Options, Qcow2Store};
 use snapsync_raw::RawStore;
 use snapsync_remote::{ClientOptions, RemoteStore, ServedStore};
-use snapsync_repo::{RepoOptions, Repository};
+use snapsync_repo::object_store::prefix::PrefixStore;
+use snapsync_repo::object_store::ObjectStore;
+use snapsync_repo::{Location, RepoOptions, Repository};
 use snapsync_store::{SnapshotSink, SnapshotSource, StoreError};
 
 use crate::url::{StoreUrl, UrlError};
@@ -21,6 +25,12 @@ pub struct OpenOptions {
     /// For `qcow2:` stores. `backing_anywhere` here applies to every qcow2 store, as
     /// `?backing=any` does for one URL: only for images whose author is trusted.
     pub qcow2: Qcow2Options,
+    /// The object store behind `s3://` URLs, built by the caller (credentials, client
+    /// settings, or any other `object_store` implementation) instead of one from the
+    /// `AWS_*` variables. It is the bucket's store: the URL's key prefix applies inside
+    /// it. Like object_store's `parse_url_opts`, this lets an embedding program own its
+    /// storage configuration.
+    pub object_store: Option<Arc<dyn ObjectStore>>,
 }
 
 impl OpenOptions {
@@ -36,10 +46,34 @@ impl OpenOptions {
         self
     }
 
+    /// Set [`OpenOptions::object_store`].
+    pub fn with_object_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
+        self.object_store = Some(store);
+        self
+    }
+
     /// Set [`OpenOptions::qcow2`].
     pub fn with_qcow2(mut self, qcow2: Qcow2Options) -> Self {
         self.qcow2 = qcow2;
         self
+    }
+}
+
+impl OpenOptions {
+    /// Where the repository at `location` is reached: through the caller's object
+    /// store for `s3://` when one is given.
+    pub fn location(&self, location: &Location) -> Location {
+        match (location, &self.object_store) {
+            (Location::S3 { prefix, .. }, Some(store)) => {
+                let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                    store.clone()
+                } else {
+                    Arc::new(PrefixStore::new(store.clone(), prefix.as_str()))
+                };
+                Location::custom(location.to_string(), store)
+            }
+            _ => location.clone(),
+        }
     }
 }
 
@@ -122,9 +156,10 @@ impl StoreUrl {
                     .with_backing_anywhere(options.qcow2.backing_anywhere || *backing_any);
                 AnyStore::Qcow2(Box::new(Qcow2Store::open_with(path, &options)?))
             }
-            StoreUrl::Repo(loc) => {
-                AnyStore::Repo(Box::new(Repository::open_with(loc.clone(), &options.repo)?))
-            }
+            StoreUrl::Repo(loc) => AnyStore::Repo(Box::new(Repository::open_with(
+                options.location(loc),
+                &options.repo,
+            )?)),
             StoreUrl::Remote(u) => {
                 AnyStore::Remote(Box::new(RemoteStore::open(u, options.client.clone())?))
             }

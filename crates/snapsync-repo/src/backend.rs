@@ -50,8 +50,32 @@ const PART_PARALLELISM: usize = 4;
 /// a probe left behind by an interrupted `init` does not block the next one.
 pub(crate) const PROBE_PREFIX: &str = "probe";
 
+/// An object store the caller built (any `object_store` implementation, or a wrapper
+/// of one), with the name it goes by in messages.
+#[derive(Clone)]
+pub struct CustomStore {
+    name: String,
+    store: Arc<dyn ObjectStore>,
+}
+
+impl std::fmt::Debug for CustomStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CustomStore({})", self.name)
+    }
+}
+
+/// Two custom locations are the same when they are the same store object.
+impl PartialEq for CustomStore {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && Arc::ptr_eq(&self.store, &other.store)
+    }
+}
+
+impl Eq for CustomStore {}
+
 /// Where a repository lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Location {
     /// A directory on a local file system.
     Local(PathBuf),
@@ -63,6 +87,21 @@ pub enum Location {
         /// Key prefix without leading or trailing `/`; empty for the bucket's root.
         prefix: String,
     },
+    /// An object store the caller built: its own credentials and client settings, an
+    /// in-memory store, or a wrapper that injects faults (the crash-point tests). The
+    /// repository reaches it only through the `ObjectStore` trait.
+    Custom(CustomStore),
+}
+
+impl Location {
+    /// A repository in `store`, called `name` in messages. The store must honour
+    /// create-only puts (`PutMode::Create`); `init` checks that it does.
+    pub fn custom(name: impl Into<String>, store: Arc<dyn ObjectStore>) -> Self {
+        Location::Custom(CustomStore {
+            name: name.into(),
+            store,
+        })
+    }
 }
 
 impl std::fmt::Display for Location {
@@ -71,6 +110,7 @@ impl std::fmt::Display for Location {
             Location::Local(p) => write!(f, "file://{}", p.display()),
             Location::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
             Location::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            Location::Custom(custom) => f.write_str(&custom.name),
         }
     }
 }
@@ -237,6 +277,7 @@ impl Backend {
                     Arc::new(PrefixStore::new(s3, prefix.as_str()))
                 }
             }
+            Location::Custom(custom) => custom.store.clone(),
             Location::Local(dir) => {
                 if create {
                     std::fs::create_dir_all(dir)

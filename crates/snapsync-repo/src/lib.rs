@@ -41,9 +41,11 @@ mod source;
 mod stream;
 mod verify;
 
-pub use backend::{Location, DEFAULT_RETRY_TIMEOUT_SECS};
+pub use backend::{CustomStore, Location, DEFAULT_RETRY_TIMEOUT_SECS};
 pub use gc::GcReport;
 pub use lock::{GcLock, SessionLock};
+/// The object-store crate the repository is written against, for [`Location::custom`].
+pub use object_store;
 pub use options::{RepoOptions, DEFAULT_LOCK_WAIT};
 pub use prune::{KeptSnapshot, PruneOptions, PruneReport, VolumePrune};
 pub use repo::{Repository, CHECKPOINT_INTERVAL, DEFAULT_BLOCK_SIZE};
