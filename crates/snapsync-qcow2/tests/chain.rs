@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use snapsync_qcow2::{BackingRule, Chain, LayerFormat, Qcow2Error, Qcow2Image, View};
+use snapsync_qcow2::{BackingRule, Chain, ExtentKind, LayerFormat, Qcow2Error, Qcow2Image, View};
 
 /// Open a chain under the default rule: backing files beside the top image.
 fn open_chain(top: &Path) -> Result<Chain, Qcow2Error> {
@@ -162,9 +162,33 @@ fn qcow2_chain_reads_and_diffs() {
     assert_eq!(mid.backing_file(), Some("base.qcow2"));
     assert_eq!(mid.backing_format(), Some("qcow2"));
     assert!(chain.metadata_bytes_read() > 0);
-    // A layer that unallocates (discard with a backing file) is Data in
-    // the single-image diff, since its content comes from below.
-    let _ = mid.diff(View::Active, None).unwrap();
+    // The single-image diff of a layer is its own allocation: what it wrote is
+    // Data, what it zeroed (by write -z, or by a discard, which QEMU turns into a
+    // zero cluster when there is a backing file so that it does not show through)
+    // is Zero, and what it left to the layer below is not listed at all.
+    let ext = mid.diff(View::Active, None).unwrap();
+    let kind_at = |offset: u64| {
+        ext.iter()
+            .find(|e| e.offset <= offset && offset < e.end())
+            .map(|e| e.kind)
+    };
+    for offset in [2 * C, 3 * C - 1] {
+        assert_eq!(
+            kind_at(offset),
+            Some(ExtentKind::Data),
+            "written at {offset}"
+        );
+    }
+    for offset in [4 * C, 6 * C - 1, N / 2 + 4 * C, N / 2 + 6 * C - 1] {
+        assert_eq!(
+            kind_at(offset),
+            Some(ExtentKind::Zero),
+            "zeroed at {offset}"
+        );
+    }
+    for offset in [0, C, 7 * C, N - 1] {
+        assert_eq!(kind_at(offset), None, "left to the layer below at {offset}");
+    }
 }
 
 #[test]

@@ -79,7 +79,14 @@ fn verify(img_path: &Path, expect_snaps: &[&str]) {
             let data_before = img.data_bytes_read();
             let ext = img.diff(*tv, Some(*bv)).unwrap();
             assert_eq!(img.data_bytes_read(), data_before, "diff read guest data");
-            let _ = before;
+            // Metadata only, and at most both views' L1 tables and every L2 table
+            // once (the tables are cached, so a second diff may read none).
+            let read = img.metadata_bytes_read() - before;
+            let bound = std::fs::metadata(img_path).unwrap().len();
+            assert!(
+                read <= bound,
+                "diff {tv:?} vs {bv:?} read {read} bytes of metadata, more than the file's {bound}"
+            );
             check_diff(braw, traw, &ext, c, true, &format!("diff {tv:?} vs {bv:?}"));
         }
         // Full allocation map: covers every non-zero byte.

@@ -5,7 +5,6 @@
 //! HTTP/2 connection, so the server reads and compresses in parallel.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -891,6 +890,3 @@ impl Drop for RemoteReceiver<'_> {
         }
     }
 }
-
-/// Shared so the binary can keep one per URL.
-pub type SharedRemote = Arc<RemoteStore>;

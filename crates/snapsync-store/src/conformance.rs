@@ -184,7 +184,7 @@ pub fn check_source(src: &dyn SnapshotSource, fixture: &Fixture, granularity: u6
             "{loc}: snapshot ids not unique"
         );
 
-        for (k, f) in fv.snapshots.iter().enumerate() {
+        for f in &fv.snapshots {
             let got = read_all(src, &fv.name, &f.name, f.content.len());
             assert!(
                 got == f.content,
@@ -202,7 +202,6 @@ pub fn check_source(src: &dyn SnapshotSource, fixture: &Fixture, granularity: u6
 
             let mut bases: Vec<Option<&FixtureSnapshot>> = vec![None];
             bases.extend(fv.snapshots.iter().filter(|b| b.name != f.name).map(Some));
-            let _ = k;
             for base in bases {
                 let d = src
                     .diff(

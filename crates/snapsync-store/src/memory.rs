@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use snapsync_core::{
-    BlockId, Extent, ExtentList, Hint, Origin, SnapshotId, SnapshotInfo, Timestamp, VolumeInfo,
+    BlockId, Extent, Hint, Origin, SnapshotId, SnapshotInfo, Timestamp, VolumeInfo,
 };
 
 use crate::{
@@ -375,9 +375,4 @@ impl Receiver for MemReceiver<'_> {
             redundant_entries_removed: 0,
         })
     }
-}
-
-/// Extents of `content` that are not zero, at `block_size` granularity.
-pub fn nonzero_extents(content: &[u8], block_size: u64) -> ExtentList {
-    diff_contents(content, None, block_size).data
 }
