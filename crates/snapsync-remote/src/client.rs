@@ -127,17 +127,9 @@ impl RemoteUrl {
     fn base(&self) -> String {
         // The store name is percent-encoded whole, so that nothing in it (`/`, `..`)
         // is interpreted on the way: the server decides what it accepts.
-        let name: String = self
-            .name
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
+        const NAME: &percent_encoding::AsciiSet =
+            &percent_encoding::NON_ALPHANUMERIC.remove(b'_').remove(b'-');
+        let name = percent_encoding::utf8_percent_encode(&self.name, NAME);
         format!(
             "{}://{}/v1/stores/{name}",
             if self.tls { "https" } else { "http" },
@@ -279,21 +271,7 @@ impl RemoteStore {
             let body = resp.bytes().await.unwrap_or_default();
             let err: Option<ErrorBody> = serde_json::from_slice(&body).ok();
             return Err(match err {
-                Some(e) => match (e.kind.as_str(), e.what) {
-                    ("not_found", Some(w)) => StoreError::NotFound {
-                        what: format!("{w} (at {url})"),
-                    },
-                    ("already_exists", Some(w)) => StoreError::AlreadyExists { what: w },
-                    ("conflict", Some(w)) => StoreError::Conflict { what: w },
-                    ("invalid_argument", Some(w)) => StoreError::InvalidArgument {
-                        what: format!("{w} (refused by {url})"),
-                    },
-                    _ => StoreError::Backend {
-                        context: format!("{url}: {what}"),
-                        source: format!("refused by the server ({status}): {}", e.message)
-                            .into(),
-                    },
-                },
+                Some(e) => e.to_store(&format!("{url}: {what}")),
                 None => StoreError::Backend {
                     context: format!("{url}: {what}"),
                     source: format!(

@@ -153,42 +153,155 @@ pub struct CommitResponse {
     pub redundant_entries_removed: u64,
 }
 
+/// What kind of error a response carries; each kind has one HTTP status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No token, or one that is not accepted (401).
+    Unauthorized,
+    /// The token may not use this store, or may only read it (403).
+    Forbidden,
+    /// No such store, endpoint, volume, snapshot or session (404).
+    NotFound,
+    /// A receive session that has ended (410).
+    Gone,
+    /// A snapshot of that name exists (409).
+    AlreadyExists,
+    /// A concurrent change, or a receive session that had a refused request (409).
+    Conflict,
+    /// A request that does not decode, or names that are not valid (400).
+    BadRequest,
+    /// A body larger than its limit (413).
+    TooLarge,
+    /// An argument that is not valid here: an index past the end, an unknown block,
+    /// an impossible time (400).
+    InvalidArgument,
+    /// Another protocol version (400).
+    Version,
+    /// Something the store cannot do (501).
+    Unsupported,
+    /// The store's input is not something it can read (422).
+    Malformed,
+    /// The store found damage (500).
+    Corrupt,
+    /// Anything else (500).
+    Internal,
+    /// A kind a later version sends, not known to this one (treated as internal).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorKind {
+    /// The HTTP status this kind is sent with.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Gone => 410,
+            ErrorKind::AlreadyExists | ErrorKind::Conflict => 409,
+            ErrorKind::BadRequest | ErrorKind::InvalidArgument | ErrorKind::Version => 400,
+            ErrorKind::TooLarge => 413,
+            ErrorKind::Unsupported => 501,
+            ErrorKind::Malformed => 422,
+            ErrorKind::Corrupt | ErrorKind::Internal | ErrorKind::Unknown => 500,
+        }
+    }
+}
+
 /// Every error response body.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// `unauthorized`, `forbidden`, `not_found`, `already_exists`, `conflict`,
-    /// `bad_request`, `invalid_argument`, `version`, `unsupported`, `malformed`,
-    /// `corrupt`, `internal`.
-    pub kind: String,
+    /// The kind; the response's status is [`ErrorKind::status`].
+    pub kind: ErrorKind,
     /// The full one-line message.
     pub message: String,
-    /// For `not_found`, `already_exists`, `conflict` and `invalid_argument`: what.
-    #[serde(default)]
+    /// For the kinds that come from a [`StoreError`] with a subject (`not_found`,
+    /// `already_exists`, `conflict`, `invalid_argument`, `unsupported`): that subject;
+    /// for `malformed` and `corrupt`: the detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub what: Option<String>,
+    /// For `malformed` and `corrupt`: the file or object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 impl ErrorBody {
-    /// The kind and HTTP status of a store error.
-    pub fn from_store(e: &StoreError) -> (u16, ErrorBody) {
-        let (status, kind, what) = match e {
-            StoreError::NotFound { what } => (404, "not_found", Some(what.clone())),
-            StoreError::AlreadyExists { what } => (409, "already_exists", Some(what.clone())),
-            StoreError::Conflict { what } => (409, "conflict", Some(what.clone())),
-            StoreError::InvalidArgument { what } => (400, "invalid_argument", Some(what.clone())),
-            StoreError::InvalidName(_) => (400, "bad_request", None),
-            StoreError::Unsupported { .. } => (501, "unsupported", None),
-            StoreError::Malformed { .. } => (422, "malformed", None),
-            StoreError::Corrupt { .. } => (500, "corrupt", None),
-            _ => (500, "internal", None),
+    /// A body with only a message.
+    pub fn new(kind: ErrorKind, message: String) -> Self {
+        Self {
+            kind,
+            message,
+            what: None,
+            location: None,
+        }
+    }
+
+    /// The body of a store error, keeping every field [`ErrorBody::to_store`] needs to
+    /// give the client the same error back.
+    pub fn from_store(e: &StoreError) -> ErrorBody {
+        let mut body = ErrorBody::new(ErrorKind::Internal, e.to_string());
+        let subject = |kind, what: &String| (kind, Some(what.clone()), None);
+        let (kind, what, location) = match e {
+            StoreError::NotFound { what } => subject(ErrorKind::NotFound, what),
+            StoreError::AlreadyExists { what } => subject(ErrorKind::AlreadyExists, what),
+            StoreError::Conflict { what } => subject(ErrorKind::Conflict, what),
+            StoreError::InvalidArgument { what } => subject(ErrorKind::InvalidArgument, what),
+            StoreError::Unsupported { what } => subject(ErrorKind::Unsupported, what),
+            StoreError::InvalidName(_) => (ErrorKind::BadRequest, None, None),
+            StoreError::Malformed { location, detail } => (
+                ErrorKind::Malformed,
+                Some(detail.clone()),
+                Some(location.clone()),
+            ),
+            StoreError::Corrupt { location, detail } => (
+                ErrorKind::Corrupt,
+                Some(detail.clone()),
+                Some(location.clone()),
+            ),
+            _ => (ErrorKind::Internal, None, None),
         };
-        (
-            status,
-            ErrorBody {
-                kind: kind.into(),
-                message: e.to_string(),
-                what,
+        body.kind = kind;
+        body.what = what;
+        body.location = location;
+        body
+    }
+
+    /// The store error this body stands for, as the client reports it; `context` (the
+    /// request's URL and what was asked) is added where the server's words alone would
+    /// not say where the error came from.
+    pub fn to_store(self, context: &str) -> StoreError {
+        match (self.kind, self.what, self.location) {
+            (ErrorKind::NotFound, Some(what), _) => StoreError::NotFound {
+                what: format!("{what} (at {context})"),
             },
-        )
+            (ErrorKind::AlreadyExists, Some(what), _) => StoreError::AlreadyExists { what },
+            (ErrorKind::Conflict, Some(what), _) => StoreError::Conflict { what },
+            (ErrorKind::InvalidArgument, Some(what), _) => StoreError::InvalidArgument {
+                what: format!("{what} (refused by {context})"),
+            },
+            (ErrorKind::Unsupported, Some(what), _) => StoreError::Unsupported { what },
+            (ErrorKind::Malformed, Some(detail), Some(location)) => {
+                StoreError::Malformed { location, detail }
+            }
+            (ErrorKind::Corrupt, Some(detail), Some(location)) => {
+                StoreError::Corrupt { location, detail }
+            }
+            _ => StoreError::Backend {
+                context: context.to_string(),
+                source: format!(
+                    "refused by the server ({} {}): {}",
+                    self.kind.status(),
+                    serde_json::to_value(self.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    self.message
+                )
+                .into(),
+            },
+        }
     }
 }
 

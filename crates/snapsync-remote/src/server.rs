@@ -302,64 +302,40 @@ fn respond(status: StatusCode, body: Bytes, content_type: &str) -> Resp {
 fn json_ok<T: Serialize>(v: &T) -> Resp {
     match serde_json::to_vec(v) {
         Ok(b) => respond(StatusCode::OK, b.into(), "application/json"),
-        Err(e) => error(500, "internal", format!("cannot encode the answer: {e}")),
+        Err(e) => error(
+            ErrorKind::Internal,
+            format!("cannot encode the answer: {e}"),
+        ),
     }
 }
 
-fn error(status: u16, kind: &str, message: String) -> Resp {
-    error_body(
-        status,
-        ErrorBody {
-            kind: kind.into(),
-            message,
-            what: None,
-        },
-    )
+fn error(kind: ErrorKind, message: String) -> Resp {
+    error_body(ErrorBody::new(kind, message))
 }
 
-fn error_body(status: u16, body: ErrorBody) -> Resp {
+fn error_body(body: ErrorBody) -> Resp {
     respond(
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        StatusCode::from_u16(body.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         serde_json::to_vec(&body).unwrap_or_default().into(),
         "application/json",
     )
 }
 
 fn store_error(e: StoreError) -> Resp {
-    let (status, body) = ErrorBody::from_store(&e);
-    error_body(status, body)
+    error_body(ErrorBody::from_store(&e))
 }
 
 /// The answer to any request of a session that had a refused one.
 fn refused_session(sid: &str, why: &str) -> Resp {
     error(
-        409,
-        "conflict",
+        ErrorKind::Conflict,
         format!("receive session {sid} had a refused request ({why}); it cannot go on or be committed: rerun the replication"),
     )
 }
 
-/// Decode a percent-encoded path segment.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(h, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 fn check_names(pairs: &[(&'static str, &str)]) -> Result<(), Resp> {
     for (kind, name) in pairs {
-        validate_name(kind, name).map_err(|e| error(400, "bad_request", e.to_string()))?;
+        validate_name(kind, name).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
     }
     Ok(())
 }
@@ -371,7 +347,10 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(store_error(e)),
-        Err(e) => Err(error(500, "internal", format!("store call failed: {e}"))),
+        Err(e) => Err(error(
+            ErrorKind::Internal,
+            format!("store call failed: {e}"),
+        )),
     }
 }
 
@@ -388,8 +367,7 @@ async fn write_batch(
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             error(
-                400,
-                "bad_request",
+                ErrorKind::BadRequest,
                 format!("cannot read the request body: {e}"),
             )
         })?;
@@ -398,23 +376,22 @@ async fn write_batch(
         };
         if decoder.received() + data.len() > MAX_BODY {
             return Err(error(
-                413,
-                "bad_request",
+                ErrorKind::TooLarge,
                 format!("request body larger than {MAX_BODY} bytes"),
             ));
         }
         decoder
             .feed(data)
-            .map_err(|e| error(400, "bad_request", e.to_string()))?;
+            .map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
     }
     let blocks = if decoder.has_frames() {
         tokio::task::spawn_blocking(move || decoder.finish(&plain))
             .await
-            .map_err(|e| error(500, "internal", e.to_string()))?
+            .map_err(|e| error(ErrorKind::Internal, e.to_string()))?
     } else {
         decoder.finish(&plain)
     };
-    blocks.map_err(|e| error(400, "bad_request", e.to_string()))
+    blocks.map_err(|e| error(ErrorKind::BadRequest, e.to_string()))
 }
 
 async fn body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
@@ -425,14 +402,12 @@ async fn body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
                 .is_some()
             {
                 Err(error(
-                    413,
-                    "bad_request",
+                    ErrorKind::TooLarge,
                     format!("request body larger than {limit} bytes"),
                 ))
             } else {
                 Err(error(
-                    400,
-                    "bad_request",
+                    ErrorKind::BadRequest,
                     format!("cannot read the request body: {e}"),
                 ))
             }
@@ -443,7 +418,118 @@ async fn body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
 async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Resp> {
     let b = body(req, MAX_JSON_BODY).await?;
     serde_json::from_slice(&b)
-        .map_err(|e| error(400, "bad_request", format!("malformed request: {e}")))
+        .map_err(|e| error(ErrorKind::BadRequest, format!("malformed request: {e}")))
+}
+
+/// What an authorized request is for.
+struct Target {
+    /// The store's name in the URL.
+    name: String,
+    store: Arc<dyn ServedStore>,
+    access: Access,
+    /// The path segments after the store's name.
+    op: Vec<String>,
+    /// The whole path, for messages.
+    path: String,
+}
+
+/// Refuse a request of another protocol version.
+fn check_version(req: &Request<Incoming>) -> Result<(), Resp> {
+    match req.headers().get(VERSION_HEADER).map(|v| v.to_str()) {
+        Some(Ok(v)) if v.trim() == PROTOCOL_VERSION.to_string() => {}
+        Some(v) => {
+            return Err(error(
+                ErrorKind::Version,
+                format!(
+                    "protocol version mismatch: the client speaks {}, this server speaks {PROTOCOL_VERSION}",
+                    v.unwrap_or("?")
+                ),
+            ))
+        }
+        None => {
+            return Err(error(
+                ErrorKind::Version,
+                format!("the request has no {VERSION_HEADER} header; this is a snapsync server speaking protocol {PROTOCOL_VERSION}"),
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// `info`: the store's identity, block size and whether this token may write.
+async fn info(store: Arc<dyn ServedStore>, access: Access) -> Result<Resp, Resp> {
+    let s = store.clone();
+    let (system_id, location) =
+        blocking(move || Ok((s.source().system_id()?, s.source().location()))).await?;
+    Ok(json_ok(&InfoResponse {
+        system_id,
+        location,
+        block_size: store.sink().map(|s| s.block_size()),
+        writable: access == Access::Write,
+    }))
+}
+
+/// `list`: every volume and snapshot.
+async fn list(store: Arc<dyn ServedStore>) -> Result<Resp, Resp> {
+    let v = blocking(move || store.source().list()).await?;
+    Ok(json_ok(&v))
+}
+
+/// `diff`: the changes between two snapshots, from the store's metadata.
+async fn diff(req: Request<Incoming>, store: Arc<dyn ServedStore>) -> Result<Resp, Resp> {
+    let r: DiffRequest = json_body(req).await?;
+    diff_names(&r)?;
+    let d = blocking(move || {
+        store.source().diff(
+            &r.volume,
+            &r.target,
+            r.base
+                .as_ref()
+                .map(|b| SnapshotRef::new(&b.volume, &b.snapshot)),
+        )
+    })
+    .await?;
+    Ok(json_ok(&DiffResponse {
+        data: d.data,
+        zero: d.zero,
+    }))
+}
+
+/// `estimate_diff`: how much a diff would hold, when the store can say cheaply.
+async fn estimate_diff(req: Request<Incoming>, store: Arc<dyn ServedStore>) -> Result<Resp, Resp> {
+    let r: DiffRequest = json_body(req).await?;
+    diff_names(&r)?;
+    let estimate = blocking(move || {
+        Ok(match &r.base {
+            Some(b) => store.source().estimate_diff(
+                &r.volume,
+                &r.target,
+                SnapshotRef::new(&b.volume, &b.snapshot),
+            ),
+            None => None,
+        })
+    })
+    .await?;
+    Ok(json_ok(&EstimateResponse { estimate }))
+}
+
+/// `hints`: what this store holds of a source volume.
+async fn hints(
+    req: Request<Incoming>,
+    store: Arc<dyn ServedStore>,
+    name: &str,
+) -> Result<Resp, Resp> {
+    let r: HintsRequest = json_body(req).await?;
+    check_names(&[("volume", &r.source_volume)])?;
+    sink_of(&store, name)?;
+    let h = blocking(move || {
+        store
+            .sink()
+            .expect("checked")
+            .hints(&r.source_system, &r.source_volume)
+    })
+    .await?;
+    Ok(json_ok(&h))
 }
 
 impl State {
@@ -465,39 +551,47 @@ impl State {
     }
 
     async fn handle_inner(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Resp> {
-        // 1. Protocol version.
-        match req.headers().get(VERSION_HEADER).map(|v| v.to_str()) {
-            Some(Ok(v)) if v.trim() == PROTOCOL_VERSION.to_string() => {}
-            Some(v) => {
-                return Err(error(
-                    400,
-                    "version",
-                    format!(
-                        "protocol version mismatch: the client speaks {}, this server speaks {PROTOCOL_VERSION}",
-                        v.unwrap_or("?")
-                    ),
-                ))
+        check_version(&req)?;
+        let Target {
+            name,
+            store,
+            access,
+            op,
+            path,
+        } = self.authorize(&req)?;
+        let op: Vec<&str> = op.iter().map(String::as_str).collect();
+        match (req.method().clone(), op.as_slice()) {
+            (Method::GET, ["info"]) => info(store, access).await,
+            (Method::GET, ["list"]) => list(store).await,
+            (Method::POST, ["diff"]) => diff(req, store).await,
+            (Method::POST, ["estimate_diff"]) => estimate_diff(req, store).await,
+            (Method::POST, ["hints"]) => hints(req, store, &name).await,
+            (Method::POST, ["read"]) => self.read(req, store).await,
+            (Method::POST, ["receive"]) => self.receive(req, name, store).await,
+            (Method::POST, ["receive", sid, cmd]) => {
+                self.session_request(req, &name, sid, cmd, &path).await
             }
-            None => {
-                return Err(error(
-                    400,
-                    "version",
-                    format!("the request has no {VERSION_HEADER} header; this is a snapsync server speaking protocol {PROTOCOL_VERSION}"),
-                ))
-            }
+            _ => Err(error(
+                ErrorKind::NotFound,
+                format!("no such endpoint {path}"),
+            )),
         }
-        // 2. Token.
+    }
+
+    /// Who may do what: the token, the store it names and the access it has to it.
+    fn authorize(&self, req: &Request<Incoming>) -> Result<Target, Resp> {
+        // The token first, so that nothing about the stores is told to a stranger.
         let token = req
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| error(401, "unauthorized", "no bearer token given".into()))?;
+            .ok_or_else(|| error(ErrorKind::Unauthorized, "no bearer token given".into()))?;
         let auth: Authorized = self
             .tokens
             .check(token.trim())
-            .ok_or_else(|| error(401, "unauthorized", "the token is not accepted".into()))?;
-        // 3. Store.
+            .ok_or_else(|| error(ErrorKind::Unauthorized, "the token is not accepted".into()))?;
+
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let ("v1", "stores", Some(raw_name)) = (
@@ -505,248 +599,214 @@ impl State {
             segs.get(1).copied().unwrap_or(""),
             segs.get(2),
         ) else {
-            return Err(error(404, "not_found", format!("no such endpoint {path}")));
+            return Err(error(
+                ErrorKind::NotFound,
+                format!("no such endpoint {path}"),
+            ));
         };
-        let name = percent_decode(raw_name)
-            .ok_or_else(|| error(400, "bad_request", "malformed store name".into()))?;
-        validate_name("store", &name).map_err(|e| error(400, "bad_request", e.to_string()))?;
+        let name = percent_encoding::percent_decode_str(raw_name)
+            .decode_utf8()
+            .ok()
+            .map(|n| n.into_owned())
+            .ok_or_else(|| error(ErrorKind::BadRequest, "malformed store name".into()))?;
+        validate_name("store", &name).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
         let access = auth.access(&name).ok_or_else(|| {
             error(
-                403,
-                "forbidden",
+                ErrorKind::Forbidden,
                 format!("the token may not access store {name:?}"),
             )
         })?;
         let store = self.stores.get(&name).cloned().ok_or_else(|| {
             error(
-                404,
-                "not_found",
+                ErrorKind::NotFound,
                 format!("store {name:?} is not served here"),
             )
         })?;
-        let op: Vec<&str> = segs[3..].to_vec();
-        let need_write = op.first() == Some(&"receive");
-        if need_write && access < Access::Write {
+        let op = segs[3..].iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        if op.first().map(String::as_str) == Some("receive") && access < Access::Write {
             return Err(error(
-                403,
-                "forbidden",
+                ErrorKind::Forbidden,
                 format!("the token may only read store {name:?}"),
             ));
         }
-        let method = req.method().clone();
-        match (method, op.as_slice()) {
-            (Method::GET, ["info"]) => {
-                let s = store.clone();
-                let (system_id, location) =
-                    blocking(move || Ok((s.source().system_id()?, s.source().location()))).await?;
-                Ok(json_ok(&InfoResponse {
-                    system_id,
-                    location,
-                    block_size: store.sink().map(|s| s.block_size()),
-                    writable: access == Access::Write,
-                }))
+        Ok(Target {
+            name,
+            store,
+            access,
+            op,
+            path,
+        })
+    }
+
+    /// `read`: a range of a snapshot, cut into blocks, each sent plain or compressed.
+    async fn read(
+        &self,
+        req: Request<Incoming>,
+        store: Arc<dyn ServedStore>,
+    ) -> Result<Resp, Resp> {
+        let r: ReadRequest = json_body(req).await?;
+        check_names(&[("volume", &r.volume), ("snapshot", &r.snapshot)])?;
+        if r.len > MAX_READ_LEN {
+            return Err(error(
+                ErrorKind::BadRequest,
+                format!("a read may ask for at most {MAX_READ_LEN} bytes"),
+            ));
+        }
+        let block_size = match r.block_size {
+            None => r.len.max(1),
+            // Bounded like a batch: tiny blocks would make the answer's header,
+            // and the work per byte, grow without limit.
+            Some(bs)
+                if bs > 0
+                    && r.len.is_multiple_of(bs)
+                    && r.len / bs <= MAX_BATCH_BLOCKS as u64 =>
+            {
+                bs
             }
-            (Method::GET, ["list"]) => {
-                let v = blocking(move || store.source().list()).await?;
-                Ok(json_ok(&v))
+            Some(bs) => {
+                return Err(error(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "a read of {} bytes cannot be cut into blocks of {bs} (whole blocks, at most {MAX_BATCH_BLOCKS})",
+                        r.len
+                    ),
+                ))
             }
-            (Method::POST, ["diff"]) => {
-                let r: DiffRequest = json_body(req).await?;
-                diff_names(&r)?;
-                let d = blocking(move || {
-                    store.source().diff(
-                        &r.volume,
-                        &r.target,
-                        r.base
-                            .as_ref()
-                            .map(|b| SnapshotRef::new(&b.volume, &b.snapshot)),
-                    )
+        } as usize;
+        let buffers = self.read_buffers.clone();
+        let answer = blocking(move || {
+            let mut reader = store.source().open_snapshot(&r.volume, &r.snapshot)?;
+            let mut buf = buffers.take(r.len as usize);
+            reader.read_at(r.offset, &mut buf)?;
+            let buf = buf.freeze();
+            // Plain blocks go out as slices of it; it is lent again once sent.
+            buffers.give_back(buf.clone());
+            use rayon::prelude::*;
+            let blocks: Vec<ReadBlock> = (0..buf.len().div_ceil(block_size))
+                .into_par_iter()
+                .map(|i| {
+                    let end = ((i + 1) * block_size).min(buf.len());
+                    ReadBlock::of(buf.slice(i * block_size..end))
                 })
-                .await?;
-                Ok(json_ok(&DiffResponse {
-                    data: d.data,
-                    zero: d.zero,
-                }))
+                .collect();
+            Ok(encode_read_answer(blocks))
+        })
+        .await?;
+        Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(VERSION_HEADER, PROTOCOL_VERSION.to_string())
+            .header("content-type", "application/octet-stream")
+            .body(ChunksBody::from(answer))
+            .expect("valid response"))
+    }
+
+    /// `receive`: begin a receive session.
+    async fn receive(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        name: String,
+        store: Arc<dyn ServedStore>,
+    ) -> Result<Resp, Resp> {
+        let r: BeginRequest = json_body(req).await?;
+        check_names(&[
+            ("volume", &r.volume),
+            ("snapshot", &r.snapshot.name),
+            ("volume", &r.source_volume),
+            ("snapshot", &r.source_snapshot),
+        ])?;
+        if let Some(b) = &r.base {
+            check_names(&[("volume", &b.volume), ("snapshot", &b.snapshot)])?;
+        }
+        sink_of(&store, &name)?;
+        self.begin(name, store, r).await
+    }
+
+    /// `receive/{S}/{missing,write,commit,abort}`: one request of a receive session.
+    async fn session_request(
+        &self,
+        req: Request<Incoming>,
+        name: &str,
+        sid: &str,
+        cmd: &str,
+        path: &str,
+    ) -> Result<Resp, Resp> {
+        let sid = sid.to_string();
+        let cmd = cmd.to_string();
+        let (tx, block_size) = {
+            let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let h = s.get_mut(&sid).filter(|h| h.store == name).ok_or_else(|| {
+                error(
+                    ErrorKind::NotFound,
+                    format!("receive session {sid} not found on store {name:?} (the server may have restarted; rerun the replication)"),
+                )
+            })?;
+            h.last_used = Instant::now();
+            if let Some(why) = &h.refused {
+                return Err(refused_session(&sid, why));
             }
-            (Method::POST, ["estimate_diff"]) => {
-                let r: DiffRequest = json_body(req).await?;
-                diff_names(&r)?;
-                let estimate = blocking(move || {
-                    Ok(match &r.base {
-                        Some(b) => store.source().estimate_diff(
-                            &r.volume,
-                            &r.target,
-                            SnapshotRef::new(&b.volume, &b.snapshot),
-                        ),
-                        None => None,
-                    })
-                })
-                .await?;
-                Ok(json_ok(&EstimateResponse { estimate }))
+            (h.tx.clone(), h.block_size)
+        };
+        match cmd.as_str() {
+            "missing" | "write" | "commit" => {}
+            "abort" => {
+                self.sessions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&sid);
+                return Ok(json_ok(&serde_json::json!({})));
             }
-            (Method::POST, ["hints"]) => {
-                let r: HintsRequest = json_body(req).await?;
-                check_names(&[("volume", &r.source_volume)])?;
-                sink_of(&store, &name)?;
-                let h = blocking(move || {
-                    store
-                        .sink()
-                        .expect("checked")
-                        .hints(&r.source_system, &r.source_volume)
-                })
-                .await?;
-                Ok(json_ok(&h))
+            _ => {
+                return Err(error(
+                    ErrorKind::NotFound,
+                    format!("no such endpoint {path}"),
+                ))
             }
-            (Method::POST, ["read"]) => {
-                let r: ReadRequest = json_body(req).await?;
-                check_names(&[("volume", &r.volume), ("snapshot", &r.snapshot)])?;
-                if r.len > MAX_READ_LEN {
-                    return Err(error(
-                        400,
-                        "bad_request",
-                        format!("a read may ask for at most {MAX_READ_LEN} bytes"),
-                    ));
-                }
-                let block_size = match r.block_size {
-                    None => r.len.max(1),
-                    // Bounded like a batch: tiny blocks would make the answer's header,
-                    // and the work per byte, grow without limit.
-                    Some(bs)
-                        if bs > 0
-                            && r.len.is_multiple_of(bs)
-                            && r.len / bs <= MAX_BATCH_BLOCKS as u64 =>
-                    {
-                        bs
-                    }
-                    Some(bs) => {
-                        return Err(error(
-                            400,
-                            "bad_request",
-                            format!(
-                                "a read of {} bytes cannot be cut into blocks of {bs} (whole blocks, at most {MAX_BATCH_BLOCKS})",
-                                r.len
-                            ),
-                        ))
-                    }
-                } as usize;
-                let buffers = self.read_buffers.clone();
-                let answer = blocking(move || {
-                    let mut reader = store.source().open_snapshot(&r.volume, &r.snapshot)?;
-                    let mut buf = buffers.take(r.len as usize);
-                    reader.read_at(r.offset, &mut buf)?;
-                    let buf = buf.freeze();
-                    // Plain blocks go out as slices of it; it is lent again once sent.
-                    buffers.give_back(buf.clone());
-                    use rayon::prelude::*;
-                    let blocks: Vec<ReadBlock> = (0..buf.len().div_ceil(block_size))
-                        .into_par_iter()
-                        .map(|i| {
-                            let end = ((i + 1) * block_size).min(buf.len());
-                            ReadBlock::of(buf.slice(i * block_size..end))
-                        })
-                        .collect();
-                    Ok(encode_read_answer(blocks))
-                })
-                .await?;
-                Ok(Response::builder()
-                    .status(StatusCode::OK)
-                    .header(VERSION_HEADER, PROTOCOL_VERSION.to_string())
-                    .header("content-type", "application/octet-stream")
-                    .body(ChunksBody::from(answer))
-                    .expect("valid response"))
+        }
+        // Whatever is refused from here on (a body that does not decode, a
+        // write the receiver refuses) ends the session for good: a commit after
+        // it would leave what the refused request carried missing.
+        let (rtx, rrx) = oneshot::channel();
+        let command = match self.decode_command(req, &cmd, block_size, rtx).await {
+            Ok(c) => c,
+            Err((why, resp)) => {
+                self.refuse_session(&sid, why);
+                return Err(resp);
             }
-            (Method::POST, ["receive"]) => {
-                let r: BeginRequest = json_body(req).await?;
-                check_names(&[
-                    ("volume", &r.volume),
-                    ("snapshot", &r.snapshot.name),
-                    ("volume", &r.source_volume),
-                    ("snapshot", &r.source_snapshot),
-                ])?;
-                if let Some(b) = &r.base {
-                    check_names(&[("volume", &b.volume), ("snapshot", &b.snapshot)])?;
+        };
+        if tx.send(command).is_err() {
+            return Err(error(
+                ErrorKind::Gone,
+                format!("receive session {sid} has ended"),
+            ));
+        }
+        let reply = rrx
+            .await
+            .map_err(|_| error(ErrorKind::Internal, format!("receive session {sid} failed")))?;
+        {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if cmd == "commit" && reply.is_ok() {
+                sessions.remove(&sid);
+            } else if let Err(e) = &reply {
+                if let Some(h) = sessions.get_mut(&sid) {
+                    h.refuse(e.to_string());
                 }
-                sink_of(&store, &name)?;
-                self.begin(name, store, r).await
+            } else if let Some(h) = sessions.get_mut(&sid) {
+                // Idle time counts from the end of the last request, so a long
+                // write (or one waiting for its predecessor) is not idleness.
+                h.last_used = Instant::now();
             }
-            (Method::POST, ["receive", sid, cmd]) => {
-                let sid = sid.to_string();
-                let cmd = cmd.to_string();
-                let (tx, block_size) = {
-                    let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-                    let h = s.get_mut(&sid).filter(|h| h.store == name).ok_or_else(|| {
-                        error(
-                            404,
-                            "not_found",
-                            format!("receive session {sid} not found on store {name:?} (the server may have restarted; rerun the replication)"),
-                        )
-                    })?;
-                    h.last_used = Instant::now();
-                    if let Some(why) = &h.refused {
-                        return Err(refused_session(&sid, why));
-                    }
-                    (h.tx.clone(), h.block_size)
-                };
-                match cmd.as_str() {
-                    "missing" | "write" | "commit" => {}
-                    "abort" => {
-                        self.sessions
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&sid);
-                        return Ok(json_ok(&serde_json::json!({})));
-                    }
-                    _ => return Err(error(404, "not_found", format!("no such endpoint {path}"))),
-                }
-                // Whatever is refused from here on (a body that does not decode, a
-                // write the receiver refuses) ends the session for good: a commit after
-                // it would leave what the refused request carried missing.
-                let (rtx, rrx) = oneshot::channel();
-                let command = match self.decode_command(req, &cmd, block_size, rtx).await {
-                    Ok(c) => c,
-                    Err((why, resp)) => {
-                        self.refuse_session(&sid, why);
-                        return Err(resp);
-                    }
-                };
-                if tx.send(command).is_err() {
-                    return Err(error(
-                        410,
-                        "not_found",
-                        format!("receive session {sid} has ended"),
-                    ));
-                }
-                let reply = rrx
-                    .await
-                    .map_err(|_| error(500, "internal", format!("receive session {sid} failed")))?;
-                {
-                    let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-                    if cmd == "commit" && reply.is_ok() {
-                        sessions.remove(&sid);
-                    } else if let Err(e) = &reply {
-                        if let Some(h) = sessions.get_mut(&sid) {
-                            h.refuse(e.to_string());
-                        }
-                    } else if let Some(h) = sessions.get_mut(&sid) {
-                        // Idle time counts from the end of the last request, so a long
-                        // write (or one waiting for its predecessor) is not idleness.
-                        h.last_used = Instant::now();
-                    }
-                }
-                match reply.map_err(store_error)? {
-                    Reply::Missing(bits) => Ok(respond(
-                        StatusCode::OK,
-                        encode_bitmap(&bits).into(),
-                        "application/octet-stream",
-                    )),
-                    Reply::Written(n) => Ok(json_ok(&WriteResponse { stored_bytes: n })),
-                    Reply::Committed(c) => Ok(json_ok(&CommitResponse {
-                        inserted_before: c.inserted_before,
-                        redundant_entries_removed: c.redundant_entries_removed,
-                    })),
-                }
-            }
-            _ => Err(error(404, "not_found", format!("no such endpoint {path}"))),
+        }
+        match reply.map_err(store_error)? {
+            Reply::Missing(bits) => Ok(respond(
+                StatusCode::OK,
+                encode_bitmap(&bits).into(),
+                "application/octet-stream",
+            )),
+            Reply::Written(n) => Ok(json_ok(&WriteResponse { stored_bytes: n })),
+            Reply::Committed(c) => Ok(json_ok(&CommitResponse {
+                inserted_before: c.inserted_before,
+                redundant_entries_removed: c.redundant_entries_removed,
+            })),
         }
     }
 
@@ -758,7 +818,7 @@ impl State {
         block_size: u64,
         reply: Responder,
     ) -> Result<Command, (String, Resp)> {
-        let bad = |detail: String| (detail.clone(), error(400, "bad_request", detail));
+        let bad = |detail: String| (detail.clone(), error(ErrorKind::BadRequest, detail));
         match cmd {
             "missing" => {
                 let b = body(req, MAX_JSON_BODY * 4)
@@ -840,11 +900,16 @@ impl State {
                 session_thread(store, request, rx, ready_tx);
                 let _ = done_tx.send(());
             })
-            .map_err(|e| error(500, "internal", format!("cannot start a session: {e}")))?;
+            .map_err(|e| error(ErrorKind::Internal, format!("cannot start a session: {e}")))?;
         match ready_rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(store_error(e)),
-            Err(_) => return Err(error(500, "internal", "the receive session failed".into())),
+            Err(_) => {
+                return Err(error(
+                    ErrorKind::Internal,
+                    "the receive session failed".into(),
+                ))
+            }
         }
         info!(store = %name, session = %session, "receive session begun");
         self.sessions
@@ -877,8 +942,7 @@ fn diff_names(r: &DiffRequest) -> Result<(), Resp> {
 fn sink_of<'a>(store: &'a Arc<dyn ServedStore>, name: &str) -> Result<&'a dyn SnapshotSink, Resp> {
     store.sink().ok_or_else(|| {
         error(
-            400,
-            "unsupported",
+            ErrorKind::Unsupported,
             format!("store {name:?} is a source only; it cannot receive snapshots"),
         )
     })
