@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use snapsync_engine::{ReplicateOptions, SnapshotReport};
 use snapsync_raw::RawStore;
 use snapsync_repo::{Location, Repository};
-use snapsync_store::conformance::pseudo_random;
+use snapsync_store::sample::pseudo_random;
 use snapsync_store::NoProgress;
 
 const MIB: usize = 1 << 20;

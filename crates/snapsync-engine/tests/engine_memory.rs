@@ -3,8 +3,8 @@
 use proptest::prelude::*;
 use snapsync_core::{BaseReason, Timestamp};
 use snapsync_engine::{replicate, ReplicateOptions, SnapshotReport};
-use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
+use snapsync_store::sample::pseudo_random;
 use snapsync_store::{NoProgress, Store};
 
 const BS: u64 = 4096;

@@ -3,8 +3,8 @@
 
 use snapsync_core::Timestamp;
 use snapsync_engine::{replicate, restore, ReplicateOptions};
-use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
+use snapsync_store::sample::pseudo_random;
 use snapsync_store::RecordedProgress;
 
 const BS: u64 = 4096;

@@ -630,7 +630,7 @@ mod tests {
         // Five whole 2 MiB chunks and a short one, so every reader reads several chunks
         // and the last block is partial.
         let len = 5 * (2 << 20) + 3 * HASH_BLOCK_SIZE as usize + 1234;
-        let img = snapsync_store::conformance::pseudo_random(7, len);
+        let img = snapsync_store::sample::pseudo_random(7, len);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         std::fs::write(&path, &img).unwrap();

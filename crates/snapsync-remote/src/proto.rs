@@ -1156,9 +1156,9 @@ mod tests {
     fn read_range(bs: usize) -> Vec<u8> {
         let mut r = vec![0u8; bs];
         r.extend(std::iter::repeat_n(7u8, bs));
-        r.extend(snapsync_store::conformance::pseudo_random(1, bs));
+        r.extend(snapsync_store::sample::pseudo_random(1, bs));
         r.extend(std::iter::repeat_n(9u8, bs));
-        r.extend(snapsync_store::conformance::pseudo_random(2, bs / 2));
+        r.extend(snapsync_store::sample::pseudo_random(2, bs / 2));
         r
     }
 

@@ -6,8 +6,8 @@ use snapsync_core::{Extent, ExtentList};
 use snapsync_core::{KeepPolicy, Origin, Timestamp};
 use snapsync_engine::{replicate, restore, ReplicateOptions, SnapshotReport};
 use snapsync_repo::{Location, PruneOptions, Repository, CHECKPOINT_INTERVAL};
-use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
+use snapsync_store::sample::pseudo_random;
 use snapsync_store::{NoProgress, SnapshotRef, SnapshotSource, Store};
 
 const BS: u64 = 4096;

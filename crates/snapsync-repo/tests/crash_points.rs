@@ -34,8 +34,8 @@ use snapsync_repo::object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 use snapsync_repo::{Location, PruneOptions, RepoOptions, Repository};
-use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
+use snapsync_store::sample::pseudo_random;
 use snapsync_store::{NoProgress, Store};
 
 const BS: u64 = 4096;

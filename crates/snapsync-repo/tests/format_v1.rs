@@ -169,7 +169,7 @@ fn fixture_dir() -> PathBuf {
 /// What the fixture holds, volume -> snapshot -> (age, bytes), and `clone`'s lineage:
 /// random, compressible and zero blocks, an incremental, and a clone.
 fn fixture_source() -> snapsync_store::memory::MemoryStore {
-    use snapsync_store::conformance::pseudo_random;
+    use snapsync_store::sample::pseudo_random;
     let block = |k: u64| -> Vec<u8> {
         match k % 4 {
             0 => vec![0; BS as usize],

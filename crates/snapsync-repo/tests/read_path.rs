@@ -5,8 +5,8 @@
 use snapsync_core::Timestamp;
 use snapsync_engine::{replicate, restore, ReplicateOptions};
 use snapsync_repo::{Location, Repository};
-use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
+use snapsync_store::sample::pseudo_random;
 use snapsync_store::{NoProgress, SnapshotSource};
 
 const BS: usize = 4096;

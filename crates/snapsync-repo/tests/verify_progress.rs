@@ -4,8 +4,8 @@
 use snapsync_core::Timestamp;
 use snapsync_engine::{replicate, ReplicateOptions};
 use snapsync_repo::{Location, Repository};
-use snapsync_store::conformance::pseudo_random;
 use snapsync_store::memory::MemoryStore;
+use snapsync_store::sample::pseudo_random;
 use snapsync_store::{NoProgress, RecordedProgress};
 
 #[test]

@@ -1,14 +1,20 @@
 //! The conformance suite: one set of checks that every store runs.
 //!
 //! Each store's test file builds its store from a [`Fixture`] (for sources) or fresh
-//! (for sinks) and calls [`check_source`] / [`check_sink`]. The checks panic with a
-//! message naming the store and what diverged, like `assert!` does.
+//! (for sinks) and calls [`check_source`] / [`check_sink`], which run every named check
+//! (`source_*`, `sink_*`: one public function per behaviour, as object_store's
+//! integration module has) in turn; a store that cannot do one thing yet can call the
+//! others alone. The checks panic with a message naming the store and what diverged,
+//! like `assert!` does.
 //!
 //! They compare against the fixture's plain bytes: the model is "a `Vec<u8>` per
 //! snapshot", and a store conforms when everything it reports and returns agrees.
+//!
+//! Compiled only with the `conformance` feature, which stores enable for their tests.
 
 use snapsync_core::{BlockId, Extent, ExtentList, SnapshotInfo, Timestamp};
 
+pub use crate::sample::pseudo_random;
 use crate::{
     BaseRef, BlockContent, Compressed, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
     SnapshotSource, StoreError,
@@ -39,20 +45,6 @@ pub struct FixtureVolume {
 pub struct Fixture {
     /// The volumes.
     pub volumes: Vec<FixtureVolume>,
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so fixtures need no RNG crate.
-pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 const KIB: usize = 1024;
@@ -134,9 +126,19 @@ fn real_changes(target: &[u8], base: Option<&[u8]>) -> ExtentList {
     l
 }
 
-/// Source checks. `granularity` is the coarsest unit in which this store reports
-/// differences; diffs may be that much larger than the real change, never more.
+/// Source checks, on a store populated with `fixture`: every `source_*` check below.
+/// `granularity` is the coarsest unit in which this store reports differences; diffs
+/// may be that much larger than the real change, never more.
 pub fn check_source(src: &dyn SnapshotSource, fixture: &Fixture, granularity: u64) {
+    source_lists_the_fixture_stably(src, fixture);
+    source_reads_every_snapshot_exactly(src, fixture);
+    source_diffs_cover_every_change_within_granularity(src, fixture, granularity);
+    source_refuses_missing_and_path_like_names(src);
+}
+
+/// The listing and the system id are stable; every fixture volume is listed with its
+/// snapshots oldest first, each with its size and age, and unique identities.
+pub fn source_lists_the_fixture_stably(src: &dyn SnapshotSource, fixture: &Fixture) {
     let loc = src.location();
     let listed = src.list().expect("list");
     assert_eq!(
@@ -183,7 +185,13 @@ pub fn check_source(src: &dyn SnapshotSource, fixture: &Fixture, granularity: u6
             v.snapshots.len(),
             "{loc}: snapshot ids not unique"
         );
+    }
+}
 
+/// Every snapshot reads back exactly (in odd-sized pieces), and zeros past its end.
+pub fn source_reads_every_snapshot_exactly(src: &dyn SnapshotSource, fixture: &Fixture) {
+    let loc = src.location();
+    for fv in &fixture.volumes {
         for f in &fv.snapshots {
             let got = read_all(src, &fv.name, &f.name, f.content.len());
             assert!(
@@ -199,7 +207,21 @@ pub fn check_source(src: &dyn SnapshotSource, fixture: &Fixture, granularity: u6
                 past.iter().all(|b| *b == 0),
                 "{loc}: reading past the end is not zero"
             );
+        }
+    }
+}
 
+/// Diffs against every other snapshot and against nothing cover every changed byte,
+/// stay inside the target, report as zero only zeros, and (with a base) report no more
+/// than the changes rounded to `granularity`.
+pub fn source_diffs_cover_every_change_within_granularity(
+    src: &dyn SnapshotSource,
+    fixture: &Fixture,
+    granularity: u64,
+) {
+    let loc = src.location();
+    for fv in &fixture.volumes {
+        for f in &fv.snapshots {
             let mut bases: Vec<Option<&FixtureSnapshot>> = vec![None];
             bases.extend(fv.snapshots.iter().filter(|b| b.name != f.name).map(Some));
             for base in bases {
@@ -257,6 +279,11 @@ pub fn check_source(src: &dyn SnapshotSource, fixture: &Fixture, granularity: u6
             }
         }
     }
+}
+
+/// Missing volumes and snapshots are `NotFound`; path-like names open nothing.
+pub fn source_refuses_missing_and_path_like_names(src: &dyn SnapshotSource) {
+    let loc = src.location();
     for (vol, snap) in [("nope", "s1"), ("alpha", "nope")] {
         match src.open_snapshot(vol, snap) {
             Err(StoreError::NotFound { .. }) => {}
@@ -344,34 +371,73 @@ fn send(
     stored
 }
 
-/// Sink checks, on a fresh, empty store that is also a source (to read back).
+/// Sink checks, on a store that is also a source (to read back): every `sink_*` check
+/// below, in turn. Each uses volumes of its own, so they can share one store.
 pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
-    let loc = store.location();
-    let fixture = standard_fixture();
-    let alpha = &fixture.volumes[0];
-    let info = |f: &FixtureSnapshot| SnapshotInfo {
+    sink_hides_an_uncommitted_receive(store);
+    sink_receives_full_and_incremental_snapshots_with_identity_and_hints(store);
+    sink_deduplicates_across_volumes(store);
+    sink_refuses_a_second_receive_of_a_name(store);
+    sink_answers_announced_missing_questions_as_it_stands(store);
+    sink_accepts_a_block_repeated_within_a_batch(store);
+    sink_refuses_hostile_receives(store);
+    sink_refuses_path_like_names(store);
+}
+
+/// The identity a snapshot of the fixture has at the conformance source, in `volume`.
+fn fixture_info(volume: &str, f: &FixtureSnapshot) -> SnapshotInfo {
+    SnapshotInfo {
         name: f.name.clone(),
-        id: snapsync_core::SnapshotId::derive("conformance-source", "alpha", &f.name, f.created),
+        id: snapsync_core::SnapshotId::derive("conformance-source", volume, &f.name, f.created),
         created: f.created,
         size: f.content.len() as u64,
-    };
-    let (s1, s2, s3) = (
-        &alpha.snapshots[0],
-        &alpha.snapshots[1],
-        &alpha.snapshots[2],
-    );
+    }
+}
 
-    // An abandoned receive leaves nothing visible.
-    send(store, "alpha", &info(s1), &s1.content, None, false);
+/// The first snapshot of the standard fixture's first volume.
+fn first_snapshot() -> FixtureSnapshot {
+    standard_fixture().volumes[0].snapshots[0].clone()
+}
+
+/// A receive dropped before its commit leaves nothing visible.
+pub fn sink_hides_an_uncommitted_receive<S: SnapshotSink + SnapshotSource>(store: &S) {
+    let loc = store.location();
+    let s1 = first_snapshot();
+    send(
+        store,
+        "hidden",
+        &fixture_info("hidden", &s1),
+        &s1.content,
+        None,
+        false,
+    );
     assert!(
         store
             .list()
             .expect("list")
             .iter()
-            .all(|v| v.snapshots.is_empty()),
+            .all(|v| v.name != "hidden" || v.snapshots.is_empty()),
         "{loc}: an uncommitted snapshot is visible"
     );
+}
 
+/// Full and incremental receives (a base younger than its target included) store at
+/// most the changed blocks, read back exactly, keep the source's identity, age and
+/// size, and leave hints for that source only.
+pub fn sink_receives_full_and_incremental_snapshots_with_identity_and_hints<
+    S: SnapshotSink + SnapshotSource,
+>(
+    store: &S,
+) {
+    let loc = store.location();
+    let fixture = standard_fixture();
+    let alpha = &fixture.volumes[0];
+    let info = |f: &FixtureSnapshot| fixture_info("alpha", f);
+    let (s1, s2, s3) = (
+        &alpha.snapshots[0],
+        &alpha.snapshots[1],
+        &alpha.snapshots[2],
+    );
     let full = send(store, "alpha", &info(s1), &s1.content, None, true);
     assert!(full > 0, "{loc}: a full receive stored nothing");
     let incr = send(
@@ -441,27 +507,51 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
         store.hints("other", "alpha").expect("hints").is_empty(),
         "{loc}: hints leak across sources"
     );
+}
 
-    // Blocks are deduplicated: a second volume with the same data stores nothing new.
-    let mut copy = info(s1);
-    copy.id = snapsync_core::SnapshotId::derive("conformance-source", "gamma", "s1", s1.created);
-    let again = send(store, "gamma", &copy, &s1.content, None, true);
+/// A second volume with the same data stores nothing new.
+pub fn sink_deduplicates_across_volumes<S: SnapshotSink + SnapshotSource>(store: &S) {
+    let loc = store.location();
+    let s1 = first_snapshot();
+    send(
+        store,
+        "dedup-a",
+        &fixture_info("dedup-a", &s1),
+        &s1.content,
+        None,
+        true,
+    );
+    let again = send(
+        store,
+        "dedup-b",
+        &fixture_info("dedup-b", &s1),
+        &s1.content,
+        None,
+        true,
+    );
     assert_eq!(
         again, 0,
         "{loc}: identical data in another volume was stored again"
     );
+}
 
-    // A second receive of an existing snapshot name is refused, and changes nothing.
-    let rx_err = store.begin_receive(ReceiveRequest {
-        volume: "alpha".into(),
-        snapshot: info(s1),
+/// A second receive of a snapshot name the volume holds is refused, and changes nothing.
+pub fn sink_refuses_a_second_receive_of_a_name<S: SnapshotSink + SnapshotSource>(store: &S) {
+    let loc = store.location();
+    let s1 = first_snapshot();
+    let info = fixture_info("twice", &s1);
+    send(store, "twice", &info, &s1.content, None, true);
+    let mut other = info.clone();
+    other.id = snapsync_core::SnapshotId::derive("elsewhere", "twice", "s1", s1.created);
+    let refused = match store.begin_receive(ReceiveRequest {
+        volume: "twice".into(),
+        snapshot: other,
         base: None,
-        source_system: "conformance-source".into(),
-        source_volume: "alpha".into(),
+        source_system: "elsewhere".into(),
+        source_volume: "twice".into(),
         source_snapshot: "s1".into(),
         origin: None,
-    });
-    let refused = match rx_err {
+    }) {
         Err(_) => true,
         Ok(rx) => rx.commit().is_err(),
     };
@@ -469,13 +559,20 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
         refused,
         "{loc}: a snapshot was received twice under the same name"
     );
-    let got = read_all(store, "alpha", "s1", s1.content.len());
+    let got = read_all(store, "twice", "s1", s1.content.len());
     assert!(got == s1.content, "{loc}: s1 damaged by a refused receive");
+}
 
-    // `missing` questions announced ahead are answered as the sink stands when they are
-    // asked: blocks written in between count as present, whatever the receiver did
-    // with the announcement (a remote store asks the server at once).
-    let mut ahead = info(s1);
+/// `missing` questions announced ahead are answered as the sink stands when they are
+/// asked: blocks written in between count as present, whatever the receiver did with
+/// the announcement (a remote store asks the server at once).
+pub fn sink_answers_announced_missing_questions_as_it_stands<S: SnapshotSink + SnapshotSource>(
+    store: &S,
+) {
+    let loc = store.location();
+    let bs = store.block_size() as usize;
+    let s1 = first_snapshot();
+    let mut ahead = fixture_info("ahead", &s1);
     ahead.name = "ahead".into();
     ahead.id = snapsync_core::SnapshotId::derive("conformance-source", "ahead", "s1", s1.created);
     let mut rx = store
@@ -523,12 +620,12 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
         "{loc}: written blocks still reported missing"
     );
     drop(rx);
+}
 
-    check_repeated_block_in_one_batch(store);
-    check_hostile_receives(store, &info(s1), &s1.content);
-
-    // Names that could escape a directory or key prefix are refused.
-    let mut bad = info(s1);
+/// Names that could escape a directory or key prefix are refused.
+pub fn sink_refuses_path_like_names<S: SnapshotSink + SnapshotSource>(store: &S) {
+    let loc = store.location();
+    let mut bad = fixture_info("alpha", &first_snapshot());
     bad.name = "../evil".into();
     assert!(
         store
@@ -546,14 +643,15 @@ pub fn check_sink<S: SnapshotSink + SnapshotSource>(store: &S) {
     );
 }
 
-/// A peer speaking the protocol by hand may send what the engine never does. Each such
+/// A peer speaking the protocol by hand may send what the engine never does: block
+/// indexes past the end, unknown blocks named as existing, impossible times. Each such
 /// request is refused, the receive can no longer commit, and nothing already committed
-/// changes. `committed` is a snapshot of volume `alpha` the store already holds.
-fn check_hostile_receives<S: SnapshotSink + SnapshotSource>(
-    store: &S,
-    committed: &SnapshotInfo,
-    content: &[u8],
-) {
+/// changes.
+pub fn sink_refuses_hostile_receives<S: SnapshotSink + SnapshotSource>(store: &S) {
+    let s1 = first_snapshot();
+    let committed = &fixture_info("hostile", &s1);
+    send(store, "hostile", committed, &s1.content, None, true);
+    let content = &s1.content;
     let loc = store.location();
     let bs = store.block_size();
     let blocks = committed.size.div_ceil(bs);
@@ -561,16 +659,16 @@ fn check_hostile_receives<S: SnapshotSink + SnapshotSource>(
         let mut snapshot = committed.clone();
         snapshot.name = name.into();
         snapshot.created = created;
-        snapshot.id = snapsync_core::SnapshotId::derive("hostile", "alpha", name, created);
+        snapshot.id = snapsync_core::SnapshotId::derive("hostile", "hostile", name, created);
         ReceiveRequest {
-            volume: "alpha".into(),
+            volume: "hostile".into(),
             snapshot,
             base: Some(BaseRef {
-                volume: "alpha".into(),
+                volume: "hostile".into(),
                 snapshot: committed.name.clone(),
             }),
             source_system: "hostile".into(),
-            source_volume: "alpha".into(),
+            source_volume: "hostile".into(),
             source_snapshot: name.into(),
             origin: None,
         }
@@ -625,7 +723,7 @@ fn check_hostile_receives<S: SnapshotSink + SnapshotSource>(
             commit.is_err(),
             "{loc}: a hostile receive ({name}) committed"
         );
-        let listed = store.volume("alpha").expect("volume");
+        let listed = store.volume("hostile").expect("volume");
         assert!(
             listed.snapshot(name).is_none(),
             "{loc}: a refused receive ({name}) became visible"
@@ -659,9 +757,9 @@ fn check_hostile_receives<S: SnapshotSink + SnapshotSource>(
         );
     }
 
-    let got = read_all(store, "alpha", &committed.name, content.len());
+    let got = read_all(store, "hostile", &committed.name, content.len());
     assert!(
-        got == content,
+        got == *content,
         "{loc}: hostile receives changed the committed {}",
         committed.name
     );
@@ -669,7 +767,7 @@ fn check_hostile_receives<S: SnapshotSink + SnapshotSource>(
 
 /// A block that repeats within one write batch is carried once, as data, and then named
 /// as existing (the engine sends it so); the sink accepts that and reads it back twice.
-fn check_repeated_block_in_one_batch<S: SnapshotSink + SnapshotSource>(store: &S) {
+pub fn sink_accepts_a_block_repeated_within_a_batch<S: SnapshotSink + SnapshotSource>(store: &S) {
     let loc = store.location();
     let bs = store.block_size();
     let block = pseudo_random(31337, bs as usize);

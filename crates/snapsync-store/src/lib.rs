@@ -14,6 +14,7 @@
 //! [`memory::MemoryStore`] implements all three in memory; [`conformance`] is the one
 //! suite every implementation runs, so that behaviour cannot drift between stores.
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
 mod guarded;
@@ -21,6 +22,7 @@ pub mod memory;
 pub mod output;
 mod pool;
 mod progress;
+pub mod sample;
 
 pub use bytes::Bytes;
 use snapsync_core::{BlockId, ExtentList, Hint, Origin, SnapshotInfo, VolumeInfo};

@@ -72,6 +72,7 @@ impl MemoryStore {
     }
 
     /// Add every snapshot of a conformance fixture, taken here.
+    #[cfg(feature = "conformance")]
     pub fn add_fixture(&self, fixture: &crate::conformance::Fixture) {
         for v in &fixture.volumes {
             for s in &v.snapshots {
