@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use snapsync_core::{BlockId, Hint, VolumeInfo};
+use snapsync_store::runtime::OwnedRuntime;
 use snapsync_store::{
     BlockContent, CommitInfo, Compressed, Diff, IncomingBlock, ReceiveRequest, Receiver, Result,
     SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
@@ -140,7 +141,7 @@ impl RemoteUrl {
 
 /// A store served by `snapsync serve`.
 pub struct RemoteStore {
-    runtime: tokio::runtime::Runtime,
+    runtime: OwnedRuntime,
     client: reqwest::Client,
     url: String,
     base: String,
@@ -215,11 +216,7 @@ impl RemoteStore {
         let client = builder
             .build()
             .map_err(|e| backend(format!("{display}: cannot set up the client"), e))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("snapsync-client")
-            .build()
+        let runtime = OwnedRuntime::new("snapsync-client", 2)
             .map_err(|e| StoreError::io(format!("{display}: cannot start a runtime"), e))?;
         let mut s = Self {
             runtime,

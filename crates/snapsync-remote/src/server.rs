@@ -27,6 +27,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use snapsync_core::{validate_name, BlockId};
+use snapsync_store::runtime::OwnedRuntime;
 use snapsync_store::{
     BaseRef, BufferPool, CommitInfo, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
     SnapshotSource, StoreError,
@@ -91,7 +92,7 @@ impl std::fmt::Debug for ServerConfig {
 
 /// A server bound to its address, not yet serving.
 pub struct Server {
-    runtime: tokio::runtime::Runtime,
+    runtime: OwnedRuntime,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<State>,
@@ -187,12 +188,8 @@ impl Server {
                 });
             }
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("snapsync-serve")
-            .build()
-            .map_err(|e| RemoteError::Config {
+        let runtime =
+            OwnedRuntime::new("snapsync-serve", 2).map_err(|e| RemoteError::Config {
                 what: format!("cannot start the server runtime: {e}"),
             })?;
         let listener = runtime

@@ -31,6 +31,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{
     BackoffConfig, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
 };
+use snapsync_store::runtime::OwnedRuntime;
 use snapsync_store::{Result, StoreError};
 
 use crate::RepoOptions;
@@ -188,7 +189,7 @@ async fn put_multipart(
 /// A synchronous handle on an object store.
 pub(crate) struct Backend {
     store: Arc<dyn ObjectStore>,
-    runtime: tokio::runtime::Runtime,
+    runtime: OwnedRuntime,
     location: Location,
     /// Listing calls made, so tests can show that reading a snapshot needs none.
     listings: std::sync::atomic::AtomicU64,
@@ -252,11 +253,7 @@ fn summarize(e: &object_store::Error) -> String {
 impl Backend {
     /// Open the backend for `location`, creating a local directory if `create`.
     pub(crate) fn open(location: Location, create: bool, options: &RepoOptions) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("snapsync-io")
-            .enable_all()
-            .build()
+        let runtime = OwnedRuntime::new("snapsync-io", 2)
             .map_err(|e| StoreError::io("start the I/O runtime", e))?;
         let store: Arc<dyn ObjectStore> = match &location {
             Location::S3 { bucket, prefix } => {
@@ -385,8 +382,11 @@ impl Backend {
             };
         }
         let store = &self.store;
-        self.runtime.block_on(async {
-            futures::stream::iter(requests.iter_mut().map(|(key, offset, dst)| async move {
+        // The futures are made before the runtime sees them: a closure inside the
+        // awaited future would have to be `Send` for every lifetime, which it is not.
+        let reads: Vec<_> = requests
+            .iter_mut()
+            .map(|(key, offset, dst)| async move {
                 let path = ObjectPath::from(key.as_str());
                 let range = *offset..*offset + dst.len() as u64;
                 let got = store
@@ -405,11 +405,13 @@ impl Backend {
                 }
                 dst.copy_from_slice(&got);
                 Ok(())
-            }))
-            .buffer_unordered(8)
-            .try_collect::<()>()
-            .await
-        })
+            })
+            .collect();
+        self.runtime.block_on(
+            futures::stream::iter(reads)
+                .buffer_unordered(8)
+                .try_collect::<()>(),
+        )
     }
 
     /// Write an object.
@@ -599,8 +601,10 @@ impl Backend {
                 .collect();
         }
         let store = &self.store;
-        self.runtime.block_on(async {
-            futures::stream::iter(keys.iter().map(|key| async move {
+        // Made outside the awaited future, as in `read_ranges_into`.
+        let gets: Vec<_> = keys
+            .iter()
+            .map(|key| async move {
                 let path = ObjectPath::from(key.as_str());
                 let r = async { store.get(&path).await?.bytes().await }.await;
                 match r {
@@ -608,10 +612,9 @@ impl Backend {
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(backend_err(format!("read {}", self.describe(key)), e)),
                 }
-            }))
-            .buffered(16)
-            .try_collect()
-            .await
-        })
+            })
+            .collect();
+        self.runtime
+            .block_on(futures::stream::iter(gets).buffered(16).try_collect())
     }
 }

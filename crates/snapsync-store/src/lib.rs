@@ -22,6 +22,8 @@ pub mod memory;
 pub mod output;
 mod pool;
 mod progress;
+#[cfg(feature = "tokio")]
+pub mod runtime;
 pub mod sample;
 
 pub use bytes::Bytes;
