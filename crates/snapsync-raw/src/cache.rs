@@ -207,7 +207,7 @@ impl CacheWriter {
     pub(crate) fn create(path: &Path, key: &FileKey) -> Option<Self> {
         use std::io::Write;
         let dir = path.parent()?;
-        let tmp = dir.join(format!(".{}.tmp", random_hex()));
+        let tmp = dir.join(format!(".{}.tmp", snapsync_store::random_id()));
         let expected = key.size.div_ceil(HASH_BLOCK_SIZE);
         let mut header = Vec::with_capacity(HEADER_LEN);
         header.extend_from_slice(MAGIC);
@@ -283,19 +283,6 @@ impl Drop for CacheWriter {
         // Renamed away when finished; otherwise an unfinished or failed one.
         let _ = std::fs::remove_file(&self.tmp);
     }
-}
-
-/// A random-enough hex string for temp names and system ids, without an RNG crate:
-/// BLAKE3 of the time, the process id and a counter.
-pub(crate) fn random_hex() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = blake3::Hasher::new();
-    h.update(&format!("{:?}", std::time::SystemTime::now()).into_bytes());
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    h.update(&format!("{:?}", std::thread::current().id()).into_bytes());
-    h.finalize().to_hex()[..32].to_string()
 }
 
 #[cfg(test)]

@@ -417,7 +417,7 @@ impl Store for RawStore {
         }
         // A fresh id, written atomically; if the directory is read-only, fall back to
         // the path, which is stable as long as the directory does not move.
-        let fresh = cache::random_hex();
+        let fresh = snapsync_store::random_id();
         let tmp = meta.join(format!("system-id.{fresh}.tmp"));
         let written = std::fs::create_dir_all(&meta)
             .and_then(|_| std::fs::write(&tmp, &fresh))

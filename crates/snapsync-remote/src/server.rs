@@ -188,10 +188,9 @@ impl Server {
                 });
             }
         }
-        let runtime =
-            OwnedRuntime::new("snapsync-serve", 2).map_err(|e| RemoteError::Config {
-                what: format!("cannot start the server runtime: {e}"),
-            })?;
+        let runtime = OwnedRuntime::new("snapsync-serve", 2).map_err(|e| RemoteError::Config {
+            what: format!("cannot start the server runtime: {e}"),
+        })?;
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(addr))
             .map_err(|e| RemoteError::Config {
@@ -874,7 +873,7 @@ impl State {
             h.close().await;
         }
         let block_size = store.sink().map(|s| s.block_size()).unwrap_or(0);
-        let session = new_session_id();
+        let session = snapsync_store::random_id();
         let (tx, rx) = std::sync::mpsc::channel::<Command>();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), StoreError>>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
@@ -943,11 +942,6 @@ fn sink_of<'a>(store: &'a Arc<dyn ServedStore>, name: &str) -> Result<&'a dyn Sn
             format!("store {name:?} is a source only; it cannot receive snapshots"),
         )
     })
-}
-
-fn new_session_id() -> String {
-    let b: [u8; 16] = rand::random();
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Where a session's answer to one request goes.

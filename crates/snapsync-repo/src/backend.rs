@@ -258,9 +258,9 @@ impl Backend {
         let store: Arc<dyn ObjectStore> = match &location {
             Location::S3 { bucket, prefix } => {
                 if bucket.is_empty() {
-                    return Err(StoreError::Unsupported {
-                        what: format!("{location}: no bucket name"),
-                    });
+                    return Err(StoreError::invalid_argument(format!(
+                        "{location}: no bucket name"
+                    )));
                 }
                 let s3 = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
@@ -441,7 +441,7 @@ impl Backend {
     /// Returns `Err(Unsupported)` for a store that overwrote; other errors (e.g. no
     /// permission to write) are returned as they are.
     pub(crate) fn check_create_only(&self) -> Result<()> {
-        let key = format!("{PROBE_PREFIX}/create-only-{}", crate::random::random_id());
+        let key = format!("{PROBE_PREFIX}/create-only-{}", snapsync_store::random_id());
         self.put(&key, Bytes::from_static(b"first"), Put::Create)?;
         let second = self.put(&key, Bytes::from_static(b"second"), Put::Create);
         let _ = self.delete(&key);

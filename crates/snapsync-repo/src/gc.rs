@@ -18,8 +18,8 @@ use tracing::info;
 
 use crate::backend::Put;
 use crate::format::{self, IndexEntry, ManifestId, MAGIC_PACK, PACK_HEADER};
-use crate::random::random_id;
 use crate::repo::{decode_block, key_index, key_manifest, key_pack, Repository};
+use snapsync_store::random_id;
 
 /// What gc did.
 #[non_exhaustive]

@@ -34,7 +34,6 @@ mod index;
 mod lock;
 mod options;
 mod prune;
-mod random;
 mod receive;
 mod repo;
 mod source;

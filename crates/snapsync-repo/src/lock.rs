@@ -24,8 +24,8 @@ use snapsync_store::{Result, StoreError};
 use tracing::{debug, info};
 
 use crate::backend::Put;
-use crate::random::random_id;
 use crate::repo::Repository;
+use snapsync_store::random_id;
 
 /// A lock from another host that is this old is ignored.
 pub const STALE_AFTER_SECS: u64 = 6 * 3600;

@@ -118,11 +118,9 @@ impl Repository {
         } = options;
         let dry_run = *dry_run;
         if policy.is_empty() {
-            return Err(StoreError::Unsupported {
-                what:
-                    "a prune without any keep rule would remove every snapshot; give at least one"
-                        .into(),
-            });
+            return Err(StoreError::invalid_argument(
+                "a prune without any keep rule would remove every snapshot; give at least one",
+            ));
         }
         let _lock = if dry_run {
             None

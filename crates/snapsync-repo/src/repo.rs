@@ -88,11 +88,9 @@ impl Repository {
     /// [`Repository::init`] with `options`.
     pub fn init_with(location: Location, block_size: u64, options: &RepoOptions) -> Result<Self> {
         if !block_size.is_power_of_two() || !(512..=16 << 20).contains(&block_size) {
-            return Err(StoreError::Unsupported {
-                what: format!(
-                    "block size {block_size}: it must be a power of two from 512 to 16777216"
-                ),
-            });
+            return Err(StoreError::invalid_argument(format!(
+                "block size {block_size}: it must be a power of two from 512 to 16777216"
+            )));
         }
         let backend = Backend::open(location, true, options)?;
         let probe = format!("{PROBE_PREFIX}/");
@@ -112,7 +110,7 @@ impl Repository {
         // let concurrent commits overwrite each other.
         backend.check_create_only()?;
         let config = Config {
-            repository_id: crate::random::random_id(),
+            repository_id: snapsync_store::random_id(),
             block_size,
             created: Timestamp::from_system_time(std::time::SystemTime::now()),
             create_only_checked: true,

@@ -22,6 +22,7 @@ pub mod memory;
 pub mod output;
 mod pool;
 mod progress;
+mod random;
 #[cfg(feature = "tokio")]
 pub mod runtime;
 pub mod sample;
@@ -33,6 +34,7 @@ pub use error::{Result, StoreError};
 pub use guarded::Guarded;
 pub use pool::BufferPool;
 pub use progress::{NoProgress, Phase, Progress, RecordedPhase, RecordedProgress};
+pub use random::random_id;
 
 /// A storage system: its identity and its listing.
 pub trait Store: Send + Sync {

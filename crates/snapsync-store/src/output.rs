@@ -93,7 +93,7 @@ impl OutputFile {
             })?
             .to_string_lossy()
             .into_owned();
-        let temp = dir.join(format!(".{name}.snapsync-restore-{:016x}", rand_suffix()));
+        let temp = dir.join(format!(".{name}.snapsync-restore-{}", crate::random_id()));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -152,13 +152,6 @@ impl Drop for OutputFile {
 
 /// 64 bits that differ between processes and calls, for temporary names (uniqueness is
 /// checked by `create_new` anyway).
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish()
-}
-
 /// Refuse when `output` is, or lies inside, something the source reads.
 fn refuse_overlap(output: &Path, source_files: &[PathBuf]) -> io::Result<()> {
     let out_md = std::fs::metadata(output).ok();
@@ -259,7 +252,7 @@ mod tests {
     }
 
     fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("snapsync-output-{:016x}", rand_suffix()));
+        let d = std::env::temp_dir().join(format!("snapsync-output-{}", crate::random_id()));
         std::fs::create_dir(&d).unwrap();
         d
     }
