@@ -95,6 +95,13 @@ pub enum OpenError {
         /// What kind of store it is.
         kind: StoreKind,
     },
+    /// A repository URL where there is no repository (nothing there, or no config
+    /// object).
+    #[error("{what}")]
+    NoRepository {
+        /// What was looked for, and where.
+        what: String,
+    },
     /// A store that is not a repository, asked for as one.
     #[error("{location} is {kind}, not a repository{}", if *kind == StoreKind::Remote { "; run this on its server" } else { "" })]
     NotARepository {
@@ -156,10 +163,14 @@ impl StoreUrl {
                     .with_backing_anywhere(options.qcow2.backing_anywhere || *backing_any);
                 AnyStore::Qcow2(Box::new(Qcow2Store::open_with(path, &options)?))
             }
-            StoreUrl::Repo(loc) => AnyStore::Repo(Box::new(Repository::open_with(
-                options.location(loc),
-                &options.repo,
-            )?)),
+            StoreUrl::Repo(loc) => AnyStore::Repo(Box::new(
+                Repository::open_with(options.location(loc), &options.repo).map_err(
+                    |e| match e {
+                        StoreError::NotFound { what } => OpenError::NoRepository { what },
+                        other => other.into(),
+                    },
+                )?,
+            )),
             StoreUrl::Remote(u) => {
                 AnyStore::Remote(Box::new(RemoteStore::open(u, options.client.clone())?))
             }

@@ -138,6 +138,7 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 kind: StoreKind::Qcow2,
                 ..
             } => Some(", or restore --format qcow2"),
+            OpenError::NoRepository { .. } => Some("; create one with `snapsync init`"),
             _ => None,
         })
 }

@@ -136,9 +136,7 @@ impl Repository {
     pub fn open_with(location: Location, options: &RepoOptions) -> Result<Self> {
         let backend = Backend::open(location, false, options).map_err(|e| match e {
             StoreError::NotFound { what } => StoreError::NotFound {
-                what: format!(
-                    "{what} (no snapsync repository there; create one with `snapsync init`)"
-                ),
+                what: format!("{what} (no snapsync repository there)"),
             },
             other => other,
         })?;
@@ -146,7 +144,7 @@ impl Repository {
         let Some(bytes) = backend.get("config")? else {
             return Err(StoreError::NotFound {
                 what: format!(
-                    "snapsync repository at {} (no config object; create one with `snapsync init`)",
+                    "snapsync repository at {} (no config object)",
                     backend.location()
                 ),
             });

@@ -84,7 +84,7 @@ fn open_of_missing_repository_or_bucket_says_what() {
     let e = Repository::open(loc.clone()).unwrap_err();
     let msg = e.to_string();
     assert!(
-        msg.contains(&loc.to_string()) && msg.contains("snapsync init"),
+        msg.contains(&loc.to_string()) && msg.contains("no snapsync repository"),
         "{msg}"
     );
     let no_bucket = Location::S3 {
