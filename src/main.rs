@@ -10,6 +10,7 @@ mod allocator;
 mod commands;
 mod demo;
 mod progress;
+mod export;
 mod serve;
 mod stores;
 
@@ -145,6 +146,33 @@ enum Command {
         #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
         insecure_plaintext: bool,
     },
+    /// Serve a snapshot read-only over NBD (instant restore) until SIGINT/SIGTERM.
+    Export {
+        /// Store URL (any readable store).
+        store: String,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// VOLUME@SNAPSHOT
+        target: String,
+        /// unix:PATH, or HOST:PORT (port 0: any free port, printed when ready).
+        #[arg(long)]
+        listen: String,
+        /// The export's name (default: VOLUME@SNAPSHOT).
+        #[arg(long)]
+        name: Option<String>,
+        /// Bytes of decoded data to cache (suffixes K, M, G, KiB, MiB, GiB).
+        #[arg(long, default_value = "256MiB")]
+        cache_size: String,
+        /// TLS certificate chain (PEM): clients must STARTTLS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+        /// Serve TCP without TLS on an address other than loopback.
+        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+        insecure_plaintext: bool,
+    },
     /// A self-contained walkthrough on generated sample data.
     Demo {
         /// Work directory (default: a temporary directory, removed afterwards).
@@ -219,6 +247,26 @@ fn main() -> ExitCode {
             token_file,
             tls_cert,
             tls_key,
+            insecure_plaintext,
+        }),
+        Command::Export {
+            store,
+            client,
+            target,
+            listen,
+            name,
+            cache_size,
+            tls_cert,
+            tls_key,
+            insecure_plaintext,
+        } => export::run(export::ExportArgs {
+            store,
+            client,
+            target,
+            listen,
+            name,
+            cache_size,
+            tls: tls_cert.zip(tls_key),
             insecure_plaintext,
         }),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),

@@ -10,7 +10,7 @@
 pub mod client;
 pub mod proto;
 pub mod server;
-mod tls;
+pub mod tls;
 pub mod tokens;
 
 pub use client::{ClientOptions, RemoteStore, RemoteUrl};

@@ -126,42 +126,7 @@ const PLAIN_BUFFERS: usize = 2 * MAX_WRITES_AHEAD as usize;
 const READ_BUFFERS: usize = 16;
 
 fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, RemoteError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let cfg = |what: String| RemoteError::Config { what };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| {
-            cfg(format!(
-                "cannot read the TLS certificate {}: {e}",
-                files.cert.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(cfg(format!(
-            "the TLS certificate file {} holds no certificate",
-            files.cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
-        cfg(format!(
-            "cannot read the TLS key {}: {e}",
-            files.key.display()
-        ))
-    })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| cfg(format!("TLS setup: {e}")))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            cfg(format!(
-                "TLS certificate {} and key {} do not work together: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let config = crate::tls::server_config(files, &[b"h2", b"http/1.1"])?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -21,7 +21,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{ring, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CipherSuite, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// The *ring* provider with the suites in the order the module docs explain.
@@ -40,6 +40,50 @@ pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
     // is harmless; the sort is stable, so equal ranks keep the provider's order.
     provider.cipher_suites.sort_by_key(|s| rank(s.suite()));
     Arc::new(provider)
+}
+
+/// A server's TLS configuration from PEM files (a certificate chain and its key),
+/// offering `alpn` (empty: none). `serve` and the NBD export (`STARTTLS`) both use it, so
+/// both accept the same files and say the same things about bad ones.
+pub fn server_config(
+    files: &crate::TlsFiles,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, crate::RemoteError> {
+    let cfg = |what: String| crate::RemoteError::Config { what };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| {
+            cfg(format!(
+                "cannot read the TLS certificate {}: {e}",
+                files.cert.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(cfg(format!(
+            "the TLS certificate file {} holds no certificate",
+            files.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        cfg(format!(
+            "cannot read the TLS key {}: {e}",
+            files.key.display()
+        ))
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cfg(format!("TLS setup: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            cfg(format!(
+                "TLS certificate {} and key {} do not work together: {e}",
+                files.cert.display(),
+                files.key.display()
+            ))
+        })?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
 }
 
 /// The client's TLS configuration: `ca_pem` (a CA file's contents) pinned and as
