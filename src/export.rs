@@ -74,7 +74,11 @@ fn bind(listen: &str, secured_or_waived: bool) -> Result<Listener> {
         return Ok(Listener::Unix(l, PathBuf::from(path)));
     }
     let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(listen)
-        .map_err(|e| Usage(format!("--listen {listen:?} is not unix:PATH or HOST:PORT: {e}")))?
+        .map_err(|e| {
+            Usage(format!(
+                "--listen {listen:?} is not unix:PATH or HOST:PORT: {e}"
+            ))
+        })?
         .collect();
     if !secured_or_waived && addrs.iter().any(|a| !a.ip().is_loopback()) {
         return Err(Usage(format!(
@@ -108,9 +112,10 @@ fn stop_on_signals(stop: Arc<AtomicBool>) -> Result<()> {
         .spawn(move || {
             runtime.block_on(async {
                 use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut int), Ok(mut term)) =
-                    (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-                else {
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
                     return;
                 };
                 tokio::select! {

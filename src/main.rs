@@ -9,8 +9,8 @@
 mod allocator;
 mod commands;
 mod demo;
-mod progress;
 mod export;
+mod progress;
 mod serve;
 mod stores;
 

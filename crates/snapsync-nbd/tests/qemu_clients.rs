@@ -322,4 +322,3 @@ fn hostile_clients_get_errors_or_are_closed_and_others_are_still_served() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
-
