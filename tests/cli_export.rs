@@ -445,3 +445,86 @@ fn instant_restore_boots_from_the_export_then_streams_it_in() {
         "the streamed overlay differs"
     );
 }
+
+#[test]
+fn a_tls_export_serves_qemu_with_x509_credentials_and_refuses_plain_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let want = image();
+    write_image(&images, "vm", "s1", &want, T0);
+    let repo = init_repo(dir.path(), &[]);
+    ok(&["replicate", &format!("raw:{}", images.display()), &repo]);
+    // A CA, and a server certificate it signs for 127.0.0.1, as QEMU's x509 credentials
+    // expect them (dir/ca-cert.pem).
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("ca-cert.pem"), ca.pem()).unwrap();
+    let (cert_pem, key_pem) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_pem, leaf.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+
+    let mut child = bin()
+        .args([
+            "export",
+            &repo,
+            "vm@s1",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_pem.to_str().unwrap(),
+            "--tls-key",
+            key_pem.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("(TLS)"), "{line}");
+    let port = line
+        .split(" on 127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .to_string();
+    let export = ExportProc {
+        child,
+        socket: PathBuf::new(),
+    };
+    let out = dir.path().join("tls.raw");
+    qemu_img(&[
+        "convert",
+        "--object",
+        &format!("tls-creds-x509,id=tls0,dir={},endpoint=client", creds.display()),
+        "--image-opts",
+        &format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=vm@s1,tls-creds=tls0"
+        ),
+        "-O",
+        "raw",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "the TLS export differs"
+    );
+    // Without TLS, QEMU is refused (TLS is required), and the export keeps serving.
+    let plain = Command::new("qemu-img")
+        .args(["info", &format!("nbd://127.0.0.1:{port}/vm@s1")])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plain client was served");
+    assert_eq!(export.stop(), Some(0));
+}
