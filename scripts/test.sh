@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v qemu-storage-daemon >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v nbdkit >/dev/null 2>&1 || need_apt+=(nbdkit)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing: ${need_apt[*]}"

@@ -8,12 +8,15 @@
 //! block status (zero and never-written ranges reported as holes), many requests in
 //! flight and many clients.
 //!
-//! The wire format is in [`proto`], separate from the server, so that a client (the
-//! live-VM source reads QEMU's own exports) shares it.
+//! The wire format is in [`proto`], shared by the server and the [`Client`], which reads
+//! QEMU's own exports (with `base:allocation` and `qemu:dirty-bitmap:NAME` block status)
+//! for the live-VM source.
 
+pub mod client;
 pub mod export;
 pub mod proto;
 pub mod server;
 
+pub use client::{Client, NbdError, Status};
 pub use export::{SnapshotExport, DEFAULT_CACHE_BYTES};
 pub use server::{serve, Export, Listener, ServerOptions};
