@@ -84,7 +84,9 @@ fn open_of_missing_repository_or_bucket_says_what() {
     let e = Repository::open(loc.clone()).unwrap_err();
     let msg = e.to_string();
     assert!(
-        msg.contains(&loc.to_string()) && msg.contains("no snapsync repository"),
+        msg.contains(&loc.to_string())
+            && msg.contains("snapsync repository")
+            && msg.contains("not found"),
         "{msg}"
     );
     let no_bucket = Location::S3 {
