@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use snapsync::{parse_target, StoreUrl};
+use snapsync::{parse_target, AnyStore, StoreUrl};
+use snapsync_core::Timestamp;
 use snapsync_engine::{ReplicateOptions, SnapshotReport};
 use snapsync_repo::{PruneOptions, Repository};
 use snapsync_store::{Skipped, SnapshotSource};
@@ -64,6 +65,13 @@ pub fn init(repo: &str, block_size: u64) -> Result<ExitCode> {
         human(r.block_size())
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The default name of a checkpoint taken at `t`: the UTC time, `YYYYMMDDTHHMMSSZ`.
+fn checkpoint_name(t: Timestamp) -> String {
+    let t = t.to_rfc3339();
+    let seconds = t.split('.').next().unwrap_or(&t).trim_end_matches('Z');
+    seconds.replace(['-', ':'], "") + "Z"
 }
 
 /// Tell the operator, one stderr line each, what `source` leaves out of its listing.
@@ -224,10 +232,20 @@ pub fn replicate(
     // Both URLs are checked before either store is opened.
     StoreUrl::parse(source)?;
     StoreUrl::parse(dest)?;
-    let src = client.open(source)?;
+    let mut src = client.open(source)?;
     let dst = client.open(dest)?;
     warn_skipped(src.source())?;
     let progress = crate::progress::for_terminal(as_json);
+    // A running VM's checkpoint is taken now, and is the one snapshot replicated.
+    let snapshot = match &mut src {
+        AnyStore::Qemu(q) => {
+            let now = Timestamp::from_system_time(std::time::SystemTime::now());
+            let name = snapshot.unwrap_or_else(|| checkpoint_name(now));
+            q.take_checkpoints(&volumes, &name, now)?;
+            Some(name)
+        }
+        _ => snapshot,
+    };
     let opts = ReplicateOptions::default()
         .with_volumes(volumes)
         .with_snapshot(snapshot);
@@ -238,6 +256,9 @@ pub fn replicate(
         progress.as_ref(),
         &mut |r| print_report(r, as_json),
     )?;
+    if let AnyStore::Qemu(q) = &mut src {
+        q.finish()?;
+    }
     if reports.is_empty() && !as_json {
         println!("nothing to replicate: the destination holds every selected snapshot");
     }

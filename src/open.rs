@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use snapsync_qcow2::{Qcow2Options, Qcow2Store};
+use snapsync_qemu::{QemuOptions, QemuSource};
 use snapsync_raw::RawStore;
 use snapsync_remote::{ClientOptions, RemoteStore, ServedStore};
 use snapsync_repo::object_store::prefix::PrefixStore;
@@ -124,6 +125,8 @@ pub enum StoreKind {
     Repository,
     /// A store on a `snapsync serve` server.
     Remote,
+    /// `qemu:`: a running QEMU.
+    Qemu,
 }
 
 impl std::fmt::Display for StoreKind {
@@ -133,6 +136,7 @@ impl std::fmt::Display for StoreKind {
             StoreKind::Qcow2 => "a qcow2 store",
             StoreKind::Repository => "a repository",
             StoreKind::Remote => "a remote store",
+            StoreKind::Qemu => "a running QEMU",
         })
     }
 }
@@ -149,6 +153,8 @@ pub enum AnyStore {
     Repo(Box<Repository>),
     /// `snapsync://`: a store served by `snapsync serve`.
     Remote(Box<RemoteStore>),
+    /// `qemu://`: a running QEMU's disks.
+    Qemu(Box<QemuSource>),
 }
 
 impl StoreUrl {
@@ -163,6 +169,10 @@ impl StoreUrl {
                     .with_backing_anywhere(options.qcow2.backing_anywhere || *backing_any);
                 AnyStore::Qcow2(Box::new(Qcow2Store::open_with(path, &options)?))
             }
+            StoreUrl::Qemu { socket, nbd } => AnyStore::Qemu(Box::new(QemuSource::open(
+                socket,
+                QemuOptions::default().with_nbd_socket(nbd.clone()),
+            )?)),
             StoreUrl::Repo(loc) => AnyStore::Repo(Box::new(
                 Repository::open_with(options.location(loc), &options.repo).map_err(
                     |e| match e {
@@ -190,6 +200,7 @@ pub fn open_source(url: &str, options: &OpenOptions) -> Result<Box<dyn SnapshotS
         AnyStore::Qcow2(q) => q,
         AnyStore::Repo(r) => r,
         AnyStore::Remote(r) => r,
+        AnyStore::Qemu(q) => q,
     })
 }
 
@@ -210,6 +221,7 @@ impl AnyStore {
             AnyStore::Qcow2(_) => StoreKind::Qcow2,
             AnyStore::Repo(_) => StoreKind::Repository,
             AnyStore::Remote(_) => StoreKind::Remote,
+            AnyStore::Qemu(_) => StoreKind::Qemu,
         }
     }
 
@@ -220,6 +232,7 @@ impl AnyStore {
             AnyStore::Qcow2(q) => q.as_ref(),
             AnyStore::Repo(r) => r.as_ref(),
             AnyStore::Remote(r) => r.as_ref(),
+            AnyStore::Qemu(q) => q.as_ref(),
         }
     }
 

@@ -6,6 +6,7 @@
 //! | `raw:DIR`, `raw://DIR` | a directory of raw images |
 //! | `file:///ABS/PATH`, or a plain path | a repository on local disk |
 //! | `qcow2:///ABS/PATH`, `qcow2:PATH` | a qcow2 image, or a directory of them (source only); `?backing=any` lets its backing files lie anywhere |
+//! | `qemu:///ABS/PATH/QMP.sock` | a running QEMU's disks (source only; `?nbd=PATH` names the NBD server it already runs) |
 //! | `s3://BUCKET/PREFIX` | a repository in an S3 bucket (endpoint and credentials from `AWS_*`) |
 //! | `snapsync://HOST:PORT/NAME` | a store served by `snapsync serve` (TLS) |
 //! | `snapsync+http://HOST:PORT/NAME` | the same over plain text |
@@ -90,6 +91,13 @@ pub enum StoreUrl {
         path: PathBuf,
         /// `?backing=any`: backing files may lie anywhere (trusted images only).
         backing_any: bool,
+    },
+    /// A running QEMU or qemu-storage-daemon: its QMP socket (source only).
+    Qemu {
+        /// The QMP unix socket.
+        socket: PathBuf,
+        /// `?nbd=PATH`: the unix socket of an NBD server the process already runs.
+        nbd: Option<PathBuf>,
     },
     /// A repository.
     Repo(Location),
@@ -184,6 +192,31 @@ impl StoreUrl {
             return Ok(StoreUrl::Qcow2 {
                 path: absolute(Path::new(path)),
                 backing_any,
+            });
+        }
+        if let Some(rest) = s.strip_prefix("qemu://") {
+            let (path, params) = split_query(rest);
+            if !path.starts_with('/') {
+                return Err(malformed(
+                    "qemu:// is followed by the absolute path of a QMP socket (qemu:///run/vm.qmp)",
+                ));
+            }
+            let mut nbd = None;
+            for p in params {
+                match p.strip_prefix("nbd=") {
+                    Some(n) if n.starts_with('/') => nbd = Some(PathBuf::from(n)),
+                    _ => {
+                        return Err(UrlError::UnknownParameter {
+                            url: s.to_string(),
+                            parameter: p.to_string(),
+                            known: "nbd=/abs/path/of/its/nbd.sock",
+                        })
+                    }
+                }
+            }
+            return Ok(StoreUrl::Qemu {
+                socket: PathBuf::from(path),
+                nbd,
             });
         }
         if let Some(rest) = s.strip_prefix("file://") {

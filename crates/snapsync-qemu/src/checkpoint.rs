@@ -254,11 +254,17 @@ impl Session {
         } else {
             None
         };
-        let mut args = json!({"type": "nbd", "id": export, "node-name": fleece,
-                              "name": export, "writable": false});
-        if let Some(m) = &merged {
-            args["bitmaps"] = json!([m]);
-        }
+        // Every older checkpoint's bitmap too (all disabled now), so that a reader can
+        // also ask for the changes since another base.
+        let mut bitmaps: Vec<&str> = merged.iter().map(String::as_str).collect();
+        bitmaps.extend(
+            node.checkpoints
+                .iter()
+                .filter(|c| !c.inconsistent)
+                .map(|c| c.bitmap.as_str()),
+        );
+        let args = json!({"type": "nbd", "id": export, "node-name": fleece,
+                          "name": export, "writable": false, "bitmaps": bitmaps});
         self.qmp.execute("block-export-add", args)?;
         debug!(node = %node.name, checkpoint = name, export = %export, "checkpoint frozen and exported");
         self.frozen.push(Frozen {
@@ -281,8 +287,9 @@ impl Session {
         Ok(self.frozen.last().expect("just pushed"))
     }
 
-    /// Remove checkpoints of `node` beyond the newest `keep`.
-    pub fn prune_checkpoints(&mut self, node: &str, keep: usize) -> Result<(), QmpError> {
+    /// Remove checkpoints of `node` beyond the newest `keep` (after the exports that
+    /// used their bitmaps are gone).
+    fn prune_checkpoints(&mut self, node: &str, keep: usize) -> Result<(), QmpError> {
         let current = nodes(&mut self.qmp)?;
         let Some(n) = current.iter().find(|n| n.name == node) else {
             return Ok(());
@@ -305,9 +312,16 @@ impl Session {
         self.started_server = false;
     }
 
-    /// Remove everything the session added but the checkpoints' bitmaps.
-    pub fn finish(mut self) -> Result<(), QmpError> {
-        self.cleanup()
+    /// Remove everything the session added but the checkpoints' bitmaps, then keep
+    /// only the newest `keep_checkpoints` checkpoints of each node it took one of.
+    pub fn finish(mut self, keep_checkpoints: usize) -> Result<(), QmpError> {
+        let mut taken: Vec<String> = self.frozen.iter().map(|f| f.node.clone()).collect();
+        taken.dedup();
+        self.cleanup()?;
+        for node in taken {
+            self.prune_checkpoints(&node, keep_checkpoints)?;
+        }
+        Ok(())
     }
 
     fn cleanup(&mut self) -> Result<(), QmpError> {

@@ -8,6 +8,8 @@
 
 pub mod checkpoint;
 pub mod qmp;
+pub mod source;
 
 pub use checkpoint::{nodes, Checkpoint, Frozen, Node, Session};
 pub use qmp::{Qmp, QmpError};
+pub use source::{QemuOptions, QemuSource, DEFAULT_KEEP_CHECKPOINTS};

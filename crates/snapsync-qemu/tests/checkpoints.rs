@@ -195,7 +195,7 @@ fn a_checkpoint_is_a_point_in_time_and_its_bitmap_names_what_changed() {
     let frozen = read_all(&socket, &export);
     assert!(frozen == disk, "the checkpoint shows a write made after it");
     disk[(4 << 20)..(4 << 20) + 65536].fill(0xAA);
-    s.finish().unwrap();
+    s.finish(8).unwrap();
     let (exports, nodes_after, bitmaps) = d.state();
     assert_eq!((exports, nodes_after), (before.0.clone(), before.1.clone()));
     assert_eq!(bitmaps, ["snapsync.1700000000.000000000.c1"]);
@@ -230,8 +230,7 @@ fn a_checkpoint_is_a_point_in_time_and_its_bitmap_names_what_changed() {
         "the changes since c1"
     );
     assert!(read_all(&socket, &export) == disk, "c2's view");
-    s.prune_checkpoints("disk", 1).unwrap();
-    s.finish().unwrap();
+    s.finish(1).unwrap();
     let (exports, nodes_after, bitmaps) = d.state();
     assert_eq!((exports, nodes_after), (before.0, before.1));
     assert_eq!(
@@ -256,7 +255,7 @@ fn what_a_killed_session_left_is_removed_by_the_next() {
     s.abandon();
     assert_ne!(d.state().0, before.0, "the export is there");
     let s = d.session();
-    s.finish().unwrap();
+    s.finish(8).unwrap();
     let (exports, nodes_after, _) = d.state();
     assert_eq!((exports, nodes_after), (before.0, before.1));
     let leftovers: Vec<_> = std::fs::read_dir(&d.scratch).unwrap().flatten().collect();
