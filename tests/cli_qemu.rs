@@ -146,3 +146,104 @@ fn a_running_disk_replicates_full_then_only_what_the_guest_wrote() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only while it is taken"));
 }
+
+#[test]
+fn two_destinations_at_different_checkpoints_each_get_their_own_incremental() {
+    let mut disk = random(32, SIZE);
+    let vm = start_vm(&disk);
+    let a = init_repo(&vm.dir.path().join("a"), &[]);
+    let b = init_repo(&vm.dir.path().join("b"), &[]);
+    let restored = |repo: &str, snap: &str| -> Vec<u8> {
+        let out = vm.dir.path().join(format!("{snap}.out"));
+        ok(&[
+            "restore",
+            repo,
+            &format!("disk0@{snap}"),
+            out.to_str().unwrap(),
+        ]);
+        std::fs::read(&out).unwrap()
+    };
+    replicate_json(&[&vm.url(), &a, "--snapshot", "c1"]);
+    vm.write(1, 2 << 20, 65536);
+    disk[(2 << 20)..(2 << 20) + 65536].fill(1);
+    replicate_json(&[&vm.url(), &b, "--snapshot", "c2"]);
+    vm.write(2, 5 << 20, 65536);
+    disk[(5 << 20)..(5 << 20) + 65536].fill(2);
+    // A holds c1: the changes since c1 are both writes.
+    let ra = replicate_json(&[&vm.url(), &a, "--snapshot", "c3"]);
+    assert_eq!(ra[0]["base"], "c1", "{ra:?}");
+    assert_eq!(num(&ra[0], "read_bytes"), 2 * 65536, "{ra:?}");
+    assert!(restored(&a, "c3") == disk);
+    vm.write(3, 7 << 20, 65536);
+    disk[(7 << 20)..(7 << 20) + 65536].fill(3);
+    // B holds c2: the second and third writes.
+    let rb = replicate_json(&[&vm.url(), &b, "--snapshot", "c4"]);
+    assert_eq!(rb[0]["base"], "c2", "{rb:?}");
+    assert_eq!(num(&rb[0], "read_bytes"), 2 * 65536, "{rb:?}");
+    assert!(restored(&b, "c4") == disk);
+}
+
+#[test]
+fn a_lost_bitmap_means_a_full_read_that_still_sends_only_what_changed() {
+    let mut disk = random(33, SIZE);
+    let mut vm = start_vm(&disk);
+    let repo = init_repo(vm.dir.path(), &[]);
+    replicate_json(&[&vm.url(), &repo, "--snapshot", "c1"]);
+    vm.write(9, 3 << 20, 65536);
+    disk[(3 << 20)..(3 << 20) + 65536].fill(9);
+    // The VM is restarted without its checkpoints (as with transient bitmaps).
+    let image = vm.dir.path().join("disk.qcow2");
+    let _ = vm.child.kill();
+    let _ = vm.child.wait();
+    for b in qemu_img(&["info", "--output=json", image.to_str().unwrap()])
+        .split('"')
+        .filter(|s| s.starts_with("snapsync."))
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+    {
+        qemu_img(&["bitmap", "--remove", image.to_str().unwrap(), &b]);
+    }
+    let _ = std::fs::remove_file(&vm.qmp);
+    let _ = std::fs::remove_file(&vm.guest);
+    vm.child = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+                image.display()
+            ),
+            "--chardev",
+            &format!("socket,path={},server=on,wait=off,id=qmp", vm.qmp.display()),
+            "--monitor",
+            "chardev=qmp",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", vm.guest.display()),
+            "--export",
+            "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
+        ])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(vm.qmp.exists() && vm.guest.exists()) {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = replicate_json(&[&vm.url(), &repo, "--snapshot", "c2"]);
+    assert_eq!(
+        r[0]["base"],
+        serde_json::Value::Null,
+        "no checkpoint in common: {r:?}"
+    );
+    assert!(
+        num(&r[0], "read_bytes") >= (SIZE as u64) / 2,
+        "a full read: {r:?}"
+    );
+    assert!(
+        num(&r[0], "sent_bytes") <= 2 * 65536,
+        "only the changed block sent: {r:?}"
+    );
+    let out = vm.dir.path().join("c2.out");
+    ok(&["restore", &repo, "disk0@c2", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == disk);
+}

@@ -101,8 +101,16 @@ impl QemuSource {
         let mut qmp = Qmp::connect(socket).map_err(qmp_err)?;
         let nodes = nodes(&mut qmp).map_err(qmp_err)?;
         let canonical = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
-        let session = Session::start(qmp, &options.scratch, options.nbd_socket.as_deref())
-            .map_err(qmp_err)?;
+        // One scratch directory per QEMU process: what a session finds there is its
+        // own leftovers, never another VM's overlays.
+        let scratch = options.scratch.join(format!(
+            "snapsync-qemu{}",
+            canonical.display().to_string().replace('/', "_")
+        ));
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| StoreError::io(format!("create {}", scratch.display()), e))?;
+        let session =
+            Session::start(qmp, &scratch, options.nbd_socket.as_deref()).map_err(qmp_err)?;
         Ok(Self {
             socket: socket.to_path_buf(),
             system: format!("qemu:{}", canonical.display()),
