@@ -215,14 +215,29 @@ fn print_report(r: &SnapshotReport, as_json: bool) {
     }
 }
 
+/// What `replicate` sends.
+#[derive(Debug)]
+pub struct Selection {
+    /// Only these volumes.
+    pub volumes: Vec<String>,
+    /// Only this snapshot (for a running VM: the checkpoint's name).
+    pub snapshot: Option<String>,
+    /// For a running VM: checkpoints kept per disk.
+    pub keep_checkpoints: usize,
+}
+
 pub fn replicate(
     client: &ClientArgs,
     source: &str,
     dest: &str,
-    volumes: Vec<String>,
-    snapshot: Option<String>,
+    selection: Selection,
     as_json: bool,
 ) -> Result<ExitCode> {
+    let Selection {
+        volumes,
+        snapshot,
+        keep_checkpoints,
+    } = selection;
     for v in &volumes {
         check_name("volume", v)?;
     }
@@ -241,6 +256,7 @@ pub fn replicate(
         AnyStore::Qemu(q) => {
             let now = Timestamp::from_system_time(std::time::SystemTime::now());
             let name = snapshot.unwrap_or_else(|| checkpoint_name(now));
+            q.set_keep_checkpoints(keep_checkpoints);
             q.take_checkpoints(&volumes, &name, now)?;
             Some(name)
         }

@@ -74,9 +74,13 @@ enum Command {
         /// Only these volumes (repeatable).
         #[arg(long = "volume")]
         volumes: Vec<String>,
-        /// Only this snapshot, instead of every one the destination lacks.
+        /// Only this snapshot, instead of every one the destination lacks (for a
+        /// running VM: the name of the checkpoint taken).
         #[arg(long)]
         snapshot: Option<String>,
+        /// For a running VM (qemu:///): checkpoints kept per disk after the run.
+        #[arg(long, default_value_t = snapsync_qemu::DEFAULT_KEEP_CHECKPOINTS, value_parser = clap::value_parser!(usize))]
+        keep_checkpoints: usize,
         /// Print one JSON object per replicated snapshot.
         #[arg(long)]
         json: bool,
@@ -214,8 +218,19 @@ fn main() -> ExitCode {
             client,
             volumes,
             snapshot,
+            keep_checkpoints,
             json,
-        } => commands::replicate(&client, &source, &dest, volumes, snapshot, json),
+        } => commands::replicate(
+            &client,
+            &source,
+            &dest,
+            commands::Selection {
+                volumes,
+                snapshot,
+                keep_checkpoints,
+            },
+            json,
+        ),
         Command::Restore {
             store,
             client,

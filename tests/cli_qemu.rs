@@ -247,3 +247,63 @@ fn a_lost_bitmap_means_a_full_read_that_still_sends_only_what_changed() {
     ok(&["restore", &repo, "disk0@c2", out.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == disk);
 }
+
+#[test]
+fn a_checkpoint_is_the_disk_at_one_instant_while_the_guest_keeps_writing() {
+    let disk = random(34, SIZE);
+    let vm = start_vm(&disk);
+    let repo = init_repo(vm.dir.path(), &[]);
+    replicate_json(&[&vm.url(), &repo, "--snapshot", "c1"]);
+    // The guest writes 150 blocks, one after another, 5 ms apart, during the next run.
+    let block = |i: usize| (i * 7 % 64) * 65536;
+    let mut cmds = Vec::new();
+    for i in 1..=150usize {
+        cmds.push("-c".to_string());
+        cmds.push(format!("write -P {} {} 65536", i % 250 + 1, block(i)));
+        cmds.push("-c".to_string());
+        cmds.push("sleep 5".to_string());
+    }
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .args(&cmds)
+        .arg(format!("nbd+unix:///guest?socket={}", vm.guest.display()))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    replicate_json(&[
+        &vm.url(),
+        &repo,
+        "--snapshot",
+        "c2",
+        "--keep-checkpoints",
+        "1",
+    ]);
+    assert!(writer.wait().unwrap().success());
+    let out = vm.dir.path().join("c2.raw");
+    ok(&["restore", &repo, "disk0@c2", out.to_str().unwrap()]);
+    let got = std::fs::read(&out).unwrap();
+    // c2 must be the disk after exactly the first k writes, for one k.
+    let mut state = disk.clone();
+    let mut matched = None;
+    for k in 0..=150usize {
+        if k > 0 {
+            state[block(k)..block(k) + 65536].fill((k % 250 + 1) as u8);
+        }
+        if got == state {
+            matched = Some(k);
+            break;
+        }
+    }
+    let k = matched.expect("c2 is no single instant of the disk");
+    assert!(
+        k < 150,
+        "the checkpoint was taken after every write (k = {k}): not a live test"
+    );
+    // --keep-checkpoints 1: only c2 is left.
+    let listed = ok(&["list", &vm.url(), "--json"]);
+    assert!(
+        listed.contains("\"c2\"") && !listed.contains("\"c1\""),
+        "{listed}"
+    );
+}

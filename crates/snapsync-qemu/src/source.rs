@@ -180,6 +180,12 @@ impl QemuSource {
         Ok(())
     }
 
+    /// Keep only the newest `keep` checkpoints per disk when finishing (at least 1: the
+    /// one just taken is the next run's base).
+    pub fn set_keep_checkpoints(&mut self, keep: usize) {
+        self.options.keep_checkpoints = keep.max(1);
+    }
+
     /// Remove what the session added, and old checkpoints beyond the number to keep.
     pub fn finish(&mut self) -> Result<()> {
         let session = self
