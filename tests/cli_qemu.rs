@@ -43,33 +43,7 @@ fn start_vm(initial: &[u8]) -> Vm {
     ]);
     let qmp = dir.path().join("qmp.sock");
     let guest = dir.path().join("guest.sock");
-    let child = Command::new("qemu-storage-daemon")
-        .args([
-            "--blockdev",
-            &format!(
-                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
-                img.display()
-            ),
-            "--chardev",
-            &format!("socket,path={},server=on,wait=off,id=qmp", qmp.display()),
-            "--monitor",
-            "chardev=qmp",
-            "--nbd-server",
-            &format!("addr.type=unix,addr.path={}", guest.display()),
-            "--export",
-            "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
-        ])
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-storage-daemon");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(qmp.exists() && guest.exists()) {
-        assert!(
-            Instant::now() < deadline,
-            "qemu-storage-daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = daemon(&img, &qmp, &guest);
     Vm {
         child,
         qmp,
@@ -203,32 +177,7 @@ fn a_lost_bitmap_means_a_full_read_that_still_sends_only_what_changed() {
     {
         qemu_img(&["bitmap", "--remove", image.to_str().unwrap(), &b]);
     }
-    let _ = std::fs::remove_file(&vm.qmp);
-    let _ = std::fs::remove_file(&vm.guest);
-    vm.child = Command::new("qemu-storage-daemon")
-        .args([
-            "--blockdev",
-            &format!(
-                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
-                image.display()
-            ),
-            "--chardev",
-            &format!("socket,path={},server=on,wait=off,id=qmp", vm.qmp.display()),
-            "--monitor",
-            "chardev=qmp",
-            "--nbd-server",
-            &format!("addr.type=unix,addr.path={}", vm.guest.display()),
-            "--export",
-            "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
-        ])
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(vm.qmp.exists() && vm.guest.exists()) {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    vm.restart();
     let r = replicate_json(&[&vm.url(), &repo, "--snapshot", "c2"]);
     assert_eq!(
         r[0]["base"],
@@ -306,4 +255,87 @@ fn a_checkpoint_is_the_disk_at_one_instant_while_the_guest_keeps_writing() {
         listed.contains("\"c2\"") && !listed.contains("\"c1\""),
         "{listed}"
     );
+}
+
+impl Vm {
+    /// Start the daemon again on the same image and sockets (after it stopped).
+    fn restart(&mut self) {
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.qmp);
+        let _ = std::fs::remove_file(&self.guest);
+        self.child = daemon(&self.dir.path().join("disk.qcow2"), &self.qmp, &self.guest);
+    }
+}
+
+/// qemu-storage-daemon on `image` (node `disk0`), with its QMP socket and an NBD server
+/// whose writable export `guest` stands in for the guest; returns once both listen.
+fn daemon(image: &std::path::Path, qmp: &std::path::Path, guest: &std::path::Path) -> Child {
+    let child = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+                image.display()
+            ),
+            "--chardev",
+            &format!("socket,path={},server=on,wait=off,id=qmp", qmp.display()),
+            "--monitor",
+            "chardev=qmp",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", guest.display()),
+            "--export",
+            "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
+        ])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-storage-daemon");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(qmp.exists() && guest.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn an_inconsistent_bitmap_after_a_crash_is_never_trusted() {
+    let mut disk = random(35, SIZE);
+    let mut vm = start_vm(&disk);
+    let repo = init_repo(vm.dir.path(), &[]);
+    replicate_json(&[&vm.url(), &repo, "--snapshot", "c1"]);
+    // A clean stop stores c1's persistent bitmap in the image; after a restart it is
+    // loaded (and marked in use in the file), then the guest writes and QEMU is killed.
+    let mut q = snapsync_qemu::Qmp::connect(&vm.qmp).unwrap();
+    let _ = q.execute("quit", serde_json::json!({}));
+    drop(q);
+    vm.restart();
+    vm.write(7, 6 << 20, 65536);
+    disk[(6 << 20)..(6 << 20) + 65536].fill(7);
+    let _ = vm.child.kill();
+    let image = vm.dir.path().join("disk.qcow2");
+    vm.restart();
+    let info = qemu_img(&["info", "--output=json", "-U", image.to_str().unwrap()]);
+    assert!(
+        info.contains("in-use"),
+        "the bitmap is not marked in use: {info}"
+    );
+    let listed = ok(&["list", &vm.url(), "--json"]);
+    assert!(
+        !listed.contains("\"c1\""),
+        "an inconsistent checkpoint is listed: {listed}"
+    );
+    let r = replicate_json(&[&vm.url(), &repo, "--snapshot", "c2"]);
+    assert_eq!(r[0]["base_reason"], "no-common-base", "{r:?}");
+    assert!(
+        num(&r[0], "sent_bytes") <= 2 * 65536,
+        "only the changed block sent: {r:?}"
+    );
+    let out = vm.dir.path().join("c2.out");
+    ok(&["restore", &repo, "disk0@c2", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == disk);
+    let listed = ok(&["list", &vm.url(), "--json"]);
+    assert!(listed.contains("\"c2\""), "{listed}");
 }

@@ -294,8 +294,15 @@ impl Session {
         let Some(n) = current.iter().find(|n| n.name == node) else {
             return Ok(());
         };
-        let excess = n.checkpoints.len().saturating_sub(keep);
-        for c in &n.checkpoints[..excess] {
+        // Inconsistent bitmaps can only be removed; then the oldest beyond `keep`.
+        let usable: Vec<&Checkpoint> = n.checkpoints.iter().filter(|c| !c.inconsistent).collect();
+        let excess = usable.len().saturating_sub(keep);
+        let doomed = n
+            .checkpoints
+            .iter()
+            .filter(|c| c.inconsistent)
+            .chain(usable[..excess].iter().copied());
+        for c in doomed {
             self.qmp.execute(
                 "block-dirty-bitmap-remove",
                 json!({"node": node, "name": c.bitmap}),

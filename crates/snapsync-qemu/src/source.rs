@@ -251,9 +251,13 @@ impl Store for QemuSource {
             .nodes
             .iter()
             .map(|n| {
+                // An inconsistent checkpoint (QEMU was killed while its bitmap was
+                // recording) is not a point anyone can diff against: not listed, so a
+                // destination holding it gets a full read (sending only what it lacks).
                 let mut snapshots: Vec<SnapshotInfo> = n
                     .checkpoints
                     .iter()
+                    .filter(|c| !c.inconsistent)
                     .map(|c| self.info(&n.name, &c.name, c.created))
                     .collect();
                 if let Some(t) = self.taken.get(&n.name) {
