@@ -339,3 +339,69 @@ fn an_inconsistent_bitmap_after_a_crash_is_never_trusted() {
     let listed = ok(&["list", &vm.url(), "--json"]);
     assert!(listed.contains("\"c2\""), "{listed}");
 }
+
+/// What snapsync may leave in the VM: exports and named nodes (its checkpoints'
+/// bitmaps are meant to stay).
+fn vm_state(vm: &Vm) -> (Vec<String>, Vec<String>) {
+    let mut q = snapsync_qemu::Qmp::connect(&vm.qmp).unwrap();
+    let exports = q
+        .execute("query-block-exports", serde_json::json!({}))
+        .unwrap();
+    let nodes = q
+        .execute("query-named-block-nodes", serde_json::json!({"flat": true}))
+        .unwrap();
+    let mut e: Vec<String> = exports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut n: Vec<String> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str().map(str::to_string))
+        .filter(|n| !n.starts_with('#'))
+        .collect();
+    e.sort();
+    n.sort();
+    (e, n)
+}
+
+#[test]
+fn a_failed_replication_leaves_nothing_in_the_vm_and_the_rerun_works() {
+    let mut disk = random(36, SIZE);
+    let vm = start_vm(&disk);
+    let before = vm_state(&vm);
+    let repo = init_repo(vm.dir.path(), &[]);
+    replicate_json(&[&vm.url(), &repo, "--snapshot", "c1"]);
+    vm.write(4, 10 << 20, 65536);
+    disk[(10 << 20)..(10 << 20) + 65536].fill(4);
+    // The destination fails while the checkpoint is read: its packs cannot be written.
+    let packs = std::path::Path::new(&repo).join("packs");
+    let saved = std::path::Path::new(&repo).join("packs.saved");
+    std::fs::rename(&packs, &saved).unwrap();
+    std::fs::write(&packs, b"not a directory").unwrap();
+    let out = run(&["replicate", &vm.url(), &repo, "--snapshot", "c2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        vm_state(&vm),
+        before,
+        "the failed run left something in the VM"
+    );
+    std::fs::remove_file(&packs).unwrap();
+    std::fs::rename(&saved, &packs).unwrap();
+    // c2's bitmap stays (the changes it recorded are in no other), so c3 against c1
+    // still covers the write.
+    let r = replicate_json(&[&vm.url(), &repo, "--snapshot", "c3"]);
+    assert_eq!(r[0]["base"], "c1", "{r:?}");
+    let out = vm.dir.path().join("c3.out");
+    ok(&["restore", &repo, "disk0@c3", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == disk);
+    assert_eq!(vm_state(&vm), before);
+}
