@@ -104,10 +104,17 @@ impl Listener {
         }
     }
 
-    fn set_nonblocking(&self) -> io::Result<()> {
+    /// Wake a thread blocked in `accept` by connecting (and hanging up) once.
+    fn wake(&self) {
         match self {
-            Listener::Tcp(l) => l.set_nonblocking(true),
-            Listener::Unix(l, _) => l.set_nonblocking(true),
+            Listener::Tcp(l) => {
+                if let Ok(addr) = l.local_addr() {
+                    let _ = TcpStream::connect(addr);
+                }
+            }
+            Listener::Unix(_, path) => {
+                let _ = UnixStream::connect(path);
+            }
         }
     }
 }
@@ -188,20 +195,28 @@ pub fn serve(
     options: &ServerOptions,
     stop: &AtomicBool,
 ) -> io::Result<()> {
-    listener.set_nonblocking()?;
     let active = AtomicUsize::new(0);
     // A clone of every open connection's socket, to shut them down when stopping: a
     // connection thread blocked reading an idle client would otherwise never end.
     let open: Mutex<Vec<(u64, Box<dyn Socket>)>> = Mutex::new(Vec::new());
     let mut next_id = 0u64;
     std::thread::scope(|scope| {
-        while !stop.load(Ordering::Relaxed) {
-            let socket = match listener.accept() {
+        // `accept` blocks (a new client is served at once); this watcher wakes it when
+        // `stop` is set.
+        let listener = &listener;
+        scope.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            listener.wake();
+        });
+        loop {
+            let accepted = listener.accept();
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let socket = match accepted {
                 Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
                 Err(e) => {
                     warn!(error = %e, "accepting a connection failed");
                     std::thread::sleep(Duration::from_millis(50));
