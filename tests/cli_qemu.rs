@@ -15,6 +15,8 @@ const SIZE: usize = 32 << 20;
 
 struct Vm {
     child: Child,
+    /// The disk image: qcow2, or raw (`.raw`: bitmaps cannot persist).
+    image: PathBuf,
     qmp: PathBuf,
     guest: PathBuf,
     dir: tempfile::TempDir,
@@ -28,24 +30,30 @@ impl Drop for Vm {
 }
 
 fn start_vm(initial: &[u8]) -> Vm {
+    start_vm_on(initial, "qcow2")
+}
+
+/// A VM whose disk is `format` (`qcow2` or `raw`), holding `initial`.
+fn start_vm_on(initial: &[u8], format: &str) -> Vm {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("initial.raw");
     std::fs::write(&raw, initial).unwrap();
-    let img = dir.path().join("disk.qcow2");
+    let image = dir.path().join(format!("disk.{format}"));
     qemu_img(&[
         "convert",
         "-f",
         "raw",
         "-O",
-        "qcow2",
+        format,
         raw.to_str().unwrap(),
-        img.to_str().unwrap(),
+        image.to_str().unwrap(),
     ]);
     let qmp = dir.path().join("qmp.sock");
     let guest = dir.path().join("guest.sock");
-    let child = daemon(&img, &qmp, &guest);
+    let child = daemon(&image, &qmp, &guest);
     Vm {
         child,
+        image,
         qmp,
         guest,
         dir,
@@ -166,7 +174,7 @@ fn a_lost_bitmap_means_a_full_read_that_still_sends_only_what_changed() {
     vm.write(9, 3 << 20, 65536);
     disk[(3 << 20)..(3 << 20) + 65536].fill(9);
     // The VM is restarted without its checkpoints (as with transient bitmaps).
-    let image = vm.dir.path().join("disk.qcow2");
+    let image = vm.image.clone();
     let _ = vm.child.kill();
     let _ = vm.child.wait();
     for b in qemu_img(&["info", "--output=json", image.to_str().unwrap()])
@@ -263,18 +271,23 @@ impl Vm {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.qmp);
         let _ = std::fs::remove_file(&self.guest);
-        self.child = daemon(&self.dir.path().join("disk.qcow2"), &self.qmp, &self.guest);
+        self.child = daemon(&self.image, &self.qmp, &self.guest);
     }
 }
 
 /// qemu-storage-daemon on `image` (node `disk0`), with its QMP socket and an NBD server
 /// whose writable export `guest` stands in for the guest; returns once both listen.
 fn daemon(image: &std::path::Path, qmp: &std::path::Path, guest: &std::path::Path) -> Child {
+    let driver = if image.extension().is_some_and(|e| e == "raw") {
+        "raw"
+    } else {
+        "qcow2"
+    };
     let child = Command::new("qemu-storage-daemon")
         .args([
             "--blockdev",
             &format!(
-                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+                "driver={driver},node-name=disk0,file.driver=file,file.filename={}",
                 image.display()
             ),
             "--chardev",
@@ -315,7 +328,7 @@ fn an_inconsistent_bitmap_after_a_crash_is_never_trusted() {
     vm.write(7, 6 << 20, 65536);
     disk[(6 << 20)..(6 << 20) + 65536].fill(7);
     let _ = vm.child.kill();
-    let image = vm.dir.path().join("disk.qcow2");
+    let image = vm.image.clone();
     vm.restart();
     let info = qemu_img(&["info", "--output=json", "-U", image.to_str().unwrap()]);
     assert!(
@@ -404,4 +417,32 @@ fn a_failed_replication_leaves_nothing_in_the_vm_and_the_rerun_works() {
     ok(&["restore", &repo, "disk0@c3", out.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == disk);
     assert_eq!(vm_state(&vm), before);
+}
+
+#[test]
+fn a_raw_disk_replicates_incrementally_and_a_restart_means_a_full_read() {
+    let mut disk = random(37, SIZE);
+    let mut vm = start_vm_on(&disk, "raw");
+    let repo = init_repo(vm.dir.path(), &[]);
+    replicate_json(&[&vm.url(), &repo, "--snapshot", "c1"]);
+    vm.write(5, 12 << 20, 65536);
+    disk[(12 << 20)..(12 << 20) + 65536].fill(5);
+    let r = replicate_json(&[&vm.url(), &repo, "--snapshot", "c2"]);
+    assert_eq!(
+        (r[0]["base"].as_str(), num(&r[0], "read_bytes")),
+        (Some("c1"), 65536)
+    );
+    // A raw disk's bitmaps cannot persist: after a restart there is no common base.
+    let _ = snapsync_qemu::Qmp::connect(&vm.qmp)
+        .unwrap()
+        .execute("quit", serde_json::json!({}));
+    vm.restart();
+    vm.write(6, 13 << 20, 65536);
+    disk[(13 << 20)..(13 << 20) + 65536].fill(6);
+    let r = replicate_json(&[&vm.url(), &repo, "--snapshot", "c3"]);
+    assert_eq!(r[0]["base_reason"], "no-common-base", "{r:?}");
+    assert!(num(&r[0], "sent_bytes") <= 2 * 65536, "{r:?}");
+    let out = vm.dir.path().join("c3.out");
+    ok(&["restore", &repo, "disk0@c3", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == disk);
 }
