@@ -446,3 +446,57 @@ fn a_raw_disk_replicates_incrementally_and_a_restart_means_a_full_read() {
     ok(&["restore", &repo, "disk0@c3", out.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == disk);
 }
+
+#[test]
+fn a_killed_replication_is_cleaned_up_by_the_next_run() {
+    // Large enough that the run is still reading when it is killed.
+    let big = 384 << 20;
+    let disk = random(38, big);
+    let vm = start_vm(&disk);
+    let before = vm_state(&vm);
+    let repo = init_repo(vm.dir.path(), &[]);
+    let mut child = bin()
+        .args(["replicate", &vm.url(), &repo, "--snapshot", "c1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the checkpoint's fleecing overlay exists (QMP takes one client at a
+    // time, and the run holds it), then kill -9.
+    let scratch = std::env::temp_dir().join(format!(
+        "snapsync-qemu{}",
+        std::fs::canonicalize(&vm.qmp)
+            .unwrap()
+            .display()
+            .to_string()
+            .replace('/', "_")
+    ));
+    let overlay_exists = || {
+        std::fs::read_dir(&scratch)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+            })
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !overlay_exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the run never froze its checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), None, "the run ended before it was killed");
+    assert_ne!(vm_state(&vm), before, "a killed run leaves its export");
+    // The next run removes what the killed one left, and completes.
+    let r = replicate_json(&[&vm.url(), &repo, "--snapshot", "c2"]);
+    assert_eq!(r.len(), 1);
+    assert_eq!(vm_state(&vm), before);
+    let out = vm.dir.path().join("c2.out");
+    ok(&["restore", &repo, "disk0@c2", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == disk);
+}
