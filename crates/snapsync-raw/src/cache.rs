@@ -59,6 +59,12 @@ impl FileKey {
         })
     }
 
+    /// The device the file is on: extents of files on different devices are never
+    /// comparable.
+    pub(crate) fn device(&self) -> u64 {
+        self.device
+    }
+
     /// What differs from `self` to `now`, in words.
     pub fn change_to(&self, now: &FileKey) -> String {
         let mut changes = Vec::new();
