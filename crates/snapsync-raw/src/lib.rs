@@ -25,8 +25,8 @@
 
 mod cache;
 mod extents;
-mod fiemap;
 mod shared;
+mod sys;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -67,7 +67,8 @@ pub enum Layout {
 /// Where a snapshot's age comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AgeFrom {
-    /// The birth time (statx `btime`) of the image, or of its snapshot directory.
+    /// The birth time (statx `btime`) of the image, or of its snapshot directory (for a
+    /// btrfs snapshot, the subvolume's creation time).
     Btime,
     /// The image's (or directory's) modification time: no birth time is recorded, or
     /// the modification time is older than it (a copy that kept its original's times,
@@ -85,22 +86,35 @@ impl AgeFrom {
     }
 }
 
-/// The age of a file or directory with metadata `md`, and where it came from. A birth
-/// time is the better age (a snapshot's content is as old as the snapshot), unless the
-/// modification time is older: a file cannot be written before it exists, so then its
-/// times were carried over from an original, and those are its content's age. A
-/// snapshot directory's modification time is its source directory's, so `dir_rule`
-/// takes its birth time whenever there is one.
-fn age_of(md: &std::fs::Metadata, dir_rule: bool) -> std::io::Result<(SystemTime, AgeFrom)> {
+const META_DIR: &str = ".snapsync";
+const IMAGE_EXT: &str = "img";
+
+/// The age of an image file, and where it came from. A birth time is the better age
+/// (a snapshot's content is as old as the snapshot), unless the modification time is
+/// older: a file cannot be written before it exists, so then its times were carried
+/// over from an original (`cp -p`, `touch -d`), and those are its content's age.
+fn file_age(md: &std::fs::Metadata) -> std::io::Result<(SystemTime, AgeFrom)> {
     let mtime = md.modified()?;
     Ok(match md.created() {
-        Ok(b) if dir_rule || b <= mtime => (b, AgeFrom::Btime),
+        Ok(b) if b <= mtime => (b, AgeFrom::Btime),
         _ => (mtime, AgeFrom::Mtime),
     })
 }
 
-const META_DIR: &str = ".snapsync";
-const IMAGE_EXT: &str = "img";
+/// The age of a snapshot directory: a btrfs subvolume's creation time (its root
+/// directory's own times are its source's, copied), else the directory's birth time,
+/// else its modification time.
+fn dir_age(dir: &Path) -> std::io::Result<(SystemTime, AgeFrom)> {
+    let f = File::open(dir)?;
+    if let Some(t) = sys::subvolume_birth(&f) {
+        return Ok((t, AgeFrom::Btime));
+    }
+    let md = f.metadata()?;
+    Ok(match md.created() {
+        Ok(b) => (b, AgeFrom::Btime),
+        Err(_) => (md.modified()?, AgeFrom::Mtime),
+    })
+}
 
 impl RawStore {
     /// Open the directory `root`, laid out by volume; it must exist.
@@ -151,13 +165,15 @@ impl RawStore {
 
     /// The age of the snapshot whose image is `path`.
     fn age(&self, path: &Path) -> Result<(Timestamp, AgeFrom)> {
-        let (of, dir_rule) = match self.layout {
-            Layout::ByVolume => (path, false),
-            Layout::BySnapshot => (path.parent().unwrap_or(path), true),
+        let of = match self.layout {
+            Layout::ByVolume => path,
+            Layout::BySnapshot => path.parent().unwrap_or(path),
         };
-        let (t, from) = std::fs::metadata(of)
-            .and_then(|md| age_of(&md, dir_rule))
-            .map_err(|e| StoreError::io(format!("age of {}", of.display()), e))?;
+        let age = match self.layout {
+            Layout::ByVolume => std::fs::metadata(of).and_then(|md| file_age(&md)),
+            Layout::BySnapshot => dir_age(of),
+        };
+        let (t, from) = age.map_err(|e| StoreError::io(format!("age of {}", of.display()), e))?;
         Ok((Timestamp::from_system_time(t), from))
     }
 

@@ -16,7 +16,7 @@ use tracing::debug;
 
 use crate::cache::FileKey;
 use crate::extents::{compare, FileMap};
-use crate::fiemap::extent_map;
+use crate::sys::{extent_map, mount_id};
 use crate::HASH_BLOCK_SIZE;
 
 /// One image opened for an extent diff: its key when opened, and its map.
@@ -55,7 +55,12 @@ pub(crate) fn diff(base: &Path, target: &Path) -> Result<Option<Diff>> {
     let (Some(b), Some(t)) = (Mapped::open(base)?, Mapped::open(target)?) else {
         return Ok(None);
     };
-    if b.key.device() != t.key.device() {
+    // One device is one file system; so is one mount (btrfs gives every subvolume,
+    // so every snapshot, a device number of its own). Anything else may be two file
+    // systems whose physical addresses mean nothing to each other.
+    let same_fs = b.key.device() == t.key.device()
+        || matches!((mount_id(&b.file), mount_id(&t.file)), (Some(x), Some(y)) if x == y);
+    if !same_fs {
         debug!("images on different file systems; hashing");
         return Ok(None);
     }
