@@ -70,6 +70,15 @@ pub(crate) fn diff(base: &Path, target: &Path) -> Result<Option<Diff>> {
         return Ok(None);
     }
     let d = compare(&b.map, &t.map, HASH_BLOCK_SIZE);
+    if d.to_hash.total_len() > t.key.size / 2 {
+        // Mostly undecidable (a compressed btrfs, say): comparing would read both images
+        // nearly whole, where hashing reads the target and has the base's hashes cached.
+        debug!(
+            undecided = d.to_hash.total_len(),
+            "extent maps decide too little; hashing"
+        );
+        return Ok(None);
+    }
     let (data, zero) = compare_blocks(&b, &t, &d.to_hash, target)?;
     // Both files, and their maps, must be as they were throughout; read twice, a map
     // that moved under us proves nothing.
