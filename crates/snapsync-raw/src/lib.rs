@@ -86,6 +86,9 @@ impl AgeFrom {
     }
 }
 
+/// What a scan found, and what it left out and why.
+type Listed<T> = (Vec<T>, Vec<Skipped>);
+
 const META_DIR: &str = ".snapsync";
 const IMAGE_EXT: &str = "img";
 
@@ -256,7 +259,7 @@ impl RawStore {
 
     /// The directories directly in the root that can be volumes (or, by snapshot,
     /// snapshots), by name; what was left out and why.
-    fn top_dirs(&self, what: &'static str) -> Result<(Vec<(String, PathBuf)>, Vec<Skipped>)> {
+    fn top_dirs(&self, what: &'static str) -> Result<Listed<(String, PathBuf)>> {
         let listing_error = |e| StoreError::io(format!("list {}", self.root.display()), e);
         let (mut dirs, mut skipped) = (Vec::new(), Vec::new());
         for entry in std::fs::read_dir(&self.root).map_err(listing_error)? {
@@ -304,7 +307,7 @@ impl RawStore {
 
     /// Every image as `(volume, snapshot, path)` (only `only`'s when given), and what
     /// was left out and why.
-    fn images(&self, only: Option<&str>) -> Result<(Vec<(String, String, PathBuf)>, Vec<Skipped>)> {
+    fn images(&self, only: Option<&str>) -> Result<Listed<(String, String, PathBuf)>> {
         let mut images = Vec::new();
         match self.layout {
             Layout::ByVolume => {
