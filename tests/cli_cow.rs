@@ -136,6 +136,34 @@ fn check_extent_incremental(report: &serde_json::Value, touched: &BTreeSet<u64>)
     assert!(read >= written, "read {read} < changed {written}: {report}");
 }
 
+/// `snapsync diff --json` of `target` against `base` run as user and group 65534
+/// (nobody), after opening the way to the mount point for it.
+fn diff_unprivileged(fs: &LoopFs, src: &str, target: &str, base: &str) -> serde_json::Value {
+    use std::os::unix::fs::PermissionsExt;
+    // Only what the test made; the temporary directory's parent (/tmp) is open to all.
+    for p in [fs._dir.path(), fs.mnt.as_path()] {
+        let mode = std::fs::metadata(p).unwrap().permissions().mode();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode | 0o755)).unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_snapsync");
+    let out = sh(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin,
+            "diff",
+            src,
+            target,
+            "--base",
+            base,
+            "--json",
+        ],
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
 /// Replicate the snapshots of `volume` one at a time, in order, so that each is based
 /// on the one before (replicating them all at once may plan a later one before the
 /// destination has its predecessor); their reports.
@@ -217,6 +245,14 @@ fn btrfs_snapshots_by_snapshot_are_diffed_from_extents() {
     let d: serde_json::Value =
         serde_json::from_str(&ok(&["diff", &src, "vm@s3", "--base", "s2", "--json"])).unwrap();
     assert_eq!(d["diff_method"], "extents");
+    assert_eq!(
+        num(&d, "changed_bytes"),
+        touched3.len() as u64 * BLOCK,
+        "{d}"
+    );
+    // Reading needs no privilege: the same diff as an unprivileged user.
+    let d = diff_unprivileged(&fs, &src, "vm@s3", "s2");
+    assert_eq!(d["diff_method"], "extents", "{d}");
     assert_eq!(
         num(&d, "changed_bytes"),
         touched3.len() as u64 * BLOCK,
