@@ -30,9 +30,9 @@ impl Mapped {
     /// Open `path` and read its map; `None` (with the reason logged) when FIEMAP is not
     /// there to read.
     fn open(path: &Path) -> Result<Option<Self>> {
-        let key = FileKey::of(path)?;
         let file =
             File::open(path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
+        let key = FileKey::of_file(&file, path)?;
         match extent_map(&file, key.size) {
             Ok(map) => Ok(Some(Self { file, key, map })),
             Err(e) => {
@@ -42,7 +42,8 @@ impl Mapped {
         }
     }
 
-    /// Whether the file is still the one mapped: same key, same map.
+    /// Whether the file is still the one mapped: same key (the path still names the
+    /// file open, unchanged), same map.
     fn unchanged(&self, path: &Path) -> Result<bool> {
         Ok(FileKey::of(path)? == self.key
             && extent_map(&self.file, self.key.size).ok().as_ref() == Some(&self.map))
