@@ -9,6 +9,9 @@ command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v qemu-storage-daemon >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v nbdkit >/dev/null 2>&1 || need_apt+=(nbdkit)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
+# tests/cli_cow.rs makes btrfs and XFS file systems on loop devices (as root).
+command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)
+command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing: ${need_apt[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

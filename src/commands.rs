@@ -99,12 +99,18 @@ pub fn list(client: &ClientArgs, store: &str, as_json: bool) -> Result<ExitCode>
                     "name": v.name,
                     "size": v.size,
                     "origin": v.origin.as_ref().map(|o| json!({"volume": o.volume, "snapshot": o.snapshot, "id": o.id})),
-                    "snapshots": v.snapshots.iter().map(|s| json!({
-                        "name": s.name,
-                        "id": s.id,
-                        "created": s.created.to_rfc3339(),
-                        "size": s.size,
-                    })).collect::<Vec<_>>(),
+                    "snapshots": v.snapshots.iter().map(|snap| {
+                        let mut j = json!({
+                            "name": snap.name,
+                            "id": snap.id,
+                            "created": snap.created.to_rfc3339(),
+                            "size": snap.size,
+                        });
+                        if let Some(from) = age_from(&s, &v.name, &snap.name) {
+                            j["age_from"] = from.into();
+                        }
+                        j
+                    }).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -132,6 +138,15 @@ pub fn list(client: &ClientArgs, store: &str, as_json: bool) -> Result<ExitCode>
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a listed snapshot's age came from, for stores that tell (`raw:`: birth or
+/// modification time); `None` for the others, whose ages are recorded.
+fn age_from(store: &AnyStore, volume: &str, snapshot: &str) -> Option<&'static str> {
+    match store {
+        AnyStore::Raw(r) => r.age_from(volume, snapshot).ok().map(|a| a.as_str()),
+        _ => None,
+    }
 }
 
 pub fn diff(
@@ -168,6 +183,7 @@ pub fn diff(
                 "extents": pairs(&changed),
                 "changed_bytes": changed.total_len(),
                 "zero_extents": pairs(&d.zero),
+                "diff_method": d.method.as_str(),
             })
         );
     } else {
@@ -180,9 +196,10 @@ pub fn diff(
             println!("{:>16} {:>12} {kind}", e.offset, e.len);
         }
         println!(
-            "{} changed in {} extents",
+            "{} changed in {} extents (diff from {})",
             human(changed.total_len()),
-            changed.as_slice().len()
+            changed.as_slice().len(),
+            d.method.as_str()
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -193,7 +210,11 @@ fn print_report(r: &SnapshotReport, as_json: bool) {
         println!("{}", serde_json::to_string(r).expect("serialisable"));
     } else {
         let mut how = match &r.base {
-            Some(b) => format!("incremental from {b} ({})", r.base_reason.as_str()),
+            Some(b) => format!(
+                "incremental from {b} ({}, diff from {})",
+                r.base_reason.as_str(),
+                r.diff_method.as_str()
+            ),
             None => "full".to_string(),
         };
         if let Some(y) = &r.inserted_before {

@@ -161,7 +161,9 @@ impl StoreUrl {
     /// Open the store this URL names.
     pub fn open(&self, options: &OpenOptions) -> Result<AnyStore, OpenError> {
         Ok(match self {
-            StoreUrl::Raw(p) => AnyStore::Raw(RawStore::open(p)?),
+            StoreUrl::Raw { path, layout } => {
+                AnyStore::Raw(RawStore::open_with_layout(path, *layout)?)
+            }
             StoreUrl::Qcow2 { path, backing_any } => {
                 let options = options
                     .qcow2

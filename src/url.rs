@@ -3,7 +3,7 @@
 //!
 //! | form | store |
 //! | --- | --- |
-//! | `raw:DIR`, `raw://DIR` | a directory of raw images |
+//! | `raw:DIR`, `raw://DIR` | a directory of raw images, `DIR/VOLUME/SNAPSHOT.img`; `?layout=by-snapshot` reads `DIR/SNAPSHOT/VOLUME.img` (btrfs snapshots of a directory of images) |
 //! | `file:///ABS/PATH`, or a plain path | a repository on local disk |
 //! | `qcow2:///ABS/PATH`, `qcow2:PATH` | a qcow2 image, or a directory of them (source only); `?backing=any` lets its backing files lie anywhere |
 //! | `qemu:///ABS/PATH/QMP.sock` | a running QEMU's disks (source only; `?nbd=PATH` names the NBD server it already runs) |
@@ -18,6 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use snapsync_core::validate_name;
+use snapsync_raw::Layout;
 use snapsync_repo::Location;
 use snapsync_store::SnapshotRef;
 
@@ -84,7 +85,12 @@ pub enum UrlError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     /// A raw image directory.
-    Raw(PathBuf),
+    Raw {
+        /// The directory.
+        path: PathBuf,
+        /// `?layout=by-volume` (the default) or `?layout=by-snapshot`.
+        layout: Layout,
+    },
     /// A qcow2 image or a directory of them.
     Qcow2 {
         /// The image or directory.
@@ -138,6 +144,32 @@ fn no_parameters(url: &str, params: &[&str]) -> Result<(), UrlError> {
     }
 }
 
+/// The layout a `raw:` URL's parameters ask for: `layout=by-volume` (the default) or
+/// `layout=by-snapshot`, once at most; anything else is refused.
+fn raw_layout(url: &str, params: &[&str]) -> Result<Layout, UrlError> {
+    let mut layout = None;
+    for p in params {
+        let l = match *p {
+            "layout=by-volume" => Layout::ByVolume,
+            "layout=by-snapshot" => Layout::BySnapshot,
+            _ => {
+                return Err(UrlError::UnknownParameter {
+                    url: url.to_string(),
+                    parameter: p.to_string(),
+                    known: "layout=by-volume, layout=by-snapshot",
+                })
+            }
+        };
+        if layout.replace(l).is_some() {
+            return Err(UrlError::Malformed {
+                url: url.to_string(),
+                why: "layout is given more than once".into(),
+            });
+        }
+    }
+    Ok(layout.unwrap_or_default())
+}
+
 impl StoreUrl {
     /// Parse a store URL.
     pub fn parse(s: &str) -> Result<Self, UrlError> {
@@ -152,11 +184,14 @@ impl StoreUrl {
         };
         if let Some(rest) = s.strip_prefix("raw:") {
             let (path, params) = split_query(rest.strip_prefix("//").unwrap_or(rest));
-            no_parameters(s, &params)?;
+            let layout = raw_layout(s, &params)?;
             if path.is_empty() {
                 return Err(incomplete("directory", "raw:/path/to/images"));
             }
-            return Ok(StoreUrl::Raw(absolute(Path::new(path))));
+            return Ok(StoreUrl::Raw {
+                path: absolute(Path::new(path)),
+                layout,
+            });
         }
         if let Some(rest) = s.strip_prefix("qcow2:") {
             let (path, params) = split_query(rest);
@@ -293,6 +328,13 @@ pub fn parse_target(s: &str) -> Result<SnapshotRef<'_>, UrlError> {
 mod tests {
     use super::*;
 
+    fn raw(path: &str, layout: Layout) -> StoreUrl {
+        StoreUrl::Raw {
+            path: path.into(),
+            layout,
+        }
+    }
+
     fn qcow2(path: &str, backing_any: bool) -> StoreUrl {
         StoreUrl::Qcow2 {
             path: path.into(),
@@ -304,11 +346,19 @@ mod tests {
     fn parses_urls() {
         assert_eq!(
             StoreUrl::parse("raw:/x").unwrap(),
-            StoreUrl::Raw("/x".into())
+            raw("/x", Layout::ByVolume)
         );
         assert_eq!(
             StoreUrl::parse("raw:///x").unwrap(),
-            StoreUrl::Raw("/x".into())
+            raw("/x", Layout::ByVolume)
+        );
+        assert_eq!(
+            StoreUrl::parse("raw:/x?layout=by-snapshot").unwrap(),
+            raw("/x", Layout::BySnapshot)
+        );
+        assert_eq!(
+            StoreUrl::parse("raw:///x?layout=by-volume").unwrap(),
+            raw("/x", Layout::ByVolume)
         );
         assert_eq!(
             StoreUrl::parse("file:///r").unwrap(),
@@ -377,6 +427,11 @@ mod tests {
             "qcow2:///v?backing=some",
             "qcow2:///v?color=red",
             "raw:/x?backing=any",
+            "raw:/x?layout=by-date",
+            "raw:/x?layout=",
+            "raw:/x?layout=by-snapshot&layout=by-volume",
+            "raw:/x?layout=by-snapshot&x=1",
+            "raw:?layout=by-snapshot",
             "file:///r?x=1",
             "s3://b/p?region=eu",
             "snapsync://h:7000",

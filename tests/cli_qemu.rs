@@ -113,6 +113,7 @@ fn a_running_disk_replicates_full_then_only_what_the_guest_wrote() {
     }
     let incr = replicate_json(&[&vm.url(), &repo, "--snapshot", "c2"]);
     assert_eq!(incr[0]["base"], "c1", "{incr:?}");
+    assert_eq!(incr[0]["diff_method"], "bitmap", "{incr:?}");
     let dirty = 4 * 65536;
     assert!(
         num(&incr[0], "read_bytes") <= dirty * 11 / 10,

@@ -31,6 +31,11 @@ const BAD_URLS: &[&str] = &[
     "ftp://host/x",
     "http://host/x",
     "raw:/tmp?color=red",
+    "raw:/tmp?layout=by-date",
+    "raw:/tmp?layout=",
+    "raw:/tmp?layout=by-snapshot&layout=by-volume",
+    "raw:/tmp?layout=by-snapshot&color=red",
+    "raw:?layout=by-snapshot",
     "file:///tmp/repo?x=1",
     "s3://bucket/prefix?region=eu",
     "qcow2:///tmp/vm.qcow2?backing=anything",
@@ -237,4 +242,81 @@ fn serve_warns_about_token_entries_for_stores_it_does_not_serve() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("line 2") && err.contains("ASCII"), "{err}");
+}
+
+#[test]
+fn raw_layouts_are_url_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random(3, 2 * MIB);
+    // By volume (the default, also when named).
+    write_image(
+        &dir.path().join("by-volume"),
+        "vm",
+        "s1",
+        &data,
+        1_700_000_000,
+    );
+    let by_volume = dir.path().join("by-volume");
+    let listing = |url: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&["list", url, "--json"])).unwrap()
+    };
+    let plain = listing(&format!("raw:{}", by_volume.display()));
+    let named = listing(&format!("raw:{}?layout=by-volume", by_volume.display()));
+    assert_eq!(plain, named);
+    assert_eq!(plain["volumes"][0]["name"], "vm");
+    // Its mtime is older than its birth: the age is the mtime, and says so.
+    assert_eq!(plain["volumes"][0]["snapshots"][0]["age_from"], "mtime");
+    assert_eq!(
+        plain["volumes"][0]["snapshots"][0]["created"],
+        "2023-11-14T22:13:20Z"
+    );
+
+    // By snapshot: DIR/<snapshot>/<volume>.img; an image directly in DIR is skipped
+    // with the layout's form.
+    let by_snapshot = dir.path().join("by-snapshot");
+    for (snap, vols) in [("mon", &["vm", "db"][..]), ("tue", &["vm"][..])] {
+        std::fs::create_dir_all(by_snapshot.join(snap)).unwrap();
+        for v in vols {
+            std::fs::write(by_snapshot.join(snap).join(format!("{v}.img")), &data).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::write(by_snapshot.join("stray.img"), b"x").unwrap();
+    let url = format!("raw:{}?layout=by-snapshot", by_snapshot.display());
+    let l = listing(&url);
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(l["volumes"][0]["name"], "db", "{l}");
+    assert_eq!(names(&l["volumes"][0]), ["mon"]);
+    assert_eq!(l["volumes"][1]["name"], "vm");
+    assert_eq!(names(&l["volumes"][1]), ["mon", "tue"]);
+    // A snapshot directory's birth time where the file system records one.
+    let recorded = std::fs::metadata(by_snapshot.join("mon"))
+        .unwrap()
+        .created()
+        .is_ok();
+    for s in l["volumes"][1]["snapshots"].as_array().unwrap() {
+        assert_eq!(
+            s["age_from"],
+            if recorded { "btime" } else { "mtime" },
+            "{l}"
+        );
+    }
+    let skipped = l["skipped"].to_string();
+    assert!(skipped.contains("SNAPSHOT/VOLUME.img"), "{skipped}");
+    // Read through the layout: a diff and a restore.
+    let d: serde_json::Value =
+        serde_json::from_str(&ok(&["diff", &url, "vm@tue", "--base", "mon", "--json"])).unwrap();
+    assert_eq!(num(&d, "changed_bytes"), 0, "{d}");
+    let repo = init_repo(dir.path(), &[]);
+    assert_eq!(replicate_json(&[&url, &repo]).len(), 3);
+    let out = dir.path().join("db.out");
+    ok(&["restore", &repo, "db@mon", out.to_str().unwrap()]);
+    assert!(std::fs::read(out).unwrap() == data);
 }

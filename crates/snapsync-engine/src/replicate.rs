@@ -10,9 +10,9 @@ use snapsync_core::{
     BlockPlan, CommonSnapshot, ExtentList, SnapshotInfo, VolumeInfo,
 };
 use snapsync_store::{
-    BaseRef, BlockContent, BufferPool, Bytes, CommitInfo, Compressed, IncomingBlock, Phase,
-    Progress, ReceiveRequest, Receiver, SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource,
-    StoreError,
+    BaseRef, BlockContent, BufferPool, Bytes, CommitInfo, Compressed, DiffMethod, IncomingBlock,
+    Phase, Progress, ReceiveRequest, Receiver, SnapshotReader, SnapshotRef, SnapshotSink,
+    SnapshotSource, StoreError,
 };
 use tracing::{debug, info};
 
@@ -64,6 +64,8 @@ pub struct SnapshotReport {
     pub changed_bytes: u64,
     /// Bytes read from the source.
     pub read_bytes: u64,
+    /// How the source found the diff (`"extents"`, `"hash"`, `"metadata"`, `"full"`).
+    pub diff_method: DiffMethod,
     /// Block data stored at the destination, after dedup and compression.
     pub sent_bytes: u64,
     /// Bytes of blocks not sent because the destination already had them.
@@ -268,6 +270,7 @@ impl Ctx<'_> {
         );
         Ok(SnapshotPlan {
             changed_bytes,
+            diff_method: diff.method,
             target,
             base,
             reason: choice.reason,
@@ -294,6 +297,7 @@ impl Ctx<'_> {
             redundant_entries_removed: committed.redundant_entries_removed,
             changed_bytes: plan.changed_bytes,
             read_bytes: tally.read_bytes,
+            diff_method: plan.diff_method,
             sent_bytes: tally.sent_bytes,
             dedup_bytes: tally.dedup_bytes,
             duration_ms: started.elapsed().as_millis() as u64,
@@ -494,6 +498,8 @@ struct SnapshotPlan {
     reason: BaseReason,
     /// Bytes in the source's diff.
     changed_bytes: u64,
+    /// How the source found it.
+    diff_method: DiffMethod,
     blocks: BlockPlan,
 }
 

@@ -82,8 +82,8 @@ use snapsync_core::{
     validate_name, Extent, ExtentList, Origin, SnapshotId, SnapshotInfo, Timestamp, VolumeInfo,
 };
 use snapsync_store::{
-    Diff, Phase, Progress, Result, Skipped, SnapshotReader, SnapshotRef, SnapshotSource, Store,
-    StoreError,
+    Diff, DiffMethod, Phase, Progress, Result, Skipped, SnapshotReader, SnapshotRef,
+    SnapshotSource, Store, StoreError,
 };
 
 use crate::chain::{BackingRule, Chain, LayerFormat};
@@ -596,7 +596,11 @@ impl Qcow2Store {
         let tsize = self.size(tv, t)?;
         let Some((bv, b)) = base else {
             let (data, zero, _) = self.above(tv, t, 0)?;
-            return Ok(Diff { data, zero });
+            return Ok(Diff {
+                data,
+                zero,
+                method: DiffMethod::Metadata,
+            });
         };
         let bsize = self.size(bv, b)?;
         // Bottom layers both points read alike: the same file, in its active state.
@@ -626,7 +630,11 @@ impl Qcow2Store {
                     )]);
                     data = data.union(&grown.subtract(&zero));
                 }
-                return Ok(Diff { data, zero });
+                return Ok(Diff {
+                    data,
+                    zero,
+                    method: DiffMethod::Metadata,
+                });
             }
         }
         let (tdata, tzero, tthrough) = self.above(tv, t, c)?;
@@ -646,6 +654,7 @@ impl Qcow2Store {
         Ok(Diff {
             data: tdata.union(&shows_through),
             zero: tzero.union(&rest.subtract(&shows_through)),
+            method: DiffMethod::Metadata,
         })
     }
 }

@@ -22,7 +22,7 @@ use snapsync_core::{Extent, ExtentList, SnapshotId, SnapshotInfo, Timestamp, Vol
 use snapsync_nbd::proto::{BASE_ALLOCATION, STATE_HOLE, STATE_ZERO};
 use snapsync_nbd::Client;
 use snapsync_store::{
-    Diff, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
+    Diff, DiffMethod, Result, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
 };
 
 use crate::checkpoint::{nodes, Node, Session};
@@ -330,7 +330,14 @@ impl SnapshotSource for QemuSource {
             }
         }
         let _ = client.disconnect();
-        Ok(Diff { data, zero })
+        // From the bitmaps when a trusted base was given; else from the export's
+        // allocation, everything with data counting as changed.
+        let method = match (&contexts, base) {
+            (Some(_), _) => DiffMethod::Bitmap,
+            (None, Some(_)) => DiffMethod::Full,
+            (None, None) => DiffMethod::Metadata,
+        };
+        Ok(Diff { data, zero, method })
     }
 
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>> {

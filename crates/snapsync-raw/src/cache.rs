@@ -50,13 +50,32 @@ impl FileKey {
     pub fn of(path: &Path) -> Result<Self> {
         let md = std::fs::metadata(path)
             .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
-        Ok(Self {
+        Ok(Self::from_metadata(&md))
+    }
+
+    /// The key of an open file (`path` names it in errors): the version of the file
+    /// actually open, whatever its path names by now.
+    pub(crate) fn of_file(file: &std::fs::File, path: &Path) -> Result<Self> {
+        let md = file
+            .metadata()
+            .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
+        Ok(Self::from_metadata(&md))
+    }
+
+    fn from_metadata(md: &std::fs::Metadata) -> Self {
+        Self {
             size: md.len(),
             mtime: (md.mtime(), md.mtime_nsec()),
             ctime: (md.ctime(), md.ctime_nsec()),
             inode: md.ino(),
             device: md.dev(),
-        })
+        }
+    }
+
+    /// The device the file is on: extents of files on different devices are never
+    /// comparable.
+    pub(crate) fn device(&self) -> u64 {
+        self.device
     }
 
     /// What differs from `self` to `now`, in words.

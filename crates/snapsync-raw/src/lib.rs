@@ -1,7 +1,13 @@
-//! The `raw:` store: a directory of raw disk images, `DIR/<volume>/<snapshot>.img`.
+//! The `raw:` store: a directory of raw disk images, `DIR/<volume>/<snapshot>.img`, or
+//! with [`Layout::BySnapshot`] `DIR/<snapshot>/<volume>.img` (a directory of btrfs
+//! read-only subvolume snapshots, say).
 //!
-//! Raw images carry no metadata to diff with, so differences are found by hashing fixed
-//! 64 KiB blocks (BLAKE3) and comparing. Hashing a large image is the expensive part, so
+//! Raw images carry no metadata to diff with, but the file system may: two images that
+//! share extents on a copy-on-write file system (btrfs snapshots, `cp --reflink` on
+//! btrfs or XFS) differ only where their extent maps do, so an incremental first asks
+//! FIEMAP (see `extents` and `shared`) and reads only what the maps cannot vouch for.
+//! Otherwise differences are found by hashing fixed 64 KiB blocks (BLAKE3) and
+//! comparing. Hashing a large image is the expensive part, so
 //! each image's block hashes are cached in `DIR/.snapsync/hashes/`, keyed by the file's
 //! size, modification and change times, inode and device: any write to the image changes
 //! its ctime, so a changed file is never trusted. The cache is also filled for free when
@@ -9,39 +15,118 @@
 //! ([`SnapshotReader::observe_block`]), so a full replication followed by an incremental
 //! reads each image once.
 //!
-//! A snapshot's age is its image file's modification time. Its identity is derived from
-//! this store's system id (a random id kept in `DIR/.snapsync/system-id`, so it survives
-//! moving the directory), the volume, the name and that age.
+//! A snapshot's age is when it was made: the birth time of its image (or, by snapshot,
+//! of its snapshot directory) where the file system records one, else the modification
+//! time (see [`AgeFrom`]). Its identity is derived from this store's system id (a random
+//! id kept in `DIR/.snapsync/system-id`, so it survives moving the directory), the
+//! volume, the name and the image's modification time: any write to an image gives it
+//! a new identity, so a modified base is never diffed against as if it were the one
+//! replicated (a birth time survives writes).
 
 mod cache;
+mod extents;
+mod shared;
+mod sys;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use rayon::prelude::*;
 use snapsync_core::{
     validate_name, BlockId, Extent, ExtentList, SnapshotId, SnapshotInfo, Timestamp, VolumeInfo,
 };
 use snapsync_store::{
-    Diff, Result, Skipped, SnapshotReader, SnapshotRef, SnapshotSource, Store, StoreError,
+    Diff, DiffMethod, Result, Skipped, SnapshotReader, SnapshotRef, SnapshotSource, Store,
+    StoreError,
 };
 
 use cache::{CacheReader, CacheWriter};
 pub use cache::{FileKey, HASH_BLOCK_SIZE};
+pub use extents::{compare as compare_extent_maps, ExtentDiff, FileMap, MappedExtent};
 
 /// A directory of raw images.
 #[derive(Debug, Clone)]
 pub struct RawStore {
     root: PathBuf,
+    layout: Layout,
 }
+
+/// How images are laid out in the directory (`raw:DIR?layout=...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// `DIR/<volume>/<snapshot>.img`: the default.
+    #[default]
+    ByVolume,
+    /// `DIR/<snapshot>/<volume>.img`: one directory per snapshot, as file system
+    /// snapshots of a directory of images come.
+    BySnapshot,
+}
+
+/// Where a snapshot's age comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgeFrom {
+    /// The birth time (statx `btime`) of the image, or of its snapshot directory (for a
+    /// btrfs snapshot, the subvolume's creation time).
+    Btime,
+    /// The image's (or directory's) modification time: no birth time is recorded, or
+    /// the modification time is older than it (a copy that kept its original's times,
+    /// `cp -p`, `touch -d`: the content is older than the file).
+    Mtime,
+}
+
+impl AgeFrom {
+    /// The name used in `list --json` (`"age_from"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgeFrom::Btime => "btime",
+            AgeFrom::Mtime => "mtime",
+        }
+    }
+}
+
+/// What a scan found, and what it left out and why.
+type Listed<T> = (Vec<T>, Vec<Skipped>);
 
 const META_DIR: &str = ".snapsync";
 const IMAGE_EXT: &str = "img";
 
+/// The age of an image file, and where it came from. A birth time is the better age
+/// (a snapshot's content is as old as the snapshot), unless the modification time is
+/// older: a file cannot be written before it exists, so then its times were carried
+/// over from an original (`cp -p`, `touch -d`), and those are its content's age.
+fn file_age(md: &std::fs::Metadata) -> std::io::Result<(SystemTime, AgeFrom)> {
+    let mtime = md.modified()?;
+    Ok(match md.created() {
+        Ok(b) if b <= mtime => (b, AgeFrom::Btime),
+        _ => (mtime, AgeFrom::Mtime),
+    })
+}
+
+/// The age of a snapshot directory: a btrfs subvolume's creation time (its root
+/// directory's own times are its source's, copied), else the directory's birth time,
+/// else its modification time.
+fn dir_age(dir: &Path) -> std::io::Result<(SystemTime, AgeFrom)> {
+    let f = File::open(dir)?;
+    if let Some(t) = sys::subvolume_birth(&f) {
+        return Ok((t, AgeFrom::Btime));
+    }
+    let md = f.metadata()?;
+    Ok(match md.created() {
+        Ok(b) => (b, AgeFrom::Btime),
+        Err(_) => (md.modified()?, AgeFrom::Mtime),
+    })
+}
+
 impl RawStore {
-    /// Open the directory `root`; it must exist.
+    /// Open the directory `root`, laid out by volume; it must exist.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_with_layout(root, Layout::ByVolume)
+    }
+
+    /// Open the directory `root` with the given layout; it must exist.
+    pub fn open_with_layout(root: &Path, layout: Layout) -> Result<Self> {
         let md = std::fs::metadata(root)
             .map_err(|e| StoreError::io(format!("raw store {}", root.display()), e))?;
         if !md.is_dir() {
@@ -52,16 +137,53 @@ impl RawStore {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            layout,
         })
+    }
+
+    /// The layout it was opened with.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Where the image of `volume@snapshot` lies, whether or not it exists.
+    fn layout_path(&self, volume: &str, snapshot: &str) -> PathBuf {
+        match self.layout {
+            Layout::ByVolume => self
+                .root
+                .join(volume)
+                .join(format!("{snapshot}.{IMAGE_EXT}")),
+            Layout::BySnapshot => self
+                .root
+                .join(snapshot)
+                .join(format!("{volume}.{IMAGE_EXT}")),
+        }
+    }
+
+    /// Where a snapshot's age comes from (see [`AgeFrom`]).
+    pub fn age_from(&self, volume: &str, snapshot: &str) -> Result<AgeFrom> {
+        let path = self.image_path(volume, snapshot)?;
+        Ok(self.age(&path)?.1)
+    }
+
+    /// The age of the snapshot whose image is `path`.
+    fn age(&self, path: &Path) -> Result<(Timestamp, AgeFrom)> {
+        let of = match self.layout {
+            Layout::ByVolume => path,
+            Layout::BySnapshot => path.parent().unwrap_or(path),
+        };
+        let age = match self.layout {
+            Layout::ByVolume => std::fs::metadata(of).and_then(|md| file_age(&md)),
+            Layout::BySnapshot => dir_age(of),
+        };
+        let (t, from) = age.map_err(|e| StoreError::io(format!("age of {}", of.display()), e))?;
+        Ok((Timestamp::from_system_time(t), from))
     }
 
     fn image_path(&self, volume: &str, snapshot: &str) -> Result<PathBuf> {
         validate_name("volume", volume)?;
         validate_name("snapshot", snapshot)?;
-        let p = self
-            .root
-            .join(volume)
-            .join(format!("{snapshot}.{IMAGE_EXT}"));
+        let p = self.layout_path(volume, snapshot);
         if !p.is_file() {
             return Err(StoreError::not_found(format!(
                 "snapshot {} ({})",
@@ -80,129 +202,180 @@ impl RawStore {
             .join(format!("{snapshot}.b3"))
     }
 
-    /// The snapshot an entry of a volume directory is, if it is one; what is wrong
-    /// with it if it looks like an image (`*.img`) but cannot be listed.
-    fn snapshot_info(
-        &self,
-        system: &str,
-        volume: &str,
-        path: &Path,
-    ) -> Result<Option<std::result::Result<SnapshotInfo, Skipped>>> {
-        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let Some(stem) = file_name
-            .as_deref()
-            .and_then(|n| n.strip_suffix(&format!(".{IMAGE_EXT}")))
-        else {
-            return Ok(None);
-        };
+    /// The snapshot name an image file name stands for: `None` when it is no image
+    /// (not `*.img`, or hidden: a download in progress, an editor's copy), an error
+    /// (why it cannot be listed) when it looks like one but names nothing valid.
+    fn image_stem(path: &Path, what: &'static str) -> Option<std::result::Result<String, Skipped>> {
+        let file_name = path.file_name()?.to_string_lossy().into_owned();
+        let stem = file_name.strip_suffix(&format!(".{IMAGE_EXT}"))?;
         if stem.starts_with('.') {
-            // Hidden files (a download in progress, an editor's copy) are not images.
-            return Ok(None);
+            return None;
         }
-        let skipped =
-            |reason: String| Ok(Some(Err(Skipped::new(path.display().to_string(), reason))));
+        let skipped = |reason: String| Some(Err(Skipped::new(path.display().to_string(), reason)));
         let Some(name) = path
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_suffix(&format!(".{IMAGE_EXT}")))
         else {
-            return skipped(
-                "the file name is not valid UTF-8, so it cannot be a snapshot name".into(),
-            );
+            return skipped(format!(
+                "the file name is not valid UTF-8, so it cannot be a {what} name"
+            ));
         };
-        if let Err(e) = validate_name("snapshot", name) {
+        if let Err(e) = validate_name(what, name) {
             return skipped(e.to_string());
         }
+        Some(Ok(name.to_string()))
+    }
+
+    /// The snapshot `volume@name` whose image is `path`, or what is wrong with it.
+    fn snapshot_info(
+        &self,
+        system: &str,
+        volume: &str,
+        name: &str,
+        path: &Path,
+    ) -> Result<std::result::Result<SnapshotInfo, Skipped>> {
         let md = std::fs::metadata(path)
             .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
         if !md.is_file() {
-            return skipped("not a regular file".into());
+            return Ok(Err(Skipped::new(
+                path.display().to_string(),
+                "not a regular file",
+            )));
         }
-        let created = Timestamp::from_system_time(
+        let mtime = Timestamp::from_system_time(
             md.modified()
                 .map_err(|e| StoreError::io(format!("mtime of {}", path.display()), e))?,
         );
-        Ok(Some(Ok(SnapshotInfo {
+        let (created, _) = self.age(path)?;
+        Ok(Ok(SnapshotInfo {
             name: name.to_string(),
-            id: SnapshotId::derive(system, volume, name, created),
+            // From the modification time, not the age: a write gives a new identity.
+            id: SnapshotId::derive(system, volume, name, mtime),
             created,
             size: md.len(),
-        })))
+        }))
+    }
+
+    /// The directories directly in the root that can be volumes (or, by snapshot,
+    /// snapshots), by name; what was left out and why.
+    fn top_dirs(&self, what: &'static str) -> Result<Listed<(String, PathBuf)>> {
+        let listing_error = |e| StoreError::io(format!("list {}", self.root.display()), e);
+        let (mut dirs, mut skipped) = (Vec::new(), Vec::new());
+        for entry in std::fs::read_dir(&self.root).map_err(listing_error)? {
+            let entry = entry.map_err(listing_error)?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !path.is_dir() {
+                if name.ends_with(&format!(".{IMAGE_EXT}")) && !name.starts_with('.') {
+                    skipped.push(Skipped::new(
+                        path.display().to_string(),
+                        match self.layout {
+                            Layout::ByVolume => "an image directly in the store directory; a raw store holds images as VOLUME/SNAPSHOT.img",
+                            Layout::BySnapshot => "an image directly in the store directory; a raw store laid out by snapshot holds images as SNAPSHOT/VOLUME.img",
+                        },
+                    ));
+                }
+                continue;
+            }
+            match entry.file_name().to_str().map(|n| validate_name(what, n)) {
+                Some(Ok(())) => dirs.push((name, path)),
+                Some(Err(e)) => {
+                    skipped.push(Skipped::new(path.display().to_string(), e.to_string()))
+                }
+                None => skipped.push(Skipped::new(
+                    path.display().to_string(),
+                    format!("the directory name is not valid UTF-8, so it cannot be a {what} name"),
+                )),
+            }
+        }
+        Ok((dirs, skipped))
+    }
+
+    /// The entries of `dir`; none when it is missing and `missing_ok`.
+    fn dir_entries(dir: &Path, missing_ok: bool) -> Result<Vec<PathBuf>> {
+        let dir_error = |e| StoreError::io(format!("list {}", dir.display()), e);
+        match std::fs::read_dir(dir) {
+            Err(e) if missing_ok && e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            files => files
+                .map_err(dir_error)?
+                .map(|f| f.map(|f| f.path()))
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(dir_error),
+        }
+    }
+
+    /// Every image as `(volume, snapshot, path)` (only `only`'s when given), and what
+    /// was left out and why.
+    fn images(&self, only: Option<&str>) -> Result<Listed<(String, String, PathBuf)>> {
+        let mut images = Vec::new();
+        match self.layout {
+            Layout::ByVolume => {
+                let (dirs, mut skipped) = match only {
+                    Some(v) => (vec![(v.to_string(), self.root.join(v))], Vec::new()),
+                    None => self.top_dirs("volume")?,
+                };
+                for (volume, dir) in dirs {
+                    for path in Self::dir_entries(&dir, only.is_some())? {
+                        match Self::image_stem(&path, "snapshot") {
+                            Some(Ok(name)) => images.push((volume.clone(), name, path)),
+                            Some(Err(s)) => skipped.push(s),
+                            None => {}
+                        }
+                    }
+                }
+                Ok((images, skipped))
+            }
+            Layout::BySnapshot => {
+                let (dirs, mut skipped) = self.top_dirs("snapshot")?;
+                for (snapshot, dir) in dirs {
+                    if let Some(v) = only {
+                        let path = dir.join(format!("{v}.{IMAGE_EXT}"));
+                        if path.exists() {
+                            images.push((v.to_string(), snapshot, path));
+                        }
+                        continue;
+                    }
+                    for path in Self::dir_entries(&dir, false)? {
+                        match Self::image_stem(&path, "volume") {
+                            Some(Ok(volume)) => images.push((volume, snapshot.clone(), path)),
+                            Some(Err(s)) => skipped.push(s),
+                            None => {}
+                        }
+                    }
+                }
+                Ok((images, skipped))
+            }
+        }
     }
 
     /// Every volume (or only `only`), and what was left out of them and why.
     fn scan(&self, only: Option<&str>) -> Result<(Vec<VolumeInfo>, Vec<Skipped>)> {
-        let system = self.system_id()?;
-        let mut volumes = Vec::new();
-        let mut skipped = Vec::new();
-        let listing_error = |e| StoreError::io(format!("list {}", self.root.display()), e);
-        let entries: Vec<_> = match only {
-            Some(volume) => {
-                validate_name("volume", volume)?;
-                vec![(volume.to_string(), self.root.join(volume))]
-            }
-            None => {
-                let mut entries = Vec::new();
-                for entry in std::fs::read_dir(&self.root).map_err(listing_error)? {
-                    let entry = entry.map_err(listing_error)?;
-                    let path = entry.path();
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if name.starts_with('.') || !path.is_dir() {
-                        if name.ends_with(&format!(".{IMAGE_EXT}")) && !name.starts_with('.') {
-                            skipped.push(Skipped::new(
-                                path.display().to_string(),
-                                "an image directly in the store directory; a raw store holds images as VOLUME/SNAPSHOT.img",
-                            ));
-                        }
-                        continue;
-                    }
-                    match entry
-                        .file_name()
-                        .to_str()
-                        .map(|n| validate_name("volume", n))
-                    {
-                        Some(Ok(())) => entries.push((name, path)),
-                        Some(Err(e)) => {
-                            skipped.push(Skipped::new(path.display().to_string(), e.to_string()))
-                        }
-                        None => skipped.push(Skipped::new(
-                            path.display().to_string(),
-                            "the directory name is not valid UTF-8, so it cannot be a volume name",
-                        )),
-                    }
-                }
-                entries
-            }
-        };
-        for (name, dir) in entries {
-            let mut snapshots = Vec::new();
-            let dir_error = |e| StoreError::io(format!("list {}", dir.display()), e);
-            let files = match std::fs::read_dir(&dir) {
-                Err(e) if only.is_some() && e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                files => files
-                    .map_err(dir_error)?
-                    .collect::<std::io::Result<Vec<_>>>()
-                    .map_err(dir_error)?,
-            };
-            for f in files {
-                match self.snapshot_info(&system, &name, &f.path())? {
-                    Some(Ok(info)) => snapshots.push(info),
-                    Some(Err(s)) => skipped.push(s),
-                    None => {}
-                }
-            }
-            if snapshots.is_empty() {
-                continue;
-            }
-            snapshots.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-            volumes.push(VolumeInfo {
-                size: snapshots.last().map_or(0, |s| s.size),
-                name,
-                snapshots,
-                origin: None,
-            });
+        if let Some(v) = only {
+            validate_name("volume", v)?;
         }
-        volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        let system = self.system_id()?;
+        let (images, mut skipped) = self.images(only)?;
+        let mut by_volume: std::collections::BTreeMap<String, Vec<SnapshotInfo>> =
+            std::collections::BTreeMap::new();
+        for (volume, name, path) in images {
+            match self.snapshot_info(&system, &volume, &name, &path)? {
+                Ok(info) => by_volume.entry(volume).or_default().push(info),
+                Err(s) => skipped.push(s),
+            }
+        }
+        let volumes = by_volume
+            .into_iter()
+            .map(|(name, mut snapshots)| {
+                snapshots.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+                VolumeInfo {
+                    size: snapshots.last().map_or(0, |s| s.size),
+                    name,
+                    snapshots,
+                    origin: None,
+                }
+            })
+            .collect();
         skipped.sort_by(|a, b| a.what.cmp(&b.what));
         Ok((volumes, skipped))
     }
@@ -307,7 +480,10 @@ impl Compare {
             next: 0,
             base,
             base_chunk: Vec::new(),
-            diff: Diff::default(),
+            diff: Diff {
+                method: DiffMethod::Hash,
+                ..Diff::default()
+            },
         }
     }
 
@@ -463,6 +639,8 @@ impl SnapshotSource for RawStore {
         Ok(vec![self.image_path(volume, snapshot)?])
     }
 
+    /// With a base on the same copy-on-write file system, from the two images' extent
+    /// maps; otherwise (or when the maps leave any doubt) by hashing.
     fn diff(&self, volume: &str, target: &str, base: Option<SnapshotRef<'_>>) -> Result<Diff> {
         let tpath = self.image_path(volume, target)?;
         let key = FileKey::of(&tpath)?;
@@ -473,12 +651,17 @@ impl SnapshotSource for RawStore {
                 return Ok(Diff {
                     data: ExtentList::from_extents([Extent::new(0, key.size)]),
                     zero: ExtentList::new(),
+                    method: DiffMethod::Full,
                 });
             }
             let mut cmp = Compare::new(key.size, None);
             self.for_each_hash(volume, target, |h| cmp.feed(h))?;
             return Ok(cmp.diff);
         };
+        let bpath = self.image_path(base.volume, base.snapshot)?;
+        if let Some(d) = shared::diff(&bpath, &tpath)? {
+            return Ok(d);
+        }
         // Both images' hashes are read in step, a chunk at a time.
         let base = self.base_hashes(base.volume, base.snapshot)?;
         let mut cmp = Compare::new(key.size, Some(base));

@@ -384,6 +384,7 @@ impl SnapshotSource for RemoteStore {
         Ok(Diff {
             data: d.data,
             zero: d.zero,
+            method: d.method,
         })
     }
 

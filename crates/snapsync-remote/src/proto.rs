@@ -77,6 +77,9 @@ pub struct DiffResponse {
     pub data: ExtentList,
     /// Changed to zero.
     pub zero: ExtentList,
+    /// How the served store found it (absent from older servers: metadata).
+    #[serde(default)]
+    pub method: snapsync_store::DiffMethod,
 }
 
 /// Answer to `estimate_diff`.

@@ -453,6 +453,7 @@ async fn diff(req: Request<Incoming>, store: Arc<dyn ServedStore>) -> Result<Res
     Ok(json_ok(&DiffResponse {
         data: d.data,
         zero: d.zero,
+        method: d.method,
     }))
 }
 

@@ -94,6 +94,42 @@ pub struct Diff {
     pub data: ExtentList,
     /// Ranges that changed and now read as zeros: nothing to read or send.
     pub zero: ExtentList,
+    /// How the source found these ranges; reported, never acted on.
+    pub method: DiffMethod,
+}
+
+/// How a source found a [`Diff`], for reports (`"diff_method"` in `replicate --json`):
+/// it tells an operator why an incremental read what it read. Only informative: the
+/// engine treats every diff alike.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiffMethod {
+    /// From the store's own metadata (a repository's block lists, qcow2 tables): the
+    /// default, for stores whose diff never reads data.
+    #[default]
+    Metadata,
+    /// From the file system's extent maps of two images sharing extents (FIEMAP).
+    Extents,
+    /// By hashing (or comparing) blocks of both images.
+    Hash,
+    /// No base, nothing known: everything is reported.
+    Full,
+    /// From a running VM's dirty bitmaps (QEMU checkpoints).
+    Bitmap,
+}
+
+impl DiffMethod {
+    /// The name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiffMethod::Metadata => "metadata",
+            DiffMethod::Extents => "extents",
+            DiffMethod::Hash => "hash",
+            DiffMethod::Full => "full",
+            DiffMethod::Bitmap => "bitmap",
+        }
+    }
 }
 
 impl Diff {
