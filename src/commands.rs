@@ -279,6 +279,10 @@ pub fn replicate(
             let name = snapshot.unwrap_or_else(|| checkpoint_name(now));
             q.set_keep_checkpoints(keep_checkpoints);
             q.take_checkpoints(&volumes, &name, now)?;
+            // Ctrl-C or SIGTERM ends the reading; the run then fails through its error
+            // path, which removes what it added to the VM.
+            let interrupter = q.interrupter();
+            crate::signals::on_interrupt(move || interrupter.interrupt())?;
             Some(name)
         }
         _ => snapshot,

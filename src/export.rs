@@ -45,7 +45,10 @@ pub fn run(a: ExportArgs) -> Result<ExitCode> {
     let export = SnapshotExport::open(store.source(), target.volume, target.snapshot, cache_bytes)
         .with_context(|| format!("cannot export {} of {}", a.target, a.store))?;
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signals(stop.clone())?;
+    {
+        let stop = stop.clone();
+        crate::signals::on_interrupt(move || stop.store(true, Ordering::Relaxed))?;
+    }
     let options = ServerOptions::new(name.clone())
         .with_description(format!("{} of {}", a.target, store.source().location()))
         .with_tls(tls.clone());
@@ -99,34 +102,6 @@ fn describe(l: &Listener) -> String {
             .unwrap_or_else(|_| "?".into()),
         Listener::Unix(_, path) => format!("unix:{}", path.display()),
     }
-}
-
-/// `stop` is set on SIGINT or SIGTERM (the server then closes every connection).
-fn stop_on_signals(stop: Arc<AtomicBool>) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal watcher")?;
-    std::thread::Builder::new()
-        .name("snapsync-signals".into())
-        .spawn(move || {
-            runtime.block_on(async {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut int), Ok(mut term)) = (
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::terminate()),
-                ) else {
-                    return;
-                };
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            });
-            stop.store(true, Ordering::Relaxed);
-        })
-        .context("cannot start the signal watcher")?;
-    Ok(())
 }
 
 /// A size in bytes: a number with an optional K, M, G (powers of 1024, also KiB...).

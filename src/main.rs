@@ -12,6 +12,7 @@ mod demo;
 mod export;
 mod progress;
 mod serve;
+mod signals;
 mod stores;
 
 use std::process::ExitCode;

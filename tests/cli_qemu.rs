@@ -501,3 +501,113 @@ fn a_killed_replication_is_cleaned_up_by_the_next_run() {
     ok(&["restore", &repo, "disk0@c2", out.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == disk);
 }
+
+#[test]
+fn ctrl_c_ends_a_replication_and_removes_what_it_added() {
+    let big = 384 << 20;
+    let disk = random(39, big);
+    let vm = start_vm(&disk);
+    let before = vm_state(&vm);
+    let repo = init_repo(vm.dir.path(), &[]);
+    let child = bin()
+        .args(["replicate", &vm.url(), &repo, "--snapshot", "c1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let scratch = std::env::temp_dir().join(format!(
+        "snapsync-qemu{}",
+        std::fs::canonicalize(&vm.qmp)
+            .unwrap()
+            .display()
+            .to_string()
+            .replace('/', "_")
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(&scratch)
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+        })
+        .unwrap_or(false)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the run never froze its checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(vm_state(&vm), before, "Ctrl-C left something in the VM");
+    assert!(
+        ok(&["list", &repo]).contains("no volumes"),
+        "nothing committed"
+    );
+}
+
+#[test]
+fn without_an_nbd_server_snapsync_starts_one_and_stops_it() {
+    let disk = random(40, SIZE);
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("initial.raw");
+    std::fs::write(&raw, &disk).unwrap();
+    let image = dir.path().join("disk.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    let qmp = dir.path().join("qmp.sock");
+    let mut child = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+                image.display()
+            ),
+            "--chardev",
+            &format!("socket,path={},server=on,wait=off,id=qmp", qmp.display()),
+            "--monitor",
+            "chardev=qmp",
+        ])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !qmp.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let repo = init_repo(dir.path(), &[]);
+    let url = format!("qemu://{}", qmp.display());
+    let r = replicate_json(&[&url, &repo, "--snapshot", "c1"]);
+    assert_eq!(r.len(), 1);
+    let out = dir.path().join("c1.out");
+    ok(&["restore", &repo, "disk0@c1", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == disk);
+    // The server it started is gone: starting one now succeeds.
+    let mut q = snapsync_qemu::Qmp::connect(&qmp).unwrap();
+    let sock = dir.path().join("again.sock");
+    q.execute(
+        "nbd-server-start",
+        serde_json::json!({"addr": {"type": "unix", "data": {"path": sock.display().to_string()}}}),
+    )
+    .expect("snapsync left its NBD server running");
+    drop(q);
+    let _ = child.kill();
+    let _ = child.wait();
+}

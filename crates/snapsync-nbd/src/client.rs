@@ -89,7 +89,20 @@ pub struct Status {
 impl Client {
     /// Connect to a unix socket and open `export`, selecting `contexts`.
     pub fn connect_unix(path: &Path, export: &str, contexts: &[&str]) -> Result<Self, NbdError> {
+        Self::connect_unix_with(path, export, contexts, |_| {})
+    }
+
+    /// [`Client::connect_unix`], handing `keep` a clone of the socket first: shutting
+    /// that clone down makes every call of this client fail at once (how a run is
+    /// interrupted).
+    pub fn connect_unix_with(
+        path: &Path,
+        export: &str,
+        contexts: &[&str],
+        keep: impl FnOnce(std::os::unix::net::UnixStream),
+    ) -> Result<Self, NbdError> {
         let s = std::os::unix::net::UnixStream::connect(path)?;
+        keep(s.try_clone()?);
         Self::negotiate(Box::new(s), export, contexts)
     }
 

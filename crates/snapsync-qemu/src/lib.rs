@@ -12,4 +12,4 @@ pub mod source;
 
 pub use checkpoint::{nodes, Checkpoint, Frozen, Node, Session};
 pub use qmp::{Qmp, QmpError};
-pub use source::{QemuOptions, QemuSource, DEFAULT_KEEP_CHECKPOINTS};
+pub use source::{Interrupter, QemuOptions, QemuSource, DEFAULT_KEEP_CHECKPOINTS};

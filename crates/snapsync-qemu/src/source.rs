@@ -70,6 +70,52 @@ struct Taken {
     socket: PathBuf,
 }
 
+/// Interrupts a running replication from another thread (a signal handler's): every
+/// NBD connection of the source is shut down, so its reads fail at once and the run
+/// ends through its error path, which removes what it added to the VM.
+#[derive(Clone, Debug, Default)]
+pub struct Interrupter(std::sync::Arc<Mutex<InterruptState>>);
+
+#[derive(Debug, Default)]
+struct InterruptState {
+    interrupted: bool,
+    sockets: Vec<std::os::unix::net::UnixStream>,
+}
+
+impl Interrupter {
+    /// Interrupt: shut every connection down, and refuse new ones.
+    pub fn interrupt(&self) {
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        st.interrupted = true;
+        for s in st.sockets.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.0.lock().unwrap_or_else(|p| p.into_inner()).interrupted {
+            return Err(StoreError::Conflict {
+                what: "the replication was interrupted".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn keep(&self, socket: std::os::unix::net::UnixStream) {
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if st.interrupted {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        } else {
+            st.sockets.push(socket);
+        }
+    }
+
+    fn connect(&self, socket: &Path, export: &str, contexts: &[&str]) -> Result<Client> {
+        self.check()?;
+        Client::connect_unix_with(socket, export, contexts, |s| self.keep(s)).map_err(nbd_err)
+    }
+}
+
 /// A running QEMU's disks.
 #[derive(Debug)]
 pub struct QemuSource {
@@ -79,6 +125,7 @@ pub struct QemuSource {
     session: Mutex<Option<Session>>,
     nodes: Vec<Node>,
     taken: HashMap<String, Taken>,
+    interrupter: Interrupter,
 }
 
 fn qmp_err(e: QmpError) -> StoreError {
@@ -118,6 +165,7 @@ impl QemuSource {
             session: Mutex::new(Some(session)),
             nodes,
             taken: HashMap::new(),
+            interrupter: Interrupter::default(),
         })
     }
 
@@ -178,6 +226,11 @@ impl QemuSource {
             );
         }
         Ok(())
+    }
+
+    /// A handle that interrupts this source's reads from another thread.
+    pub fn interrupter(&self) -> Interrupter {
+        self.interrupter.clone()
     }
 
     /// Keep only the newest `keep` checkpoints per disk when finishing (at least 1: the
@@ -287,8 +340,9 @@ impl SnapshotSource for QemuSource {
         if let Some(c) = &contexts {
             wanted.extend(c.iter().map(String::as_str));
         }
-        let mut client =
-            Client::connect_unix(&taken.socket, &taken.export, &wanted).map_err(nbd_err)?;
+        let mut client = self
+            .interrupter
+            .connect(&taken.socket, &taken.export, &wanted)?;
         let mut data = ExtentList::new();
         let mut zero = ExtentList::new();
         match &contexts {
@@ -342,10 +396,13 @@ impl SnapshotSource for QemuSource {
 
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Box<dyn SnapshotReader + '_>> {
         let taken = self.taken(volume, snapshot)?;
-        let client = Client::connect_unix(&taken.socket, &taken.export, &[]).map_err(nbd_err)?;
+        let client = self
+            .interrupter
+            .connect(&taken.socket, &taken.export, &[])?;
         Ok(Box::new(NbdReader {
             client,
             size: taken.info.size,
+            interrupter: self.interrupter.clone(),
         }))
     }
 }
@@ -354,6 +411,8 @@ impl SnapshotSource for QemuSource {
 struct NbdReader {
     client: Client,
     size: u64,
+    /// Why a read failed, when it failed because the run was interrupted.
+    interrupter: Interrupter,
 }
 
 /// The largest read sent as one request (QEMU's limit is 32 MiB).
@@ -369,6 +428,12 @@ impl SnapshotReader for NbdReader {
             .enumerate()
             .map(|(i, b)| (offset + (i * MAX_READ) as u64, b))
             .collect();
-        self.client.read_many(&mut pieces).map_err(nbd_err)
+        match self.client.read_many(&mut pieces) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.interrupter.check()?;
+                Err(nbd_err(e))
+            }
+        }
     }
 }
