@@ -356,6 +356,36 @@ fn an_inconsistent_bitmap_after_a_crash_is_never_trusted() {
 
 /// What snapsync may leave in the VM: exports and named nodes (its checkpoints'
 /// bitmaps are meant to stay).
+/// Wait until a run has frozen its checkpoint (its fleecing overlay exists in the VM's
+/// scratch directory: QMP takes one client at a time, and the run holds it).
+fn wait_for_frozen_checkpoint(vm: &Vm) {
+    let scratch = std::env::temp_dir().join(format!(
+        "snapsync-qemu{}",
+        std::fs::canonicalize(&vm.qmp)
+            .unwrap()
+            .display()
+            .to_string()
+            .replace('/', "_")
+    ));
+    let frozen = || {
+        std::fs::read_dir(&scratch)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+            })
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !frozen() {
+        assert!(
+            Instant::now() < deadline,
+            "the run never froze its checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+}
+
 fn vm_state(vm: &Vm) -> (Vec<String>, Vec<String>) {
     let mut q = snapsync_qemu::Qmp::connect(&vm.qmp).unwrap();
     let exports = q
@@ -462,33 +492,7 @@ fn a_killed_replication_is_cleaned_up_by_the_next_run() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait until the checkpoint's fleecing overlay exists (QMP takes one client at a
-    // time, and the run holds it), then kill -9.
-    let scratch = std::env::temp_dir().join(format!(
-        "snapsync-qemu{}",
-        std::fs::canonicalize(&vm.qmp)
-            .unwrap()
-            .display()
-            .to_string()
-            .replace('/', "_")
-    ));
-    let overlay_exists = || {
-        std::fs::read_dir(&scratch)
-            .map(|d| {
-                d.flatten()
-                    .any(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
-            })
-            .unwrap_or(false)
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !overlay_exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the run never froze its checkpoint"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(100));
+    wait_for_frozen_checkpoint(&vm);
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), None, "the run ended before it was killed");
@@ -515,29 +519,7 @@ fn ctrl_c_ends_a_replication_and_removes_what_it_added() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let scratch = std::env::temp_dir().join(format!(
-        "snapsync-qemu{}",
-        std::fs::canonicalize(&vm.qmp)
-            .unwrap()
-            .display()
-            .to_string()
-            .replace('/', "_")
-    ));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_dir(&scratch)
-        .map(|d| {
-            d.flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
-        })
-        .unwrap_or(false)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the run never froze its checkpoint"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(100));
+    wait_for_frozen_checkpoint(&vm);
     let pid = child.id().to_string();
     assert!(Command::new("kill")
         .args(["-INT", &pid])
