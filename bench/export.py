@@ -23,28 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def parse_size(s: str) -> int:
-    units = {"": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20,
-             "G": 1 << 30, "GIB": 1 << 30}
-    s = s.strip().upper()
-    num = "".join(c for c in s if c.isdigit())
-    return int(num) * units[s[len(num):]]
-
-
-def drop_caches() -> None:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
-
-
-def timed(cmd: list[str]) -> float:
-    drop_caches()
-    t = time.monotonic()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.monotonic() - t
+from side_by_side import parse_size, timed
 
 
 def vm_hwm(pid: int) -> int:
@@ -81,14 +60,14 @@ def main() -> None:
         subprocess.run([s, "replicate", f"raw:{work / 'images'}", str(repo)], check=True,
                        stdout=subprocess.DEVNULL)
 
-        restore_t = timed([s, "restore", str(repo), "vm@s1", str(work / "restored.raw")])
+        restore_t, _ = timed([s, "restore", str(repo), "vm@s1", str(work / "restored.raw")])
 
         sock = work / "nbd.sock"
         export = subprocess.Popen([s, "export", str(repo), "vm@s1", "--listen", f"unix:{sock}"],
                                   stdout=subprocess.PIPE, text=True)
         export.stdout.readline()
         url = f"nbd+unix:///vm@s1?socket={sock}"
-        convert_t = timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", url,
+        convert_t, _ = timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", url,
                            str(work / "converted.raw")])
         same = subprocess.run(["cmp", "-s", str(work / "restored.raw"),
                                str(work / "converted.raw")]).returncode == 0
@@ -98,7 +77,7 @@ def main() -> None:
         cmds = []
         for _ in range(a.random_reads):
             cmds += ["-c", f"read {rng.randrange(blocks) * 4096} 4096"]
-        rand_t = timed(["qemu-io", "-r", "-f", "raw", *cmds, url])
+        rand_t, _ = timed(["qemu-io", "-r", "-f", "raw", *cmds, url])
         hwm = vm_hwm(export.pid)
         export.terminate()
         export.wait(timeout=30)

@@ -25,30 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from side_by_side import parse_size, timed
+
 BLOCK = 65536
-
-
-def parse_size(s: str) -> int:
-    units = {"": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20,
-             "G": 1 << 30, "GIB": 1 << 30}
-    s = s.strip().upper()
-    num = "".join(c for c in s if c.isdigit())
-    return int(num) * units[s[len(num):]]
-
-
-def drop_caches() -> None:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
-
-
-def timed(cmd, **kw):
-    drop_caches()
-    t = time.monotonic()
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, **kw)
-    return time.monotonic() - t, out.stdout
 
 
 def main() -> None:

@@ -25,16 +25,20 @@ struct ExportProc {
 
 impl ExportProc {
     fn start(store: &str, target: &str, socket: &Path, env: &[(String, String)]) -> Self {
+        let listen = format!("unix:{}", socket.display());
+        let (mut export, _) = Self::spawn(
+            &[store, target, "--listen", &listen, "--cache-size", "8MiB"],
+            env,
+        );
+        export.socket = socket.to_path_buf();
+        export
+    }
+
+    /// `snapsync export ARGS...`, once it says it is ready; that line too.
+    fn spawn(args: &[&str], env: &[(String, String)]) -> (Self, String) {
         let mut child = bin()
-            .args([
-                "export",
-                store,
-                target,
-                "--listen",
-                &format!("unix:{}", socket.display()),
-                "--cache-size",
-                "8MiB",
-            ])
+            .arg("export")
+            .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -45,10 +49,11 @@ impl ExportProc {
             .read_line(&mut line)
             .unwrap();
         assert!(line.contains("exporting"), "export did not start: {line:?}");
-        Self {
+        let export = Self {
             child,
-            socket: socket.to_path_buf(),
-        }
+            socket: PathBuf::new(),
+        };
+        (export, line)
     }
 
     fn url(&self, name: &str) -> String {
@@ -472,9 +477,8 @@ fn a_tls_export_serves_qemu_with_x509_credentials_and_refuses_plain_clients() {
     std::fs::write(&cert_pem, leaf.pem()).unwrap();
     std::fs::write(&key_pem, key.serialize_pem()).unwrap();
 
-    let mut child = bin()
-        .args([
-            "export",
+    let (export, line) = ExportProc::spawn(
+        &[
             &repo,
             "vm@s1",
             "--listen",
@@ -483,15 +487,9 @@ fn a_tls_export_serves_qemu_with_x509_credentials_and_refuses_plain_clients() {
             cert_pem.to_str().unwrap(),
             "--tls-key",
             key_pem.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+        ],
+        &[],
+    );
     assert!(line.contains("(TLS)"), "{line}");
     let port = line
         .split(" on 127.0.0.1:")
@@ -499,10 +497,6 @@ fn a_tls_export_serves_qemu_with_x509_credentials_and_refuses_plain_clients() {
         .and_then(|r| r.split(' ').next())
         .unwrap()
         .to_string();
-    let export = ExportProc {
-        child,
-        socket: PathBuf::new(),
-    };
     let out = dir.path().join("tls.raw");
     qemu_img(&[
         "convert",

@@ -478,21 +478,27 @@ fn a_raw_disk_replicates_incrementally_and_a_restart_means_a_full_read() {
     assert!(std::fs::read(&out).unwrap() == disk);
 }
 
-#[test]
-fn a_killed_replication_is_cleaned_up_by_the_next_run() {
-    // Large enough that the run is still reading when it is killed.
-    let big = 384 << 20;
-    let disk = random(38, big);
+/// A replication of a disk large enough to be killed while it reads: the VM, its disk,
+/// the repository, the VM's state before, and the running `snapsync replicate`, once it
+/// has frozen its checkpoint.
+fn replication_in_flight(seed: u64) -> (Vm, Vec<u8>, String, (Vec<String>, Vec<String>), Child) {
+    let disk = random(seed, 384 << 20);
     let vm = start_vm(&disk);
     let before = vm_state(&vm);
     let repo = init_repo(vm.dir.path(), &[]);
-    let mut child = bin()
+    let child = bin()
         .args(["replicate", &vm.url(), &repo, "--snapshot", "c1"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_for_frozen_checkpoint(&vm);
+    (vm, disk, repo, before, child)
+}
+
+#[test]
+fn a_killed_replication_is_cleaned_up_by_the_next_run() {
+    let (vm, disk, repo, before, mut child) = replication_in_flight(38);
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), None, "the run ended before it was killed");
@@ -508,18 +514,7 @@ fn a_killed_replication_is_cleaned_up_by_the_next_run() {
 
 #[test]
 fn ctrl_c_ends_a_replication_and_removes_what_it_added() {
-    let big = 384 << 20;
-    let disk = random(39, big);
-    let vm = start_vm(&disk);
-    let before = vm_state(&vm);
-    let repo = init_repo(vm.dir.path(), &[]);
-    let child = bin()
-        .args(["replicate", &vm.url(), &repo, "--snapshot", "c1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_frozen_checkpoint(&vm);
+    let (vm, _, repo, before, child) = replication_in_flight(39);
     let pid = child.id().to_string();
     assert!(Command::new("kill")
         .args(["-INT", &pid])
