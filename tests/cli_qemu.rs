@@ -478,10 +478,18 @@ fn a_raw_disk_replicates_incrementally_and_a_restart_means_a_full_read() {
     assert!(std::fs::read(&out).unwrap() == disk);
 }
 
-/// A replication of a disk large enough to be killed while it reads: the VM, its disk,
-/// the repository, the VM's state before, and the running `snapsync replicate`, once it
-/// has frozen its checkpoint.
-fn replication_in_flight(seed: u64) -> (Vm, Vec<u8>, String, (Vec<String>, Vec<String>), Child) {
+/// A replication of a disk large enough to be killed while it reads.
+struct InFlight {
+    vm: Vm,
+    disk: Vec<u8>,
+    repo: String,
+    /// The VM's exports and nodes before the run.
+    before: (Vec<String>, Vec<String>),
+    /// `snapsync replicate`, once it has frozen its checkpoint.
+    child: Child,
+}
+
+fn replication_in_flight(seed: u64) -> InFlight {
     let disk = random(seed, 384 << 20);
     let vm = start_vm(&disk);
     let before = vm_state(&vm);
@@ -493,12 +501,24 @@ fn replication_in_flight(seed: u64) -> (Vm, Vec<u8>, String, (Vec<String>, Vec<S
         .spawn()
         .unwrap();
     wait_for_frozen_checkpoint(&vm);
-    (vm, disk, repo, before, child)
+    InFlight {
+        vm,
+        disk,
+        repo,
+        before,
+        child,
+    }
 }
 
 #[test]
 fn a_killed_replication_is_cleaned_up_by_the_next_run() {
-    let (vm, disk, repo, before, mut child) = replication_in_flight(38);
+    let InFlight {
+        vm,
+        disk,
+        repo,
+        before,
+        mut child,
+    } = replication_in_flight(38);
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), None, "the run ended before it was killed");
@@ -514,7 +534,13 @@ fn a_killed_replication_is_cleaned_up_by_the_next_run() {
 
 #[test]
 fn ctrl_c_ends_a_replication_and_removes_what_it_added() {
-    let (vm, _, repo, before, child) = replication_in_flight(39);
+    let InFlight {
+        vm,
+        repo,
+        before,
+        child,
+        ..
+    } = replication_in_flight(39);
     let pid = child.id().to_string();
     assert!(Command::new("kill")
         .args(["-INT", &pid])
