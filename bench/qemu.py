@@ -87,6 +87,30 @@ def main() -> None:
         if shutil.which("b3sum"):
             b3_t, _ = timed(["b3sum", str(img)])
 
+        # What the guest sees: 4 KiB writes every 5 ms, alone and then through a whole
+        # replication (c3), each write's latency from qemu-io's own timing. No cache
+        # drop here: its sync would stall the writes and be counted against snapsync.
+        def guest_writes(during=None):
+            wcmds = []
+            for _ in range(400):
+                wcmds += ["-c", f"write -P 9 {rng.randrange(blocks) * BLOCK} 4096",
+                          "-c", "sleep 5"]
+            writer = subprocess.Popen(["qemu-io", "-f", "raw", *wcmds, export],
+                                      stdout=subprocess.PIPE, text=True)
+            took = None
+            if during:
+                time.sleep(0.2)
+                t = time.monotonic()
+                subprocess.run(during, check=True, stdout=subprocess.DEVNULL)
+                took = time.monotonic() - t
+            wout, _ = writer.communicate()
+            lat = sorted(1000.0 / float(line.rsplit(" and ", 1)[1].split()[0])
+                         for line in wout.splitlines() if "ops/sec" in line)
+            return lat, took
+
+        alone, _ = guest_writes()
+        lat, c3_t = guest_writes([s, "replicate", url, str(repo), "--snapshot", "c3"])
+
         mib = a.size / (1 << 20)
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()}")
         print(f"disk {mib:.0f} MiB qcow2, {n} scattered 64 KiB blocks written ({a.changed}%)")
@@ -96,6 +120,11 @@ def main() -> None:
               f" (base {report['base']})")
         print(f"qemu-img convert of the whole export   {convert_t:7.2f} s"
               f"  = {convert_t / incr_t:.1f}x the incremental's time")
+        if lat and alone:
+            print(f"guest 4 KiB writes alone:            median {alone[len(alone) // 2]:.2f} ms,"
+                  f" max {alone[-1]:.2f} ms ({len(alone)} writes)")
+            print(f"... during a {c3_t:.2f} s replication:   median {lat[len(lat) // 2]:.2f} ms,"
+                  f" max {lat[-1]:.2f} ms ({len(lat)} writes)")
         if b3_t is not None:
             print(f"b3sum of the image file                {b3_t:7.2f} s"
                   f"  = {b3_t / incr_t:.1f}x the incremental's time")
