@@ -415,8 +415,11 @@ struct NbdReader {
     interrupter: Interrupter,
 }
 
-/// The largest read sent as one request (QEMU's limit is 32 MiB).
-const MAX_READ: usize = 8 << 20;
+/// The largest read sent as one request (QEMU's limit is 32 MiB). An engine batch is cut
+/// into requests of this size, up to 16 in flight, which QEMU's NBD server answers in
+/// parallel: measured on a 512 MiB full replication (dev build), 1 MiB pieces took
+/// 1.15-1.46 s where whole 8 MiB requests took 1.54-1.57 s.
+const MAX_READ: usize = 1 << 20;
 
 impl SnapshotReader for NbdReader {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
