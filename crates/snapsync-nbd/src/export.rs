@@ -97,17 +97,7 @@ impl<'s> SnapshotExport<'s> {
         snapshot: &str,
         cache_bytes: u64,
     ) -> Result<Self, StoreError> {
-        let info = source
-            .volume(volume)?
-            .snapshot(snapshot)
-            .cloned()
-            .ok_or_else(|| {
-                StoreError::not_found(format!(
-                    "snapshot {} in {}",
-                    snapsync_core::quote_snapshot(volume, snapshot),
-                    source.location()
-                ))
-            })?;
+        let info = source.snapshot_info(volume, snapshot)?;
         let allocation = source.diff(volume, snapshot, None)?;
         let runs = allocation_runs(
             info.size,

@@ -767,17 +767,7 @@ pub fn restore_qcow2(
     cluster_size: u64,
     progress: &dyn Progress,
 ) -> Result<Qcow2RestoreStats> {
-    let info = source
-        .volume(volume)?
-        .snapshot(snapshot)
-        .cloned()
-        .ok_or_else(|| {
-            StoreError::not_found(format!(
-                "snapshot {} in {}",
-                snapsync_core::quote_snapshot(volume, snapshot),
-                source.location()
-            ))
-        })?;
+    let info = source.snapshot_info(volume, snapshot)?;
     let diff = source.diff(volume, snapshot, None)?;
     let mut reader = source.open_snapshot(volume, snapshot)?;
     let out_err = |e: Qcow2Error| match e {

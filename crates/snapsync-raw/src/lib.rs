@@ -228,7 +228,7 @@ impl RawStore {
     }
 
     /// The snapshot `volume@name` whose image is `path`, or what is wrong with it.
-    fn snapshot_info(
+    fn listed_snapshot(
         &self,
         system: &str,
         volume: &str,
@@ -359,7 +359,7 @@ impl RawStore {
         let mut by_volume: std::collections::BTreeMap<String, Vec<SnapshotInfo>> =
             std::collections::BTreeMap::new();
         for (volume, name, path) in images {
-            match self.snapshot_info(&system, &volume, &name, &path)? {
+            match self.listed_snapshot(&system, &volume, &name, &path)? {
                 Ok(info) => by_volume.entry(volume).or_default().push(info),
                 Err(s) => skipped.push(s),
             }

@@ -62,6 +62,20 @@ pub trait Store: Send + Sync {
                 what: format!("volume {volume:?} in {}", self.location()),
             })
     }
+
+    /// One snapshot's identity, age and size; `NotFound` naming it when it is not there.
+    fn snapshot_info(&self, volume: &str, snapshot: &str) -> Result<SnapshotInfo> {
+        self.volume(volume)?
+            .snapshot(snapshot)
+            .cloned()
+            .ok_or_else(|| {
+                StoreError::not_found(format!(
+                    "snapshot {} in {}",
+                    snapsync_core::quote_snapshot(volume, snapshot),
+                    self.location()
+                ))
+            })
+    }
 }
 
 /// Something a store found but could not list as a volume or snapshot.
