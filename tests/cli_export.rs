@@ -44,10 +44,7 @@ impl ExportProc {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let line = ready_line(&mut child);
         assert!(line.contains("exporting"), "export did not start: {line:?}");
         let export = Self {
             child,
@@ -249,10 +246,7 @@ fn a_remote_store_exports_what_restore_writes() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = ready_line(&mut server);
     let addr = line
         .trim()
         .rsplit_once(" on ")

@@ -92,10 +92,7 @@ fn start_server_env(args: &[String], port: u16, env: &[(&str, &str)]) -> ServerP
             sink.lock().unwrap().push(line);
         }
     });
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = ready_line(&mut child);
     assert!(line.contains("serving"), "server did not start: {line:?}");
     let port = line
         .trim()

@@ -5,7 +5,7 @@ pub mod s3;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, UNIX_EPOCH};
 
 pub const MIB: usize = 1 << 20;
@@ -184,4 +184,15 @@ pub fn qemu_raw(img: &Path, snapshot: Option<&str>, size: u64) -> Vec<u8> {
     std::fs::remove_file(&out).unwrap();
     v.resize(size as usize, 0);
     v
+}
+
+/// The first line a spawned snapsync prints on stdout (its "ready" line: `serve` and
+/// `export` print one when they listen).
+pub fn ready_line(child: &mut Child) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .unwrap();
+    line
 }
