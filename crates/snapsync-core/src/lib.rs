@@ -9,6 +9,7 @@
 //! - [`time`]: snapshot ages ([`Timestamp`]).
 //! - [`extent`]: byte ranges and their algebra ([`ExtentList`]).
 //! - [`blockmap`]: a snapshot's content as a map of blocks, and deltas between maps.
+//! - [`chain`]: which manifest a new delta is stored against (chains of log length).
 //! - [`blockplan`]: which blocks of a diff a destination is sent, read or known zero.
 //! - [`codec`]: block compression, the one policy for packs and the wire.
 //! - [`snapshot`]: what stores list (volumes, snapshots) and what destinations remember (hints).
@@ -18,6 +19,7 @@
 
 pub mod blockmap;
 pub mod blockplan;
+pub mod chain;
 pub mod codec;
 pub mod extent;
 pub mod ids;

@@ -5,8 +5,8 @@
 //! changed, not what the volume holds: a full map lists every data block of its
 //! snapshot (about 40 bytes each decoded, 640 MiB for 1 TiB).
 //!
-//! Snapshots of a volume are deltas on their neighbours, down to a full map every
-//! [`crate::CHECKPOINT_INTERVAL`] manifests. Two snapshots whose chains meet in a shared
+//! Snapshots of a volume are deltas on older snapshots, down to a full map (see
+//! [`snapsync_core::chain`]). Two snapshots whose chains meet in a shared
 //! manifest (one is the other's ancestor, an older snapshot inserted before a younger
 //! one, a clone and its origin) differ only where the manifests above the meeting point
 //! list entries, or cut the volume shorter. So [`Repository::diff_snapshots`] walks both
@@ -18,7 +18,10 @@
 //! - the rest (a block rewritten to something else since, maybe back to what it was; a
 //!   range a shrink cut) are looked up in the meeting point's chain, in one pass in
 //!   index order. The diff stays exact, which base selection needs: a snapshot that went
-//!   back to an older one's content must find that one the nearest.
+//!   back to an older one's content must find that one the nearest. (A delta written
+//!   from received blocks may list a block the sender sent unchanged, which the commit
+//!   does not look up below: such a block can show in a diff as changed, which costs
+//!   its read and never correctness.)
 //!
 //! Usually (each block changed once between the two snapshots) nothing is looked up, and
 //! the shared part of the chains, full maps included, is never read.
@@ -210,18 +213,25 @@ impl Repository {
                     met: true,
                 });
             }
-            // A manifest at depth 1 rests on a full map, which the walk leaves unread
-            // (depth is a hint: a wrong one costs time, never correctness).
-            if manifests.last().is_some_and(|m| m.head.header.depth <= 1) {
+            // A version-1 manifest at depth 1 rests on a full map, which the walk leaves
+            // unread (depth is a hint: a wrong one costs time, never correctness).
+            if manifests
+                .last()
+                .is_some_and(|m| m.is_v1() && m.head.header.depth <= 1)
+            {
                 break;
             }
-            if manifests.len() > crate::CHECKPOINT_INTERVAL as usize * 4 + 1 {
+            if manifests.len() > crate::MAX_CHAIN_LEN * 4 {
                 return Err(StoreError::corrupt(
                     self.describe(&key_manifest(start)),
                     "delta chain is too long or cyclic",
                 ));
             }
             let m = self.check_manifest(&id)?;
+            if !m.is_v1() && m.head.header.delta_base.is_none() {
+                // A full map (version 2: only its head was read, not its parts).
+                break;
+            }
             next = m.head.header.delta_base;
             manifests.push(m);
         }
@@ -323,7 +333,7 @@ mod tests {
                     block_size: BS,
                     delta_base,
                     depth,
-                    root: map.root_hash(),
+                    root: None,
                     packs: vec![],
                 },
                 delta,
@@ -434,8 +444,9 @@ mod tests {
         }
     }
 
-    /// The manifests a diff reads: the full map under a chain is not among them (it is
-    /// removed here, and the diff still works; reading the whole snapshot does not).
+    /// The manifests a diff reads: the full map under a chain is not among them (its
+    /// parts are removed here, and the diff still works; reading the whole snapshot
+    /// does not).
     #[test]
     fn a_diff_along_a_chain_never_reads_its_full_map() {
         let dir = tempfile::tempdir().unwrap();
@@ -454,7 +465,14 @@ mod tests {
             let node = put(&repo, map, Some(prev), k as i64);
             nodes.push(node);
         }
-        std::fs::remove_file(root.join(key_manifest(&nodes[0].side.manifest))).unwrap();
+        for part in repo
+            .check_manifest(&nodes[0].side.manifest)
+            .unwrap()
+            .head
+            .parts
+        {
+            std::fs::remove_file(root.join(crate::repo::key_part(&part.id))).unwrap();
+        }
         let repo = Repository::open(Location::Local(root)).unwrap();
         for (t, b) in [(4, 1), (1, 4), (4, 0), (2, 3)] {
             let (t, b) = (&nodes[t], &nodes[b]);

@@ -1,11 +1,11 @@
-//! The on-disk (on-object) format, version 1. `docs/FORMAT.md` is the prose version of
-//! this file; the two must agree.
+//! The on-disk (on-object) format, version 2 (reads version 1). `docs/FORMAT.md` is the
+//! prose version of this file; the two must agree.
 //!
 //! Every metadata object is wrapped in an [`envelope`](encode_envelope):
 //!
 //! ```text
 //! magic    8 bytes  one of the MAGIC_* constants, fixed forever
-//! version  u32 LE   format version of this object (1)
+//! version  u32 LE   format version of this object (1 or 2)
 //! length   u64 LE   payload length
 //! payload  length bytes
 //! check    32 bytes BLAKE3 of all the bytes before
@@ -19,8 +19,12 @@ use serde::{Deserialize, Serialize};
 use snapsync_core::{BlockId, BlockRef, Delta, Hint, Origin, SnapshotId, Timestamp};
 use snapsync_store::{Result, StoreError};
 
-/// The repository format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The repository format version this code writes. Version 2 changed only the manifest
+/// (a part table, large maps split into part objects); every other object is laid out as
+/// in version 1 and carries the version it was written with.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this code reads (and extends).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 
 /// Magic of the repository configuration object.
 pub const MAGIC_CONFIG: &[u8; 8] = b"SNSYCONF";
@@ -32,6 +36,14 @@ pub const MAGIC_MANIFEST: &[u8; 8] = b"SNSYMANI";
 pub const MAGIC_CATALOG: &[u8; 8] = b"SNSYCATL";
 /// Magic at the start of a pack file.
 pub const MAGIC_PACK: &[u8; 8] = b"SNSYPACK";
+/// Magic of one part of a large manifest's entries (version 2).
+pub const MAGIC_MANIFEST_PART: &[u8; 8] = b"SNSYMPRT";
+
+/// Entries per manifest part: a manifest with more is split into parts of this many
+/// (the last one shorter), each its own object, so that a map of 16 M blocks is written
+/// and read a part (~650 KiB) at a time and a lookup loads one part, not the map.
+/// Readers take any part sizes the part table states.
+pub const PART_ENTRIES: usize = if cfg!(test) { 7 } else { 16 << 10 };
 
 /// Envelope header: magic, version, length.
 pub const ENVELOPE_HEADER: usize = 8 + 4 + 8;
@@ -71,6 +83,7 @@ pub(crate) fn envelope_payload_len(magic: &[u8; 8], bytes: &[u8], location: &str
         MAGIC_MANIFEST,
         MAGIC_CATALOG,
         MAGIC_PACK,
+        MAGIC_MANIFEST_PART,
     ];
     let head = &bytes[..bytes.len().min(8)];
     if head != &magic[..head.len()] || (head.len() == 8 && head != magic) {
@@ -90,17 +103,23 @@ pub(crate) fn envelope_payload_len(magic: &[u8; 8], bytes: &[u8], location: &str
             bytes.len()
         )));
     }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
+    let version = envelope_version(bytes);
+    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(StoreError::Unsupported {
             what: format!(
-                "{location} has format version {version}; this snapsync reads version {FORMAT_VERSION}"
+                "{location} has format version {version}; this snapsync reads versions \
+                 {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}"
             ),
         });
     }
     Ok(u64::from_le_bytes(
         bytes[12..20].try_into().expect("8 bytes"),
     ))
+}
+
+/// The format version an envelope states (check it with [`envelope_payload_len`]).
+pub(crate) fn envelope_version(bytes: &[u8]) -> u32 {
+    u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"))
 }
 
 /// The rest of [`decode_envelope`], once the header checked out.
@@ -224,7 +243,8 @@ pub fn decode_index(bytes: &[u8], location: &str) -> Result<Vec<IndexEntry>> {
         .collect()
 }
 
-/// Content-addressed id of a manifest: BLAKE3 of its encoded bytes.
+/// Content-addressed id of a manifest: BLAKE3 of its encoded bytes (in version 2, of
+/// the object that holds its part table; each part is checked by its own id there).
 pub type ManifestId = BlockId;
 
 /// The fixed fields of a manifest.
@@ -244,10 +264,17 @@ pub struct ManifestHeader {
     pub block_size: u64,
     /// The manifest this delta is relative to; `None` for a full map.
     pub delta_base: Option<ManifestId>,
-    /// Number of deltas between this manifest and a full map (0 for a full map).
+    /// The manifest's number along its volume's line of snapshots since the full map
+    /// (0 for a full map). In version 1 every delta was based on the previous number, so
+    /// this was also the number of deltas to the full map; version 2 bases number `n` on
+    /// number `n - lowbit(n)` (see `crate::chain`), and keeps the name.
     pub depth: u32,
-    /// Root hash of the snapshot's whole block map.
-    pub root: BlockId,
+    /// Root hash of the snapshot's whole block map ([`snapsync_core::BlockMap::root_hash`]).
+    /// Version 1 wrote it for every manifest; version 2 only for full maps, where it
+    /// costs nothing extra (computing it for a delta would read the whole map below it,
+    /// which is what version 2 avoids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<BlockId>,
     /// Packs holding the blocks of this delta's entries when it was written: a reader
     /// loads only these packs' indexes. A hint: after gc repacks, readers fall back to
     /// the full index.
@@ -264,41 +291,144 @@ pub struct Manifest {
     pub delta: Delta,
 }
 
-/// Encode a manifest: `header_len u32`, header JSON, `count u64`, then entries of
-/// `index u64, kind u8 (0 zero, 1 data), id [32] (data only)`, in index order.
-pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
-    let header = serde_json::to_vec(&m.header).expect("manifest header serialises");
-    let mut v = Vec::with_capacity(4 + header.len() + 16 + m.delta.entries.len() * 41);
-    v.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    v.extend_from_slice(&header);
-    v.extend_from_slice(&m.delta.block_count.to_le_bytes());
-    v.extend_from_slice(&(m.delta.entries.len() as u64).to_le_bytes());
-    for (i, r) in &m.delta.entries {
-        v.extend_from_slice(&i.to_le_bytes());
-        match r {
-            BlockRef::Zero => v.push(0),
-            BlockRef::Data(id) => {
-                v.push(1);
-                v.extend_from_slice(id.as_bytes());
-            }
+/// One part of a version-2 manifest's entries, as its part table names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartRef {
+    /// Block index of its first entry.
+    pub first: u64,
+    /// Block index of its last entry.
+    pub last: u64,
+    /// Number of entries.
+    pub count: u64,
+    /// BLAKE3 of the part object.
+    pub id: BlockId,
+}
+
+/// Size of one encoded [`PartRef`].
+pub const PART_REF_LEN: usize = 8 + 8 + 8 + 32;
+
+/// Append one entry: `index u64, kind u8 (0 zero, 1 data), id [32] (data only)`.
+pub(crate) fn encode_entry(v: &mut Vec<u8>, index: u64, block: &BlockRef) {
+    v.extend_from_slice(&index.to_le_bytes());
+    match block {
+        BlockRef::Zero => v.push(0),
+        BlockRef::Data(id) => {
+            v.push(1);
+            v.extend_from_slice(id.as_bytes());
         }
     }
+}
+
+/// Encode a manifest's head object: `header_len u32`, header JSON, `block_count u64`,
+/// `count u64` (all entries), `parts u32`, then either the part table (`parts` entries
+/// of [`PartRef`]) or, with no parts, the `count` entries inline.
+pub fn encode_manifest_head(
+    header: &ManifestHeader,
+    block_count: u64,
+    count: u64,
+    parts: &[PartRef],
+    inline_entries: &[u8],
+) -> Vec<u8> {
+    debug_assert!(parts.is_empty() || inline_entries.is_empty());
+    let header = serde_json::to_vec(header).expect("manifest header serialises");
+    let mut v = Vec::with_capacity(
+        4 + header.len() + 20 + parts.len() * PART_REF_LEN + inline_entries.len(),
+    );
+    v.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    v.extend_from_slice(&header);
+    v.extend_from_slice(&block_count.to_le_bytes());
+    v.extend_from_slice(&count.to_le_bytes());
+    v.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+    for p in parts {
+        v.extend_from_slice(&p.first.to_le_bytes());
+        v.extend_from_slice(&p.last.to_le_bytes());
+        v.extend_from_slice(&p.count.to_le_bytes());
+        v.extend_from_slice(p.id.as_bytes());
+    }
+    v.extend_from_slice(inline_entries);
     encode_envelope(MAGIC_MANIFEST, &v)
 }
 
-/// Decode a manifest, checking its structure (entries sorted and in range).
+/// Encode a manifest small enough to hold its entries inline (at most
+/// [`PART_ENTRIES`]; larger ones are written by the repository's manifest writer).
+pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
+    let mut entries = Vec::with_capacity(m.delta.entries.len() * 41);
+    for (i, r) in &m.delta.entries {
+        encode_entry(&mut entries, *i, r);
+    }
+    encode_manifest_head(
+        &m.header,
+        m.delta.block_count,
+        m.delta.entries.len() as u64,
+        &[],
+        &entries,
+    )
+}
+
+/// Encode a part object: `count u64`, then the entries.
+pub fn encode_part(count: u64, entries: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + entries.len());
+    v.extend_from_slice(&count.to_le_bytes());
+    v.extend_from_slice(entries);
+    encode_envelope(MAGIC_MANIFEST_PART, &v)
+}
+
+/// Decode and check a part object against what the part table says of it (`block_count`
+/// is its manifest's).
+pub fn decode_part(
+    bytes: &[u8],
+    part: &PartRef,
+    block_count: u64,
+    location: &str,
+) -> Result<Vec<(u64, BlockRef)>> {
+    let corrupt = |d: String| StoreError::corrupt(location, d);
+    if BlockId::of(bytes) != part.id {
+        return Err(corrupt("content does not match its id (damaged)".into()));
+    }
+    let p = decode_envelope(MAGIC_MANIFEST_PART, bytes, location)?;
+    let mut r = Cursor { p, pos: 0 };
+    let count = r.u64().ok_or_else(|| corrupt("truncated part".into()))?;
+    if count != part.count || count == 0 || count > p.len() as u64 / 9 {
+        return Err(corrupt(format!(
+            "part holds {count} entries, its manifest says {}",
+            part.count
+        )));
+    }
+    let entries = parse_entries(&mut r, count, block_count, location)?;
+    if r.pos != p.len() {
+        return Err(corrupt("trailing bytes after entries".into()));
+    }
+    if entries.first().map(|e| e.0) != Some(part.first)
+        || entries.last().map(|e| e.0) != Some(part.last)
+    {
+        return Err(corrupt("entries do not span what its manifest says".into()));
+    }
+    Ok(entries)
+}
+
+/// Decode a manifest whose entries are inline (version 1, or a small version-2 one),
+/// checking its structure (entries sorted and in range).
 ///
 /// Given the bytes by value, it frees them once parsed, before building the map: the
 /// encoded entries, the parsed ones and the map are each about as large, and the first
 /// need not live alongside the last.
 pub fn decode_manifest(bytes: impl AsRef<[u8]>, location: &str) -> Result<Manifest> {
-    let (header, block_count, entries) = parse_manifest(bytes.as_ref(), location)?;
+    let (head, entries) = parse_manifest(bytes.as_ref(), location)?;
     drop(bytes);
+    if !head.parts.is_empty() {
+        return Err(StoreError::corrupt(
+            location,
+            "manifest is in parts (read it through the repository)",
+        ));
+    }
     let delta = Delta {
-        block_count,
+        block_count: head.block_count,
         entries: entries.into_iter().collect(),
     };
-    Ok(Manifest { header, delta })
+    Ok(Manifest {
+        header: head.header,
+        delta,
+    })
 }
 
 /// A manifest's fields before its entries.
@@ -306,17 +436,21 @@ pub fn decode_manifest(bytes: impl AsRef<[u8]>, location: &str) -> Result<Manife
 pub(crate) struct ManifestHead {
     pub(crate) header: ManifestHeader,
     pub(crate) block_count: u64,
-    /// Number of entries.
+    /// Number of entries (in all parts).
     pub(crate) count: u64,
-    /// Payload bytes these fields take: the entries start there.
+    /// The part table (version 2; empty when the entries are inline).
+    pub(crate) parts: Vec<PartRef>,
+    /// Payload bytes these fields take: inline entries start there.
     pub(crate) len: usize,
 }
 
 /// Parse and check the fields before a manifest's entries from the start `p` of its
-/// payload (of `payload_len` bytes in all); `None` when `p` ends before they do.
+/// payload (of `payload_len` bytes in all, written with format `version`); `None` when
+/// `p` ends before they do.
 pub(crate) fn parse_manifest_head(
     p: &[u8],
     payload_len: u64,
+    version: u32,
     location: &str,
 ) -> Result<Option<ManifestHead>> {
     let corrupt = |d: String| StoreError::corrupt(location, d);
@@ -342,7 +476,7 @@ pub(crate) fn parse_manifest_head(
     let Some(count) = r.u64() else {
         return truncated("entry count");
     };
-    if count > block_count || count > payload_len / 9 {
+    if count > block_count {
         return Err(corrupt(format!("implausible entry count {count}")));
     }
     if header.size.div_ceil(header.block_size.max(1)) != block_count || header.block_size == 0 {
@@ -350,26 +484,87 @@ pub(crate) fn parse_manifest_head(
             "block count does not match size and block size".into(),
         ));
     }
+    if version < 2 && header.root.is_none() {
+        return Err(corrupt("version-1 manifest without a root hash".into()));
+    }
+    let mut parts = Vec::new();
+    if version >= 2 {
+        let Some(n) = r.u32() else {
+            return truncated("part count");
+        };
+        if n as u64 > count || (n as u64) * PART_REF_LEN as u64 > payload_len {
+            return Err(corrupt(format!("implausible part count {n}")));
+        }
+        for _ in 0..n {
+            let (Some(first), Some(last), Some(c), Some(id)) =
+                (r.u64(), r.u64(), r.u64(), r.take(32))
+            else {
+                return truncated("part table");
+            };
+            parts.push(PartRef {
+                first,
+                last,
+                count: c,
+                id: BlockId(id.try_into().expect("32 bytes")),
+            });
+        }
+        check_part_table(&parts, count, block_count).map_err(corrupt)?;
+    }
+    let inline = if parts.is_empty() { count } else { 0 };
+    if inline > payload_len.saturating_sub(r.pos as u64) / 9 {
+        return Err(corrupt(format!("implausible entry count {count}")));
+    }
     Ok(Some(ManifestHead {
         header,
         block_count,
         count,
+        parts,
         len: r.pos,
     }))
 }
 
-/// A manifest's header, block count and entries (in index order).
-type ParsedManifest = (ManifestHeader, u64, Vec<(u64, BlockRef)>);
+/// The part table's promises: parts in index order, not overlapping, inside the map,
+/// each plausible, and as many entries in all as the manifest says.
+fn check_part_table(
+    parts: &[PartRef],
+    count: u64,
+    block_count: u64,
+) -> std::result::Result<(), String> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let mut total = 0u64;
+    let mut after = 0u64;
+    for (k, p) in parts.iter().enumerate() {
+        let span = p.last.checked_sub(p.first).map(|s| s + 1);
+        if p.first < after
+            || p.last >= block_count
+            || span.is_none_or(|s| p.count > s)
+            || p.count == 0
+        {
+            return Err(format!(
+                "part {k} of the part table is out of order or range"
+            ));
+        }
+        after = p.last + 1;
+        total = total.saturating_add(p.count);
+    }
+    if total != count {
+        return Err(format!(
+            "parts hold {total} entries, the manifest says {count}"
+        ));
+    }
+    Ok(())
+}
 
-fn parse_manifest(bytes: &[u8], location: &str) -> Result<ParsedManifest> {
-    let p = decode_envelope(MAGIC_MANIFEST, bytes, location)?;
+/// `count` entries from `r`, checked: in index order, below `block_count`, known kinds.
+fn parse_entries(
+    r: &mut Cursor<'_>,
+    count: u64,
+    block_count: u64,
+    location: &str,
+) -> Result<Vec<(u64, BlockRef)>> {
     let corrupt = |d: String| StoreError::corrupt(location, d);
-    let head = parse_manifest_head(p, p.len() as u64, location)?
-        .ok_or_else(|| corrupt("truncated manifest".into()))?;
-    let (header, block_count, count) = (head.header, head.block_count, head.count);
-    let mut r = Cursor { p, pos: head.len };
-    // Collected, then built in one pass: a tree built by inserting sorted keys one by
-    // one leaves its nodes about half full, 1.5 times the memory of a bulk-built one.
     let mut entries = Vec::with_capacity(count as usize);
     let mut last: Option<u64> = None;
     for _ in 0..count {
@@ -391,10 +586,27 @@ fn parse_manifest(bytes: &[u8], location: &str) -> Result<ParsedManifest> {
         };
         entries.push((i, b));
     }
+    Ok(entries)
+}
+
+/// A manifest's head and its inline entries (none when it is in parts).
+pub(crate) fn parse_manifest(
+    bytes: &[u8],
+    location: &str,
+) -> Result<(ManifestHead, Vec<(u64, BlockRef)>)> {
+    let p = decode_envelope(MAGIC_MANIFEST, bytes, location)?;
+    let corrupt = |d: String| StoreError::corrupt(location, d);
+    let head = parse_manifest_head(p, p.len() as u64, envelope_version(bytes), location)?
+        .ok_or_else(|| corrupt("truncated manifest".into()))?;
+    let mut r = Cursor { p, pos: head.len };
+    let inline = if head.parts.is_empty() { head.count } else { 0 };
+    // Collected, then built in one pass by the caller: a tree built by inserting sorted
+    // keys one by one leaves its nodes about half full, 1.5 times the memory.
+    let entries = parse_entries(&mut r, inline, head.block_count, location)?;
     if r.pos != p.len() {
         return Err(corrupt("trailing bytes after entries".into()));
     }
-    Ok((header, block_count, entries))
+    Ok((head, entries))
 }
 
 struct Cursor<'a> {
@@ -516,7 +728,7 @@ mod tests {
                 block_size: 4096,
                 delta_base: Some(BlockId::of(b"base")),
                 depth: 3,
-                root: BlockId::of(b"root"),
+                root: Some(BlockId::of(b"root")),
                 packs: vec![BlockId::of(b"pack")],
             },
             delta,

@@ -74,6 +74,7 @@ impl Repository {
         // 2. Reachable manifests and live blocks.
         let mut reachable: HashSet<ManifestId> = HashSet::new();
         let mut live: HashSet<BlockId> = HashSet::new();
+        let mut live_parts: HashSet<BlockId> = HashSet::new();
         for cat in self.catalogs()? {
             for s in &cat.snapshots {
                 let mut cur = Some(s.manifest);
@@ -83,6 +84,7 @@ impl Repository {
                     }
                     let m = self.manifest(&id)?;
                     live.extend(m.delta.data_ids());
+                    live_parts.extend(self.check_manifest(&id)?.head.parts.iter().map(|p| p.id));
                     cur = m.header.delta_base;
                 }
             }
@@ -95,6 +97,17 @@ impl Repository {
                 continue;
             };
             if !reachable.contains(&id) && k == key_manifest(&id) {
+                self.backend.delete(&k)?;
+                report.manifests_deleted += 1;
+                report.bytes_freed += size;
+            }
+        }
+
+        for (k, size) in self.backend.list("mparts")? {
+            let Some(id) = k.rsplit('/').next().and_then(|h| h.parse::<BlockId>().ok()) else {
+                continue;
+            };
+            if !live_parts.contains(&id) && k == crate::repo::key_part(&id) {
                 self.backend.delete(&k)?;
                 report.manifests_deleted += 1;
                 report.bytes_freed += size;

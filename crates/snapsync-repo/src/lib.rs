@@ -8,6 +8,7 @@
 //! packs/<hh>/<pack id>            block data, zstd-compressed where that pays
 //! index/<pack id>                 where each block of that pack is
 //! manifests/<hh>/<manifest id>    one snapshot: its delta against a base manifest
+//! mparts/<hh>/<part id>           a part of a large manifest's entries
 //! volumes/<volume>/<generation>   the volume's catalog: snapshots, lineage, hints
 //! ```
 //!
@@ -15,9 +16,12 @@
 //!   stored once across all volumes, and packed so that a 1 TiB volume is a few
 //!   thousand objects, not millions.
 //! - A snapshot is a manifest holding only the entries that differ from its delta base,
-//!   with the base's id, the snapshot's identity, age, size and a root hash over its
-//!   whole block map. Every [`CHECKPOINT_INTERVAL`] deltas a full map is written instead,
-//!   so reading the newest snapshot of a long chain stays cheap.
+//!   with the base's id, the snapshot's identity, age and size. Snapshot number `n` of a
+//!   chain is based on number `n - lowbit(n)` ([`snapsync_core::chain`]), so reading any
+//!   snapshot walks a logarithmic number of manifests and the metadata written grows
+//!   with what changed, never with the volume; the full map is written once, at the
+//!   chain's start. Large manifests are split into parts, so memory stays bounded and a
+//!   lookup loads one part.
 //! - The volume catalog is the only commit point. A new generation is written with a
 //!   create-only put after the packs, indexes and manifest it references are stored, so
 //!   a replication killed at any point leaves no partial snapshot visible, and two
@@ -37,8 +41,10 @@ mod prune;
 mod receive;
 mod repo;
 mod source;
+mod spill;
 mod stream;
 mod verify;
+mod writer;
 
 pub use backend::{CustomStore, Location, DEFAULT_RETRY_TIMEOUT_SECS};
 pub use gc::GcReport;
@@ -47,5 +53,5 @@ pub use lock::{GcLock, SessionLock};
 pub use object_store;
 pub use options::{RepoOptions, DEFAULT_LOCK_WAIT};
 pub use prune::{KeptSnapshot, PruneOptions, PruneReport, VolumePrune};
-pub use repo::{Repository, CHECKPOINT_INTERVAL, DEFAULT_BLOCK_SIZE};
+pub use repo::{Repository, DEFAULT_BLOCK_SIZE, MAX_CHAIN_LEN};
 pub use verify::{Damage, VerifyReport};

@@ -20,6 +20,11 @@ pub struct RepoOptions {
     pub retry_timeout: Duration,
     /// How long writers and gc wait for each other's locks before failing.
     pub lock_wait: Duration,
+    /// Entries per part of the manifests this writes (default
+    /// [`PART_ENTRIES`](crate::format::PART_ENTRIES)): larger parts mean fewer objects
+    /// and larger reads per lookup. Readers take any part size, so this can differ
+    /// between writers of one repository.
+    pub part_entries: usize,
 }
 
 impl Default for RepoOptions {
@@ -27,6 +32,7 @@ impl Default for RepoOptions {
         Self {
             retry_timeout: Duration::from_secs(DEFAULT_RETRY_TIMEOUT_SECS),
             lock_wait: DEFAULT_LOCK_WAIT,
+            part_entries: crate::format::PART_ENTRIES,
         }
     }
 }
@@ -35,6 +41,12 @@ impl RepoOptions {
     /// Set [`RepoOptions::retry_timeout`].
     pub fn with_retry_timeout(mut self, timeout: Duration) -> Self {
         self.retry_timeout = timeout;
+        self
+    }
+
+    /// Set [`RepoOptions::part_entries`] (at least 1).
+    pub fn with_part_entries(mut self, entries: usize) -> Self {
+        self.part_entries = entries.max(1);
         self
     }
 

@@ -16,7 +16,7 @@ use snapsync_store::{Result, StoreError};
 use tracing::debug;
 
 use crate::format::{Catalog, CatalogSnapshot, Manifest, ManifestId};
-use crate::repo::{Repository, CHECKPOINT_INTERVAL};
+use crate::repo::{Repository, MAX_CHAIN_LEN};
 
 /// What prune did (or would do, with `dry_run`) to one volume.
 #[non_exhaustive]
@@ -312,8 +312,9 @@ impl Repository {
         let mut header = m.header.clone();
         let based = match base {
             Some(b) => {
+                let chain = self.checked_chain(&b)?;
                 let (bm, bmap) = self.resolve(&b)?;
-                (bm.header.depth + 1 < CHECKPOINT_INTERVAL)
+                (chain.len() < MAX_CHAIN_LEN)
                     .then(|| (b, bm.header.depth + 1, Delta::between(&bmap, map)))
             }
             None => None,

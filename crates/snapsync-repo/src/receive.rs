@@ -1,11 +1,11 @@
 //! Receiving a snapshot: compress new blocks into packs, then commit a manifest and a
 //! new catalog generation.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use rayon::prelude::*;
-use snapsync_core::{BlockId, BlockRef, Delta, Hint};
+use snapsync_core::{BlockId, BlockRef, Hint};
 use snapsync_store::{
     BlockContent, CommitInfo, Compressed, Guarded, IncomingBlock, ReceiveRequest, Receiver, Result,
     SnapshotSink, StoreError,
@@ -14,12 +14,14 @@ use tracing::debug;
 
 use crate::backend::PendingPuts;
 use crate::format::{
-    self, Catalog, CatalogSnapshot, Compression, IndexEntry, Manifest, ManifestHeader, ManifestId,
+    self, Catalog, CatalogSnapshot, Compression, IndexEntry, ManifestHeader, ManifestId,
     SourceHints, MAGIC_PACK, PACK_HEADER,
 };
 use crate::lock::SessionLock;
-use crate::repo::{key_index, key_pack, Repository, CHECKPOINT_INTERVAL};
-use crate::stream::Overlay;
+use crate::repo::{key_index, key_pack, Repository, MAX_CHAIN_LEN};
+use crate::spill::Changes;
+use crate::stream::{delta_between, merge_deltas, ChainCursor, CheckedManifest, Overlay};
+use crate::writer::ManifestWriter;
 
 /// Packs are flushed at this size: large objects for object stores, small enough that a
 /// killed replication loses little and a rerun reuses the rest.
@@ -84,7 +86,7 @@ impl SnapshotSink for Repository {
             request,
             base_manifest,
             block_count,
-            changes: BTreeMap::new(),
+            changes: Changes::default(),
             pack: PackBuilder::default(),
             session: HashMap::new(),
             uploads: VecDeque::new(),
@@ -137,9 +139,9 @@ struct RepoReceiver<'a> {
     block_count: u64,
     /// The blocks received, by index: the snapshot is its transfer base with these
     /// changed. Only they are held, not a map of the whole volume (for an incremental,
-    /// a few entries instead of one per block of the volume); the base is read along
-    /// its chain when the snapshot is committed.
-    changes: BTreeMap<u64, BlockRef>,
+    /// a few entries instead of one per block of the volume), and past a bound on disk;
+    /// the base is read along its chain when the snapshot is committed.
+    changes: Changes,
     pack: PackBuilder,
     /// Blocks of this receive not in the shared index yet: in the pack being filled or
     /// in one being stored.
@@ -156,14 +158,10 @@ type Fresh<'a> = (BlockId, &'a Bytes, &'a Compressed);
 
 impl RepoReceiver<'_> {
     /// Note block `index` of the new snapshot ([`RepoReceiver::check_batch`] has kept
-    /// it inside the snapshot). Zero blocks are only noted over a base, where they may
-    /// replace data.
-    fn record(&mut self, index: u64, block: BlockRef) {
-        if self.base_manifest.is_none() && block == BlockRef::Zero {
-            self.changes.remove(&index);
-        } else {
-            self.changes.insert(index, block);
-        }
+    /// it inside the snapshot). Zero blocks are noted too: over a base they replace
+    /// data, and without one a full map leaves them out.
+    fn record(&mut self, index: u64, block: BlockRef) -> Result<()> {
+        self.changes.insert(index, block)
     }
 
     /// Refuse a batch that would commit a damaged snapshot: an index past the end, or
@@ -287,8 +285,8 @@ impl Receiver for RepoReceiver<'_> {
         let mut candidates: Vec<Fresh<'_>> = Vec::new();
         for b in &blocks {
             match &b.content {
-                BlockContent::Zero => self.record(b.index, BlockRef::Zero),
-                BlockContent::Existing(id) => self.record(b.index, BlockRef::Data(*id)),
+                BlockContent::Zero => self.record(b.index, BlockRef::Zero)?,
+                BlockContent::Existing(id) => self.record(b.index, BlockRef::Data(*id))?,
                 BlockContent::Data {
                     id,
                     data,
@@ -300,7 +298,7 @@ impl Receiver for RepoReceiver<'_> {
                             detail: format!("{} bytes, expected the block size {bs}", data.len()),
                         });
                     }
-                    self.record(b.index, BlockRef::Data(*id));
+                    self.record(b.index, BlockRef::Data(*id))?;
                     if !self.session.contains_key(id) {
                         candidates.push((*id, data, compressed));
                     }
@@ -363,12 +361,12 @@ impl Receiver for RepoReceiver<'_> {
             local_volume: r.volume.clone(),
             local_snapshot: r.snapshot.name.clone(),
         };
-        let mut overlay = Overlay {
+        let changes = std::mem::take(&mut self.changes);
+        let overlay = Overlay {
             repo,
             base: self.base_manifest.map(|(id, _)| id),
             block_count: self.block_count,
-            changes: std::mem::take(&mut self.changes),
-            moved_to: None,
+            changes: &changes,
         };
         let mut attempt = 0;
         let info = loop {
@@ -393,7 +391,7 @@ impl Receiver for RepoReceiver<'_> {
             if cat.origin.is_none() {
                 cat.origin = r.origin.clone();
             }
-            let placed = place_in_chain(repo, &cat, &r.snapshot, &mut overlay, self.base_manifest)?;
+            let placed = place_in_chain(repo, &cat, &r.snapshot, &overlay)?;
             let info = CommitInfo {
                 inserted_before: placed.younger.as_ref().map(|y| y.name.clone()),
                 redundant_entries_removed: placed.redundant_entries_removed,
@@ -450,21 +448,23 @@ struct Placement {
     redundant_entries_removed: u64,
 }
 
-/// Store the new snapshot's manifest as a delta against its older neighbour in the
+/// Store the new snapshot's manifest as a delta against a snapshot older than it in the
 /// volume (by age), whatever base the data was transferred against; and, as the Tintri
 /// seed describes, re-base the younger neighbour onto it when the snapshot is inserted
 /// into the middle of the chain: entries the new snapshot makes redundant are dropped,
 /// entries needed to undo its changes are added, and the re-base is only kept when the
 /// younger neighbour ends up with no more entries than before.
 ///
-/// Chains therefore always point from younger to older snapshots (or to a clone's
-/// origin, or end in a full map), so they cannot form cycles.
+/// Which older snapshot: numbering the chain from its full map, snapshot `n` goes on
+/// number `n - lowbit(n)`, found on the older neighbour's chain (see
+/// [`snapsync_core::chain`]). The first snapshot of a clone goes on its origin's
+/// manifest. Chains therefore always point from younger to older snapshots (or to a
+/// clone's origin, or end in a full map), so they cannot form cycles.
 fn place_in_chain(
     repo: &Repository,
     cat: &Catalog,
     snapshot: &snapsync_core::SnapshotInfo,
-    target: &mut Overlay<'_>,
-    transfer_base: Option<(ManifestId, u32)>,
+    target: &Overlay<'_>,
 ) -> Result<Placement> {
     let key = |s: &CatalogSnapshot| (s.created, s.name.clone());
     let me = (snapshot.created, snapshot.name.clone());
@@ -479,51 +479,31 @@ fn place_in_chain(
         .filter(|s| key(s) > me)
         .min_by_key(|s| key(s));
     // An older neighbour, or for the first snapshot of a clone its origin's manifest.
-    let storage_base = match older {
-        Some(o) => Some((o.manifest, repo.manifest_depth(&o.manifest)?)),
-        None if cat.origin.is_some() && younger.is_none() => transfer_base,
+    let neighbour = match older {
+        Some(o) => Some(o.manifest),
+        None if cat.origin.is_some() && younger.is_none() => target.base,
         None => None,
     };
-    target.restore()?;
-    let root = target.root_hash()?;
-    let (delta_base, depth, delta) = match storage_base {
-        // Stored against the base it was sent against (the usual case): the delta is
-        // what was received, less what did not change.
-        Some((id, depth)) if depth + 1 < CHECKPOINT_INTERVAL && target.base == Some(id) => {
-            (Some(id), depth + 1, target.delta_against_base()?)
-        }
-        Some((id, depth)) if depth + 1 < CHECKPOINT_INTERVAL => (
-            Some(id),
-            depth + 1,
-            repo.delta_against(&id, &target.map()?)?,
-        ),
-        // A checkpoint (full map) every CHECKPOINT_INTERVAL deltas bounds chain reads.
-        // Without a transfer base, what was received is the full map: taken as the
-        // delta as it is, not copied (the commit is retried only if another writer
-        // committed meanwhile, when it is rebuilt from the manifest just stored).
-        _ if target.base.is_none() => (None, 0, target.take_full_map()),
-        _ => (None, 0, Delta::full(&target.map()?)),
+    let header = ManifestHeader {
+        volume: cat.volume.clone(),
+        name: snapshot.name.clone(),
+        id: snapshot.id,
+        created: snapshot.created,
+        size: snapshot.size,
+        block_size: repo.config.block_size,
+        delta_base: None,
+        depth: 0,
+        root: None,
+        packs: Vec::new(),
     };
-    let manifest = Manifest {
-        header: ManifestHeader {
-            volume: cat.volume.clone(),
-            name: snapshot.name.clone(),
-            id: snapshot.id,
-            created: snapshot.created,
-            size: snapshot.size,
-            block_size: repo.config.block_size,
-            delta_base,
-            depth,
-            root,
-            packs: Vec::new(),
-        },
-        delta,
+    let neighbour_chain = match neighbour {
+        Some(n) => Some(repo.checked_chain(&n)?).filter(|c| c.len() < MAX_CHAIN_LEN),
+        None => None,
     };
-    let moved = target.base.is_none() && depth == 0;
-    let manifest_id = repo.put_manifest(manifest)?;
-    if moved {
-        target.moved_to = Some(manifest_id);
-    }
+    let (manifest_id, depth) = match &neighbour_chain {
+        Some(chain) => store_delta(repo, chain, target, header)?,
+        None => (store_full(repo, target, header)?, 0),
+    };
     let entry = CatalogSnapshot {
         name: snapshot.name.clone(),
         id: snapshot.id,
@@ -536,31 +516,151 @@ fn place_in_chain(
         younger: None,
         redundant_entries_removed: 0,
     };
-    let Some(y) = younger else {
-        return Ok(placement);
-    };
-    placement.younger = Some(y.clone());
-    if depth + 1 >= CHECKPOINT_INTERVAL {
-        return Ok(placement);
+    if let Some(y) = younger {
+        let rebased = rebase_younger(repo, y, manifest_id, depth)?;
+        placement.redundant_entries_removed = rebased.as_ref().map_or(0, |r| r.1);
+        placement.younger = Some(match rebased {
+            Some((manifest, _)) => CatalogSnapshot {
+                manifest,
+                ..y.clone()
+            },
+            None => y.clone(),
+        });
     }
-    let (y_manifest, y_map) = repo.resolve(&y.manifest)?;
-    target.restore()?;
-    let rebased = Delta::between(&target.map()?, &y_map);
-    let before = y_manifest.delta.len();
-    if rebased.len() > before {
-        return Ok(placement);
-    }
-    let mut header = y_manifest.header.clone();
-    header.delta_base = Some(manifest_id);
-    header.depth = depth + 1;
-    placement.redundant_entries_removed = (before - rebased.len()) as u64;
-    let new_id = repo.put_manifest(Manifest {
-        header,
-        delta: rebased,
-    })?;
-    placement.younger = Some(CatalogSnapshot {
-        manifest: new_id,
-        ..y.clone()
-    });
     Ok(placement)
+}
+
+/// Store the snapshot as a full map, streamed from what was received over its transfer
+/// base.
+fn store_full(
+    repo: &Repository,
+    target: &Overlay<'_>,
+    header: ManifestHeader,
+) -> Result<ManifestId> {
+    let mut w = ManifestWriter::new(repo, target.block_count, true);
+    let mut data = target.data()?;
+    while let Some((i, id)) = crate::stream::DataStream::next_data(&mut data)? {
+        w.push(i, BlockRef::Data(id))?;
+    }
+    w.finish(header)
+}
+
+/// Store the snapshot as a delta on the manifest that the chain's numbering picks from
+/// its older neighbour's chain `chain` (newest first). Returns the manifest and its
+/// number.
+fn store_delta(
+    repo: &Repository,
+    chain: &[CheckedManifest],
+    target: &Overlay<'_>,
+    mut header: ManifestHeader,
+) -> Result<(ManifestId, u32)> {
+    let number = chain[0].head.header.depth.saturating_add(1);
+    let wanted = snapsync_core::chain::delta_base_number(u64::from(number));
+    let k = chain
+        .iter()
+        .position(|m| u64::from(m.head.header.depth) <= wanted)
+        .unwrap_or(chain.len() - 1);
+    let base = &chain[k];
+    header.delta_base = Some(base.id);
+    header.depth = number;
+    let mut w = ManifestWriter::new(repo, target.block_count, false);
+    // Usually the data came over the older neighbour and the map kept its size: the
+    // delta is then the neighbour's manifests above the base merged with what was
+    // received, and nothing below (the full map least of all) is read.
+    let same_size = chain[..=k]
+        .iter()
+        .all(|m| m.head.block_count == target.block_count);
+    if target.base == Some(chain[0].id) && same_size {
+        let redundant = redundant_entries(repo, chain, k, target)?;
+        merge_deltas(
+            repo,
+            target.changes,
+            &chain[..k],
+            target.block_count,
+            |i, b, _| match redundant.binary_search(&i) {
+                Ok(_) => Ok(()),
+                Err(_) => w.push(i, b),
+            },
+        )?;
+    } else {
+        let mut base_map = ChainCursor::new(repo, &chain[k..])?;
+        let mut data = target.data()?;
+        delta_between(&mut base_map, &mut data, target.block_count, |i, b| {
+            w.push(i, b)
+        })?;
+    }
+    Ok((w.finish(header)?, number))
+}
+
+/// The indices where merging the manifests `chain[..k]` above the base `chain[k]` with
+/// the blocks received would list a block the base already holds, so that a delta stays
+/// what every delta is: only what differs from its base (diffs, and so base selection,
+/// rely on it: a snapshot that went back to an older one's content must show as equal).
+///
+/// Only indices whose newest entry differs from the oldest listing above the base are
+/// looked up (the oldest listing differs from the base's block; a block rewritten since
+/// may have gone back): a block changed once costs nothing, and the full map below is
+/// read only where such rewrites are, a part at a time. Blocks received but listed
+/// nowhere above are taken as changed: the sender sent them as such.
+fn redundant_entries(
+    repo: &Repository,
+    chain: &[CheckedManifest],
+    k: usize,
+    target: &Overlay<'_>,
+) -> Result<Vec<u64>> {
+    let mut unsure = Vec::new();
+    merge_deltas(
+        repo,
+        target.changes,
+        &chain[..k],
+        target.block_count,
+        |i, newest, oldest| {
+            if oldest.is_some_and(|o| o != newest) {
+                unsure.push((i, newest));
+            }
+            Ok(())
+        },
+    )?;
+    let mut redundant = Vec::new();
+    if unsure.is_empty() {
+        return Ok(redundant);
+    }
+    let mut base = ChainCursor::new(repo, &chain[k..])?;
+    for (i, newest) in unsure {
+        if base.block(i)? == newest {
+            redundant.push(i);
+        }
+    }
+    Ok(redundant)
+}
+
+/// Re-base the younger neighbour `y` onto the inserted snapshot's manifest `inserted`
+/// (number `depth`) when that leaves it no more entries than before: the new manifest
+/// and how many entries it saved, or `None` to keep `y` as it is.
+fn rebase_younger(
+    repo: &Repository,
+    y: &CatalogSnapshot,
+    inserted: ManifestId,
+    depth: u32,
+) -> Result<Option<(ManifestId, u64)>> {
+    let inserted_chain = repo.checked_chain(&inserted)?;
+    if inserted_chain.len() >= MAX_CHAIN_LEN {
+        return Ok(None);
+    }
+    let y_chain = repo.checked_chain(&y.manifest)?;
+    let before = y_chain[0].head.count;
+    let mut header = y_chain[0].head.header.clone();
+    header.delta_base = Some(inserted);
+    header.depth = depth.saturating_add(1);
+    let block_count = y_chain[0].head.block_count;
+    let mut w = ManifestWriter::new(repo, block_count, false);
+    let mut base_map = ChainCursor::new(repo, &inserted_chain)?;
+    let mut y_map = ChainCursor::new(repo, &y_chain)?;
+    delta_between(&mut base_map, &mut y_map, block_count, |i, b| w.push(i, b))?;
+    if w.count() > before {
+        // Not kept (what was written is left for gc).
+        return Ok(None);
+    }
+    let saved = before - w.count();
+    Ok(Some((w.finish(header)?, saved)))
 }

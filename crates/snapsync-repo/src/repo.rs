@@ -19,9 +19,11 @@ use crate::RepoOptions;
 /// granularity and metadata size.
 pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
 
-/// A full block map is stored instead of a delta once a chain is this deep, so that
-/// resolving any snapshot reads at most this many manifests.
-pub const CHECKPOINT_INTERVAL: u32 = 16;
+/// A full block map is stored instead of a delta when the chain below would hold more
+/// manifests than this. Chains are built of logarithmic length (see
+/// [`snapsync_core::chain`]: 8 manifests for the 200th snapshot), so this bound is met
+/// only after insertions and prunes have reshaped a chain many times.
+pub const MAX_CHAIN_LEN: usize = 40;
 
 /// Catalog generations kept behind the newest, so that a reader that listed an older
 /// generation a moment ago can still read it.
@@ -54,6 +56,11 @@ pub(crate) fn key_index(id: &BlockId) -> String {
 pub(crate) fn key_manifest(id: &ManifestId) -> String {
     let h = id.to_hex();
     format!("manifests/{}/{h}", &h[..2])
+}
+/// A part of a large manifest's entries (format version 2).
+pub(crate) fn key_part(id: &BlockId) -> String {
+    let h = id.to_hex();
+    format!("mparts/{}/{h}", &h[..2])
 }
 /// A hint to the newest generation of a volume's catalog, so that reading a snapshot
 /// needs no listing.
@@ -359,7 +366,9 @@ impl Repository {
         lock(&self.manifests).get(id).cloned()
     }
 
-    /// Read a manifest (cached: manifests are immutable).
+    /// Read a manifest whole, all its parts (cached: manifests are immutable). For the
+    /// deltas prune and gc work on; reads of a snapshot stream its chain instead (see
+    /// `stream.rs`).
     pub fn manifest(&self, id: &ManifestId) -> Result<Arc<Manifest>> {
         if let Some(m) = lock(&self.manifests).get(id) {
             return Ok(m.clone());
@@ -375,37 +384,34 @@ impl Repository {
                 "content does not match its id (damaged)",
             ));
         }
-        let m = Arc::new(format::decode_manifest(bytes, &self.describe(&key))?);
-        lock(&self.manifests).insert(*id, m.clone());
+        let (head, mut entries) = format::parse_manifest(&bytes, &self.describe(&key))?;
+        drop(bytes);
+        let small = head.parts.is_empty();
+        for part in &head.parts {
+            entries.extend(self.load_part(part, head.block_count)?);
+        }
+        let m = Arc::new(Manifest {
+            header: head.header,
+            delta: snapsync_core::Delta {
+                block_count: head.block_count,
+                entries: entries.into_iter().collect(),
+            },
+        });
+        if small {
+            lock(&self.manifests).insert(*id, m.clone());
+        }
         Ok(m)
     }
 
-    /// Store a manifest; returns its id. It is taken by value and kept as it is in the
-    /// cache: a full map's manifest is as large as the map, and copies of it would be
-    /// the largest allocations of a commit.
-    pub(crate) fn put_manifest(&self, mut m: Manifest) -> Result<ManifestId> {
-        // Name the packs holding this delta's blocks, so that a reader loads only their
-        // indexes instead of listing all of them. (A set of the few packs, not a list
-        // of one pack per block.)
-        m.header.packs = self.with_index(|ix| {
-            let packs: std::collections::BTreeSet<BlockId> = m
-                .delta
-                .data_ids()
-                .filter_map(|id| ix.get(&id).map(|(p, _)| p))
-                .collect();
-            packs.into_iter().collect()
-        })?;
-        let bytes = format::encode_manifest(&m);
-        let id = BlockId::of(&bytes);
-        match self
-            .backend
-            .put(&key_manifest(&id), Bytes::from(bytes), Put::Create)
-        {
-            Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
-            Err(e) => return Err(e),
+    /// Store a manifest given whole; returns its id. The root hash (full maps only) and
+    /// the packs its blocks are in are filled in.
+    pub(crate) fn put_manifest(&self, m: Manifest) -> Result<ManifestId> {
+        let full = m.header.delta_base.is_none();
+        let mut w = crate::writer::ManifestWriter::new(self, m.delta.block_count, full);
+        for (i, b) in &m.delta.entries {
+            w.push(*i, *b)?;
         }
-        lock(&self.manifests).insert(id, Arc::new(m));
-        Ok(id)
+        w.finish(m.header)
     }
 
     /// The full block map of a manifest, resolving its delta chain.
@@ -423,7 +429,7 @@ impl Repository {
         let mut cur = self.manifest(id)?;
         let mut chain = vec![cur.clone()];
         while let Some(base) = cur.header.delta_base {
-            if chain.len() > CHECKPOINT_INTERVAL as usize * 4 + 1 {
+            if chain.len() > MAX_CHAIN_LEN * 4 {
                 return Err(StoreError::corrupt(
                     self.describe(&key_manifest(id)),
                     "delta chain is too long or cyclic",

@@ -148,7 +148,15 @@ struct RepoReader<'a> {
 impl<'a> RepoReader<'a> {
     /// The ids of blocks `first..=last` (`None` for zero blocks).
     fn ids(&mut self, first: u64, last: u64) -> Result<Vec<Option<BlockId>>> {
-        if self.cursor.as_ref().is_none_or(|c| c.position() > first) {
+        // A read before the last one (random access, as an NBD export sees) seeks back:
+        // version-2 manifests load the one part that holds it; version-1 ones are
+        // walked again from the start.
+        let behind = self.cursor.as_ref().is_some_and(|c| c.position() > first);
+        let sought = match (&mut self.cursor, behind) {
+            (Some(c), true) => c.seek(first)?,
+            _ => !behind,
+        };
+        if self.cursor.is_none() || !sought {
             self.cursor = Some(ChainCursor::new(self.repo, &self.chain)?);
         }
         let cursor = self.cursor.as_mut().expect("set");
@@ -264,12 +272,38 @@ mod tests {
                 block_size: 1,
                 delta_base: base,
                 depth: 0,
-                root: BlockId([0; 32]),
+                root: None,
                 packs: vec![],
             },
             delta,
         })
         .unwrap()
+    }
+
+    /// A map streamed, as [`crate::stream::delta_between`] takes it.
+    struct MapStream(std::vec::IntoIter<(u64, BlockId)>);
+
+    impl crate::stream::DataStream for MapStream {
+        fn next_data(&mut self) -> Result<Option<(u64, BlockId)>> {
+            Ok(self.0.next())
+        }
+    }
+
+    fn stream(m: &BlockMap) -> MapStream {
+        MapStream(m.iter_data().collect::<Vec<_>>().into_iter())
+    }
+
+    fn delta_of(base: &mut dyn crate::stream::DataStream, target: &BlockMap) -> Delta {
+        let mut entries = std::collections::BTreeMap::new();
+        crate::stream::delta_between(base, &mut stream(target), target.block_count(), |i, b| {
+            entries.insert(i, b);
+            Ok(())
+        })
+        .unwrap();
+        Delta {
+            block_count: target.block_count(),
+            entries,
+        }
     }
 
     fn map(blocks: &[Option<u8>]) -> BlockMap {
@@ -319,10 +353,17 @@ mod tests {
             // A delta against the chain, read as it is walked, is the delta against
             // its map.
             let target = map(&other);
-            prop_assert_eq!(
-                repo.delta_against(&head, &target).unwrap(),
-                Delta::between(&prev, &target)
-            );
+            let mut c = ChainCursor::new(&repo, &chain).unwrap();
+            prop_assert_eq!(delta_of(&mut c, &target), Delta::between(&prev, &target));
+
+            // Seeking back (random access) finds every block again.
+            let mut c = ChainCursor::new(&repo, &chain).unwrap();
+            let mut i = prev.block_count() + 2;
+            while i > 0 {
+                i = i.saturating_sub(step);
+                prop_assert!(c.seek(i).unwrap(), "version-2 chains seek");
+                prop_assert_eq!(c.block(i).unwrap(), prev.get(i));
+            }
 
             let mut c = ChainCursor::new(&repo, &chain).unwrap();
             let mut i = 0;
@@ -351,23 +392,30 @@ mod tests {
             let head = put(&repo, Delta::full(&base_map), None);
             let mut want = base_map.clone();
             want.resize(count);
-            let mut overlay = crate::stream::Overlay {
-                repo: &repo,
-                base: Some(head),
-                block_count: count,
-                changes: Default::default(),
-                moved_to: None,
-            };
+            let mut received = crate::spill::Changes::default();
             for (&i, b) in &changes {
                 let r = b.map_or(BlockRef::Zero, |n| BlockRef::Data(BlockId::of(&[n])));
                 want.set(i, r);
                 if i < count {
-                    overlay.changes.insert(i, r);
+                    received.insert(i, r).unwrap();
                 }
             }
+            let overlay = crate::stream::Overlay {
+                repo: &repo,
+                base: Some(head),
+                block_count: count,
+                changes: &received,
+            };
             prop_assert_eq!(&overlay.map().unwrap(), &want);
             prop_assert_eq!(overlay.root_hash().unwrap(), want.root_hash());
-            let delta = overlay.delta_against_base().unwrap();
+            let delta = delta_of(&mut stream(&base_map), &want);
+            let mut data = overlay.data().unwrap();
+            let mut entries = std::collections::BTreeMap::new();
+            crate::stream::delta_between(&mut stream(&base_map), &mut data, count, |i, b| {
+                entries.insert(i, b);
+                Ok(())
+            }).unwrap();
+            prop_assert_eq!(&entries, &delta.entries);
             prop_assert_eq!(base_map.apply(&delta), want.clone());
             prop_assert_eq!(delta, Delta::between(&base_map, &want));
         }
@@ -381,9 +429,9 @@ mod tests {
         let id = put(&repo, Delta::full(&map(&blocks)), None);
         let file = dir.path().join("r").join(crate::repo::key_manifest(&id));
         let good = std::fs::read(&file).unwrap();
-        assert!(good.len() > 3 * 4099, "spans several pieces");
         let checked = repo.check_manifest(&id).unwrap();
         assert_eq!(checked.head.count, 3000);
+        assert!(checked.head.parts.len() > 1, "in parts");
         for at in [0, 30, good.len() / 2, good.len() - 1] {
             let mut bad = good.clone();
             bad[at] ^= 1;
@@ -393,16 +441,23 @@ mod tests {
         }
         std::fs::write(&file, &good[..good.len() - 10]).unwrap();
         assert!(repo.check_manifest(&id).is_err(), "truncated");
-        // Changed after the check: found by the walk.
         std::fs::write(&file, &good).unwrap();
+        // A damaged part is found when the walk loads it, and named.
         let chain = vec![repo.check_manifest(&id).unwrap()];
-        let mut bad = good.clone();
+        let part = checked.head.parts[checked.head.parts.len() / 2];
+        let part_file = dir.path().join("r").join(crate::repo::key_part(&part.id));
+        let mut bad = std::fs::read(&part_file).unwrap();
         let n = bad.len();
-        bad[n - 100] ^= 1;
-        std::fs::write(&file, &bad).unwrap();
+        bad[n - 40] ^= 1;
+        std::fs::write(&part_file, &bad).unwrap();
         let mut c = ChainCursor::new(&repo, &chain).unwrap();
         assert!(c.block(0).is_ok());
-        assert!(c.finish().is_err());
+        let err = c.block(part.first).unwrap_err();
+        assert!(err.to_string().contains("mparts/"), "{err}");
+        std::fs::remove_file(&part_file).unwrap();
+        let mut c = ChainCursor::new(&repo, &chain).unwrap();
+        let err = c.block(part.last).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
         std::fs::remove_file(&file).unwrap();
         let err = repo.check_manifest(&id).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");

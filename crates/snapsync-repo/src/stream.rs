@@ -7,19 +7,29 @@
 //! repository) needs only the entries at the current position, so the read path
 //! streams them and its memory does not grow with the snapshot.
 //!
-//! Each manifest is checked whole before any of it is used, exactly as a decoded one
-//! is (its id is the BLAKE3 of its bytes, its envelope's checksum, its header), by
-//! reading it through once; its entries are then read a second time, piece by piece,
-//! hashed again on the way and checked at the end, so that an object that changed in
-//! between is reported rather than trusted.
+//! A version-2 manifest is a small object (its header and part table, or a few entries
+//! inline), checked whole against its id, and parts of at most
+//! [`format::PART_ENTRIES`] entries, each checked against the id its part table names
+//! when it is loaded. A walk loads one part at a time, and a lookup far ahead skips the
+//! parts between without reading them, so a random read of a 16 M-block snapshot loads
+//! one part per manifest of its chain.
+//!
+//! A version-1 manifest holds all its entries in one object. It is checked whole before
+//! any of it is used, exactly as a decoded one is (its id is the BLAKE3 of its bytes,
+//! its envelope's checksum, its header), by reading it through once; its entries are
+//! then read a second time, piece by piece, hashed again on the way and checked at the
+//! end, so that an object that changed in between is reported rather than trusted.
 
-use snapsync_core::{BlockId, BlockMap, BlockRef, Delta, RootHasher};
+use snapsync_core::{BlockId, BlockRef};
+#[cfg(test)]
+use snapsync_core::{BlockMap, RootHasher};
 use snapsync_store::{Result, StoreError};
 
 use crate::format::{
     self, ManifestHead, ManifestId, ENVELOPE_HEADER, ENVELOPE_TRAILER, MAGIC_MANIFEST,
 };
-use crate::repo::{key_manifest, Repository};
+use crate::repo::{key_manifest, key_part, Repository};
+use crate::spill::{Changes, ChangesIter};
 
 /// Bytes of a manifest read at a time (an odd few in tests, to cross every boundary).
 const PIECE: usize = if cfg!(test) { 4099 } else { 256 << 10 };
@@ -31,6 +41,17 @@ pub(crate) struct CheckedManifest {
     pub(crate) head: ManifestHead,
     /// Length of the whole object.
     len: u64,
+    /// Version 2: the entries held inline (none when the manifest is in parts).
+    /// Version 1 (`None`): the entries are read from the object, a piece at a time.
+    inline: Option<std::sync::Arc<Vec<(u64, BlockRef)>>>,
+}
+
+impl CheckedManifest {
+    /// Whether it is a version-1 manifest (all entries in one object, read in
+    /// pieces), rather than a version-2 one (inline or in parts).
+    pub(crate) fn is_v1(&self) -> bool {
+        self.inline.is_none()
+    }
 }
 
 impl Repository {
@@ -46,6 +67,9 @@ impl Repository {
             e => e,
         })?;
         let payload = format::envelope_payload_len(MAGIC_MANIFEST, &start, &location)?;
+        if format::envelope_version(&start) >= 2 {
+            return self.check_manifest_v2(id, &key);
+        }
         let len = (ENVELOPE_HEADER as u64 + ENVELOPE_TRAILER as u64)
             .checked_add(payload)
             .ok_or_else(|| corrupt("implausible length"))?;
@@ -74,7 +98,7 @@ impl Repository {
                 let from = (ENVELOPE_HEADER as u64).saturating_sub(at) as usize;
                 if from < in_body {
                     head_bytes.extend_from_slice(&piece[from..in_body]);
-                    head = format::parse_manifest_head(&head_bytes, payload, &location)?;
+                    head = format::parse_manifest_head(&head_bytes, payload, 1, &location)?;
                 }
             }
             at += n as u64;
@@ -86,14 +110,57 @@ impl Repository {
             return Err(corrupt("checksum mismatch (damaged)"));
         }
         let head = head.ok_or_else(|| corrupt("truncated header"))?;
-        Ok(CheckedManifest { id: *id, head, len })
+        Ok(CheckedManifest {
+            id: *id,
+            head,
+            len,
+            inline: None,
+        })
+    }
+
+    /// [`Repository::check_manifest`] of a version-2 manifest: a small object, read
+    /// whole.
+    fn check_manifest_v2(&self, id: &ManifestId, key: &str) -> Result<CheckedManifest> {
+        let location = self.describe(key);
+        let bytes = self
+            .backend
+            .get(key)?
+            .ok_or_else(|| StoreError::corrupt(location.clone(), "manifest is missing"))?;
+        if BlockId::of(&bytes) != *id {
+            return Err(StoreError::corrupt(
+                location,
+                "content does not match its id (damaged)",
+            ));
+        }
+        let (head, inline) = format::parse_manifest(&bytes, &location)?;
+        Ok(CheckedManifest {
+            id: *id,
+            head,
+            len: bytes.len() as u64,
+            inline: Some(std::sync::Arc::new(inline)),
+        })
+    }
+
+    /// Load part `part` of a manifest whose map has `block_count` blocks.
+    pub(crate) fn load_part(
+        &self,
+        part: &format::PartRef,
+        block_count: u64,
+    ) -> Result<Vec<(u64, BlockRef)>> {
+        let key = key_part(&part.id);
+        let location = self.describe(&key);
+        let bytes = self
+            .backend
+            .get(&key)?
+            .ok_or_else(|| StoreError::corrupt(location.clone(), "manifest part is missing"))?;
+        format::decode_part(&bytes, part, block_count, &location)
     }
 
     /// The manifests of a delta chain from `id` down to its full map, checked.
     pub(crate) fn checked_chain(&self, id: &ManifestId) -> Result<Vec<CheckedManifest>> {
         let mut chain = vec![self.check_manifest(id)?];
         while let Some(base) = chain.last().expect("one").head.header.delta_base {
-            if chain.len() > crate::CHECKPOINT_INTERVAL as usize * 4 + 1 {
+            if chain.len() > crate::MAX_CHAIN_LEN * 4 {
                 return Err(StoreError::corrupt(
                     self.describe(&key_manifest(id)),
                     "delta chain is too long or cyclic",
@@ -113,52 +180,112 @@ impl Repository {
         Ok(self.check_manifest(id)?.head.header.depth)
     }
 
-    /// [`Delta::between`] the snapshot of manifest `base` and `target`, with the base
-    /// read along its chain rather than resolved: no second map of the volume.
-    pub(crate) fn delta_against(&self, base: &ManifestId, target: &BlockMap) -> Result<Delta> {
-        let chain = self.checked_chain(base)?;
-        let mut cursor = ChainCursor::new(self, &chain)?;
-        let mut next = || -> Result<Option<(u64, BlockId)>> {
-            Ok(cursor
-                .next_data_entry()?
-                .filter(|(j, _)| *j < target.block_count()))
-        };
-        let mut base_block = next()?;
-        let mut entries = Vec::new();
-        for (i, id) in target.iter_data() {
-            // Blocks the base has as data inside the target's range but the target lacks.
-            while let Some((j, _)) = base_block.filter(|(j, _)| *j < i) {
-                entries.push((j, BlockRef::Zero));
-                base_block = next()?;
-            }
-            match base_block {
-                Some((j, b)) if j == i => {
-                    if b != id {
-                        entries.push((i, BlockRef::Data(id)));
-                    }
-                    base_block = next()?;
-                }
-                _ => entries.push((i, BlockRef::Data(id))),
-            }
-        }
-        while let Some((j, _)) = base_block {
-            entries.push((j, BlockRef::Zero));
-            base_block = next()?;
-        }
-        Ok(Delta {
-            block_count: target.block_count(),
-            entries: entries.into_iter().collect(),
-        })
-    }
-
     fn read_piece(&self, key: &str, offset: u64, dst: &mut [u8]) -> Result<()> {
         self.backend
             .read_ranges_into(&mut [(key.to_string(), offset, dst)])
     }
 }
 
-/// The entries of one checked manifest, in index order, read a piece at a time.
-pub(crate) struct EntryStream<'a> {
+/// The entries of one checked manifest, in index order.
+pub(crate) enum EntryStream<'a> {
+    /// Version 1: read from the one object, a piece at a time.
+    V1(Box<V1Stream<'a>>),
+    /// Version 2: inline, or a part at a time.
+    V2(PartStream<'a>),
+}
+
+impl<'a> EntryStream<'a> {
+    pub(crate) fn new(repo: &'a Repository, m: &CheckedManifest) -> Result<Self> {
+        Ok(match &m.inline {
+            None => EntryStream::V1(Box::new(V1Stream::new(repo, m)?)),
+            Some(inline) => EntryStream::V2(PartStream {
+                repo,
+                parts: m.head.parts.clone(),
+                block_count: m.head.block_count,
+                page: inline.clone(),
+                loaded: None,
+                next_part: 0,
+                pos: 0,
+            }),
+        })
+    }
+
+    /// The next entry, checked as [`format::decode_manifest`] checks them.
+    pub(crate) fn next_entry(&mut self) -> Result<Option<(u64, BlockRef)>> {
+        match self {
+            EntryStream::V1(s) => s.next_entry(),
+            EntryStream::V2(s) => s.next_entry(),
+        }
+    }
+
+    /// Position the stream so that the next entry is the first at or after `index`,
+    /// backwards as well as forwards. Version 2 loads at most the one part that holds
+    /// it; version 1 cannot seek (`false`): the caller starts a new stream.
+    pub(crate) fn seek(&mut self, index: u64) -> Result<bool> {
+        match self {
+            EntryStream::V1(_) => Ok(false),
+            EntryStream::V2(s) => s.seek(index).map(|()| true),
+        }
+    }
+}
+
+/// The entries of a version-2 manifest: its inline entries, or its parts one at a time.
+pub(crate) struct PartStream<'a> {
+    repo: &'a Repository,
+    parts: Vec<format::PartRef>,
+    block_count: u64,
+    /// The entries at hand: the inline ones, or the part `loaded`.
+    page: std::sync::Arc<Vec<(u64, BlockRef)>>,
+    loaded: Option<usize>,
+    /// The part to load when `page` is used up.
+    next_part: usize,
+    pos: usize,
+}
+
+impl PartStream<'_> {
+    fn load(&mut self, k: usize) -> Result<()> {
+        if self.loaded != Some(k) {
+            let part = self.repo.load_part(&self.parts[k], self.block_count)?;
+            self.page = std::sync::Arc::new(part);
+            self.loaded = Some(k);
+        }
+        self.next_part = k + 1;
+        self.pos = 0;
+        Ok(())
+    }
+
+    fn next_entry(&mut self) -> Result<Option<(u64, BlockRef)>> {
+        while self.pos == self.page.len() {
+            if self.next_part >= self.parts.len() {
+                return Ok(None);
+            }
+            self.load(self.next_part)?;
+        }
+        self.pos += 1;
+        Ok(Some(self.page[self.pos - 1]))
+    }
+
+    fn seek(&mut self, index: u64) -> Result<()> {
+        if !self.parts.is_empty() {
+            // The first part that ends at or after `index`.
+            let k = self.parts.partition_point(|p| p.last < index);
+            if k == self.parts.len() {
+                self.page = Default::default();
+                self.loaded = None;
+                self.next_part = k;
+                self.pos = 0;
+                return Ok(());
+            }
+            self.load(k)?;
+        }
+        self.pos = self.page.partition_point(|(i, _)| *i < index);
+        Ok(())
+    }
+}
+
+/// The entries of one checked version-1 manifest, in index order, read a piece at a
+/// time.
+pub(crate) struct V1Stream<'a> {
     repo: &'a Repository,
     key: String,
     id: ManifestId,
@@ -175,8 +302,8 @@ pub(crate) struct EntryStream<'a> {
     done: bool,
 }
 
-impl<'a> EntryStream<'a> {
-    pub(crate) fn new(repo: &'a Repository, m: &CheckedManifest) -> Result<Self> {
+impl<'a> V1Stream<'a> {
+    fn new(repo: &'a Repository, m: &CheckedManifest) -> Result<Self> {
         let mut s = Self {
             repo,
             key: key_manifest(&m.id),
@@ -237,8 +364,7 @@ impl<'a> EntryStream<'a> {
         Ok(&self.buf[self.pos - n..self.pos])
     }
 
-    /// The next entry, checked as [`format::decode_manifest`] checks them.
-    pub(crate) fn next_entry(&mut self) -> Result<Option<(u64, BlockRef)>> {
+    fn next_entry(&mut self) -> Result<Option<(u64, BlockRef)>> {
         if self.left == 0 {
             if !self.done {
                 // What is left is the trailer: read it, so the whole object is hashed.
@@ -270,105 +396,191 @@ impl<'a> EntryStream<'a> {
 }
 
 /// A snapshot being received, as the blocks received on top of its transfer base: the
-/// base is read along its chain when needed, so that a receive holds a map of the
-/// blocks it was sent, not of the whole volume.
+/// base is read along its chain when needed, so that a receive holds the blocks it was
+/// sent (spilled to disk past a bound, see [`Changes`]), not a map of the whole volume.
 pub(crate) struct Overlay<'a> {
     pub(crate) repo: &'a Repository,
     /// The transfer base's manifest.
     pub(crate) base: Option<ManifestId>,
     pub(crate) block_count: u64,
-    /// Blocks received, by index (all below `block_count`); zero ones only over a base.
-    pub(crate) changes: std::collections::BTreeMap<u64, BlockRef>,
-    /// Without a base, the blocks received are the snapshot's full map: once stored as
-    /// such, they were moved into that manifest, which is named here.
-    pub(crate) moved_to: Option<ManifestId>,
+    /// Blocks received, by index (all below `block_count`).
+    pub(crate) changes: &'a Changes,
 }
 
-impl Overlay<'_> {
-    /// Without a base: the full map as a delta, moved out of `changes` rather than
-    /// copied (see [`Overlay::moved_to`]).
-    pub(crate) fn take_full_map(&mut self) -> Delta {
-        debug_assert!(self.base.is_none());
-        Delta {
-            block_count: self.block_count,
-            entries: std::mem::take(&mut self.changes),
-        }
-    }
-
-    /// Bring back blocks moved into a manifest (a commit retried after a race).
-    pub(crate) fn restore(&mut self) -> Result<()> {
-        if let Some(id) = self.moved_to.take() {
-            self.changes = self.repo.manifest(&id)?.delta.entries.clone();
-        }
-        Ok(())
-    }
-
-    /// Call `f` with each data block of the snapshot, in index order.
-    pub(crate) fn for_each_data(&self, mut f: impl FnMut(u64, BlockId)) -> Result<()> {
+impl<'a> Overlay<'a> {
+    /// The snapshot's data blocks, in index order.
+    pub(crate) fn data(&self) -> Result<OverlayData<'a>> {
         let chain = match self.base {
             Some(b) => self.repo.checked_chain(&b)?,
             None => Vec::new(),
         };
         let mut cursor = ChainCursor::new(self.repo, &chain)?;
-        let mut base = cursor
-            .next_data_entry()?
-            .filter(|(i, _)| *i < self.block_count);
-        for (&i, r) in &self.changes {
-            while let Some((j, id)) = base.filter(|(j, _)| *j < i) {
-                f(j, id);
-                base = cursor
-                    .next_data_entry()?
-                    .filter(|(j, _)| *j < self.block_count);
-            }
-            if base.is_some_and(|(j, _)| j == i) {
-                base = cursor
-                    .next_data_entry()?
-                    .filter(|(j, _)| *j < self.block_count);
-            }
-            if let BlockRef::Data(id) = r {
-                f(i, *id);
-            }
-        }
-        while let Some((j, id)) = base {
-            f(j, id);
-            base = cursor
-                .next_data_entry()?
-                .filter(|(j, _)| *j < self.block_count);
-        }
-        Ok(())
+        let mut changes = self.changes.iter();
+        Ok(OverlayData {
+            next_base: cursor.next_data_entry()?,
+            next_change: changes.next_entry()?,
+            changes,
+            cursor,
+            block_count: self.block_count,
+        })
     }
 
     /// The snapshot's [`BlockMap::root_hash`].
+    #[cfg(test)]
     pub(crate) fn root_hash(&self) -> Result<BlockId> {
         let mut h = RootHasher::new(self.block_count);
-        self.for_each_data(|i, id| h.add(i, &id))?;
+        let mut data = self.data()?;
+        while let Some((i, id)) = data.next_data()? {
+            h.add(i, &id);
+        }
         Ok(h.finish())
     }
 
-    /// The snapshot's whole map (for the rarer placements that need it).
+    /// The snapshot's whole map (tests compare it with a model).
+    #[cfg(test)]
     pub(crate) fn map(&self) -> Result<BlockMap> {
-        let mut data = Vec::new();
-        self.for_each_data(|i, id| data.push((i, id)))?;
-        Ok(BlockMap::from_data(self.block_count, data))
+        let mut out = Vec::new();
+        let mut data = self.data()?;
+        while let Some(e) = data.next_data()? {
+            out.push(e);
+        }
+        Ok(BlockMap::from_data(self.block_count, out))
     }
+}
 
-    /// The delta against the transfer base: the blocks received that differ from it.
-    pub(crate) fn delta_against_base(&self) -> Result<Delta> {
-        let chain = match self.base {
-            Some(b) => self.repo.checked_chain(&b)?,
-            None => Vec::new(),
+/// Data blocks in index order, one at a time: a snapshot's map streamed.
+pub(crate) trait DataStream {
+    /// The next data block (index and id), or `None` after the last.
+    fn next_data(&mut self) -> Result<Option<(u64, BlockId)>>;
+}
+
+impl DataStream for ChainCursor<'_> {
+    fn next_data(&mut self) -> Result<Option<(u64, BlockId)>> {
+        self.next_data_entry()
+    }
+}
+
+/// See [`Overlay::data`].
+pub(crate) struct OverlayData<'a> {
+    changes: ChangesIter<'a>,
+    cursor: ChainCursor<'a>,
+    block_count: u64,
+    next_change: Option<(u64, BlockRef)>,
+    next_base: Option<(u64, BlockId)>,
+}
+
+impl DataStream for OverlayData<'_> {
+    fn next_data(&mut self) -> Result<Option<(u64, BlockId)>> {
+        loop {
+            let change = self.next_change.map(|(i, _)| i);
+            let base = self.next_base.map(|(i, _)| i);
+            let (index, id) = match (change, base) {
+                (None, None) => return Ok(None),
+                (Some(c), b) if b.is_none_or(|b| c <= b) => {
+                    if b == Some(c) {
+                        self.next_base = self.cursor.next_data_entry()?;
+                    }
+                    let (_, block) = self.next_change.expect("some");
+                    self.next_change = self.changes.next_entry()?;
+                    match block {
+                        BlockRef::Data(id) => (c, id),
+                        BlockRef::Zero => continue,
+                    }
+                }
+                _ => {
+                    let e = self.next_base.expect("some");
+                    self.next_base = self.cursor.next_data_entry()?;
+                    e
+                }
+            };
+            if index >= self.block_count {
+                return Ok(None);
+            }
+            return Ok(Some((index, id)));
+        }
+    }
+}
+
+/// The entries by which `target` differs from `base` (a snapshot of `block_count`
+/// blocks against any other), in index order: [`Delta::between`] of two streamed maps.
+pub(crate) fn delta_between(
+    base: &mut dyn DataStream,
+    target: &mut dyn DataStream,
+    block_count: u64,
+    mut f: impl FnMut(u64, BlockRef) -> Result<()>,
+) -> Result<()> {
+    let mut b = base.next_data()?.filter(|(i, _)| *i < block_count);
+    let mut t = target.next_data()?;
+    loop {
+        match (b, t) {
+            (None, None) => return Ok(()),
+            (Some((i, _)), tt) if tt.is_none_or(|(j, _)| i < j) => {
+                f(i, BlockRef::Zero)?;
+                b = base.next_data()?.filter(|(i, _)| *i < block_count);
+            }
+            (Some((i, x)), Some((j, y))) if i == j => {
+                if x != y {
+                    f(j, BlockRef::Data(y))?;
+                }
+                b = base.next_data()?.filter(|(i, _)| *i < block_count);
+                t = target.next_data()?;
+            }
+            (_, Some((j, y))) => {
+                f(j, BlockRef::Data(y))?;
+                t = target.next_data()?;
+            }
+            (_, None) => unreachable!("covered above"),
+        }
+    }
+}
+
+/// The entries of several deltas over one base, merged in index order: for each index
+/// the entry of the first source that lists it (`changes`, then `above` newest first),
+/// and none at or past `block_count`. `f` also gets the entry of the oldest manifest of
+/// `above` that lists the index (which, as every delta lists only what differs from its
+/// base, differs from the base's block). Valid as one delta over the same base only when
+/// no manifest in between shrank the map below the base's size (the caller checks).
+pub(crate) fn merge_deltas(
+    repo: &Repository,
+    changes: &Changes,
+    above: &[CheckedManifest],
+    block_count: u64,
+    mut f: impl FnMut(u64, BlockRef, Option<BlockRef>) -> Result<()>,
+) -> Result<()> {
+    let mut first = changes.iter();
+    let mut streams = above
+        .iter()
+        .map(|m| EntryStream::new(repo, m))
+        .collect::<Result<Vec<_>>>()?;
+    let mut heads = Vec::with_capacity(streams.len() + 1);
+    heads.push(first.next_entry()?);
+    for s in &mut streams {
+        heads.push(s.next_entry()?);
+    }
+    loop {
+        let Some(index) = heads.iter().flatten().map(|(i, _)| *i).min() else {
+            return Ok(());
         };
-        let mut cursor = ChainCursor::new(self.repo, &chain)?;
-        let mut entries = Vec::new();
-        for (&i, r) in &self.changes {
-            if cursor.block(i)? != *r {
-                entries.push((i, *r));
+        if index >= block_count {
+            return Ok(());
+        }
+        let mut newest = None;
+        let mut oldest_above = None;
+        for (k, head) in heads.iter_mut().enumerate() {
+            if let Some((i, b)) = *head {
+                if i == index {
+                    newest.get_or_insert(b);
+                    if k > 0 {
+                        oldest_above = Some(b);
+                    }
+                    *head = match k {
+                        0 => first.next_entry()?,
+                        _ => streams[k - 1].next_entry()?,
+                    };
+                }
             }
         }
-        Ok(Delta {
-            block_count: self.block_count,
-            entries: entries.into_iter().collect(),
-        })
+        f(index, newest.expect("the lowest head"), oldest_above)?;
     }
 }
 
@@ -385,13 +597,40 @@ impl Walk<'_> {
         self.next = match self.stream.next_entry()? {
             Some((i, b)) if i < self.limit => Some((i, b)),
             Some(_) => {
-                // Past the limit: the rest is cut off, but still checked.
-                while self.stream.next_entry()?.is_some() {}
+                // Past the limit: the rest is cut off, but a version-1 object is still
+                // read to its end to be checked (a part is checked when loaded).
+                if let EntryStream::V1(_) = self.stream {
+                    while self.stream.next_entry()?.is_some() {}
+                }
                 None
             }
             None => None,
         };
         Ok(())
+    }
+
+    /// Move to the first entry at or after `index` (never back): by seeking when the
+    /// stream can, which skips whole parts unread, else by reading on.
+    fn skip_to(&mut self, index: u64) -> Result<()> {
+        if self.next.is_none_or(|(i, _)| i >= index) {
+            return Ok(());
+        }
+        if self.stream.seek(index)? {
+            return self.advance();
+        }
+        while self.next.is_some_and(|(i, _)| i < index) {
+            self.advance()?;
+        }
+        Ok(())
+    }
+
+    /// [`Walk::skip_to`] backwards (or forwards): `false` when the stream cannot seek.
+    fn seek(&mut self, index: u64) -> Result<bool> {
+        if self.stream.seek(index)? {
+            self.advance()?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 }
 
@@ -427,6 +666,26 @@ impl<'a> ChainCursor<'a> {
         self.from
     }
 
+    /// Move back (or forward) to `index`, so that lookups from there on are allowed:
+    /// `false` (and unchanged) when a manifest of the chain cannot seek (version 1),
+    /// and the caller starts a new cursor.
+    pub(crate) fn seek(&mut self, index: u64) -> Result<bool> {
+        if self
+            .walks
+            .iter()
+            .any(|w| matches!(w.stream, EntryStream::V1(_)))
+        {
+            return Ok(false);
+        }
+        for w in &mut self.walks {
+            if !w.seek(index)? {
+                return Ok(false);
+            }
+        }
+        self.from = index;
+        Ok(true)
+    }
+
     /// The block at `index`, which must not be below the last one looked up.
     pub(crate) fn block(&mut self, index: u64) -> Result<BlockRef> {
         assert!(index >= self.from, "chain cursors only move forward");
@@ -435,9 +694,7 @@ impl<'a> ChainCursor<'a> {
             if index >= w.limit {
                 return Ok(BlockRef::Zero);
             }
-            while w.next.is_some_and(|(i, _)| i < index) {
-                w.advance()?;
-            }
+            w.skip_to(index)?;
             if let Some((i, b)) = w.next {
                 if i == index {
                     return Ok(b);
@@ -458,9 +715,7 @@ impl<'a> ChainCursor<'a> {
             // The lowest index still listed at or after the position.
             let mut lowest: Option<u64> = None;
             for w in &mut self.walks {
-                while w.next.is_some_and(|(i, _)| i < self.from) {
-                    w.advance()?;
-                }
+                w.skip_to(self.from)?;
                 if let Some((i, _)) = w.next {
                     lowest = Some(lowest.map_or(i, |l| l.min(i)));
                 }
@@ -474,10 +729,11 @@ impl<'a> ChainCursor<'a> {
         }
     }
 
-    /// Read every remaining entry, so that a manifest damaged in its tail is reported.
+    /// Read every remaining entry of a version-1 manifest, so that one damaged in its
+    /// tail is reported (a version-2 part is checked whole when it is loaded).
     pub(crate) fn finish(mut self) -> Result<()> {
         for w in &mut self.walks {
-            while w.next.is_some() {
+            while w.next.is_some() && matches!(w.stream, EntryStream::V1(_)) {
                 w.advance()?;
             }
         }

@@ -172,7 +172,7 @@ impl Repository {
                                 s.manifest
                             ));
                         }
-                        if map.root_hash() != h.root {
+                        if h.root.is_some_and(|root| map.root_hash() != root) {
                             problems.push(format!(
                                 "block map of manifest {} does not match its root hash",
                                 s.manifest

@@ -4,6 +4,8 @@
 //!
 //! A change that makes one of these fail changes the on-disk format: it needs a new
 //! format version and a reader for the old one, never an edit of the pinned bytes.
+//! Since version 2 (manifests in parts) this code writes version 2, so the version-1
+//! pins are read back here rather than written; `format_v2.rs` pins what it writes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +38,7 @@ fn manifest() -> Manifest {
             block_size: 4096,
             delta_base: Some(id(0x11)),
             depth: 1,
-            root: id(0x22),
+            root: Some(id(0x22)),
             packs: vec![id(0x33)],
         },
         delta: Delta {
@@ -76,6 +78,14 @@ fn catalog() -> Catalog {
     }
 }
 
+fn unhex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -99,11 +109,9 @@ fn snapshot_identities_are_pinned() {
 
 #[test]
 fn the_envelope_is_pinned() {
-    let bytes = format::encode_envelope(MAGIC_MANIFEST, b"snapsync");
-    assert_eq!(
-        hex(&bytes),
+    let bytes = unhex(
         "534e53594d414e49010000000800000000000000736e617073796e63\
-         433c3cb171c94b672421d51d6948eeba9a99c8772235f5acb7f13c746c0ffd46"
+         433c3cb171c94b672421d51d6948eeba9a99c8772235f5acb7f13c746c0ffd46",
     );
     assert_eq!(
         format::decode_envelope(MAGIC_MANIFEST, &bytes, "golden").unwrap(),
@@ -133,8 +141,7 @@ fn a_manifest_is_pinned() {
         entries,
         "7a2111c751cf8e768afde877e95f43330f629455f291f5c45d5ab7717d305ef6",
     );
-    let bytes = format::encode_manifest(&manifest());
-    assert_eq!(hex(&bytes), want);
+    let bytes = unhex(&want);
     assert_eq!(
         format::decode_manifest(&bytes, "golden").unwrap(),
         manifest()
@@ -151,8 +158,7 @@ fn a_catalog_is_pinned() {
         hex(CATALOG_JSON.as_bytes()),
         "c95fce89fa55f074c8c829c700253d79cead0247720845f15a314baaf08b7aa0",
     );
-    let bytes = format::encode_json(MAGIC_CATALOG, &catalog());
-    assert_eq!(hex(&bytes), want);
+    let bytes = unhex(&want);
     let back: Catalog = format::decode_json(MAGIC_CATALOG, &bytes, "golden").unwrap();
     assert_eq!(back, catalog());
 }
@@ -201,8 +207,9 @@ fn fixture_source() -> snapsync_store::memory::MemoryStore {
     src
 }
 
-/// Write the fixture (once, when the format was frozen):
+/// Wrote the fixture (once, when the format was frozen, with the version-1 code):
 /// `SNAPSYNC_WRITE_V1_FIXTURE=1 cargo test -p snapsync-repo --test format_v1 -- --ignored`.
+/// Kept as the record of how it was made; today's code would write version 2.
 #[test]
 #[ignore = "writes the committed fixture; run only to create it"]
 fn write_the_v1_fixture() {
