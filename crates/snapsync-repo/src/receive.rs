@@ -158,10 +158,10 @@ type Fresh<'a> = (BlockId, &'a Bytes, &'a Compressed);
 
 impl RepoReceiver<'_> {
     /// Note block `index` of the new snapshot ([`RepoReceiver::check_batch`] has kept
-    /// it inside the snapshot). Zero blocks are noted too: over a base they replace
+    /// it inside the snapshot), and whether its content is `new` to the repository. Zero blocks are noted too: over a base they replace
     /// data, and without one a full map leaves them out.
-    fn record(&mut self, index: u64, block: BlockRef) -> Result<()> {
-        self.changes.insert(index, block)
+    fn record(&mut self, index: u64, block: BlockRef, new: bool) -> Result<()> {
+        self.changes.insert(index, block, new)
     }
 
     /// Refuse a batch that would commit a damaged snapshot: an index past the end, or
@@ -282,11 +282,11 @@ impl Receiver for RepoReceiver<'_> {
     fn write(&mut self, blocks: Vec<IncomingBlock>) -> Result<u64> {
         self.check_batch(&blocks)?;
         let bs = self.repo.config.block_size as usize;
-        let mut candidates: Vec<Fresh<'_>> = Vec::new();
+        let mut sent: Vec<(u64, Fresh<'_>)> = Vec::new();
         for b in &blocks {
             match &b.content {
-                BlockContent::Zero => self.record(b.index, BlockRef::Zero)?,
-                BlockContent::Existing(id) => self.record(b.index, BlockRef::Data(*id))?,
+                BlockContent::Zero => self.record(b.index, BlockRef::Zero, false)?,
+                BlockContent::Existing(id) => self.record(b.index, BlockRef::Data(*id), false)?,
                 BlockContent::Data {
                     id,
                     data,
@@ -298,24 +298,28 @@ impl Receiver for RepoReceiver<'_> {
                             detail: format!("{} bytes, expected the block size {bs}", data.len()),
                         });
                     }
-                    self.record(b.index, BlockRef::Data(*id))?;
-                    if !self.session.contains_key(id) {
-                        candidates.push((*id, data, compressed));
-                    }
+                    sent.push((b.index, (*id, data, compressed)));
                 }
             }
         }
-        // Each block is stored once per receive: not again if a pack of this receive
-        // already stored and indexed it.
-        let indexed: Vec<bool> = if candidates.is_empty() {
+        // Each block is stored once per receive: not again if this receive already
+        // stored it (in `session` while its pack is being stored, indexed after).
+        let indexed: Vec<bool> = if sent.is_empty() {
             Vec::new()
         } else {
-            self.repo
-                .with_index(|ix| candidates.iter().map(|(id, ..)| ix.contains(id)).collect())?
+            let session = &self.session;
+            self.repo.with_index(|ix| {
+                sent.iter()
+                    .map(|(_, (id, ..))| !session.contains_key(id) && ix.contains(id))
+                    .collect()
+            })?
         };
-        let mut fresh: Vec<Fresh<'_>> = Vec::with_capacity(candidates.len());
-        for (c, indexed) in candidates.into_iter().zip(indexed) {
-            if !indexed && self.session.insert(c.0, ()).is_none() {
+        let mut fresh: Vec<Fresh<'_>> = Vec::with_capacity(sent.len());
+        for ((index, c), indexed) in sent.into_iter().zip(indexed) {
+            // New to the repository: not indexed before this receive (see `Changes`).
+            let new = !indexed;
+            self.record(index, BlockRef::Data(c.0), new)?;
+            if new && self.session.insert(c.0, ()).is_none() {
                 fresh.push(c);
             }
         }
@@ -566,7 +570,8 @@ fn store_delta(
     let mut w = ManifestWriter::new(repo, target.block_count, false);
     // Usually the data came over the older neighbour and the map kept its size: the
     // delta is then the neighbour's manifests above the base merged with what was
-    // received, and nothing below (the full map least of all) is read.
+    // received, and below them only what may have gone back to the base's block is
+    // looked up (the full map is not read through).
     let same_size = chain[..=k]
         .iter()
         .all(|m| m.head.block_count == target.block_count);
@@ -577,9 +582,9 @@ fn store_delta(
             target.changes,
             &chain[..k],
             target.block_count,
-            |i, b, _| match redundant.binary_search(&i) {
+            |i, m| match redundant.binary_search(&i) {
                 Ok(_) => Ok(()),
-                Err(_) => w.push(i, b),
+                Err(_) => w.push(i, m.newest),
             },
         )?;
     } else {
@@ -594,14 +599,16 @@ fn store_delta(
 
 /// The indices where merging the manifests `chain[..k]` above the base `chain[k]` with
 /// the blocks received would list a block the base already holds, so that a delta stays
-/// what every delta is: only what differs from its base (diffs, and so base selection,
-/// rely on it: a snapshot that went back to an older one's content must show as equal).
+/// what every delta is: only what differs from its base. Diffs, and so base selection,
+/// rely on it (a snapshot that went back to an older one's content must show as equal),
+/// and a sender often sends blocks that did not change: its diff may be coarser than
+/// the repository's blocks (64 KiB hashed ranges over 4 KiB blocks).
 ///
-/// Only indices whose newest entry differs from the oldest listing above the base are
-/// looked up (the oldest listing differs from the base's block; a block rewritten since
-/// may have gone back): a block changed once costs nothing, and the full map below is
-/// read only where such rewrites are, a part at a time. Blocks received but listed
-/// nowhere above are taken as changed: the sender sent them as such.
+/// Only what may hold the base's block is looked up, in one pass in index order: a block
+/// received that is new to the repository cannot (the base's blocks are stored); an
+/// index whose newest entry equals the oldest listing above the base cannot (that one
+/// differs from the base). So a block changed once costs nothing, and the full map below
+/// is read only where blocks were sent unchanged or rewritten, a part at a time.
 fn redundant_entries(
     repo: &Repository,
     chain: &[CheckedManifest],
@@ -614,9 +621,10 @@ fn redundant_entries(
         target.changes,
         &chain[..k],
         target.block_count,
-        |i, newest, oldest| {
-            if oldest.is_some_and(|o| o != newest) {
-                unsure.push((i, newest));
+        |i, m| {
+            let sure = m.new || m.oldest_above == Some(m.newest);
+            if !sure {
+                unsure.push((i, m.newest));
             }
             Ok(())
         },

@@ -397,7 +397,7 @@ mod tests {
                 let r = b.map_or(BlockRef::Zero, |n| BlockRef::Data(BlockId::of(&[n])));
                 want.set(i, r);
                 if i < count {
-                    received.insert(i, r).unwrap();
+                    received.insert(i, r, false).unwrap();
                 }
             }
             let overlay = crate::stream::Overlay {

@@ -1,4 +1,7 @@
-//! The blocks a receive was sent, by index, in bounded memory.
+//! The blocks a receive was sent, by index, in bounded memory, each with whether it is
+//! new to the repository (its content was stored by this receive): a new block surely
+//! differs from what any stored snapshot held at that index, which spares the commit a
+//! lookup (see `receive.rs`).
 //!
 //! A full replication of a 16 M-block volume is sent 16 M entries; held in a tree they
 //! would take ~1 GiB. So the newest entries are kept in a small tree, and each time it
@@ -17,15 +20,18 @@ use snapsync_store::{Result, StoreError};
 
 /// Entries held in memory before they are written out as a run (~60 bytes each).
 const SPILL_AT: usize = if cfg!(test) { 5 } else { 256 << 10 };
-/// One record: index, kind, id.
+/// One record: index, kind (0 zero, 1 data, 2 data new to the repository), id.
 const RECORD: usize = 8 + 1 + 32;
 /// Records read from a run at a time.
 const READ_RECORDS: usize = 1024;
 
+/// What was sent for one block: its content, and whether that is new to the repository.
+pub(crate) type Sent = (BlockRef, bool);
+
 /// Block index → what was sent for it.
 #[derive(Debug, Default)]
 pub(crate) struct Changes {
-    recent: BTreeMap<u64, BlockRef>,
+    recent: BTreeMap<u64, Sent>,
     /// Written runs, oldest first, with their record counts.
     runs: Vec<(File, u64)>,
 }
@@ -35,9 +41,9 @@ fn io_error(e: std::io::Error) -> StoreError {
 }
 
 impl Changes {
-    /// Note what block `index` is.
-    pub(crate) fn insert(&mut self, index: u64, block: BlockRef) -> Result<()> {
-        self.recent.insert(index, block);
+    /// Note what block `index` is, and whether that content is `new` to the repository.
+    pub(crate) fn insert(&mut self, index: u64, block: BlockRef, new: bool) -> Result<()> {
+        self.recent.insert(index, (block, new));
         if self.recent.len() >= SPILL_AT {
             self.spill()?;
         }
@@ -48,12 +54,12 @@ impl Changes {
         let mut file = tempfile::tempfile().map_err(io_error)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
         let mut record = [0u8; RECORD];
-        for (i, b) in &self.recent {
+        for (i, (b, new)) in &self.recent {
             record[..8].copy_from_slice(&i.to_le_bytes());
             match b {
                 BlockRef::Zero => record[8..].fill(0),
                 BlockRef::Data(id) => {
-                    record[8] = 1;
+                    record[8] = 1 + u8::from(*new);
                     record[9..].copy_from_slice(id.as_bytes());
                 }
             }
@@ -100,7 +106,7 @@ struct RunReader<'a> {
 }
 
 impl RunReader<'_> {
-    fn next(&mut self) -> Result<Option<(u64, BlockRef)>> {
+    fn next(&mut self) -> Result<Option<(u64, Sent)>> {
         if self.pos == self.buf.len() {
             if self.left == 0 {
                 return Ok(None);
@@ -121,17 +127,17 @@ impl RunReader<'_> {
             0 => BlockRef::Zero,
             _ => BlockRef::Data(BlockId(r[9..].try_into().expect("32 bytes"))),
         };
-        Ok(Some((index, block)))
+        Ok(Some((index, (block, r[8] == 2))))
     }
 }
 
 enum Source<'a> {
     Run(RunReader<'a>),
-    Recent(std::collections::btree_map::Iter<'a, u64, BlockRef>),
+    Recent(std::collections::btree_map::Iter<'a, u64, Sent>),
 }
 
 impl Source<'_> {
-    fn next(&mut self) -> Result<Option<(u64, BlockRef)>> {
+    fn next(&mut self) -> Result<Option<(u64, Sent)>> {
         match self {
             Source::Run(r) => r.next(),
             Source::Recent(it) => Ok(it.next().map(|(i, b)| (*i, *b))),
@@ -143,7 +149,7 @@ impl Source<'_> {
 pub(crate) struct ChangesIter<'a> {
     sources: Vec<Source<'a>>,
     /// Each source's next entry.
-    heads: Vec<Option<(u64, BlockRef)>>,
+    heads: Vec<Option<(u64, Sent)>>,
     /// (lowest index first, newest source first).
     heap: BinaryHeap<(Reverse<u64>, usize)>,
     started: bool,
@@ -159,7 +165,7 @@ impl ChangesIter<'_> {
     }
 
     /// The next entry, or `None` after the last.
-    pub(crate) fn next_entry(&mut self) -> Result<Option<(u64, BlockRef)>> {
+    pub(crate) fn next_entry(&mut self) -> Result<Option<(u64, Sent)>> {
         if !self.started {
             self.started = true;
             for k in 0..self.sources.len() {
@@ -191,13 +197,14 @@ mod tests {
     proptest! {
         /// Against a map where the last write wins.
         #[test]
-        fn merges_like_a_map(writes in proptest::collection::vec((0u64..40, any::<Option<u8>>()), 0..60)) {
+        fn merges_like_a_map(writes in proptest::collection::vec((0u64..40, any::<Option<u8>>(), any::<bool>()), 0..60)) {
             let mut changes = Changes::default();
             let mut model = BTreeMap::new();
-            for (i, b) in writes {
+            for (i, b, new) in writes {
                 let b = b.map_or(BlockRef::Zero, |x| BlockRef::Data(BlockId([x; 32])));
-                changes.insert(i, b).unwrap();
-                model.insert(i, b);
+                let new = new && b != BlockRef::Zero;
+                changes.insert(i, b, new).unwrap();
+                model.insert(i, (b, new));
             }
             for _ in 0..2 {
                 let mut it = changes.iter();

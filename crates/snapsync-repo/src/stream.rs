@@ -465,7 +465,7 @@ pub(crate) struct OverlayData<'a> {
     changes: ChangesIter<'a>,
     cursor: ChainCursor<'a>,
     block_count: u64,
-    next_change: Option<(u64, BlockRef)>,
+    next_change: Option<(u64, crate::spill::Sent)>,
     next_base: Option<(u64, BlockId)>,
 }
 
@@ -480,7 +480,7 @@ impl DataStream for OverlayData<'_> {
                     if b == Some(c) {
                         self.next_base = self.cursor.next_data_entry()?;
                     }
-                    let (_, block) = self.next_change.expect("some");
+                    let (_, (block, _)) = self.next_change.expect("some");
                     self.next_change = self.changes.next_entry()?;
                     match block {
                         BlockRef::Data(id) => (c, id),
@@ -534,53 +534,78 @@ pub(crate) fn delta_between(
     }
 }
 
+/// For one index of a merge of deltas (see [`merge_deltas`]): its entry, and what is
+/// known of it against the base.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Merged {
+    /// The entry of the first source that lists the index.
+    pub(crate) newest: BlockRef,
+    /// Whether it came from the blocks received and is new to the repository.
+    pub(crate) new: bool,
+    /// The entry of the oldest manifest above the base that lists the index: it differs
+    /// from the base's block, as every delta lists only what differs from its base.
+    pub(crate) oldest_above: Option<BlockRef>,
+}
+
 /// The entries of several deltas over one base, merged in index order: for each index
 /// the entry of the first source that lists it (`changes`, then `above` newest first),
-/// and none at or past `block_count`. `f` also gets the entry of the oldest manifest of
-/// `above` that lists the index (which, as every delta lists only what differs from its
-/// base, differs from the base's block). Valid as one delta over the same base only when
+/// and none at or past `block_count`. Valid as one delta over the same base only when
 /// no manifest in between shrank the map below the base's size (the caller checks).
 pub(crate) fn merge_deltas(
     repo: &Repository,
     changes: &Changes,
     above: &[CheckedManifest],
     block_count: u64,
-    mut f: impl FnMut(u64, BlockRef, Option<BlockRef>) -> Result<()>,
+    mut f: impl FnMut(u64, Merged) -> Result<()>,
 ) -> Result<()> {
     let mut first = changes.iter();
+    let mut next_change = first.next_entry()?;
     let mut streams = above
         .iter()
         .map(|m| EntryStream::new(repo, m))
         .collect::<Result<Vec<_>>>()?;
-    let mut heads = Vec::with_capacity(streams.len() + 1);
-    heads.push(first.next_entry()?);
+    let mut heads = Vec::with_capacity(streams.len());
     for s in &mut streams {
         heads.push(s.next_entry()?);
     }
     loop {
-        let Some(index) = heads.iter().flatten().map(|(i, _)| *i).min() else {
+        let Some(index) = heads
+            .iter()
+            .flatten()
+            .map(|(i, _)| *i)
+            .chain(next_change.map(|(i, _)| i))
+            .min()
+        else {
             return Ok(());
         };
         if index >= block_count {
             return Ok(());
         }
-        let mut newest = None;
-        let mut oldest_above = None;
+        let mut merged = None;
+        if let Some((i, (block, new))) = next_change {
+            if i == index {
+                merged = Some(Merged {
+                    newest: block,
+                    new,
+                    oldest_above: None,
+                });
+                next_change = first.next_entry()?;
+            }
+        }
         for (k, head) in heads.iter_mut().enumerate() {
             if let Some((i, b)) = *head {
                 if i == index {
-                    newest.get_or_insert(b);
-                    if k > 0 {
-                        oldest_above = Some(b);
-                    }
-                    *head = match k {
-                        0 => first.next_entry()?,
-                        _ => streams[k - 1].next_entry()?,
-                    };
+                    let m = merged.get_or_insert(Merged {
+                        newest: b,
+                        new: false,
+                        oldest_above: None,
+                    });
+                    m.oldest_above = Some(b);
+                    *head = streams[k].next_entry()?;
                 }
             }
         }
-        f(index, newest.expect("the lowest head"), oldest_above)?;
+        f(index, merged.expect("the lowest head"))?;
     }
 }
 
