@@ -4,6 +4,9 @@
 #   bash bench/run.sh --size 2GiB            # the real run; rewrites docs/BENCHMARKS.md
 #   bash bench/run.sh --size 256MiB --mem-sizes 256MiB,512MiB --chain-depth 20   # quick
 #   bash bench/run.sh --help                 # every option
+#   bash bench/run.sh --scale                # memory and metadata at 4 M and 16 M blocks
+#                                            # beside the previous release and restic
+#                                            # (bench/scale.py; --help there)
 #
 # Installs the tools it compares against (Debian packages) where missing, builds snapsync
 # in release mode (honours CARGO_TARGET_DIR), then runs bench/bench.py. Generated data goes
@@ -34,4 +37,9 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 echo "building snapsync (release) in $CARGO_TARGET_DIR"
 cargo build --release --bin snapsync
+for a in "$@"; do
+    if [ "$a" = --scale ]; then
+        exec python3 bench/scale.py --snapsync "$CARGO_TARGET_DIR/release/snapsync" "$@"
+    fi
+done
 exec python3 bench/bench.py --snapsync "$CARGO_TARGET_DIR/release/snapsync" "$@"
