@@ -570,21 +570,27 @@ fn store_delta(
     let mut w = ManifestWriter::new(repo, target.block_count, false);
     // Usually the data came over the older neighbour and the map kept its size: the
     // delta is then the neighbour's manifests above the base merged with what was
-    // received, and below them only what may have gone back to the base's block is
-    // looked up (the full map is not read through).
+    // received. Below them, only what may hold the base's block is looked up, in index
+    // order (a cursor skips the parts in between unread): a delta must list only what
+    // differs from its base, as diffs (and so base selection) rely on it, and a sender
+    // often sends blocks that did not change (its diff may be coarser than the
+    // repository's blocks: 64 KiB hashed ranges over 4 KiB blocks). See
+    // `Merged::surely_differs` for what needs no lookup.
     let same_size = chain[..=k]
         .iter()
         .all(|m| m.head.block_count == target.block_count);
     if target.base == Some(chain[0].id) && same_size {
-        let redundant = redundant_entries(repo, chain, k, target)?;
+        let mut base_map = ChainCursor::new(repo, &chain[k..])?;
         merge_deltas(
             repo,
             target.changes,
             &chain[..k],
             target.block_count,
-            |i, m| match redundant.binary_search(&i) {
-                Ok(_) => Ok(()),
-                Err(_) => w.push(i, m.newest),
+            |i, m| {
+                if !m.surely_differs() && base_map.block(i)? == m.newest {
+                    return Ok(());
+                }
+                w.push(i, m.newest)
             },
         )?;
     } else {
@@ -595,51 +601,6 @@ fn store_delta(
         })?;
     }
     Ok((w.finish(header)?, number))
-}
-
-/// The indices where merging the manifests `chain[..k]` above the base `chain[k]` with
-/// the blocks received would list a block the base already holds, so that a delta stays
-/// what every delta is: only what differs from its base. Diffs, and so base selection,
-/// rely on it (a snapshot that went back to an older one's content must show as equal),
-/// and a sender often sends blocks that did not change: its diff may be coarser than
-/// the repository's blocks (64 KiB hashed ranges over 4 KiB blocks).
-///
-/// Only what may hold the base's block is looked up, in one pass in index order: a block
-/// received that is new to the repository cannot (the base's blocks are stored); an
-/// index whose newest entry equals the oldest listing above the base cannot (that one
-/// differs from the base). So a block changed once costs nothing, and the full map below
-/// is read only where blocks were sent unchanged or rewritten, a part at a time.
-fn redundant_entries(
-    repo: &Repository,
-    chain: &[CheckedManifest],
-    k: usize,
-    target: &Overlay<'_>,
-) -> Result<Vec<u64>> {
-    let mut unsure = Vec::new();
-    merge_deltas(
-        repo,
-        target.changes,
-        &chain[..k],
-        target.block_count,
-        |i, m| {
-            let sure = m.new || m.oldest_above == Some(m.newest);
-            if !sure {
-                unsure.push((i, m.newest));
-            }
-            Ok(())
-        },
-    )?;
-    let mut redundant = Vec::new();
-    if unsure.is_empty() {
-        return Ok(redundant);
-    }
-    let mut base = ChainCursor::new(repo, &chain[k..])?;
-    for (i, newest) in unsure {
-        if base.block(i)? == newest {
-            redundant.push(i);
-        }
-    }
-    Ok(redundant)
 }
 
 /// Re-base the younger neighbour `y` onto the inserted snapshot's manifest `inserted`

@@ -547,6 +547,17 @@ pub(crate) struct Merged {
     pub(crate) oldest_above: Option<BlockRef>,
 }
 
+impl Merged {
+    /// Whether the entry surely differs from the base's block, so that no lookup below
+    /// is needed: a block new to the repository cannot be the base's (the base's blocks
+    /// are stored), and an entry equal to the oldest listing above the base differs as
+    /// that one does. A block changed once is one of the two; a block sent unchanged,
+    /// or rewritten since the base (maybe back to what it was), is not.
+    pub(crate) fn surely_differs(&self) -> bool {
+        self.new || self.oldest_above == Some(self.newest)
+    }
+}
+
 /// The entries of several deltas over one base, merged in index order: for each index
 /// the entry of the first source that lists it (`changes`, then `above` newest first),
 /// and none at or past `block_count`. Valid as one delta over the same base only when

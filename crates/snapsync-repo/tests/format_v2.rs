@@ -47,7 +47,10 @@ fn an_inline_manifest_is_pinned() {
     assert_eq!(&bytes[at + 8..at + 16], &2u64.to_le_bytes());
     assert_eq!(&bytes[at + 16..at + 20], &0u32.to_le_bytes());
     assert_eq!(&bytes[at + 20..bytes.len() - 32], &entries()[..]);
-    assert!(!String::from_utf8_lossy(&json).contains("root"), "deltas have no root");
+    assert!(
+        !String::from_utf8_lossy(&json).contains("root"),
+        "deltas have no root"
+    );
     pinned(&bytes, MAGIC_MANIFEST, PIN_INLINE);
     let m = format::decode_manifest(&bytes, "golden").unwrap();
     assert_eq!(m.header, header(false));
@@ -67,7 +70,10 @@ fn a_manifest_in_parts_and_a_part_are_pinned() {
     };
     assert_eq!(
         format::decode_part(&part, &part_ref, 4, "golden").unwrap(),
-        vec![(0, BlockRef::Data(BlockId([0xaa; 32]))), (3, BlockRef::Zero)]
+        vec![
+            (0, BlockRef::Data(BlockId([0xaa; 32]))),
+            (3, BlockRef::Zero)
+        ]
     );
     let head = format::encode_manifest_head(&header(true), 4, 2, &[part_ref], &[]);
     let json = serde_json::to_vec(&header(true)).unwrap();
@@ -80,7 +86,10 @@ fn a_manifest_in_parts_and_a_part_are_pinned() {
     assert_eq!(head.len(), at + 60 + 32);
     pinned(&head, MAGIC_MANIFEST, PIN_HEAD);
     // A part that does not match its table entry is refused.
-    let wrong = PartRef { last: 2, ..part_ref };
+    let wrong = PartRef {
+        last: 2,
+        ..part_ref
+    };
     assert!(format::decode_part(&part, &wrong, 4, "golden").is_err());
 }
 
