@@ -18,7 +18,10 @@ use tracing::info;
 
 use crate::backend::Put;
 use crate::format::{self, IndexEntry, ManifestId, MAGIC_PACK, PACK_HEADER};
+use crate::index::BlockIndex;
 use crate::repo::{decode_block, key_index, key_manifest, key_pack, Repository};
+use crate::stream::EntryStream;
+use crate::verify::Bitmap;
 use snapsync_store::random_id;
 
 /// What gc did.
@@ -71,9 +74,11 @@ impl Repository {
             }
         }
 
-        // 2. Reachable manifests and live blocks.
+        // 2. Reachable manifests and live blocks, marked by rank in the index of every
+        //    pack (one bit a block; the index itself is mostly on disk past a bound).
+        let index = self.complete_index()?;
+        let mut live = Bitmap::new(index.ranked_len());
         let mut reachable: HashSet<ManifestId> = HashSet::new();
-        let mut live: HashSet<BlockId> = HashSet::new();
         let mut live_parts: HashSet<BlockId> = HashSet::new();
         for cat in self.catalogs()? {
             for s in &cat.snapshots {
@@ -82,14 +87,19 @@ impl Repository {
                     if !reachable.insert(id) {
                         break;
                     }
-                    let m = self.manifest(&id)?;
-                    live.extend(m.delta.data_ids());
-                    live_parts.extend(self.check_manifest(&id)?.head.parts.iter().map(|p| p.id));
-                    cur = m.header.delta_base;
+                    let m = self.check_manifest(&id)?;
+                    live_parts.extend(m.head.parts.iter().map(|p| p.id));
+                    let mut entries = EntryStream::new(self, &m)?;
+                    while let Some((_, block)) = entries.next_entry()? {
+                        if let Some((rank, ..)) = block.id().and_then(|id| index.rank(&id)) {
+                            live.set(rank);
+                        }
+                    }
+                    cur = m.head.header.delta_base;
                 }
             }
         }
-        report.live_blocks = live.len() as u64;
+        report.live_blocks = live.count();
 
         // 3. Manifests nobody reaches.
         for (k, size) in self.backend.list("manifests")? {
@@ -117,17 +127,20 @@ impl Repository {
         // 4. Packs: delete the dead, repack the mostly dead, drop packs with no index.
         let pack_sizes: HashMap<String, u64> = self.backend.list("packs")?.into_iter().collect();
         let mut indexed: HashSet<String> = HashSet::new();
-        let mut kept_elsewhere: HashSet<BlockId> = HashSet::new();
-        for ix in self.read_indexes()? {
+        self.for_each_index(|ix| {
             let (pack, entries) = ix.parsed?;
             let k = &ix.key;
             let pkey = key_pack(&pack);
             indexed.insert(pkey.clone());
             let psize = pack_sizes.get(&pkey).copied().unwrap_or(0);
-            // A block stored twice (two packs) is kept once.
+            // A block stored twice (two packs) is kept once: where the index has it.
             let live_entries: Vec<IndexEntry> = entries
                 .iter()
-                .filter(|e| live.contains(&e.id) && kept_elsewhere.insert(e.id))
+                .filter(|e| {
+                    index.rank(&e.id).is_some_and(|(rank, p, l)| {
+                        live.get(rank) && p == pack && l.offset == e.offset
+                    })
+                })
                 .copied()
                 .collect();
             let live_bytes: u64 = live_entries.iter().map(|e| u64::from(e.stored_len)).sum();
@@ -144,7 +157,9 @@ impl Repository {
                 report.packs_repacked += 1;
                 report.bytes_freed += (psize + ix.size).saturating_sub(written);
             }
-        }
+            Ok(())
+        })?;
+        drop(index);
         for (k, size) in &pack_sizes {
             if !indexed.contains(k) && !k.contains('#') {
                 // Left by a replication killed between storing a pack and its index.
@@ -161,6 +176,22 @@ impl Repository {
         )?;
         info!(?report, "gc done");
         Ok(report)
+    }
+
+    /// A block index of every pack, of its own (not the one replications share), with
+    /// every block ranked.
+    fn complete_index(&self) -> Result<BlockIndex> {
+        let mut index = BlockIndex::new(self.block_size());
+        index.reserve(usize::MAX);
+        self.for_each_index(|ix| {
+            let (pack, entries) = ix.parsed?;
+            index.add_pack(pack, &entries);
+            Ok(())
+        })?;
+        index
+            .rank_all()
+            .map_err(|e| StoreError::io("a temporary file of the block index", e))?;
+        Ok(index)
     }
 
     /// Rewrite the live blocks of one pack into a new pack; returns bytes written.

@@ -285,7 +285,44 @@ impl BlockIndex {
     }
 
     fn find_in_runs(&self, id: &BlockId) -> Option<Loc> {
-        self.runs.iter().rev().find_map(|r| r.find(id))
+        self.runs
+            .iter()
+            .rev()
+            .find_map(|r| r.find(id).map(|(_, loc)| loc))
+    }
+
+    /// Write everything out as one run, so that every block has a **rank**: its
+    /// position in id order, which [`BlockIndex::rank`] gives. gc and verify mark blocks
+    /// by rank in a bitmap (one bit a block) instead of keeping sets of ids.
+    pub(crate) fn rank_all(&mut self) -> std::io::Result<()> {
+        self.unsorted = true;
+        self.seal();
+        if !self.sorted.is_empty() {
+            let entries = std::mem::take(&mut self.sorted);
+            self.runs
+                .push(Run::write(entries.iter().copied(), entries.len())?);
+        }
+        if self.runs.len() > 1 {
+            let one = Run::merge(&self.runs)?;
+            self.runs = vec![one];
+        }
+        Ok(())
+    }
+
+    /// Blocks ranked by [`BlockIndex::rank_all`].
+    pub(crate) fn ranked_len(&self) -> usize {
+        self.runs.first().map_or(0, |r| r.count)
+    }
+
+    /// A block's rank (after [`BlockIndex::rank_all`]), pack and location.
+    pub(crate) fn rank(&self, id: &BlockId) -> Option<(usize, BlockId, BlockLocation)> {
+        debug_assert!(self.runs.len() <= 1 && self.sorted.is_empty() && self.recent.is_empty());
+        let (rank, l) = self.runs.first()?.find(id)?;
+        Some((
+            rank,
+            self.packs[l.pack as usize],
+            l.location(self.block_size),
+        ))
     }
 
     fn find_sorted(&self, id: &BlockId) -> Option<Loc> {
@@ -446,8 +483,8 @@ impl Run {
         }
     }
 
-    /// The location of `id`, if this run holds it.
-    fn find(&self, id: &BlockId) -> Option<Loc> {
+    /// The record number and location of `id`, if this run holds it.
+    fn find(&self, id: &BlockId) -> Option<(usize, Loc)> {
         if !self.filter.may_contain(id) {
             return None;
         }
@@ -464,11 +501,11 @@ impl Run {
                 tracing::warn!(error = %e, "block index run unreadable");
                 return None;
             }
-            for r in bytes.chunks_exact(RECORD) {
+            for (k, r) in bytes.chunks_exact(RECORD).enumerate() {
                 let e = decode_record(r);
                 match e.id.cmp(id) {
                     std::cmp::Ordering::Less => continue,
-                    std::cmp::Ordering::Equal => return Some(e.loc),
+                    std::cmp::Ordering::Equal => return Some((first + k, e.loc)),
                     std::cmp::Ordering::Greater => return None,
                 }
             }
@@ -715,6 +752,24 @@ mod tests {
             assert!(!ix.contains(&id(n)));
         }
         assert_eq!(ix.len(), 6000);
+        let mut ranked = BlockIndex::new(BS);
+        ranked.reserve(10);
+        for p in 0..60u32 {
+            let e: Vec<IndexEntry> = (p * 100..p * 100 + 100).map(at).collect();
+            ranked.add_pack(BlockId::of(&p.to_be_bytes()), &e);
+        }
+        ranked.rank_all().unwrap();
+        assert_eq!(ranked.ranked_len(), 6000);
+        let mut ids: Vec<BlockId> = (0..6000).map(id).collect();
+        ids.sort();
+        for (k, i) in ids.iter().enumerate() {
+            assert_eq!(
+                ranked.rank(i).unwrap().0,
+                k,
+                "ranks are positions in id order"
+            );
+        }
+        assert!(ranked.rank(&id(7000)).is_none());
         // The filters spare nearly every read of an absent block.
         let passed = (100_000..110_000u32)
             .filter(|n| ix.runs.iter().any(|r| r.filter.may_contain(&id(*n))))

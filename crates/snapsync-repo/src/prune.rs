@@ -11,12 +11,14 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
-use snapsync_core::{apply_policy, BlockMap, Delta, KeepPolicy, SnapshotId, SnapshotInfo};
+use snapsync_core::{apply_policy, BlockRef, KeepPolicy, SnapshotId, SnapshotInfo};
 use snapsync_store::{Result, StoreError};
 use tracing::debug;
 
-use crate::format::{Catalog, CatalogSnapshot, Manifest, ManifestId};
+use crate::format::{Catalog, CatalogSnapshot, ManifestId};
 use crate::repo::{Repository, MAX_CHAIN_LEN};
+use crate::stream::{delta_between, ChainCursor};
+use crate::writer::ManifestWriter;
 
 /// What prune did (or would do, with `dry_run`) to one volume.
 #[non_exhaustive]
@@ -258,8 +260,8 @@ impl Repository {
         }
         let mut rewritten: Vec<CatalogSnapshot> = Vec::new();
         for s in &kept_entries {
-            let (m, map) = self.resolve(&s.manifest)?;
-            let Some(base) = m.header.delta_base else {
+            let m = self.check_manifest(&s.manifest)?;
+            let Some(base) = m.head.header.delta_base else {
                 rewritten.push(s.clone());
                 continue;
             };
@@ -275,14 +277,14 @@ impl Repository {
                     new_base = Some(id);
                     break;
                 }
-                let am = self.manifest(&id)?;
-                if let Some(twin) = by_identity.get(&am.header.id) {
+                let am = self.check_manifest(&id)?;
+                if let Some(twin) = by_identity.get(&am.head.header.id) {
                     new_base = Some(*twin);
                     break;
                 }
-                cur = am.header.delta_base;
+                cur = am.head.header.delta_base;
             }
-            let new_id = self.rebase_manifest(&m, &map, new_base)?;
+            let new_id = self.rebase_manifest(&s.manifest, new_base)?;
             live.remove(&s.manifest);
             live.insert(new_id, ());
             by_identity.insert(s.id, new_id);
@@ -301,36 +303,41 @@ impl Repository {
         Ok((next, vp))
     }
 
-    /// Store `m`'s snapshot (whose full map is `map`) as a delta against `base`, or as a
-    /// full map when there is none or the chain would get too deep.
+    /// Store the snapshot of manifest `target` again as a delta against `base`, or as a
+    /// full map when there is none or its chain is too long. Both maps are streamed
+    /// along their chains (the removed deltas are merged into the new one as they are
+    /// read), so memory does not grow with the volume.
     pub(crate) fn rebase_manifest(
         &self,
-        m: &Manifest,
-        map: &BlockMap,
+        target: &ManifestId,
         base: Option<ManifestId>,
     ) -> Result<ManifestId> {
-        let mut header = m.header.clone();
-        let based = match base {
-            Some(b) => {
-                let chain = self.checked_chain(&b)?;
-                let (bm, bmap) = self.resolve(&b)?;
-                (chain.len() < MAX_CHAIN_LEN)
-                    .then(|| (b, bm.header.depth + 1, Delta::between(&bmap, map)))
-            }
+        let chain = self.checked_chain(target)?;
+        let mut header = chain[0].head.header.clone();
+        let block_count = chain[0].head.block_count;
+        let base_chain = match base {
+            Some(b) => Some(self.checked_chain(&b)?).filter(|c| c.len() < MAX_CHAIN_LEN),
             None => None,
         };
-        let delta = match based {
-            Some((b, depth, delta)) => {
-                header.delta_base = Some(b);
-                header.depth = depth;
-                delta
+        let mut map = ChainCursor::new(self, &chain)?;
+        match base_chain {
+            Some(base_chain) => {
+                header.delta_base = Some(base_chain[0].id);
+                header.depth = base_chain[0].head.header.depth.saturating_add(1);
+                let mut w = ManifestWriter::new(self, block_count, false);
+                let mut base_map = ChainCursor::new(self, &base_chain)?;
+                delta_between(&mut base_map, &mut map, block_count, |i, b| w.push(i, b))?;
+                w.finish(header)
             }
             None => {
                 header.delta_base = None;
                 header.depth = 0;
-                Delta::full(map)
+                let mut w = ManifestWriter::new(self, block_count, true);
+                while let Some((i, id)) = map.next_data_entry()? {
+                    w.push(i, BlockRef::Data(id))?;
+                }
+                w.finish(header)
             }
-        };
-        self.put_manifest(Manifest { header, delta })
+        }
     }
 }

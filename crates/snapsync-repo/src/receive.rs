@@ -26,6 +26,11 @@ use crate::writer::ManifestWriter;
 /// Packs are flushed at this size: large objects for object stores, small enough that a
 /// killed replication loses little and a rerun reuses the rest.
 const PACK_TARGET: usize = 32 << 20;
+/// ... or at this many blocks: what a receive holds per block of a pack in flight (its
+/// index entry, its buffer, its id in `session`) is ~150 bytes, so a 32 MiB pack of
+/// small compressed blocks (800 Ki blocks of 512 B) would hold ~120 MiB of bookkeeping.
+/// At the default 64 KiB blocks a pack is full by size long before.
+const PACK_MAX_BLOCKS: usize = 16 << 10;
 /// Packs stored in the background at once; bounds memory to about
 /// `(MAX_UPLOADS + 1) * PACK_TARGET`.
 const MAX_UPLOADS: usize = 2;
@@ -346,7 +351,7 @@ impl Receiver for RepoReceiver<'_> {
         for (id, compression, bytes) in encoded {
             added += bytes.len() as u64;
             self.pack.add(id, compression, bs as u32, bytes);
-            if self.pack.len >= PACK_TARGET {
+            if self.pack.len >= PACK_TARGET || self.pack.entries.len() >= PACK_MAX_BLOCKS {
                 self.flush()?;
             }
         }

@@ -403,8 +403,9 @@ impl Repository {
         Ok(m)
     }
 
-    /// Store a manifest given whole; returns its id. The root hash (full maps only) and
-    /// the packs its blocks are in are filled in.
+    /// Store a manifest given whole (tests build chains by hand); returns its id. The
+    /// root hash (full maps only) and the packs its blocks are in are filled in.
+    #[cfg(test)]
     pub(crate) fn put_manifest(&self, m: Manifest) -> Result<ManifestId> {
         let full = m.header.delta_base.is_none();
         let mut w = crate::writer::ManifestWriter::new(self, m.delta.block_count, full);
@@ -526,9 +527,13 @@ impl Repository {
         Ok(index)
     }
 
-    /// Every pack index object, each parsed on its own so that callers can decide
-    /// whether one damaged index is fatal (reading) or a finding (verify).
-    pub(crate) fn read_indexes(&self) -> Result<Vec<IndexObject>> {
+    /// Call `f` with every pack index object, each parsed on its own so that callers
+    /// can decide whether one damaged index is fatal (reading) or a finding (verify), a
+    /// batch at a time: the indexes of a large repository are never all in memory.
+    pub(crate) fn for_each_index(
+        &self,
+        mut f: impl FnMut(IndexObject) -> Result<()>,
+    ) -> Result<()> {
         let keys: Vec<String> = self
             .backend
             .list("index")?
@@ -536,25 +541,23 @@ impl Repository {
             .map(|(k, _)| k)
             .filter(|k| k.len() == "index/".len() + 64)
             .collect();
-        let got = self.backend.get_many(&keys)?;
-        Ok(keys
-            .into_iter()
-            .zip(got)
-            .filter_map(|(key, bytes)| {
-                let bytes = bytes?;
+        for batch in keys.chunks(INDEX_BATCH) {
+            for (key, bytes) in batch.iter().zip(self.backend.get_many(batch)?) {
+                let Some(bytes) = bytes else { continue };
                 let parsed = key["index/".len()..]
                     .parse::<BlockId>()
-                    .map_err(|_| StoreError::corrupt(self.describe(&key), "bad index name"))
+                    .map_err(|_| StoreError::corrupt(self.describe(key), "bad index name"))
                     .and_then(|pack| {
-                        format::decode_index(&bytes, &self.describe(&key)).map(|e| (pack, e))
+                        format::decode_index(&bytes, &self.describe(key)).map(|e| (pack, e))
                     });
-                Some(IndexObject {
+                f(IndexObject {
                     size: bytes.len() as u64,
-                    key,
+                    key: key.clone(),
                     parsed,
-                })
-            })
-            .collect())
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Read blocks by id, verifying each against its id. Reads are grouped by pack and

@@ -1,15 +1,17 @@
 //! `verify`: check catalogs, manifests, chains and block presence, and with
 //! `read_data` re-hash every stored block. Every damaged snapshot is named.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use rayon::prelude::*;
 use serde::Serialize;
-use snapsync_core::BlockId;
-use snapsync_store::{Phase, Progress, Result};
+use snapsync_core::{BlockId, RootHasher};
+use snapsync_store::{Phase, Progress, Result, StoreError};
 
 use crate::format::{self, MAGIC_PACK};
+use crate::index::BlockIndex;
 use crate::repo::{decode_block, key_pack, Repository};
+use crate::stream::ChainCursor;
 
 /// One damaged snapshot (or, with `snapshot` empty, a damaged repository object).
 #[non_exhaustive]
@@ -43,14 +45,75 @@ pub struct VerifyReport {
     pub repository_errors: Vec<String>,
 }
 
+/// One bit a block, by rank in the index (see [`BlockIndex::rank`]).
+pub(crate) struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    pub(crate) fn new(bits: usize) -> Self {
+        Bitmap(vec![0; bits.div_ceil(64)])
+    }
+
+    pub(crate) fn set(&mut self, k: usize) {
+        self.0[k / 64] |= 1 << (k % 64);
+    }
+
+    pub(crate) fn get(&self, k: usize) -> bool {
+        self.0[k / 64] & (1 << (k % 64)) != 0
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.0.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// The index entries of a pack good enough to check its blocks against.
+struct GoodPack {
+    pack: BlockId,
+    index_key: String,
+}
+
 impl Repository {
     /// Verify the repository. With `read_data`, `progress` is told of the pack data to
     /// read ([`Phase::Verify`]) and of each pack read.
+    ///
+    /// Memory stays bounded whatever the repository holds: the indexes go into a block
+    /// index that writes itself out past a bound (see `index.rs`), packs are read one at
+    /// a time, snapshots are streamed along their chains, and the blocks referenced are
+    /// marked in a bitmap by rank, one bit a block.
     pub fn verify(&self, read_data: bool, progress: &dyn Progress) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
+        let catalogs = self.verify_catalogs(&mut report)?;
+        let (mut index, packs) = self.verify_indexes(&mut report)?;
+        let bad_blocks = if read_data {
+            self.verify_data(&packs, &mut report, progress)?
+        } else {
+            HashMap::new()
+        };
+        index
+            .rank_all()
+            .map_err(|e| StoreError::io("a temporary file of the block index", e))?;
+        let mut referenced = Bitmap::new(index.ranked_len());
+        for cat in &catalogs {
+            for s in &cat.snapshots {
+                report.snapshots_checked += 1;
+                let problems = self.verify_snapshot(s, &index, &bad_blocks, &mut referenced);
+                if !problems.is_empty() {
+                    report.damaged.push(Damage {
+                        volume: cat.volume.clone(),
+                        snapshot: s.name.clone(),
+                        problems,
+                    });
+                }
+            }
+        }
+        report.blocks_referenced = referenced.count();
+        report.ok = report.damaged.is_empty() && report.repository_errors.is_empty();
+        Ok(report)
+    }
 
-        // Catalogs: read each volume's newest generation separately, so one damaged
-        // catalog is reported and the others are still checked.
+    /// Each volume's newest catalog generation, read separately, so one damaged catalog
+    /// is reported and the others are still checked.
+    fn verify_catalogs(&self, report: &mut VerifyReport) -> Result<Vec<format::Catalog>> {
         let mut catalogs = Vec::new();
         let mut vols: BTreeMap<String, ()> = BTreeMap::new();
         for (k, _) in self.backend.list("volumes")? {
@@ -69,147 +132,177 @@ impl Repository {
                 }),
             }
         }
+        Ok(catalogs)
+    }
 
-        // Indexes, checked one by one so that one damaged index is named.
-        let mut located: HashMap<BlockId, (BlockId, format::IndexEntry)> = HashMap::new();
+    /// The indexes, checked one by one so that one damaged index is named, with their
+    /// packs' presence and length: the block index of the good ones, and those packs.
+    fn verify_indexes(&self, report: &mut VerifyReport) -> Result<(BlockIndex, Vec<GoodPack>)> {
         let packs_present: HashMap<String, u64> = self.backend.list("packs")?.into_iter().collect();
-        let mut pack_entries: Vec<(BlockId, Vec<format::IndexEntry>)> = Vec::new();
-        for ix in self.read_indexes()? {
-            let parsed = ix.parsed.map_err(|e| e.to_string());
-            match parsed {
-                Ok((pack, entries)) => {
-                    let key = key_pack(&pack);
-                    let size = packs_present.get(&key).copied();
-                    let end = entries
-                        .iter()
-                        .map(|e| e.offset + u64::from(e.stored_len))
-                        .max()
-                        .unwrap_or(0);
-                    match size {
-                        None => report
-                            .repository_errors
-                            .push(format!("{} is missing", self.describe(&key))),
-                        Some(s) if s < end => report.repository_errors.push(format!(
-                            "{} is truncated ({s} bytes, index needs {end})",
-                            self.describe(&key)
-                        )),
-                        Some(_) => {
-                            for e in &entries {
-                                located.entry(e.id).or_insert((pack, *e));
-                            }
-                            pack_entries.push((pack, entries));
-                        }
-                    }
+        let mut index = BlockIndex::new(self.block_size());
+        index.reserve(usize::MAX);
+        let mut good = Vec::new();
+        self.for_each_index(|ix| {
+            let (pack, entries) = match ix.parsed {
+                Ok(p) => p,
+                Err(e) => {
+                    report.repository_errors.push(e.to_string());
+                    return Ok(());
                 }
-                Err(e) => report.repository_errors.push(e),
-            }
-        }
-
-        // Data: read every pack whole and re-hash each block.
-        let mut bad_blocks: HashMap<BlockId, String> = HashMap::new();
-        if read_data {
-            let total = pack_entries
+            };
+            let key = key_pack(&pack);
+            let end = entries
                 .iter()
-                .filter_map(|(pack, _)| packs_present.get(&key_pack(pack)))
-                .sum();
-            progress.start(Phase::Verify, total);
-            for (pack, entries) in &pack_entries {
-                let key = key_pack(pack);
-                let Some(bytes) = self.backend.get(&key)? else {
-                    report
-                        .repository_errors
-                        .push(format!("{} vanished", self.describe(&key)));
-                    continue;
-                };
-                report.bytes_read += bytes.len() as u64;
-                progress.advance(bytes.len() as u64);
-                if bytes.len() < 8 || &bytes[..8] != MAGIC_PACK {
-                    report
-                        .repository_errors
-                        .push(format!("{}: not a pack (bad magic)", self.describe(&key)));
-                }
-                let bad: Vec<(BlockId, String)> = entries
-                    .par_iter()
-                    .filter_map(|e| {
-                        let start = e.offset as usize;
-                        let end = start + e.stored_len as usize;
-                        let ok = bytes
-                            .get(start..end)
-                            .and_then(|s| decode_block(s, e.compression, e.raw_len))
-                            .is_some_and(|d| BlockId::of(&d) == e.id);
-                        (!ok).then(|| {
-                            (
-                                e.id,
-                                format!(
-                                    "block {} in {} at offset {} is damaged",
-                                    e.id,
-                                    self.describe(&key),
-                                    e.offset
-                                ),
-                            )
-                        })
-                    })
-                    .collect();
-                report.blocks_read += entries.len() as u64;
-                bad_blocks.extend(bad);
-            }
-            progress.finish();
-        }
-
-        // Snapshots: chain, root hash, identity, and every block present (and good).
-        let mut referenced: HashSet<BlockId> = HashSet::new();
-        for cat in &catalogs {
-            for s in &cat.snapshots {
-                report.snapshots_checked += 1;
-                let mut problems = Vec::new();
-                match self.resolve(&s.manifest) {
-                    Err(e) => problems.push(e.to_string()),
-                    Ok((m, map)) => {
-                        let h = &m.header;
-                        if h.id != s.id || h.name != s.name || h.size != s.size {
-                            problems.push(format!(
-                                "manifest {} does not match its catalog entry",
-                                s.manifest
-                            ));
-                        }
-                        if h.root.is_some_and(|root| map.root_hash() != root) {
-                            problems.push(format!(
-                                "block map of manifest {} does not match its root hash",
-                                s.manifest
-                            ));
-                        }
-                        let mut missing = 0u64;
-                        let mut damaged = 0u64;
-                        let mut first = None;
-                        for (i, id) in map.iter_data() {
-                            referenced.insert(id);
-                            if !located.contains_key(&id) {
-                                missing += 1;
-                                first.get_or_insert(format!("block #{i} ({id}) is missing"));
-                            } else if let Some(why) = bad_blocks.get(&id) {
-                                damaged += 1;
-                                first.get_or_insert(format!("block #{i}: {why}"));
-                            }
-                        }
-                        if missing + damaged > 0 {
-                            problems.push(format!(
-                                "{missing} missing and {damaged} damaged blocks; first: {}",
-                                first.unwrap_or_default()
-                            ));
-                        }
-                    }
-                }
-                if !problems.is_empty() {
-                    report.damaged.push(Damage {
-                        volume: cat.volume.clone(),
-                        snapshot: s.name.clone(),
-                        problems,
+                .map(|e| e.offset + u64::from(e.stored_len))
+                .max()
+                .unwrap_or(0);
+            match packs_present.get(&key).copied() {
+                None => report
+                    .repository_errors
+                    .push(format!("{} is missing", self.describe(&key))),
+                Some(size) if size < end => report.repository_errors.push(format!(
+                    "{} is truncated ({size} bytes, index needs {end})",
+                    self.describe(&key)
+                )),
+                Some(_) => {
+                    index.add_pack(pack, &entries);
+                    good.push(GoodPack {
+                        pack,
+                        index_key: ix.key,
                     });
                 }
             }
+            Ok(())
+        })?;
+        Ok((index, good))
+    }
+
+    /// Read every good pack whole, one at a time, and re-hash each block: the damaged
+    /// blocks, with why.
+    fn verify_data(
+        &self,
+        packs: &[GoodPack],
+        report: &mut VerifyReport,
+        progress: &dyn Progress,
+    ) -> Result<HashMap<BlockId, String>> {
+        let sizes: HashMap<String, u64> = self.backend.list("packs")?.into_iter().collect();
+        let total = packs
+            .iter()
+            .filter_map(|p| sizes.get(&key_pack(&p.pack)))
+            .sum();
+        progress.start(Phase::Verify, total);
+        let mut bad_blocks = HashMap::new();
+        for p in packs {
+            let key = key_pack(&p.pack);
+            let (Some(index), Some(bytes)) =
+                (self.backend.get(&p.index_key)?, self.backend.get(&key)?)
+            else {
+                report
+                    .repository_errors
+                    .push(format!("{} vanished", self.describe(&key)));
+                continue;
+            };
+            let entries = format::decode_index(&index, &self.describe(&p.index_key))?;
+            report.bytes_read += bytes.len() as u64;
+            progress.advance(bytes.len() as u64);
+            if bytes.len() < 8 || &bytes[..8] != MAGIC_PACK {
+                report
+                    .repository_errors
+                    .push(format!("{}: not a pack (bad magic)", self.describe(&key)));
+            }
+            let bad: Vec<(BlockId, String)> = entries
+                .par_iter()
+                .filter_map(|e| {
+                    let start = e.offset as usize;
+                    let end = start + e.stored_len as usize;
+                    let ok = bytes
+                        .get(start..end)
+                        .and_then(|s| decode_block(s, e.compression, e.raw_len))
+                        .is_some_and(|d| BlockId::of(&d) == e.id);
+                    (!ok).then(|| {
+                        (
+                            e.id,
+                            format!(
+                                "block {} in {} at offset {} is damaged",
+                                e.id,
+                                self.describe(&key),
+                                e.offset
+                            ),
+                        )
+                    })
+                })
+                .collect();
+            report.blocks_read += entries.len() as u64;
+            bad_blocks.extend(bad);
         }
-        report.blocks_referenced = referenced.len() as u64;
-        report.ok = report.damaged.is_empty() && report.repository_errors.is_empty();
-        Ok(report)
+        progress.finish();
+        Ok(bad_blocks)
+    }
+
+    /// One snapshot: its chain, root hash (where stored), identity, and every block
+    /// present (and good), streamed along the chain. Marks its blocks in `referenced`.
+    fn verify_snapshot(
+        &self,
+        s: &format::CatalogSnapshot,
+        index: &BlockIndex,
+        bad_blocks: &HashMap<BlockId, String>,
+        referenced: &mut Bitmap,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut walk = || -> Result<(u64, u64, Option<String>, bool)> {
+            let chain = self.checked_chain(&s.manifest)?;
+            let h = &chain[0].head.header;
+            if h.id != s.id || h.name != s.name || h.size != s.size {
+                problems.push(format!(
+                    "manifest {} does not match its catalog entry",
+                    s.manifest
+                ));
+            }
+            let mut root = h.root.map(|_| RootHasher::new(chain[0].head.block_count));
+            let mut cursor = ChainCursor::new(self, &chain)?;
+            let (mut missing, mut damaged, mut first) = (0u64, 0u64, None);
+            while let Some((i, id)) = cursor.next_data_entry()? {
+                if let Some(r) = &mut root {
+                    r.add(i, &id);
+                }
+                match index.rank(&id) {
+                    None => {
+                        missing += 1;
+                        first.get_or_insert(format!("block #{i} ({id}) is missing"));
+                    }
+                    Some((rank, ..)) => {
+                        referenced.set(rank);
+                        if let Some(why) = bad_blocks.get(&id) {
+                            damaged += 1;
+                            first.get_or_insert(format!("block #{i}: {why}"));
+                        }
+                    }
+                }
+            }
+            cursor.finish()?;
+            let root_ok = match (root, h.root) {
+                (Some(r), Some(want)) => r.finish() == want,
+                _ => true,
+            };
+            Ok((missing, damaged, first, root_ok))
+        };
+        match walk() {
+            Err(e) => problems.push(e.to_string()),
+            Ok((missing, damaged, first, root_ok)) => {
+                if !root_ok {
+                    problems.push(format!(
+                        "block map of manifest {} does not match its root hash",
+                        s.manifest
+                    ));
+                }
+                if missing + damaged > 0 {
+                    problems.push(format!(
+                        "{missing} missing and {damaged} damaged blocks; first: {}",
+                        first.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        problems
     }
 }
