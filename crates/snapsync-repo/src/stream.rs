@@ -626,6 +626,9 @@ struct Walk<'a> {
     stream: EntryStream<'a>,
     limit: u64,
     next: Option<(u64, BlockRef)>,
+    /// Whether `next` was read: a walk starts where its first lookup is, so that a
+    /// random read far into a snapshot does not load each manifest's first part.
+    started: bool,
 }
 
 impl Walk<'_> {
@@ -648,6 +651,13 @@ impl Walk<'_> {
     /// Move to the first entry at or after `index` (never back): by seeking when the
     /// stream can, which skips whole parts unread, else by reading on.
     fn skip_to(&mut self, index: u64) -> Result<()> {
+        if !self.started {
+            self.started = true;
+            if self.stream.seek(index)? {
+                return self.advance();
+            }
+            self.advance()?;
+        }
         if self.next.is_none_or(|(i, _)| i >= index) {
             return Ok(());
         }
@@ -663,6 +673,7 @@ impl Walk<'_> {
     /// [`Walk::skip_to`] backwards (or forwards): `false` when the stream cannot seek.
     fn seek(&mut self, index: u64) -> Result<bool> {
         if self.stream.seek(index)? {
+            self.started = true;
             self.advance()?;
             return Ok(true);
         }
@@ -686,13 +697,12 @@ impl<'a> ChainCursor<'a> {
         let mut walks = Vec::with_capacity(chain.len());
         for m in chain {
             limit = limit.min(m.head.block_count);
-            let mut w = Walk {
+            walks.push(Walk {
                 stream: EntryStream::new(repo, m)?,
                 limit,
                 next: None,
-            };
-            w.advance()?;
-            walks.push(w);
+                started: false,
+            });
         }
         Ok(Self { walks, from: 0 })
     }
