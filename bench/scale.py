@@ -140,6 +140,7 @@ class Scale:
     def __init__(self, args):
         self.args = args
         self.rows: list[tuple] = []
+        self.meta_rows: list[tuple] = []
         self.work = Path(args.work)
 
     def record(self, size_label, tool, command, m, note=""):
@@ -214,6 +215,54 @@ class Scale:
             p.send_signal(signal.SIGTERM)
             p.wait(30)
 
+    def chain(self, label, tool, exe, images: Images, base: Path, blocks: int) -> None:
+        """`--chain` snapshots, each 0.1% of the blocks changed from the one before: the
+        manifest bytes written per snapshot, and restoring the newest against the first."""
+        repo = self.work / f"chain-{tool}"
+        shutil.rmtree(repo, ignore_errors=True)
+        subprocess.run([exe, "init", str(repo), "--block-size", str(self.args.block_size)],
+                       check=True, stdout=subprocess.DEVNULL)
+        src = f"raw:{images.dir.parent}"
+        vm = images.dir
+        images.copy(base, vm / "c000.img")
+        os.utime(vm / "c000.img", (1_700_000_000, 1_700_000_000))
+        subprocess.run([exe, "replicate", src, str(repo)], check=True, stdout=subprocess.DEVNULL)
+
+        def meta() -> int:
+            return sum(f.stat().st_size for d in ("manifests", "mparts") if (repo / d).exists()
+                       for f in (repo / d).rglob("*") if f.is_file())
+
+        writes = max(1, blocks // 1000 // (4096 // self.args.block_size))
+        before = meta()
+        per, wall = [], 0.0
+        for k in range(1, self.args.chain):
+            prev, cur = vm / f"c{k - 1:03}.img", vm / f"c{k:03}.img"
+            images.copy(prev, cur)
+            change(cur, writes, self.args.block_size, seed=100 + k)
+            os.utime(cur, (1_700_000_000 + k, 1_700_000_000 + k))
+            m = timed([exe, "replicate", src, str(repo)])
+            wall += m["wall"]
+            after = meta()
+            per.append(after - before)
+            before = after
+            if k >= 2:
+                (vm / f"c{k - 2:03}.img").unlink()
+        n = self.args.chain - 1
+        note = (f"{n} incrementals of {writes} x 4 KiB: manifests {human(sum(per) / n)} per "
+                f"snapshot on average, {human(max(per))} at most")
+        self.record(label, tool, f"chain of {self.args.chain}: one incremental",
+                    {"wall": wall / n, "rss": 0}, note)
+        first = timed([exe, "restore", str(repo), "vm@c000", str(self.work / "r.img")])
+        (self.work / "r.img").unlink(missing_ok=True)
+        newest = timed([exe, "restore", str(repo), f"vm@c{n:03}", str(self.work / "r.img")])
+        (self.work / "r.img").unlink(missing_ok=True)
+        self.record(label, tool, "restore the first of the chain", first)
+        self.record(label, tool, "restore the newest of the chain", newest)
+        self.meta_rows.append((label, tool, n, writes, sum(per) / n, max(per)))
+        shutil.rmtree(repo, ignore_errors=True)
+        for f in vm.glob("c*.img"):
+            f.unlink()
+
     def restic(self, label, images: Images) -> None:
         repo = self.work / "restic"
         shutil.rmtree(repo, ignore_errors=True)
@@ -235,8 +284,9 @@ class Scale:
     def size(self, size: int) -> None:
         bs = self.args.block_size
         blocks = size // bs
+        count = f"{blocks >> 20} M" if blocks >= 1 << 20 else f"{blocks >> 10} K"
         label = f"{size // GiB if size >= GiB else size // MiB}{'GiB' if size >= GiB else 'MiB'}" \
-                f" ({blocks / (1 << 20):.0f} M blocks)"
+                f" ({count} blocks)"
         self.work.mkdir(parents=True, exist_ok=True)
         images = Images(self.work, size)
         try:
@@ -251,6 +301,15 @@ class Scale:
                     self.restic(label, images)
                 else:
                     self.snapsync(label, tool, exe, images, blocks)
+            if self.args.chain > 1 and size == self.sizes[0]:
+                # The base out of the store's sight (a name no volume may have).
+                hidden = images.dir.parent / ".chain-base"
+                hidden.mkdir(exist_ok=True)
+                images.s(1).rename(hidden / "base.img")
+                images.s(2).unlink()
+                for tool, exe in self.tools():
+                    if tool != "restic":
+                        self.chain(label, tool, exe, images, hidden / "base.img", blocks)
         finally:
             images.close()
 
@@ -279,7 +338,17 @@ class Scale:
             "| --- | --- | --- | ---: | ---: |",
         ]
         for size, tool, command, wall, rss, note in self.rows:
-            lines.append(f"| {size} | {tool} | {command} | {wall:.2f} s | {human(rss)} |")
+            rss_text = human(rss) if rss else "–"
+            lines.append(f"| {size} | {tool} | {command} | {wall:.2f} s | {rss_text} |")
+        if self.meta_rows:
+            lines += ["", "Metadata written per incremental snapshot (manifests and their "
+                      "parts), over a chain:", "",
+                      "| volume | tool | incrementals | changed 4 KiB writes each | "
+                      "manifest bytes per snapshot (mean) | largest |",
+                      "| --- | --- | ---: | ---: | ---: | ---: |"]
+            for label, tool, n, writes, mean, most in self.meta_rows:
+                lines.append(f"| {label} | {tool} | {n} | {writes} | {human(mean)} | "
+                             f"{human(most)} |")
         return "\n".join(lines)
 
     def write_doc(self) -> None:
@@ -305,11 +374,15 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=1000,
                     help="scattered 4 KiB writes between the two snapshots (default 1000)")
     ap.add_argument("--tools", default="snapsync,previous,restic")
+    ap.add_argument("--chain", type=int, default=48,
+                    help="incrementals of 0.1%% in the metadata chain, at the first size "
+                         "(0 skips; default 48)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "snapsync-scale"))
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args([a for a in sys.argv[1:] if a != "--scale"])
     s = Scale(args)
-    for size in [parse_size(x) for x in args.sizes.split(",") if x]:
+    s.sizes = [parse_size(x) for x in args.sizes.split(",") if x]
+    for size in s.sizes:
         s.size(size)
     print(s.table())
     if not args.no_doc:
