@@ -297,6 +297,8 @@ class Scale:
             os.utime(images.s(1), (1_700_000_000, 1_700_000_000))
             os.utime(images.s(2), (1_700_000_100, 1_700_000_100))
             for tool, exe in self.tools():
+                if self.args.chain_only:
+                    continue
                 if tool == "restic":
                     self.restic(label, images)
                 else:
@@ -377,6 +379,8 @@ def main() -> None:
     ap.add_argument("--chain", type=int, default=48,
                     help="incrementals of 0.1%% in the metadata chain, at the first size "
                          "(0 skips; default 48)")
+    ap.add_argument("--chain-only", action="store_true",
+                    help="only the chain of incrementals (at the first size)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "snapsync-scale"))
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args([a for a in sys.argv[1:] if a != "--scale"])
