@@ -136,6 +136,18 @@ class Images:
             self.loop_file.unlink(missing_ok=True)
 
 
+def scratch_dir(work: Path, need: int) -> Path:
+    """Where a restore goes: /dev/shm when it has room (a restored 8 GiB image would not
+    fit beside the images and repositories on this machine's disk; tmpfs pages are not in
+    the restoring process's RSS), else the work directory."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > need + GiB:
+        d = shm / "snapsync-scale"
+        d.mkdir(exist_ok=True)
+        return d
+    return work
+
+
 class Scale:
     def __init__(self, args):
         self.args = args
@@ -161,9 +173,10 @@ class Scale:
         self.record(label, tool, "list", run("list", str(repo)))
         self.record(label, tool, "diff (from the repository)",
                     run("diff", str(repo), "vm@s2", "--base", "s1", "--json"))
+        restored = scratch_dir(self.work, blocks * self.args.block_size) / "restored.img"
         self.record(label, tool, "restore (newest)",
-                    run("restore", str(repo), "vm@s2", str(self.work / "restored.img")))
-        (self.work / "restored.img").unlink(missing_ok=True)
+                    run("restore", str(repo), "vm@s2", str(restored)))
+        restored.unlink(missing_ok=True)
         self.record(label, tool, "verify", run("verify", str(repo)))
         self.record(label, tool, "verify --read-data", run("verify", str(repo), "--read-data"))
         self.serve(label, tool, exe, repo)
@@ -252,10 +265,11 @@ class Scale:
                 f"snapshot on average, {human(max(per))} at most")
         self.record(label, tool, f"chain of {self.args.chain}: one incremental",
                     {"wall": wall / n, "rss": 0}, note)
-        first = timed([exe, "restore", str(repo), "vm@c000", str(self.work / "r.img")])
-        (self.work / "r.img").unlink(missing_ok=True)
-        newest = timed([exe, "restore", str(repo), f"vm@c{n:03}", str(self.work / "r.img")])
-        (self.work / "r.img").unlink(missing_ok=True)
+        out = scratch_dir(self.work, blocks * self.args.block_size) / "r.img"
+        first = timed([exe, "restore", str(repo), "vm@c000", str(out)])
+        out.unlink(missing_ok=True)
+        newest = timed([exe, "restore", str(repo), f"vm@c{n:03}", str(out)])
+        out.unlink(missing_ok=True)
         self.record(label, tool, "restore the first of the chain", first)
         self.record(label, tool, "restore the newest of the chain", newest)
         self.meta_rows.append((label, tool, n, writes, sum(per) / n, max(per)))
@@ -272,7 +286,7 @@ class Scale:
                     timed(["restic", "backup", "--quiet", str(images.s(1))], env))
         self.record(label, "restic", "backup (incremental)",
                     timed(["restic", "backup", "--quiet", str(images.s(2))], env))
-        out = self.work / "restic-restore"
+        out = scratch_dir(self.work, images.s(1).stat().st_size) / "restic-restore"
         self.record(label, "restic", "restore (newest)",
                     timed(["restic", "restore", "latest", "--target", str(out)], env))
         shutil.rmtree(out, ignore_errors=True)
