@@ -14,6 +14,7 @@ use snapsync_repo::RepoOptions;
 const RETRY_TIMEOUT_ENV: &str = "SNAPSYNC_RETRY_TIMEOUT_SECS";
 /// How long writers and gc wait for each other, whole seconds.
 const LOCK_WAIT_ENV: &str = "SNAPSYNC_LOCK_WAIT_SECS";
+const CACHE_DIR_ENV: &str = "SNAPSYNC_CACHE_DIR";
 /// `serve`: how long an untouched receive session lives, whole seconds (at least 1).
 pub const SESSION_IDLE_ENV: &str = "SNAPSYNC_SESSION_IDLE_SECS";
 
@@ -63,7 +64,21 @@ pub fn repo_options() -> Result<RepoOptions> {
     if let Some(t) = seconds_from_env(LOCK_WAIT_ENV)? {
         o = o.with_lock_wait(t);
     }
-    Ok(o)
+    Ok(o.with_cache_dir(cache_dir()))
+}
+
+/// Where repositories' block indexes are cached: `SNAPSYNC_CACHE_DIR` (empty: nowhere),
+/// else `$XDG_CACHE_HOME/snapsync`, else `~/.cache/snapsync`.
+fn cache_dir() -> Option<std::path::PathBuf> {
+    match std::env::var_os(CACHE_DIR_ENV) {
+        Some(v) if v.is_empty() => None,
+        Some(v) => Some(v.into()),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+            .map(|d| d.join("snapsync")),
+    }
 }
 
 impl ClientArgs {

@@ -141,6 +141,12 @@ pub(crate) struct BlockIndex {
     pub(crate) complete: bool,
     /// Blocks written out, oldest first; none is in `sorted`.
     runs: Vec<Run>,
+    /// Where runs are written as named files that outlive the process (the local index
+    /// cache, see [`BlockIndex::persist`]); anonymous temporary files otherwise.
+    dir: Option<std::path::PathBuf>,
+    /// For a cached index: the gc runs the repository had seen when this one was
+    /// started, which [`BlockIndex::persist`] records.
+    pub(crate) gc_epochs: Option<usize>,
 }
 
 impl BlockIndex {
@@ -155,6 +161,16 @@ impl BlockIndex {
             recent: HashMap::new(),
             complete: false,
             runs: Vec::new(),
+            dir: None,
+            gc_epochs: None,
+        }
+    }
+
+    /// An empty index whose runs are written in `dir` (see [`BlockIndex::persist`]).
+    pub(crate) fn in_dir(block_size: u64, dir: std::path::PathBuf) -> Self {
+        Self {
+            dir: Some(dir),
+            ..Self::new(block_size)
         }
     }
 
@@ -224,7 +240,7 @@ impl BlockIndex {
     /// memory: the index works, only larger.
     fn spill(&mut self) {
         let entries = std::mem::take(&mut self.sorted);
-        match Run::write(entries.iter().copied(), entries.len()) {
+        match Run::write(self.dir.as_deref(), entries.iter().copied(), entries.len()) {
             Ok(run) => {
                 self.runs.push(run);
                 drop(entries);
@@ -264,7 +280,7 @@ impl BlockIndex {
                 .partition(|(_, t)| *t == full)
                 .into_iter_pair();
             self.runs = keep;
-            match Run::merge(&merge) {
+            match Run::merge(self.dir.as_deref(), &merge) {
                 Ok(run) => self.runs.push(run),
                 Err(e) => {
                     tracing::warn!(error = %e, "block index runs left unmerged");
@@ -299,14 +315,115 @@ impl BlockIndex {
         self.seal();
         if !self.sorted.is_empty() {
             let entries = std::mem::take(&mut self.sorted);
-            self.runs
-                .push(Run::write(entries.iter().copied(), entries.len())?);
+            self.runs.push(Run::write(
+                self.dir.as_deref(),
+                entries.iter().copied(),
+                entries.len(),
+            )?);
         }
         if self.runs.len() > 1 {
-            let one = Run::merge(&self.runs)?;
+            let one = Run::merge(self.dir.as_deref(), &self.runs)?;
             self.runs = vec![one];
         }
         Ok(())
+    }
+
+    /// Make this index (complete as of now) the local cache in its directory: every
+    /// block written out to runs there, and `state.json` naming them with the packs they
+    /// hold (in the order their positions refer to) and `gc_epochs`, the number of gc
+    /// runs the repository had seen (a gc since may have deleted packs: then the cache
+    /// is not used). Written to a new name and renamed, so a reader sees the old state
+    /// or the new one; files no state names are removed by [`BlockIndex::restore`].
+    pub(crate) fn persist(&mut self) -> std::io::Result<()> {
+        let (Some(dir), Some(gc_epochs)) = (self.dir.clone(), self.gc_epochs) else {
+            return Ok(());
+        };
+        self.unsorted = true;
+        self.seal();
+        if !self.sorted.is_empty() {
+            let entries = std::mem::take(&mut self.sorted);
+            self.runs.push(Run::write(
+                Some(&dir),
+                entries.iter().copied(),
+                entries.len(),
+            )?);
+            self.merge_runs();
+        }
+        let state = CacheState {
+            version: CACHE_VERSION,
+            block_size: self.block_size,
+            gc_epochs,
+            packs: self.packs.iter().map(BlockId::to_hex).collect(),
+            runs: self
+                .runs
+                .iter()
+                .filter_map(|r| r.path.as_ref())
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect(),
+        };
+        if state.runs.len() != self.runs.len() {
+            return Ok(()); // some run is anonymous (its directory failed): no cache
+        }
+        for r in &mut self.runs {
+            r.persisted = true;
+        }
+        let tmp = dir.join(format!("state.json.{}", snapsync_store::random_id()));
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&state).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, dir.join("state.json"))
+    }
+
+    /// The index cached in `dir` by [`BlockIndex::persist`], if there is one for this
+    /// block size and `gc_epochs` and every run checks out; its runs stay in `dir`.
+    /// Files there that the state does not name (left by other processes, or by a
+    /// process that was killed) are removed.
+    pub(crate) fn restore(
+        block_size: u64,
+        dir: &std::path::Path,
+        gc_epochs: usize,
+    ) -> std::io::Result<Option<BlockIndex>> {
+        let state: CacheState = match std::fs::read(dir.join("state.json")) {
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(s) => s,
+                Err(_) => return Ok(None),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name != "state.json" && !state.runs.contains(&name) {
+                let _ = std::fs::remove_file(dir.join(&name));
+            }
+        }
+        if state.version != CACHE_VERSION
+            || state.block_size != block_size
+            || state.gc_epochs != gc_epochs
+        {
+            return Ok(None);
+        }
+        let mut ix = BlockIndex::in_dir(block_size, dir.to_path_buf());
+        ix.gc_epochs = Some(gc_epochs);
+        for hex in &state.packs {
+            let Ok(pack) = hex.parse::<BlockId>() else {
+                return Ok(None);
+            };
+            ix.pack_pos.insert(pack, ix.packs.len() as u32);
+            ix.packs.push(pack);
+        }
+        for name in &state.runs {
+            match Run::open(&dir.join(name)) {
+                Ok(Some(run)) if run.count == 0 || run.max_pack < ix.packs.len() as u64 => {
+                    ix.runs.push(run);
+                }
+                Ok(_) => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(ix))
     }
 
     /// Blocks ranked by [`BlockIndex::rank_all`].
@@ -374,6 +491,24 @@ impl BlockIndex {
     }
 }
 
+/// Version of the local cache's files (`state.json` and runs): not part of the
+/// repository format (a cache of another version is rebuilt, never read).
+const CACHE_VERSION: u32 = 1;
+/// Magic at the start of a cached run file.
+const RUN_MAGIC: &[u8; 8] = b"SNSYIXR1";
+
+/// `state.json` of the local index cache.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CacheState {
+    version: u32,
+    block_size: u64,
+    gc_epochs: usize,
+    /// The packs indexed, in the order the runs' pack positions refer to.
+    packs: Vec<String>,
+    /// Run files, oldest first.
+    runs: Vec<String>,
+}
+
 /// Split pairs by a predicate, dropping the tag.
 trait PartitionPairs<T> {
     fn into_iter_pair(self) -> (Vec<T>, Vec<T>);
@@ -393,6 +528,12 @@ impl<T, U> PartitionPairs<T> for (Vec<(T, U)>, Vec<(T, U)>) {
 #[derive(Debug)]
 struct Run {
     file: File,
+    /// Its name when it is a file of the local cache (removed when merged away, unless
+    /// `persisted`: a `state.json` names it, and other processes may be reading it).
+    path: Option<std::path::PathBuf>,
+    persisted: bool,
+    /// The highest pack position it names (a cached run must fit its state's packs).
+    max_pack: u64,
     count: usize,
     /// The first 8 bytes of the id of records 0, FENCE, 2 * FENCE, …
     fences: Vec<u64>,
@@ -422,35 +563,150 @@ fn decode_record(r: &[u8]) -> Entry {
 }
 
 impl Run {
-    /// Write `count` entries, sorted by id, distinct.
-    fn write(entries: impl Iterator<Item = Entry>, count: usize) -> std::io::Result<Run> {
-        let file = tempfile::tempfile()?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+    /// Write `count` entries, sorted by id, distinct: to a new file in `dir`, or to an
+    /// anonymous temporary file. Layout: magic, the records (from byte 8), the fences,
+    /// the filter, then `count`, fence count, filter blocks (u64 each) and the BLAKE3
+    /// of everything before, which [`Run::open`] checks.
+    fn write(
+        dir: Option<&std::path::Path>,
+        entries: impl Iterator<Item = Entry>,
+        count: usize,
+    ) -> std::io::Result<Run> {
+        let (file, path) = match dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                let p = d.join(format!("run-{}", snapsync_store::random_id()));
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&p)?;
+                (f, Some(p))
+            }
+            None => (tempfile::tempfile()?, None),
+        };
+        let mut out = HashingWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, &file),
+            hash: blake3::Hasher::new(),
+        };
+        out.write_all(RUN_MAGIC)?;
         let mut fences = Vec::with_capacity(count / FENCE + 1);
         let mut filter = Filter::new(count);
         let mut record = [0u8; RECORD];
         let mut n = 0usize;
+        let mut max_pack = 0u64;
         for e in entries {
             if n.is_multiple_of(FENCE) {
                 fences.push(prefix(&e.id));
             }
             filter.insert(&e.id);
+            max_pack = max_pack.max(u64::from(e.loc.pack));
             encode_record(&e, &mut record);
             out.write_all(&record)?;
             n += 1;
         }
-        out.flush()?;
+        for f in &fences {
+            out.write_all(&f.to_le_bytes())?;
+        }
+        for b in &filter.blocks {
+            for w in b {
+                out.write_all(&w.to_le_bytes())?;
+            }
+        }
+        for v in [n as u64, fences.len() as u64, filter.blocks.len() as u64] {
+            out.write_all(&v.to_le_bytes())?;
+        }
+        let check = out.hash.finalize();
+        out.inner.write_all(check.as_bytes())?;
+        out.inner.flush()?;
         drop(out);
         Ok(Run {
             file,
+            path,
+            persisted: false,
+            max_pack,
             count: n,
             fences,
             filter,
         })
     }
 
-    /// Merge runs into one (a block in several keeps the oldest run's location).
-    fn merge(runs: &[Run]) -> std::io::Result<Run> {
+    /// A run file of the local cache, checked whole; `None` when it is damaged.
+    fn open(path: &std::path::Path) -> std::io::Result<Option<Run>> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        if len < 8 + 24 + 32 {
+            return Ok(None);
+        }
+        let mut tail = [0u8; 56];
+        file.read_exact_at(&mut tail, len - 56)?;
+        let word = |k: usize| u64::from_le_bytes(tail[k * 8..k * 8 + 8].try_into().expect("8"));
+        let (count, nfences, nblocks) = (word(0), word(1), word(2));
+        let body = count
+            .checked_mul(RECORD as u64)
+            .and_then(|b| b.checked_add(8));
+        let expect = body
+            .and_then(|b| b.checked_add(nfences.checked_mul(8)?))
+            .and_then(|b| b.checked_add(nblocks.checked_mul(64)?))
+            .and_then(|b| b.checked_add(24 + 32));
+        if expect != Some(len) || nfences != (count as usize).div_ceil(FENCE) as u64 {
+            return Ok(None);
+        }
+        // Checked whole: a cached location that were wrong would make a good block
+        // read as damaged.
+        let mut hash = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        let mut max_pack = 0u64;
+        let mut head = Vec::new();
+        while at < len - 32 {
+            let n = (len - 32 - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)?;
+            hash.update(&buf[..n]);
+            head.extend_from_slice(if at == 0 { &buf[..8.min(n)] } else { &[] });
+            at += n as u64;
+        }
+        if hash.finalize().as_bytes() != &tail[24..] || head != RUN_MAGIC {
+            return Ok(None);
+        }
+        let records_end = body.expect("checked");
+        let mut rest = vec![0u8; (len - 56 - records_end) as usize];
+        file.read_exact_at(&mut rest, records_end)?;
+        let (f, b) = rest.split_at(nfences as usize * 8);
+        let fences = f
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+            .collect();
+        let blocks = b
+            .chunks_exact(64)
+            .map(|c| {
+                let mut block = [0u64; 8];
+                for (k, w) in c.chunks_exact(8).enumerate() {
+                    block[k] = u64::from_le_bytes(w.try_into().expect("8"));
+                }
+                block
+            })
+            .collect();
+        // The highest pack position, from the records (read in order once more).
+        let run = Run {
+            file,
+            path: Some(path.to_path_buf()),
+            persisted: true,
+            max_pack: 0,
+            count: count as usize,
+            fences,
+            filter: Filter { blocks },
+        };
+        let mut reader = RunReader::new(&run);
+        while let Some(e) = reader.next()? {
+            max_pack = max_pack.max(u64::from(e.loc.pack));
+        }
+        Ok(Some(Run { max_pack, ..run }))
+    }
+
+    /// Merge runs into one (a block in several keeps the oldest run's location); the
+    /// merged runs' cache files are removed.
+    fn merge(dir: Option<&std::path::Path>, runs: &[Run]) -> std::io::Result<Run> {
         let count = runs.iter().map(|r| r.count).sum();
         let mut readers: Vec<RunReader<'_>> = runs.iter().map(RunReader::new).collect();
         let mut heads: Vec<Option<Entry>> = Vec::with_capacity(runs.len());
@@ -476,11 +732,16 @@ impl Run {
                 return Some(e);
             }
         });
-        let run = Run::write(merged, count)?;
-        match error {
-            Some(e) => Err(e),
-            None => Ok(run),
+        let run = Run::write(dir, merged, count)?;
+        if let Some(e) = error {
+            return Err(e);
         }
+        for r in runs.iter().filter(|r| !r.persisted) {
+            if let Some(p) = &r.path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        Ok(run)
     }
 
     /// The record number and location of `id`, if this run holds it.
@@ -497,7 +758,7 @@ impl Run {
             let first = page * FENCE;
             let n = (self.count - first).min(FENCE);
             let bytes = &mut buf[..n * RECORD];
-            if let Err(e) = self.file.read_exact_at(bytes, (first * RECORD) as u64) {
+            if let Err(e) = self.file.read_exact_at(bytes, 8 + (first * RECORD) as u64) {
                 tracing::warn!(error = %e, "block index run unreadable");
                 return None;
             }
@@ -512,6 +773,24 @@ impl Run {
             page += 1;
         }
         None
+    }
+}
+
+/// A writer that hashes what it writes.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hash: blake3::Hasher,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -542,7 +821,7 @@ impl<'a> RunReader<'a> {
             self.buf.resize(n * RECORD, 0);
             self.run
                 .file
-                .read_exact_at(&mut self.buf, (self.at * RECORD) as u64)?;
+                .read_exact_at(&mut self.buf, 8 + (self.at * RECORD) as u64)?;
             self.at += n;
             self.pos = 0;
         }
@@ -778,6 +1057,61 @@ mod tests {
             passed < 10_000 * ix.runs.len() / 20,
             "{passed} false positives"
         );
+    }
+
+    #[test]
+    fn a_persisted_index_is_restored_checked_and_dropped_after_a_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("index");
+        let id = |n: u32| BlockId::of(&n.to_le_bytes());
+        let at = |n: u32| IndexEntry {
+            id: id(n),
+            ..entry(0, u64::from(n), false)
+        };
+        let mut ix = BlockIndex::in_dir(BS, cache.clone());
+        ix.reserve(10);
+        for p in 0..7u32 {
+            let e: Vec<IndexEntry> = (p * 30..p * 30 + 30).map(at).collect();
+            ix.add_pack(BlockId::of(&p.to_be_bytes()), &e);
+        }
+        ix.seal();
+        ix.gc_epochs = Some(3);
+        ix.persist().unwrap();
+        // Runs a later session adds are not named by the state: removed on restore.
+        ix.add_pack(
+            BlockId::of(b"later"),
+            &(500..600).map(at).collect::<Vec<_>>(),
+        );
+        ix.rank_all().unwrap();
+        drop(ix);
+        assert!(
+            BlockIndex::restore(BS, &cache, 4).unwrap().is_none(),
+            "a gc ran since"
+        );
+        assert!(BlockIndex::restore(BS * 2, &cache, 3).unwrap().is_none());
+        let back = BlockIndex::restore(BS, &cache, 3)
+            .unwrap()
+            .expect("restored");
+        for n in 0..210u32 {
+            let (pack, l) = back.get(&id(n)).unwrap_or_else(|| panic!("{n}"));
+            assert_eq!(pack, BlockId::of(&(n / 30).to_be_bytes()));
+            assert_eq!(l.offset, u64::from(n));
+        }
+        assert!(back.get(&id(550)).is_none());
+        assert!(back.has_pack(&BlockId::of(&6u32.to_be_bytes())));
+        let files = std::fs::read_dir(&cache).unwrap().count();
+        assert_eq!(
+            files,
+            back.runs.len() + 1,
+            "only the state and its runs are left"
+        );
+        // A damaged run is never trusted.
+        let run = back.runs[0].path.clone().unwrap();
+        drop(back);
+        let mut bytes = std::fs::read(&run).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&run, &bytes).unwrap();
+        assert!(BlockIndex::restore(BS, &cache, 3).unwrap().is_none());
     }
 
     proptest! {

@@ -25,6 +25,12 @@ pub struct RepoOptions {
     /// and larger reads per lookup. Readers take any part size, so this can differ
     /// between writers of one repository.
     pub part_entries: usize,
+    /// Where the block index is cached between processes (under the repository's id),
+    /// so that a process does not read every pack index of the repository again: it
+    /// reads the cache and the indexes of packs stored since. `None` (the default): no
+    /// cache. A cache is used only while no gc ran since it was written, and is checked
+    /// whole when read (a damaged one is rebuilt, never trusted).
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RepoOptions {
@@ -33,6 +39,7 @@ impl Default for RepoOptions {
             retry_timeout: Duration::from_secs(DEFAULT_RETRY_TIMEOUT_SECS),
             lock_wait: DEFAULT_LOCK_WAIT,
             part_entries: crate::format::PART_ENTRIES,
+            cache_dir: None,
         }
     }
 }
@@ -47,6 +54,12 @@ impl RepoOptions {
     /// Set [`RepoOptions::part_entries`] (at least 1).
     pub fn with_part_entries(mut self, entries: usize) -> Self {
         self.part_entries = entries.max(1);
+        self
+    }
+
+    /// Set [`RepoOptions::cache_dir`].
+    pub fn with_cache_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.cache_dir = dir;
         self
     }
 

@@ -452,15 +452,47 @@ impl Repository {
         *lock(&self.index) = None;
     }
 
+    /// Where this repository's block index is cached ([`RepoOptions::cache_dir`]).
+    fn index_cache(&self) -> Option<std::path::PathBuf> {
+        let dir = self.options.cache_dir.as_ref()?;
+        Some(dir.join(&self.config.repository_id).join("index"))
+    }
+
+    /// An empty block index, or the one cached by an earlier process if it is still
+    /// good (no gc ran since).
+    fn fresh_index(&self) -> Result<BlockIndex> {
+        let bs = self.config.block_size;
+        let Some(dir) = self.index_cache() else {
+            return Ok(BlockIndex::new(bs));
+        };
+        let epochs = self.backend.list("gc-epochs")?.len();
+        match BlockIndex::restore(bs, &dir, epochs) {
+            Ok(Some(ix)) => return Ok(ix),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, cache = %dir.display(), "block index cache unreadable")
+            }
+        }
+        let mut ix = BlockIndex::in_dir(bs, dir);
+        ix.gc_epochs = Some(epochs);
+        Ok(ix)
+    }
+
     /// Run `f` with the block index, loading it on first use.
     pub(crate) fn with_index<T>(&self, f: impl FnOnce(&mut BlockIndex) -> T) -> Result<T> {
         let mut guard = lock(&self.index);
         if !guard.as_ref().is_some_and(|ix| ix.complete) {
             // The packs already loaded stay: only the others are read.
-            let partial = guard
-                .take()
-                .unwrap_or_else(|| BlockIndex::new(self.config.block_size));
-            *guard = Some(self.load_index(partial)?);
+            let partial = match guard.take() {
+                Some(ix) => ix,
+                None => self.fresh_index()?,
+            };
+            let mut ix = self.load_index(partial)?;
+            // Complete as of the listing: the next process starts from here.
+            if let Err(e) = ix.persist() {
+                tracing::warn!(error = %e, "block index not cached");
+            }
+            *guard = Some(ix);
         }
         let ix = guard.as_mut().expect("loaded");
         let out = f(ix);
@@ -474,7 +506,10 @@ impl Repository {
     /// the index once instead of growing it step by step.
     pub(crate) fn index_packs(&self, packs: &[BlockId], expected_blocks: usize) -> Result<()> {
         let mut guard = lock(&self.index);
-        let ix = guard.get_or_insert_with(|| BlockIndex::new(self.config.block_size));
+        if guard.is_none() {
+            *guard = Some(self.fresh_index()?);
+        }
+        let ix = guard.as_mut().expect("set");
         let wanted: Vec<BlockId> = packs.iter().filter(|p| !ix.has_pack(p)).copied().collect();
         if wanted.is_empty() {
             return Ok(());

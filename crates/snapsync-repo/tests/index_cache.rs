@@ -1,0 +1,103 @@
+//! The block index cached between processes (`RepoOptions::cache_dir`): a later
+//! process starts from it instead of reading every pack index again, and never trusts
+//! it after a gc.
+
+use snapsync_core::Timestamp;
+use snapsync_engine::{replicate, restore, ReplicateOptions};
+use snapsync_repo::{Location, PruneOptions, RepoOptions, Repository};
+use snapsync_store::memory::MemoryStore;
+use snapsync_store::sample::pseudo_random;
+use snapsync_store::NoProgress;
+
+const BS: u64 = 4096;
+
+fn open(root: &std::path::Path, cache: Option<&std::path::Path>) -> Repository {
+    let o = RepoOptions::default().with_cache_dir(cache.map(|c| c.to_path_buf()));
+    Repository::open_with(Location::Local(root.to_path_buf()), &o).unwrap()
+}
+
+fn read(repo: &Repository, snapshot: &str, dir: &std::path::Path) -> Result<Vec<u8>, String> {
+    let out = dir.join(format!("{snapshot}.out"));
+    let _ = std::fs::remove_file(&out);
+    restore(repo, "vm", snapshot, &out, &NoProgress).map_err(|e| e.to_string())?;
+    Ok(std::fs::read(out).unwrap())
+}
+
+#[test]
+fn a_later_process_starts_from_the_cache_and_a_gc_discards_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let cache = dir.path().join("cache");
+    Repository::init(Location::Local(root.clone()), BS).unwrap();
+    let src = MemoryStore::new("src", BS);
+    let s1 = pseudo_random(1, 64 * BS as usize);
+    let mut s2 = s1.clone();
+    s2[..BS as usize].fill(7);
+    src.add_snapshot("vm", "s1", Timestamp::new(1_700_000_000, 0), s1.clone());
+    let opts = ReplicateOptions::default();
+    replicate(
+        &src,
+        &open(&root, Some(&cache)),
+        &opts,
+        &NoProgress,
+        &mut |_| {},
+    )
+    .unwrap();
+    src.add_snapshot("vm", "s2", Timestamp::new(1_700_000_100, 0), s2.clone());
+    replicate(
+        &src,
+        &open(&root, Some(&cache)),
+        &opts,
+        &NoProgress,
+        &mut |_| {},
+    )
+    .unwrap();
+    let repo_id = open(&root, None).repository_id().to_string();
+    let state = cache.join(&repo_id).join("index").join("state.json");
+    assert!(state.exists(), "cached");
+
+    // Proof that a later process uses it: with one pack's index object gone (nothing
+    // but a gc deletes one), the cached process still finds that pack's blocks.
+    let index_dir = root.join("index");
+    let first_index = std::fs::read_dir(&index_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let saved = std::fs::read(&first_index).unwrap();
+    std::fs::remove_file(&first_index).unwrap();
+    let cached = open(&root, Some(&cache));
+    assert!(read(&cached, "s1", dir.path()).unwrap() == s1);
+    assert!(read(&cached, "s2", dir.path()).unwrap() == s2);
+    let uncached = open(&root, None);
+    assert!(
+        read(&uncached, "s1", dir.path()).is_err(),
+        "without the cache the index is gone"
+    );
+    std::fs::write(&first_index, saved).unwrap();
+
+    // A gc (after a prune) invalidates the cache for every process.
+    let gc_side = open(&root, Some(&cache));
+    gc_side
+        .prune(
+            &PruneOptions::new(snapsync_core::KeepPolicy {
+                last: 1,
+                ..Default::default()
+            })
+            .with_force(true),
+        )
+        .unwrap();
+    gc_side.gc().unwrap();
+    let after = open(&root, Some(&cache));
+    assert!(read(&after, "s2", dir.path()).unwrap() == s2);
+    assert!(after.verify(true, &NoProgress).unwrap().ok);
+    // The next replication loads the whole index again and caches it anew.
+    let mut s3 = s2.clone();
+    s3[5 * BS as usize..6 * BS as usize].fill(9);
+    src.add_snapshot("vm", "s3", Timestamp::new(1_700_000_200, 0), s3.clone());
+    replicate(&src, &after, &opts, &NoProgress, &mut |_| {}).unwrap();
+    assert!(read(&open(&root, Some(&cache)), "s3", dir.path()).unwrap() == s3);
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(s["gc_epochs"], 1, "rebuilt after the gc");
+}
