@@ -44,5 +44,11 @@ export SNAPSYNC_TEST_S3_ENDPOINT="http://127.0.0.1:$moto_port"
 export AWS_ENDPOINT_URL="$SNAPSYNC_TEST_S3_ENDPOINT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 
+# The binary caches block indexes between runs (SNAPSYNC_CACHE_DIR): the tests use one
+# cache of their own, removed afterwards, so they exercise it without leaving it behind.
+cache_dir=$(mktemp -d)
+trap 'kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true; rm -f "$moto_log"; rm -rf "$cache_dir"' EXIT
+export SNAPSYNC_CACHE_DIR="$cache_dir"
+
 cargo --version
 cargo test --workspace --all-targets --locked "$@"
