@@ -170,6 +170,9 @@ class Scale:
                     run("replicate", src, str(repo), "--snapshot", "s1", "--json"))
         self.record(label, tool, "replicate (incremental)",
                     run("replicate", src, str(repo), "--json"))
+        if self.args.replicate_only:
+            shutil.rmtree(repo, ignore_errors=True)
+            return
         self.record(label, tool, "list", run("list", str(repo)))
         self.record(label, tool, "diff (from the repository)",
                     run("diff", str(repo), "vm@s2", "--base", "s1", "--json"))
@@ -393,6 +396,8 @@ def main() -> None:
     ap.add_argument("--chain", type=int, default=48,
                     help="incrementals of 0.1%% in the metadata chain, at the first size "
                          "(0 skips; default 48)")
+    ap.add_argument("--replicate-only", action="store_true",
+                    help="only the full and the incremental replication")
     ap.add_argument("--chain-only", action="store_true",
                     help="only the chain of incrementals (at the first size)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "snapsync-scale"))
