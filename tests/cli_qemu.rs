@@ -122,6 +122,14 @@ fn a_running_disk_replicates_full_then_only_what_the_guest_wrote() {
     );
     assert!(restored("c2") == disk, "c2 differs from the disk");
 
+    // Nothing is left in the scratch directory of this VM, nor the directory itself.
+    let qmp = std::fs::canonicalize(vm.dir.path().join("qmp.sock")).unwrap();
+    let scratch = std::env::temp_dir().join(format!(
+        "snapsync-qemu{}",
+        qmp.display().to_string().replace('/', "_")
+    ));
+    assert!(!scratch.exists(), "{} left behind", scratch.display());
+
     // The checkpoints stay as bitmaps; reading an old one is refused with one line.
     let listed = ok(&["list", &vm.url()]);
     assert!(listed.contains("c1") && listed.contains("c2"), "{listed}");

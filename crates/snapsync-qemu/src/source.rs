@@ -123,6 +123,9 @@ pub struct QemuSource {
     system: String,
     options: QemuOptions,
     session: Mutex<Option<Session>>,
+    /// This QEMU process's scratch directory (overlays of the session); removed when a
+    /// session finishes and leaves it empty.
+    scratch: PathBuf,
     nodes: Vec<Node>,
     taken: HashMap<String, Taken>,
     interrupter: Interrupter,
@@ -163,6 +166,7 @@ impl QemuSource {
             system: format!("qemu:{}", canonical.display()),
             options,
             session: Mutex::new(Some(session)),
+            scratch,
             nodes,
             taken: HashMap::new(),
             interrupter: Interrupter::default(),
@@ -248,6 +252,8 @@ impl QemuSource {
             .take();
         if let Some(s) = session {
             s.finish(self.options.keep_checkpoints).map_err(qmp_err)?;
+            // Only when empty: leftovers of a killed session stay for the next one.
+            let _ = std::fs::remove_dir(&self.scratch);
         }
         self.taken.clear();
         Ok(())

@@ -338,6 +338,7 @@ impl BlockIndex {
         let (Some(dir), Some(gc_epochs)) = (self.dir.clone(), self.gc_epochs) else {
             return Ok(());
         };
+        std::fs::create_dir_all(&dir)?;
         self.unsorted = true;
         self.seal();
         if !self.sorted.is_empty() {
@@ -1068,6 +1069,14 @@ mod tests {
             id: id(n),
             ..entry(0, u64::from(n), false)
         };
+        let mut empty = BlockIndex::in_dir(BS, dir.path().join("empty"));
+        empty.gc_epochs = Some(0);
+        empty.persist().unwrap();
+        let back = BlockIndex::restore(BS, &dir.path().join("empty"), 0).unwrap();
+        assert!(
+            back.unwrap().get(&id(1)).is_none(),
+            "an empty repository's cache"
+        );
         let mut ix = BlockIndex::in_dir(BS, cache.clone());
         ix.reserve(10);
         for p in 0..7u32 {

@@ -489,8 +489,10 @@ impl Repository {
             };
             let mut ix = self.load_index(partial)?;
             // Complete as of the listing: the next process starts from here.
+            // A cache that cannot be written costs the next process time, not this
+            // one its result: noted, not shown.
             if let Err(e) = ix.persist() {
-                tracing::warn!(error = %e, "block index not cached");
+                tracing::debug!(error = %e, "block index not cached");
             }
             *guard = Some(ix);
         }
