@@ -21,7 +21,7 @@ use crate::format::{self, IndexEntry, ManifestId, MAGIC_PACK, PACK_HEADER};
 use crate::index::BlockIndex;
 use crate::repo::{decode_block, key_index, key_manifest, key_pack, Repository};
 use crate::stream::EntryStream;
-use crate::verify::Bitmap;
+use crate::verify::{Bitmap, LOOKUP_BATCH};
 use snapsync_store::random_id;
 
 /// What gc did.
@@ -80,6 +80,19 @@ impl Repository {
         let mut live = Bitmap::new(index.ranked_len());
         let mut reachable: HashSet<ManifestId> = HashSet::new();
         let mut live_parts: HashSet<BlockId> = HashSet::new();
+        // Looked up a batch at a time, sorted, so that the index is read in order.
+        let mut batch: Vec<(BlockId, ())> = Vec::with_capacity(LOOKUP_BATCH);
+        let mark = |batch: &mut Vec<(BlockId, ())>, live: &mut Bitmap| -> Result<()> {
+            index
+                .rank_many(batch, |_, _, rank| {
+                    if let Some(rank) = rank {
+                        live.set(rank);
+                    }
+                })
+                .map_err(|e| StoreError::io("a temporary file of the block index", e))?;
+            batch.clear();
+            Ok(())
+        };
         for cat in self.catalogs()? {
             for s in &cat.snapshots {
                 let mut cur = Some(s.manifest);
@@ -91,14 +104,18 @@ impl Repository {
                     live_parts.extend(m.head.parts.iter().map(|p| p.id));
                     let mut entries = EntryStream::new(self, &m)?;
                     while let Some((_, block)) = entries.next_entry()? {
-                        if let Some((rank, ..)) = block.id().and_then(|id| index.rank(&id)) {
-                            live.set(rank);
+                        if let Some(id) = block.id() {
+                            batch.push((id, ()));
+                            if batch.len() == LOOKUP_BATCH {
+                                mark(&mut batch, &mut live)?;
+                            }
                         }
                     }
                     cur = m.head.header.delta_base;
                 }
             }
         }
+        mark(&mut batch, &mut live)?;
         report.live_blocks = live.count();
 
         // 3. Manifests nobody reaches.

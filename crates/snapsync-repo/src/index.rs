@@ -432,6 +432,59 @@ impl BlockIndex {
         self.runs.first().map_or(0, |r| r.count)
     }
 
+    /// [`BlockIndex::rank`] of many blocks at once: `ids` are sorted first, so that the
+    /// run is read in order and each of its pages once, instead of one read a block
+    /// (gc and verify look up every block of every snapshot). `f` gets each id with
+    /// its tag and rank (`None`: not indexed).
+    pub(crate) fn rank_many<T>(
+        &self,
+        ids: &mut [(BlockId, T)],
+        mut f: impl FnMut(&BlockId, &T, Option<usize>),
+    ) -> std::io::Result<()> {
+        ids.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let Some(run) = self.runs.first() else {
+            ids.iter().for_each(|(id, t)| f(id, t, None));
+            return Ok(());
+        };
+        let mut page_no = usize::MAX;
+        let mut page: Vec<u8> = vec![0; FENCE * RECORD];
+        let mut page_len = 0;
+        for (id, tag) in ids.iter() {
+            if !run.filter.may_contain(id) {
+                f(id, tag, None);
+                continue;
+            }
+            let key = prefix(id);
+            let mut p = run.fences.partition_point(|x| *x < key).saturating_sub(1);
+            let mut found = None;
+            while p < run.fences.len() && run.fences[p] <= key {
+                if p != page_no {
+                    let first = p * FENCE;
+                    page_len = (run.count - first).min(FENCE);
+                    run.file.read_exact_at(
+                        &mut page[..page_len * RECORD],
+                        8 + (first * RECORD) as u64,
+                    )?;
+                    page_no = p;
+                }
+                let records = &page[..page_len * RECORD];
+                let k = records
+                    .chunks_exact(RECORD)
+                    .position(|r| r[..32] >= id.0[..]);
+                match k {
+                    Some(k) if records[k * RECORD..k * RECORD + 32] == id.0[..] => {
+                        found = Some(p * FENCE + k);
+                        break;
+                    }
+                    Some(_) => break,
+                    None => p += 1,
+                }
+            }
+            f(id, tag, found);
+        }
+        Ok(())
+    }
+
     /// A block's rank (after [`BlockIndex::rank_all`]), pack and location.
     pub(crate) fn rank(&self, id: &BlockId) -> Option<(usize, BlockId, BlockLocation)> {
         debug_assert!(self.runs.len() <= 1 && self.sorted.is_empty() && self.recent.is_empty());
@@ -1050,6 +1103,16 @@ mod tests {
             );
         }
         assert!(ranked.rank(&id(7000)).is_none());
+        let mut asked: Vec<(BlockId, u32)> = (0..7000u32).rev().map(|n| (id(n), n)).collect();
+        let mut seen = 0;
+        ranked
+            .rank_many(&mut asked, |i, n, rank| {
+                seen += 1;
+                assert_eq!(rank, ranked.rank(i).map(|r| r.0), "{n}");
+                assert_eq!(rank.is_some(), *n < 6000);
+            })
+            .unwrap();
+        assert_eq!(seen, 7000);
         // The filters spare nearly every read of an absent block.
         let passed = (100_000..110_000u32)
             .filter(|n| ix.runs.iter().any(|r| r.filter.may_contain(&id(*n))))

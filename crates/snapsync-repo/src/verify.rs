@@ -45,6 +45,10 @@ pub struct VerifyReport {
     pub repository_errors: Vec<String>,
 }
 
+/// Blocks looked up in the index at once (sorted: see [`BlockIndex::rank_many`]);
+/// ~40 MiB.
+pub(crate) const LOOKUP_BATCH: usize = 1 << 20;
+
 /// One bit a block, by rank in the index (see [`BlockIndex::rank`]).
 pub(crate) struct Bitmap(Vec<u64>);
 
@@ -260,26 +264,47 @@ impl Repository {
             }
             let mut root = h.root.map(|_| RootHasher::new(chain[0].head.block_count));
             let mut cursor = ChainCursor::new(self, &chain)?;
-            let (mut missing, mut damaged, mut first) = (0u64, 0u64, None);
+            let (mut missing, mut damaged) = (0u64, 0u64);
+            // The first problem by block number, whatever order the lookups go in.
+            let mut first: Option<(u64, String)> = None;
+            let mut note = |i: u64, what: String| {
+                if first.as_ref().is_none_or(|(f, _)| i < *f) {
+                    first = Some((i, what));
+                }
+            };
+            // Looked up a batch at a time, sorted, so that the index is read in order.
+            let mut batch: Vec<(BlockId, u64)> = Vec::with_capacity(LOOKUP_BATCH);
+            let mut lookup = |batch: &mut Vec<(BlockId, u64)>| -> Result<()> {
+                index
+                    .rank_many(batch, |id, &i, rank| match rank {
+                        None => {
+                            missing += 1;
+                            note(i, format!("block #{i} ({id}) is missing"));
+                        }
+                        Some(rank) => {
+                            referenced.set(rank);
+                            if let Some(why) = bad_blocks.get(id) {
+                                damaged += 1;
+                                note(i, format!("block #{i}: {why}"));
+                            }
+                        }
+                    })
+                    .map_err(|e| StoreError::io("a temporary file of the block index", e))?;
+                batch.clear();
+                Ok(())
+            };
             while let Some((i, id)) = cursor.next_data_entry()? {
                 if let Some(r) = &mut root {
                     r.add(i, &id);
                 }
-                match index.rank(&id) {
-                    None => {
-                        missing += 1;
-                        first.get_or_insert(format!("block #{i} ({id}) is missing"));
-                    }
-                    Some((rank, ..)) => {
-                        referenced.set(rank);
-                        if let Some(why) = bad_blocks.get(&id) {
-                            damaged += 1;
-                            first.get_or_insert(format!("block #{i}: {why}"));
-                        }
-                    }
+                batch.push((id, i));
+                if batch.len() == LOOKUP_BATCH {
+                    lookup(&mut batch)?;
                 }
             }
+            lookup(&mut batch)?;
             cursor.finish()?;
+            let first = first.map(|(_, what)| what);
             let root_ok = match (root, h.root) {
                 (Some(r), Some(want)) => r.finish() == want,
                 _ => true,
