@@ -441,7 +441,7 @@ impl BlockIndex {
         ids: &mut [(BlockId, T)],
         mut f: impl FnMut(&BlockId, &T, Option<usize>),
     ) -> std::io::Result<()> {
-        ids.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        ids.sort_unstable_by_key(|a| a.0);
         let Some(run) = self.runs.first() else {
             ids.iter().for_each(|(id, t)| f(id, t, None));
             return Ok(());
