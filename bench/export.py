@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--snapsync", required=True)
     ap.add_argument("--size", type=parse_size, default=parse_size("2GiB"))
     ap.add_argument("--random-reads", type=int, default=2000)
+    ap.add_argument("--block-size", type=int, default=65536,
+                    help="the repository's block size (512 simulates a volume 128x larger)")
     ap.add_argument("--work", default=None)
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="snapsync-export-bench-"))
@@ -55,7 +57,8 @@ def main() -> None:
             f.seek(a.size // 2)
             f.write(b"\0" * (a.size // 8))
         repo = work / "repo"
-        subprocess.run([s, "init", str(repo)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([s, "init", str(repo), "--block-size", str(args.block_size)], check=True,
+                       stdout=subprocess.DEVNULL)
         subprocess.run([s, "replicate", f"raw:{work / 'images'}", str(repo)], check=True,
                        stdout=subprocess.DEVNULL)
 
