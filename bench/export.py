@@ -57,7 +57,7 @@ def main() -> None:
             f.seek(a.size // 2)
             f.write(b"\0" * (a.size // 8))
         repo = work / "repo"
-        subprocess.run([s, "init", str(repo), "--block-size", str(args.block_size)], check=True,
+        subprocess.run([s, "init", str(repo), "--block-size", str(a.block_size)], check=True,
                        stdout=subprocess.DEVNULL)
         subprocess.run([s, "replicate", f"raw:{work / 'images'}", str(repo)], check=True,
                        stdout=subprocess.DEVNULL)
