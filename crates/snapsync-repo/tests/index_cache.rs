@@ -33,25 +33,21 @@ fn a_later_process_starts_from_the_cache_and_a_gc_discards_it() {
     let s1 = pseudo_random(1, 64 * BS as usize);
     let mut s2 = s1.clone();
     s2[..BS as usize].fill(7);
+    // Each replication in a process of its own (a fresh `Repository`).
+    let send = |repo: &Repository| {
+        replicate(
+            &src,
+            repo,
+            &ReplicateOptions::default(),
+            &NoProgress,
+            &mut |_| {},
+        )
+        .unwrap()
+    };
     src.add_snapshot("vm", "s1", Timestamp::new(1_700_000_000, 0), s1.clone());
-    let opts = ReplicateOptions::default();
-    replicate(
-        &src,
-        &open(&root, Some(&cache)),
-        &opts,
-        &NoProgress,
-        &mut |_| {},
-    )
-    .unwrap();
+    send(&open(&root, Some(&cache)));
     src.add_snapshot("vm", "s2", Timestamp::new(1_700_000_100, 0), s2.clone());
-    replicate(
-        &src,
-        &open(&root, Some(&cache)),
-        &opts,
-        &NoProgress,
-        &mut |_| {},
-    )
-    .unwrap();
+    send(&open(&root, Some(&cache)));
     let repo_id = open(&root, None).repository_id().to_string();
     let state = cache.join(&repo_id).join("index").join("state.json");
     assert!(state.exists(), "cached");
@@ -96,7 +92,7 @@ fn a_later_process_starts_from_the_cache_and_a_gc_discards_it() {
     let mut s3 = s2.clone();
     s3[5 * BS as usize..6 * BS as usize].fill(9);
     src.add_snapshot("vm", "s3", Timestamp::new(1_700_000_200, 0), s3.clone());
-    replicate(&src, &after, &opts, &NoProgress, &mut |_| {}).unwrap();
+    send(&after);
     assert!(read(&open(&root, Some(&cache)), "s3", dir.path()).unwrap() == s3);
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
     assert_eq!(s["gc_epochs"], 1, "rebuilt after the gc");
