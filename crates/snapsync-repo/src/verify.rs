@@ -253,7 +253,7 @@ impl Repository {
         referenced: &mut Bitmap,
     ) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut walk = || -> Result<(u64, u64, Option<String>, bool)> {
+        let mut walk = || -> Result<BlockFindings> {
             let chain = self.checked_chain(&s.manifest)?;
             let h = &chain[0].head.header;
             if h.id != s.id || h.name != s.name || h.size != s.size {
@@ -264,70 +264,92 @@ impl Repository {
             }
             let mut root = h.root.map(|_| RootHasher::new(chain[0].head.block_count));
             let mut cursor = ChainCursor::new(self, &chain)?;
-            let (mut missing, mut damaged) = (0u64, 0u64);
-            // The first problem by block number, whatever order the lookups go in.
-            let mut first: Option<(u64, String)> = None;
-            let mut note = |i: u64, what: String| {
-                if first.as_ref().is_none_or(|(f, _)| i < *f) {
-                    first = Some((i, what));
-                }
-            };
+            let mut found = BlockFindings::default();
             // Looked up a batch at a time, sorted, so that the index is read in order.
             let mut batch: Vec<(BlockId, u64)> = Vec::with_capacity(LOOKUP_BATCH);
-            let mut lookup = |batch: &mut Vec<(BlockId, u64)>| -> Result<()> {
-                index
-                    .rank_many(batch, |id, &i, rank| match rank {
-                        None => {
-                            missing += 1;
-                            note(i, format!("block #{i} ({id}) is missing"));
-                        }
-                        Some(rank) => {
-                            referenced.set(rank);
-                            if let Some(why) = bad_blocks.get(id) {
-                                damaged += 1;
-                                note(i, format!("block #{i}: {why}"));
-                            }
-                        }
-                    })
-                    .map_err(|e| StoreError::io("a temporary file of the block index", e))?;
-                batch.clear();
-                Ok(())
-            };
             while let Some((i, id)) = cursor.next_data_entry()? {
                 if let Some(r) = &mut root {
                     r.add(i, &id);
                 }
                 batch.push((id, i));
                 if batch.len() == LOOKUP_BATCH {
-                    lookup(&mut batch)?;
+                    found.look_up(&mut batch, index, bad_blocks, referenced)?;
                 }
             }
-            lookup(&mut batch)?;
+            found.look_up(&mut batch, index, bad_blocks, referenced)?;
             cursor.finish()?;
-            let first = first.map(|(_, what)| what);
-            let root_ok = match (root, h.root) {
-                (Some(r), Some(want)) => r.finish() == want,
-                _ => true,
+            found.root_differs = match (root, h.root) {
+                (Some(r), Some(want)) => r.finish() != want,
+                _ => false,
             };
-            Ok((missing, damaged, first, root_ok))
+            Ok(found)
         };
         match walk() {
             Err(e) => problems.push(e.to_string()),
-            Ok((missing, damaged, first, root_ok)) => {
-                if !root_ok {
+            Ok(found) => {
+                if found.root_differs {
                     problems.push(format!(
                         "block map of manifest {} does not match its root hash",
                         s.manifest
                     ));
                 }
-                if missing + damaged > 0 {
+                if found.missing + found.damaged > 0 {
                     problems.push(format!(
-                        "{missing} missing and {damaged} damaged blocks; first: {}",
-                        first.unwrap_or_default()
+                        "{} missing and {} damaged blocks; first: {}",
+                        found.missing,
+                        found.damaged,
+                        found.first.map(|(_, what)| what).unwrap_or_default()
                     ));
                 }
             }
         }
         problems
+    }
+}
+
+/// What checking one snapshot's blocks found.
+#[derive(Default)]
+struct BlockFindings {
+    missing: u64,
+    damaged: u64,
+    /// The first problem by block number, whatever order the lookups went in.
+    first: Option<(u64, String)>,
+    root_differs: bool,
+}
+
+impl BlockFindings {
+    fn note(&mut self, i: u64, what: String) {
+        if self.first.as_ref().is_none_or(|(f, _)| i < *f) {
+            self.first = Some((i, what));
+        }
+    }
+
+    /// Look up a batch of (block id, block number), sorted (see
+    /// [`BlockIndex::rank_many`]): mark each found in `referenced`, count the missing
+    /// and the damaged. Empties the batch.
+    fn look_up(
+        &mut self,
+        batch: &mut Vec<(BlockId, u64)>,
+        index: &BlockIndex,
+        bad_blocks: &HashMap<BlockId, String>,
+        referenced: &mut Bitmap,
+    ) -> Result<()> {
+        index
+            .rank_many(batch, |id, &i, rank| match rank {
+                None => {
+                    self.missing += 1;
+                    self.note(i, format!("block #{i} ({id}) is missing"));
+                }
+                Some(rank) => {
+                    referenced.set(rank);
+                    if let Some(why) = bad_blocks.get(id) {
+                        self.damaged += 1;
+                        self.note(i, format!("block #{i}: {why}"));
+                    }
+                }
+            })
+            .map_err(|e| StoreError::io("a temporary file of the block index", e))?;
+        batch.clear();
+        Ok(())
     }
 }
