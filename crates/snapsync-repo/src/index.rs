@@ -619,8 +619,8 @@ fn decode_record(r: &[u8]) -> Entry {
 impl Run {
     /// Write `count` entries, sorted by id, distinct: to a new file in `dir`, or to an
     /// anonymous temporary file. Layout: magic, the records (from byte 8), the fences,
-    /// the filter, then `count`, fence count, filter blocks (u64 each) and the BLAKE3
-    /// of everything before, which [`Run::open`] checks.
+    /// the filter, then `count`, fence count, filter blocks, highest pack position (u64
+    /// each) and the BLAKE3 of everything before, which [`Run::open`] checks.
     fn write(
         dir: Option<&std::path::Path>,
         entries: impl Iterator<Item = Entry>,
@@ -667,7 +667,12 @@ impl Run {
                 out.write_all(&w.to_le_bytes())?;
             }
         }
-        for v in [n as u64, fences.len() as u64, filter.blocks.len() as u64] {
+        for v in [
+            n as u64,
+            fences.len() as u64,
+            filter.blocks.len() as u64,
+            max_pack,
+        ] {
             out.write_all(&v.to_le_bytes())?;
         }
         let check = out.hash.finalize();
@@ -689,73 +694,39 @@ impl Run {
     fn open(path: &std::path::Path) -> std::io::Result<Option<Run>> {
         let file = File::open(path)?;
         let len = file.metadata()?.len();
-        if len < 8 + 24 + 32 {
+        let Some(footer) = RunFooter::read(&file, len)? else {
+            return Ok(None);
+        };
+        // Checked whole: a cached location that were wrong would make a good block read
+        // as damaged.
+        if !footer.checks_out(&file)? {
             return Ok(None);
         }
-        let mut tail = [0u8; 56];
-        file.read_exact_at(&mut tail, len - 56)?;
-        let word = |k: usize| u64::from_le_bytes(tail[k * 8..k * 8 + 8].try_into().expect("8"));
-        let (count, nfences, nblocks) = (word(0), word(1), word(2));
-        let body = count
-            .checked_mul(RECORD as u64)
-            .and_then(|b| b.checked_add(8));
-        let expect = body
-            .and_then(|b| b.checked_add(nfences.checked_mul(8)?))
-            .and_then(|b| b.checked_add(nblocks.checked_mul(64)?))
-            .and_then(|b| b.checked_add(24 + 32));
-        if expect != Some(len) || nfences != (count as usize).div_ceil(FENCE) as u64 {
-            return Ok(None);
-        }
-        // Checked whole: a cached location that were wrong would make a good block
-        // read as damaged.
-        let mut hash = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = 0u64;
-        let mut max_pack = 0u64;
-        let mut head = Vec::new();
-        while at < len - 32 {
-            let n = (len - 32 - at).min(buf.len() as u64) as usize;
-            file.read_exact_at(&mut buf[..n], at)?;
-            hash.update(&buf[..n]);
-            head.extend_from_slice(if at == 0 { &buf[..8.min(n)] } else { &[] });
-            at += n as u64;
-        }
-        if hash.finalize().as_bytes() != &tail[24..] || head != RUN_MAGIC {
-            return Ok(None);
-        }
-        let records_end = body.expect("checked");
-        let mut rest = vec![0u8; (len - 56 - records_end) as usize];
+        let records_end = 8 + footer.count * RECORD as u64;
+        let mut rest = vec![0u8; (len - RunFooter::LEN - records_end) as usize];
         file.read_exact_at(&mut rest, records_end)?;
-        let (f, b) = rest.split_at(nfences as usize * 8);
-        let fences = f
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
-            .collect();
+        let (f, b) = rest.split_at(footer.fences as usize * 8);
+        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        let fences = f.chunks_exact(8).map(word).collect();
         let blocks = b
             .chunks_exact(64)
             .map(|c| {
                 let mut block = [0u64; 8];
                 for (k, w) in c.chunks_exact(8).enumerate() {
-                    block[k] = u64::from_le_bytes(w.try_into().expect("8"));
+                    block[k] = word(w);
                 }
                 block
             })
             .collect();
-        // The highest pack position, from the records (read in order once more).
-        let run = Run {
+        Ok(Some(Run {
             file,
             path: Some(path.to_path_buf()),
             persisted: true,
-            max_pack: 0,
-            count: count as usize,
+            max_pack: footer.max_pack,
+            count: footer.count as usize,
             fences,
             filter: Filter { blocks },
-        };
-        let mut reader = RunReader::new(&run);
-        while let Some(e) = reader.next()? {
-            max_pack = max_pack.max(u64::from(e.loc.pack));
-        }
-        Ok(Some(Run { max_pack, ..run }))
+        }))
     }
 
     /// Merge runs into one (a block in several keeps the oldest run's location); the
@@ -827,6 +798,65 @@ impl Run {
             page += 1;
         }
         None
+    }
+}
+
+/// The end of a cached run file (see [`Run::write`]).
+struct RunFooter {
+    count: u64,
+    fences: u64,
+    filter_blocks: u64,
+    max_pack: u64,
+    check: [u8; 32],
+    /// Bytes before the checksum.
+    hashed: u64,
+}
+
+impl RunFooter {
+    const LEN: u64 = 4 * 8 + 32;
+
+    /// The footer of a file of `len` bytes, if its counts add up to that length.
+    fn read(file: &File, len: u64) -> std::io::Result<Option<RunFooter>> {
+        if len < 8 + Self::LEN {
+            return Ok(None);
+        }
+        let mut tail = [0u8; Self::LEN as usize];
+        file.read_exact_at(&mut tail, len - Self::LEN)?;
+        let word = |k: usize| u64::from_le_bytes(tail[k * 8..k * 8 + 8].try_into().expect("8"));
+        let footer = RunFooter {
+            count: word(0),
+            fences: word(1),
+            filter_blocks: word(2),
+            max_pack: word(3),
+            check: tail[32..].try_into().expect("32 bytes"),
+            hashed: len - 32,
+        };
+        let expect = footer
+            .count
+            .checked_mul(RECORD as u64)
+            .and_then(|b| b.checked_add(8))
+            .and_then(|b| b.checked_add(footer.fences.checked_mul(8)?))
+            .and_then(|b| b.checked_add(footer.filter_blocks.checked_mul(64)?))
+            .and_then(|b| b.checked_add(Self::LEN));
+        let fences_ok = footer.fences == (footer.count as usize).div_ceil(FENCE) as u64;
+        Ok((expect == Some(len) && fences_ok).then_some(footer))
+    }
+
+    /// Whether the file's magic and checksum are right.
+    fn checks_out(&self, file: &File) -> std::io::Result<bool> {
+        let mut hash = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < self.hashed {
+            let n = (self.hashed - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)?;
+            if at == 0 && buf[..8] != RUN_MAGIC[..] {
+                return Ok(false);
+            }
+            hash.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(hash.finalize().as_bytes() == &self.check)
     }
 }
 
