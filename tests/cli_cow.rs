@@ -428,3 +428,120 @@ fn ext4_copies_share_nothing_and_are_hashed() {
         );
     });
 }
+
+/// Two snapshots of a volume on two file systems (one image reached through a symlink
+/// into another mount): physical addresses of different devices say nothing about each
+/// other, so the diff is hashed, and the result is right.
+#[test]
+fn images_on_two_file_systems_are_hashed_not_compared_by_extents() {
+    let a = LoopFs::new("btrfs");
+    let b = LoopFs::new("btrfs");
+    let store = a.mnt.join("store");
+    std::fs::create_dir_all(store.join("vm")).unwrap();
+    let s1 = store.join("vm").join("s1.img");
+    std::fs::write(&s1, random(21, 16 * MIB)).unwrap();
+    // The same bytes on the other file system, then changed in place.
+    let elsewhere = b.mnt.join("s2.img");
+    sh("cp", &[s1.to_str().unwrap(), elsewhere.to_str().unwrap()]);
+    let touched = write_in_place(&elsewhere, 22, 5, 64 * 1024);
+    let s2 = store.join("vm").join("s2.img");
+    std::os::unix::fs::symlink(&elsewhere, &s2).unwrap();
+    let set_age = |p: &Path, secs: i64| {
+        sh(
+            "touch",
+            &["-h", "-d", &format!("@{secs}"), p.to_str().unwrap()],
+        );
+    };
+    set_age(&s1, 1_700_000_000);
+    set_age(&elsewhere, 1_700_000_100);
+    set_age(&s2, 1_700_000_100);
+
+    let scratch = tempfile::tempdir().unwrap();
+    let repo = init_repo(scratch.path(), &[]);
+    let src = format!("raw:{}", store.display());
+    let reports = replicate_each(&src, &repo, "vm", &["s1", "s2"]);
+    assert_eq!(reports[1]["diff_method"], "hash", "{}", reports[1]);
+    assert_eq!(
+        num(&reports[1], "changed_bytes"),
+        touched.len() as u64 * BLOCK,
+        "{}",
+        reports[1]
+    );
+    restores_equal(
+        &repo,
+        "vm",
+        &[("s1", s1), ("s2", elsewhere)],
+        scratch.path(),
+    );
+}
+
+/// A reflink copy written while an incremental reads it from its extents: the change
+/// is found (the file is not what was listed), nothing is committed, and the rerun
+/// once nothing writes succeeds and restores what the image holds.
+#[test]
+fn an_image_written_during_an_extent_diff_commits_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let fs = LoopFs::new("xfs");
+    let store = fs.mnt.join("store");
+    std::fs::create_dir_all(store.join("vm")).unwrap();
+    let s1 = store.join("vm").join("s1.img");
+    std::fs::write(&s1, random(31, 40 * MIB)).unwrap();
+    let s2 = store.join("vm").join("s2.img");
+    sh(
+        "cp",
+        &[
+            "--reflink=always",
+            s1.to_str().unwrap(),
+            s2.to_str().unwrap(),
+        ],
+    );
+    write_in_place(&s2, 32, 20, 64 * 1024);
+    let scratch = tempfile::tempdir().unwrap();
+    let repo = init_repo(scratch.path(), &[]);
+    let src = format!("raw:{}", store.display());
+    replicate_each(&src, &repo, "vm", &["s1"]);
+
+    // Overwrite blocks of s2 in place while replicate runs: once before it starts,
+    // then every 2 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let writer = {
+        let (stop, s2) = (stop.clone(), s2.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&s2).unwrap();
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all_at(&random(100 + k, 4096), (k % 600) * BLOCK)
+                    .unwrap();
+                if k == 0 {
+                    started_tx.send(()).unwrap();
+                }
+                k += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+    };
+    started_rx.recv().unwrap();
+    let out = run(&[
+        "replicate",
+        &src,
+        &repo,
+        "--volume",
+        "vm",
+        "--snapshot",
+        "s2",
+    ]);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("changed while it was read"), "{err}");
+    assert!(!ok(&["list", &repo]).contains("s2"), "nothing committed");
+
+    // Still now: the rerun succeeds (hashing what the writes left in doubt, such as
+    // delayed allocations) and restores the image as it is.
+    let reports = replicate_json(&[&src, &repo, "--volume", "vm", "--snapshot", "s2"]);
+    assert_eq!(reports[0]["base"], "s1", "{reports:?}");
+    restores_equal(&repo, "vm", &[("s2", s2)], scratch.path());
+}
