@@ -444,6 +444,8 @@ impl Receiver for RepoReceiver<'_> {
                 Err(e) => return Err(e),
             }
         };
+        // Its packs are indexed: cached, the next process need not read their indexes.
+        repo.cache_index();
         Ok(info)
     }
 }

@@ -452,6 +452,17 @@ impl Repository {
         *lock(&self.index) = None;
     }
 
+    /// Cache the block index as it is now, when it is complete (after a receive stored
+    /// its packs: the next process then reads none of their indexes again).
+    pub(crate) fn cache_index(&self) {
+        let mut guard = lock(&self.index);
+        if let Some(ix) = guard.as_mut().filter(|ix| ix.complete) {
+            if let Err(e) = ix.persist() {
+                tracing::debug!(error = %e, "block index not cached");
+            }
+        }
+    }
+
     /// Where this repository's block index is cached ([`RepoOptions::cache_dir`]).
     fn index_cache(&self) -> Option<std::path::PathBuf> {
         let dir = self.options.cache_dir.as_ref()?;

@@ -46,10 +46,15 @@ fn a_later_process_starts_from_the_cache_and_a_gc_discards_it() {
     };
     src.add_snapshot("vm", "s1", Timestamp::new(1_700_000_000, 0), s1.clone());
     send(&open(&root, Some(&cache)));
-    src.add_snapshot("vm", "s2", Timestamp::new(1_700_000_100, 0), s2.clone());
-    send(&open(&root, Some(&cache)));
+    // Cached after the commit, with the packs it stored (not only as it was loaded).
     let repo_id = open(&root, None).repository_id().to_string();
     let state = cache.join(&repo_id).join("index").join("state.json");
+    let cached: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let packs = cached["packs"].as_array().unwrap().len();
+    assert!(packs > 0 && packs == std::fs::read_dir(root.join("index")).unwrap().count());
+    src.add_snapshot("vm", "s2", Timestamp::new(1_700_000_100, 0), s2.clone());
+    send(&open(&root, Some(&cache)));
     assert!(state.exists(), "cached");
 
     // Proof that a later process uses it: with one pack's index object gone (nothing
