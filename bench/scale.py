@@ -44,8 +44,9 @@ from side_by_side import drop_caches, parse_size  # noqa: E402
 MiB = 1 << 20
 GiB = 1 << 30
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTION_BEGIN = "<!-- scale:begin (bench/run.sh --scale rewrites this section) -->"
-SECTION_END = "<!-- scale:end -->"
+# The measured table between these markers is rewritten; the prose around it is kept.
+SECTION_BEGIN = "<!-- scale-table:begin (bench/run.sh --scale rewrites this table) -->"
+SECTION_END = "<!-- scale-table:end -->"
 PATTERN = (b"snapsync scale benchmark: a block of a large volume, mostly text. " * 8)
 
 
