@@ -193,15 +193,26 @@ pub fn control_socket(path: &Path) -> Result<PathBuf, ConfigError> {
     struct Inner {
         control_socket: Option<PathBuf>,
     }
-    let outer: Outer = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        finding: finding_from_toml(&text, &e),
-    })?;
-    let socket = outer
-        .daemon
-        .control_socket
-        .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into());
+    let socket = match toml::from_str::<Outer>(&text) {
+        Ok(outer) => outer.daemon.control_socket,
+        // A file an edit broke: the line that names the socket still does.
+        Err(e) => Some(
+            control_socket_line(&text).ok_or_else(|| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                finding: finding_from_toml(&text, &e),
+            })?,
+        ),
+    }
+    .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into());
     Ok(path.parent().unwrap_or(Path::new(".")).join(socket))
+}
+
+/// The value of a `control_socket = "..."` line, read without a TOML parser.
+fn control_socket_line(text: &str) -> Option<PathBuf> {
+    text.lines().find_map(|l| {
+        let (key, value) = l.split_once('=')?;
+        (key.trim() == "control_socket").then(|| value.trim().trim_matches('"').into())
+    })
 }
 
 #[derive(Deserialize)]
@@ -569,7 +580,10 @@ destinations = [
         let loaded = parse_str(GOOD).unwrap();
         let c = &loaded.config;
         assert_eq!(c.daemon.state_dir, Path::new("/var/lib/snapsync"));
-        assert_eq!(c.daemon.metrics_listen, Some("127.0.0.1:9811".parse().unwrap()));
+        assert_eq!(
+            c.daemon.metrics_listen,
+            Some("127.0.0.1:9811".parse().unwrap())
+        );
         assert_eq!(c.daemon.bwlimit, Rate::new(200 << 20));
         assert_eq!(c.jobs.len(), 2);
         let j = &c.jobs[0];
@@ -582,7 +596,11 @@ destinations = [
         assert_eq!((r.policy.last, r.policy.daily, r.gc), (24, 14, false));
         assert_eq!(c.jobs[1].schedule.to_string(), "every 30s");
         // The remote destination is not pruned from here; the second job has no timeout.
-        let w: Vec<_> = loaded.warnings.iter().map(|w| (w.line, w.field.as_str())).collect();
+        let w: Vec<_> = loaded
+            .warnings
+            .iter()
+            .map(|w| (w.line, w.field.as_str()))
+            .collect();
         assert_eq!(w, [(13, "job.destinations"), (20, "job.timeout")]);
     }
 
@@ -591,7 +609,10 @@ destinations = [
         let text = "[daemon]\nstate_dir = \"state\"\ncontrol_socket = \"run/c.sock\"\n";
         let c = parse_str(text).unwrap().config;
         assert_eq!(c.daemon.state_dir, Path::new("/etc/snapsync/state"));
-        assert_eq!(c.daemon.control_socket, Path::new("/etc/snapsync/run/c.sock"));
+        assert_eq!(
+            c.daemon.control_socket,
+            Path::new("/etc/snapsync/run/c.sock")
+        );
     }
 
     /// Replace `from` by `to` in the good config and return the error.
@@ -604,26 +625,115 @@ destinations = [
     fn mistakes_name_their_line_and_field() {
         let cases: &[(&str, &str, usize, &str, &str)] = &[
             ("*/15 * * * *", "*/15 * * *", 12, "job.schedule", "5 fields"),
-            ("every 30s", "every 30", 23, "job.schedule", "not a duration"),
+            (
+                "every 30s",
+                "every 30",
+                23,
+                "job.schedule",
+                "not a duration",
+            ),
             ("\"50MiB/s\"", "\"50MiB\"", 14, "job.bwlimit", "not a rate"),
-            ("\"200MiB/s\"", "\"fast\"", 6, "daemon.bwlimit", "not a rate"),
+            (
+                "\"200MiB/s\"",
+                "\"fast\"",
+                6,
+                "daemon.bwlimit",
+                "not a rate",
+            ),
             ("\"6h\"", "\"6 hours\"", 15, "job.timeout", "not a duration"),
-            ("127.0.0.1:9811", "127.0.0.1", 5, "daemon.metrics_listen", "IP:PORT"),
-            ("keep_daily = 14", "keep_dayly = 14", 18, "job.retention.keep_dayly", "unknown field"),
-            ("keep_daily = 14", "force = true", 18, "job.retention.force", "always keeps"),
-            ("name = \"images\"", "name = \"vm101\"", 21, "job.name", "a second job"),
-            ("name = \"images\"", "name = \"my job\"", 21, "job.name", "letters"),
-            ("\"/backup/repo\",\n]", "\"raw:/x\",\n]", 25, "job.destinations", "source only"),
+            (
+                "127.0.0.1:9811",
+                "127.0.0.1",
+                5,
+                "daemon.metrics_listen",
+                "IP:PORT",
+            ),
+            (
+                "keep_daily = 14",
+                "keep_dayly = 14",
+                18,
+                "job.retention.keep_dayly",
+                "unknown field",
+            ),
+            (
+                "keep_daily = 14",
+                "force = true",
+                18,
+                "job.retention.force",
+                "always keeps",
+            ),
+            (
+                "name = \"images\"",
+                "name = \"vm101\"",
+                21,
+                "job.name",
+                "a second job",
+            ),
+            (
+                "name = \"images\"",
+                "name = \"my job\"",
+                21,
+                "job.name",
+                "letters",
+            ),
+            (
+                "\"/backup/repo\",\n]",
+                "\"raw:/x\",\n]",
+                25,
+                "job.destinations",
+                "source only",
+            ),
             ("[\"disk0\"]", "[\"disk 0\"]", 11, "job.volumes", "volume"),
-            ("keep_last = 24\nkeep_daily = 14", "gc = true", 16, "job.retention", "no keep_"),
-            ("source = \"raw:", "source = \"bad:", 22, "job.source", "unknown scheme"),
-            ("keep_last = 24", "keep_last = -1", 17, "job.retention.keep_last", "invalid value"),
+            (
+                "keep_last = 24\nkeep_daily = 14",
+                "gc = true",
+                16,
+                "job.retention",
+                "no keep_",
+            ),
+            (
+                "source = \"raw:",
+                "source = \"bad:",
+                22,
+                "job.source",
+                "unknown scheme",
+            ),
+            (
+                "keep_last = 24",
+                "keep_last = -1",
+                17,
+                "job.retention.keep_last",
+                "invalid value",
+            ),
         ];
         for (from, to, line, field, says) in cases {
             let f = broken(from, to);
-            assert_eq!((f.line, f.field.as_str()), (*line, *field), "{from:?} -> {to:?}: {f}");
+            assert_eq!(
+                (f.line, f.field.as_str()),
+                (*line, *field),
+                "{from:?} -> {to:?}: {f}"
+            );
             assert!(f.message.contains(says), "{from:?} -> {to:?}: {f}");
         }
+    }
+
+    #[test]
+    fn the_control_socket_is_found_in_a_broken_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[daemon]\nstate_dir = \"/s\"\ncontrol_socket = \"/run/x.sock\"\n[[job]\n",
+        )
+        .unwrap();
+        assert_eq!(control_socket(&p).unwrap(), Path::new("/run/x.sock"));
+        std::fs::write(&p, "[daemon]\nstate_dir = \"/s\"\n").unwrap();
+        assert_eq!(
+            control_socket(&p).unwrap(),
+            Path::new(DEFAULT_CONTROL_SOCKET)
+        );
+        std::fs::write(&p, "[daemon\n").unwrap();
+        assert!(control_socket(&p).is_err());
     }
 
     #[test]

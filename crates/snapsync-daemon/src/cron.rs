@@ -118,7 +118,12 @@ impl Field {
             let (range, step) = match part.split_once('/') {
                 Some((r, s)) => match s.parse::<u32>() {
                     Ok(n) if n > 0 => (r, n),
-                    _ => return Err(format!("{} step {s:?} is not a whole number above 0", self.name)),
+                    _ => {
+                        return Err(format!(
+                            "{} step {s:?} is not a whole number above 0",
+                            self.name
+                        ))
+                    }
                 },
                 None => (part, 1),
             };
@@ -267,7 +272,12 @@ fn first_of_next_month(date: Date) -> Option<OffsetDateTime> {
         Month::December => (date.year() + 1, Month::January),
         m => (date.year(), m.next()),
     };
-    Some(Date::from_calendar_date(year, month, 1).ok()?.midnight().assume_utc())
+    Some(
+        Date::from_calendar_date(year, month, 1)
+            .ok()?
+            .midnight()
+            .assume_utc(),
+    )
 }
 
 #[cfg(test)]
@@ -306,7 +316,10 @@ mod tests {
         assert_eq!(s.next_after(T0), Some(T0 + 2));
         assert_eq!(s.next_after(T0 + 1), Some(T0 + 2));
         // Daily at 02:30: the same day.
-        assert_eq!(cron("30 2 * * *").next_after(T0), Some(T0 + 2 * 3600 + 1800));
+        assert_eq!(
+            cron("30 2 * * *").next_after(T0),
+            Some(T0 + 2 * 3600 + 1800)
+        );
         // Mondays at midnight: the 20th (T0 is Tuesday the 14th).
         assert_eq!(cron("0 0 * * mon").next_after(T0), Some(T0 + 6 * 86400));
         // 7 is Sunday too.
@@ -316,7 +329,10 @@ mod tests {
         // Leap day: the next one is 2024-02-29.
         assert_eq!(cron("0 0 29 feb *").next_after(T0), Some(1_709_164_800));
         assert_eq!(cron("@hourly").next_after(T0), Some(T0 + 3600));
-        assert_eq!(cron("0 12 * dec,jan,feb *").next_after(T0), Some(T0 + 17 * 86400 + 12 * 3600));
+        assert_eq!(
+            cron("0 12 * dec,jan,feb *").next_after(T0),
+            Some(T0 + 17 * 86400 + 12 * 3600)
+        );
     }
 
     #[test]
@@ -339,8 +355,11 @@ mod tests {
             (1..=max.max(1)).prop_map(|n| format!("*/{n}")),
             (0..=max).prop_map(|a| a.to_string()),
             (0..=max, 0..=max).prop_map(|(a, b)| format!("{}-{}", a.min(b), a.max(b))),
-            (0..=max, 0..=max, 1..5u32)
-                .prop_map(|(a, b, s)| format!("{}-{}/{s}", a.min(b), a.max(b))),
+            (0..=max, 0..=max, 1..5u32).prop_map(|(a, b, s)| format!(
+                "{}-{}/{s}",
+                a.min(b),
+                a.max(b)
+            )),
             (0..=max, 0..=max).prop_map(|(a, b)| format!("{a},{b}")),
         ]
     }

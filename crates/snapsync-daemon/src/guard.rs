@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use snapsync_core::{BlockId, Hint, SnapshotInfo, VolumeInfo};
 use snapsync_store::{
-    CommitInfo, Compressed, Diff, IncomingBlock, Progress, Phase, ReceiveRequest, Receiver,
-    Result, SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Skipped, Store,
+    CommitInfo, Compressed, Diff, IncomingBlock, Phase, Progress, ReceiveRequest, Receiver, Result,
+    Skipped, SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Store,
 };
 
 use crate::limit::{Cancel, Limits};

@@ -142,11 +142,7 @@ fn cancelled(reason: CancelReason) -> StoreError {
 /// a second's bytes: enough that writes of a batch do not wait on each other, little
 /// enough that the rate over a few seconds is the rate asked.
 pub struct Bandwidth {
-    limiter: RateLimiter<
-        governor::state::NotKeyed,
-        governor::state::InMemoryState,
-        DefaultClock,
-    >,
+    limiter: RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>,
     clock: DefaultClock,
     unit: u64,
     burst: u32,
@@ -243,7 +239,10 @@ mod tests {
             b.take(64 << 10, &cancel).unwrap();
         }
         let e = t.elapsed();
-        assert!(e >= Duration::from_millis(330) && e < Duration::from_millis(700), "{e:?}");
+        assert!(
+            e >= Duration::from_millis(330) && e < Duration::from_millis(700),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -252,7 +251,10 @@ mod tests {
         let t = Instant::now();
         b.take(5 << 20, &Cancel::new()).unwrap();
         let e = t.elapsed();
-        assert!(e >= Duration::from_millis(450) && e < Duration::from_millis(900), "{e:?}");
+        assert!(
+            e >= Duration::from_millis(450) && e < Duration::from_millis(900),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -274,6 +276,9 @@ mod tests {
         assert!(hooked.load(std::sync::atomic::Ordering::SeqCst));
         // The first reason stays.
         cancel.cancel(CancelReason::Shutdown);
-        assert_eq!(cancel.reason(), Some(CancelReason::Timeout(Duration::from_secs(2))));
+        assert_eq!(
+            cancel.reason(),
+            Some(CancelReason::Timeout(Duration::from_secs(2)))
+        );
     }
 }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::Trigger;
 use crate::schedule::Millis;
+use crate::scheduler::Trigger;
 
 /// How a run ended for one destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -191,6 +191,9 @@ mod tests {
         for t in [0, 1_699_920_000_123, -5_000, 1_700_000_000_000] {
             assert_eq!(rfc3339::parse(&rfc3339::format(t)), Some(t));
         }
-        assert_eq!(rfc3339::format(1_699_920_000_123), "2023-11-14T00:00:00.123Z");
+        assert_eq!(
+            rfc3339::format(1_699_920_000_123),
+            "2023-11-14T00:00:00.123Z"
+        );
     }
 }

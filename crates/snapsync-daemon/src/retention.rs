@@ -88,9 +88,16 @@ pub fn prune(
     }
     let options = PruneOptions::new(retention.policy);
     if targets.iter().any(|v| keep.contains_key(v)) {
-        let plan = repo.prune(&options.clone().with_volumes(targets.clone()).with_dry_run(true))?;
+        let plan = repo.prune(
+            &options
+                .clone()
+                .with_volumes(targets.clone())
+                .with_dry_run(true),
+        )?;
         let unsafe_volumes = held_volumes(
-            plan.volumes.iter().map(|v| (v.volume.as_str(), v.removed.as_slice())),
+            plan.volumes
+                .iter()
+                .map(|v| (v.volume.as_str(), v.removed.as_slice())),
             keep,
         );
         for (volume, snapshot) in &unsafe_volumes {

@@ -18,8 +18,8 @@ use snapsync_store::{SnapshotSink, Store, StoreError};
 use tracing::{debug, warn};
 
 use crate::config::{JobConfig, SourceKind};
-use crate::guard::{CountingProgress, GuardedSink, GuardedSource};
 pub use crate::guard::Counters;
+use crate::guard::{CountingProgress, GuardedSink, GuardedSource};
 use crate::limit::{Cancel, CancelReason, Limits};
 use crate::record::{Base, Bases, DestinationRun, RunRecord, RunResult};
 use crate::retention::{self, Protected};
@@ -121,7 +121,13 @@ pub fn run(stores: &dyn Stores, req: RunRequest) -> RunOutcome {
                 }
                 Ok(l) => {
                     listing = selected(l, &req.job.volumes);
-                    let results = to_destinations(stores, &req, &guarded, source.snapshot.as_deref(), &listing);
+                    let results = to_destinations(
+                        stores,
+                        &req,
+                        &guarded,
+                        source.snapshot.as_deref(),
+                        &listing,
+                    );
                     for (url, (run, fresh)) in results {
                         if let Some(b) = fresh {
                             bases.insert(url, b);
@@ -141,7 +147,10 @@ pub fn run(stores: &dyn Stores, req: RunRequest) -> RunOutcome {
         .iter()
         .map(|d| {
             let b = bases.get(d).cloned().unwrap_or_default();
-            (d.clone(), (!listing.is_empty()).then(|| lag_seconds(&listing, &b, now)))
+            (
+                d.clone(),
+                (!listing.is_empty()).then(|| lag_seconds(&listing, &b, now)),
+            )
         })
         .collect();
     for d in &mut record.destinations {
@@ -171,7 +180,10 @@ fn open_source(stores: &dyn Stores, req: &RunRequest) -> Result<Opened, String> 
     }
     let mut snapshot = None;
     if req.job.source_kind == SourceKind::Checkpoints {
-        let at = Timestamp::new(req.now.div_euclid(1000), (req.now.rem_euclid(1000) * 1_000_000) as u32);
+        let at = Timestamp::new(
+            req.now.div_euclid(1000),
+            (req.now.rem_euclid(1000) * 1_000_000) as u32,
+        );
         let name = snapshot_name(req.now);
         if source
             .take_snapshot(&req.job.volumes, &name, at)
@@ -215,7 +227,9 @@ fn to_destinations(
             .map(|url| {
                 let h = std::thread::Builder::new()
                     .name(format!("dest-{}", req.job.name))
-                    .spawn_scoped(scope, move || to_destination(stores, req, source, snapshot, listing, url));
+                    .spawn_scoped(scope, move || {
+                        to_destination(stores, req, source, snapshot, listing, url)
+                    });
                 (url.clone(), h)
             })
             .collect();
@@ -223,7 +237,8 @@ fn to_destinations(
             .into_iter()
             .map(|(url, h)| {
                 let result = match h.map_err(|e| e.to_string()).and_then(|h| {
-                    h.join().map_err(|_| "internal error: the replication thread panicked".to_string())
+                    h.join()
+                        .map_err(|_| "internal error: the replication thread panicked".to_string())
                 }) {
                     Ok(r) => r,
                     Err(e) => (failed(&url, &req.cancel, e), None),
@@ -384,7 +399,11 @@ fn finish_source(
         warn!(job = %req.job.name, kept = n, "keeping {n} snapshots per volume at the source: a destination is far behind and still needs its base");
     }
     source.finish(n).err().map(|e| {
-        let line = format!("cleaning up the source {}: {}", req.job.source, one_line(&e));
+        let line = format!(
+            "cleaning up the source {}: {}",
+            req.job.source,
+            one_line(&e)
+        );
         warn!(job = %req.job.name, "{line}");
         line
     })

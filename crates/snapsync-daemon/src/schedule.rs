@@ -74,7 +74,9 @@ impl Schedule {
                 let mut gaps = Vec::new();
                 let mut t = now;
                 for _ in 0..8 {
-                    let Some(next) = self.next_after(t) else { break };
+                    let Some(next) = self.next_after(t) else {
+                        break;
+                    };
                     if t != now {
                         gaps.push(next - t);
                     }

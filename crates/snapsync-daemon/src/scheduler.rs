@@ -299,7 +299,10 @@ impl JobState {
         let (destinations, trigger) = if self.manual {
             (all, Trigger::Manual)
         } else if slot_due {
-            let ready: Vec<String> = all.into_iter().filter(|d| self.backoff(d).due(now)).collect();
+            let ready: Vec<String> = all
+                .into_iter()
+                .filter(|d| self.backoff(d).due(now))
+                .collect();
             let trigger = if self.catch_up {
                 Trigger::CatchUp
             } else {

@@ -102,8 +102,8 @@ pub struct LastRun {
 pub struct JobState {
     /// Layout version.
     pub version: u32,
-    /// The next run's number.
-    pub next_run: u64,
+    /// Runs started so far (the last run's number).
+    pub runs_started: u64,
     /// When the last run started.
     #[serde(with = "rfc3339::option", default)]
     pub last_start: Option<Millis>,
@@ -264,7 +264,10 @@ mod tests {
     fn saved_state_reloads_and_the_directory_is_locked() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateDir::open(dir.path()).unwrap();
-        assert!(matches!(StateDir::open(dir.path()), Err(StateError::Locked(_))));
+        assert!(matches!(
+            StateDir::open(dir.path()),
+            Err(StateError::Locked(_))
+        ));
         let mut j = JobState {
             last_start: Some(7_000),
             running: Some(Running {
@@ -278,7 +281,8 @@ mod tests {
         for id in 1..=(HISTORY as u64 + 5) {
             j.push_run(run(id));
         }
-        j.destinations.insert("/r".into(), DestinationState::default());
+        j.destinations
+            .insert("/r".into(), DestinationState::default());
         s.save("a", &j).unwrap();
         let loaded = s.load().unwrap();
         let back = &loaded["a"];

@@ -46,7 +46,9 @@ impl std::str::FromStr for Rate {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let expected = || {
-            format!("{s:?} is not a rate: write a size per second, such as \"200MiB/s\" or \"50MB/s\"")
+            format!(
+                "{s:?} is not a rate: write a size per second, such as \"200MiB/s\" or \"50MB/s\""
+            )
         };
         let amount = s.trim().strip_suffix("/s").ok_or_else(expected)?;
         let bytes = parse_size(amount).ok_or_else(expected)?;
@@ -97,7 +99,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let mut total = Duration::ZERO;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(expected());
         }

@@ -69,7 +69,12 @@ fn repository(dir: &std::path::Path, count: usize) -> Repository {
     for i in 0..count {
         for v in ["a", "b"] {
             let content = vec![i as u8 + 1; 8192];
-            src.add_snapshot(v, &format!("s{i}"), Timestamp::new(1_000 + i as i64 * 3600, 0), content);
+            src.add_snapshot(
+                v,
+                &format!("s{i}"),
+                Timestamp::new(1_000 + i as i64 * 3600, 0),
+                content,
+            );
         }
     }
     snapsync_engine::replicate(&src, &repo, &Default::default(), &NoProgress, &mut |_| {}).unwrap();
@@ -77,7 +82,12 @@ fn repository(dir: &std::path::Path, count: usize) -> Repository {
 }
 
 fn names(repo: &Repository, volume: &str) -> Vec<String> {
-    repo.volume(volume).unwrap().snapshots.into_iter().map(|s| s.name).collect()
+    repo.volume(volume)
+        .unwrap()
+        .snapshots
+        .into_iter()
+        .map(|s| s.name)
+        .collect()
 }
 
 proptest! {
@@ -134,6 +144,9 @@ fn held_volumes_name_the_snapshot() {
     let keep: Protected = BTreeMap::from([("a".to_string(), BTreeSet::from(["s1".to_string()]))]);
     let removed_a = vec!["s0".to_string(), "s1".to_string()];
     let removed_b = vec!["s1".to_string()];
-    let held = held_volumes([("a", removed_a.as_slice()), ("b", removed_b.as_slice())], &keep);
+    let held = held_volumes(
+        [("a", removed_a.as_slice()), ("b", removed_b.as_slice())],
+        &keep,
+    );
     assert_eq!(held, [("a".to_string(), "s1".to_string())]);
 }

@@ -31,7 +31,12 @@ impl JobSource for CheckpointSource {
     fn source(&self) -> &dyn SnapshotSource {
         &self.store
     }
-    fn take_snapshot(&mut self, _: &[String], name: &str, at: Timestamp) -> Result<bool, StoreError> {
+    fn take_snapshot(
+        &mut self,
+        _: &[String],
+        name: &str,
+        at: Timestamp,
+    ) -> Result<bool, StoreError> {
         let mut content = vec![1u8; 64 * 1024];
         content[..4096].fill(self.seed);
         self.store.add_snapshot("disk", name, at, content);
@@ -64,7 +69,11 @@ struct TestStores {
 
 impl UrlCheck for TestStores {
     fn source(&self, _: &str) -> Result<SourceKind, String> {
-        Ok(if self.checkpoints { SourceKind::Checkpoints } else { SourceKind::Listed })
+        Ok(if self.checkpoints {
+            SourceKind::Checkpoints
+        } else {
+            SourceKind::Listed
+        })
     }
     fn destination(&self, _: &str) -> Result<DestinationKind, String> {
         Ok(DestinationKind::Repository)
@@ -76,7 +85,10 @@ impl Stores for TestStores {
         if self.checkpoints {
             let mut seed = self.seed.lock().unwrap();
             *seed += 1;
-            Ok(Box::new(CheckpointSource { store: self.source.clone(), seed: *seed }))
+            Ok(Box::new(CheckpointSource {
+                store: self.source.clone(),
+                seed: *seed,
+            }))
         } else {
             Ok(Box::new(Listed(self.source.clone())))
         }
@@ -85,7 +97,9 @@ impl Stores for TestStores {
         if self.down.lock().unwrap().contains(url) {
             return Err(format!("{url}: connection refused").into());
         }
-        Ok(Box::new(Repository::open(Location::Local(self.repos[url].clone()))?))
+        Ok(Box::new(Repository::open(Location::Local(
+            self.repos[url].clone(),
+        ))?))
     }
 }
 
@@ -115,11 +129,20 @@ fn job(checkpoints: bool, retention: Option<Retention>) -> Arc<JobConfig> {
         bwlimit: None,
         timeout: None,
         retention,
-        source_kind: if checkpoints { SourceKind::Checkpoints } else { SourceKind::Listed },
+        source_kind: if checkpoints {
+            SourceKind::Checkpoints
+        } else {
+            SourceKind::Listed
+        },
     })
 }
 
-fn request(job: &Arc<JobConfig>, id: u64, known: &BTreeMap<String, Bases>, now: Millis) -> RunRequest {
+fn request(
+    job: &Arc<JobConfig>,
+    id: u64,
+    known: &BTreeMap<String, Bases>,
+    now: Millis,
+) -> RunRequest {
     RunRequest {
         job: job.clone(),
         id,
@@ -136,7 +159,9 @@ fn request(job: &Arc<JobConfig>, id: u64, known: &BTreeMap<String, Bases>, now: 
 
 fn names(repo: &PathBuf, volume: &str) -> Vec<String> {
     let r = Repository::open(Location::Local(repo.clone())).unwrap();
-    r.volume(volume).map(|v| v.snapshots.into_iter().map(|s| s.name).collect()).unwrap_or_default()
+    r.volume(volume)
+        .map(|v| v.snapshots.into_iter().map(|s| s.name).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -144,18 +169,28 @@ fn a_destination_that_is_down_fails_alone_and_its_lag_grows() {
     let dir = tempfile::tempdir().unwrap();
     let s = stores(dir.path(), false);
     let t0 = 1_700_000_000;
-    s.source.add_snapshot("vm", "mon", Timestamp::new(t0, 0), vec![7; 32768]);
-    s.source.add_snapshot("vm", "tue", Timestamp::new(t0 + 86400, 0), vec![8; 32768]);
+    s.source
+        .add_snapshot("vm", "mon", Timestamp::new(t0, 0), vec![7; 32768]);
+    s.source
+        .add_snapshot("vm", "tue", Timestamp::new(t0 + 86400, 0), vec![8; 32768]);
     s.down.lock().unwrap().insert("two".into());
     let j = job(false, None);
     let out = run(&s, request(&j, 1, &BTreeMap::new(), now_millis()));
-    let by_url: BTreeMap<&str, &DestinationRun> =
-        out.record.destinations.iter().map(|d| (d.url.as_str(), d)).collect();
+    let by_url: BTreeMap<&str, &DestinationRun> = out
+        .record
+        .destinations
+        .iter()
+        .map(|d| (d.url.as_str(), d))
+        .collect();
     assert_eq!(by_url["one"].result, RunResult::Success);
     assert_eq!(by_url["one"].snapshots, 2);
     assert_eq!(by_url["one"].lag_seconds, Some(0.0));
     assert_eq!(by_url["two"].result, RunResult::Failure);
-    assert!(by_url["two"].error.as_deref().unwrap().contains("connection refused"));
+    assert!(by_url["two"]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("connection refused"));
     // Nothing at "two": its lag is the age of the oldest snapshot.
     let lag = by_url["two"].lag_seconds.unwrap();
     assert!(lag > (now_millis() / 1000 - t0 - 5) as f64, "{lag}");
@@ -169,7 +204,8 @@ fn a_timeout_cancels_cleanly_and_commits_nothing_half_done() {
     let dir = tempfile::tempdir().unwrap();
     let s = stores(dir.path(), false);
     let data = snapsync_store::sample::pseudo_random(1, 4 << 20);
-    s.source.add_snapshot("vm", "big", Timestamp::new(1_700_000_000, 0), data);
+    s.source
+        .add_snapshot("vm", "big", Timestamp::new(1_700_000_000, 0), data);
     let j = job(false, None);
     let mut req = request(&j, 1, &BTreeMap::new(), now_millis());
     req.destinations = vec!["one".into()];
@@ -185,7 +221,10 @@ fn a_timeout_cancels_cleanly_and_commits_nothing_half_done() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     let d = &out.record.destinations[0];
     assert_eq!(d.result, RunResult::Timeout, "{d:?}");
-    assert!(d.error.as_deref().unwrap().contains("timeout of 500ms"), "{d:?}");
+    assert!(
+        d.error.as_deref().unwrap().contains("timeout of 500ms"),
+        "{d:?}"
+    );
     assert!(names(&s.repos["one"], "vm").is_empty());
     let r = Repository::open(Location::Local(s.repos["one"].clone())).unwrap();
     assert!(r.verify(true, &NoProgress).unwrap().ok);
@@ -212,18 +251,29 @@ fn a_checkpoint_source_keeps_the_base_of_a_destination_that_is_behind() {
         assert_eq!(known["two"]["disk"].snapshot, first);
     }
     let listed = s.source.volume("disk").unwrap().snapshots;
-    assert!(listed.iter().any(|c| c.name == first), "the base of \"two\" was removed");
+    assert!(
+        listed.iter().any(|c| c.name == first),
+        "the base of \"two\" was removed"
+    );
     // Back up: "two" gets an incremental against its base, not everything.
     s.down.lock().unwrap().clear();
     now += 60_000;
     let out = run(&s, request(&j, 99, &known, now));
     assert!(out.record.succeeded(), "{:?}", out.record);
-    let two = out.record.destinations.iter().find(|d| d.url == "two").unwrap();
+    let two = out
+        .record
+        .destinations
+        .iter()
+        .find(|d| d.url == "two")
+        .unwrap();
     assert!(two.changed_bytes <= 4096, "{two:?}");
     // Caught up, the source goes back to its default.
     let out = run(&s, request(&j, 100, &out.bases, now + 60_000));
     assert!(out.record.succeeded());
-    assert_eq!(s.source.volume("disk").unwrap().snapshots.len(), DEFAULT_KEEP_SNAPSHOTS);
+    assert_eq!(
+        s.source.volume("disk").unwrap().snapshots.len(),
+        DEFAULT_KEEP_SNAPSHOTS
+    );
 }
 
 #[test]
@@ -231,20 +281,41 @@ fn retention_prunes_each_destination_but_not_a_cascades_base() {
     let dir = tempfile::tempdir().unwrap();
     let s = stores(dir.path(), false);
     for i in 0..5 {
-        s.source.add_snapshot("vm", &format!("s{i}"), Timestamp::new(1_700_000_000 + i * 3600, 0), vec![i as u8; 8192]);
+        s.source.add_snapshot(
+            "vm",
+            &format!("s{i}"),
+            Timestamp::new(1_700_000_000 + i * 3600, 0),
+            vec![i as u8; 8192],
+        );
     }
-    let policy = KeepPolicy { last: 2, ..KeepPolicy::default() };
+    let policy = KeepPolicy {
+        last: 2,
+        ..KeepPolicy::default()
+    };
     let j = job(false, Some(Retention { policy, gc: true }));
     let mut req = request(&j, 1, &BTreeMap::new(), now_millis());
     // A job replicating from "two" onwards holds s1 as its base.
-    req.downstream.insert("two".into(), BTreeMap::from([("vm".into(), BTreeSet::from(["s1".into()]))]));
+    req.downstream.insert(
+        "two".into(),
+        BTreeMap::from([("vm".into(), BTreeSet::from(["s1".into()]))]),
+    );
     let out = run(&s, req);
     assert!(out.record.succeeded(), "{:?}", out.record);
     assert_eq!(names(&s.repos["one"], "vm"), ["s3", "s4"]);
     assert_eq!(names(&s.repos["two"], "vm"), ["s0", "s1", "s2", "s3", "s4"]);
-    let two = out.record.destinations.iter().find(|d| d.url == "two").unwrap();
+    let two = out
+        .record
+        .destinations
+        .iter()
+        .find(|d| d.url == "two")
+        .unwrap();
     assert!(two.retention_held[0].contains("\"vm@s1\""), "{two:?}");
-    let one = out.record.destinations.iter().find(|d| d.url == "one").unwrap();
+    let one = out
+        .record
+        .destinations
+        .iter()
+        .find(|d| d.url == "one")
+        .unwrap();
     assert_eq!(one.pruned, ["vm@s0", "vm@s1", "vm@s2"]);
 }
 
@@ -264,7 +335,15 @@ fn lag_is_measured_between_snapshot_ages() {
             })
             .collect(),
     }];
-    let base = |t: i64| Bases::from([("v".into(), Base { snapshot: "x".into(), created: t * 1000 })]);
+    let base = |t: i64| {
+        Bases::from([(
+            "v".into(),
+            Base {
+                snapshot: "x".into(),
+                created: t * 1000,
+            },
+        )])
+    };
     assert_eq!(lag_seconds(&l, &base(50), 100_000), 0.0);
     assert_eq!(lag_seconds(&l, &base(20), 100_000), 30.0);
     assert_eq!(lag_seconds(&l, &Bases::new(), 100_000), 90.0);

@@ -43,7 +43,10 @@ fn every_runs_at_once_then_each_interval() {
 
 #[test]
 fn cron_waits_for_its_first_slot() {
-    let mut s = scheduler(vec![spec("a", "*/15 * * * *".parse().unwrap(), &["d"])], 1_000);
+    let mut s = scheduler(
+        vec![spec("a", "*/15 * * * *".parse().unwrap(), &["d"])],
+        1_000,
+    );
     assert_eq!(s.poll(1_000), []);
     assert_eq!(s.next_wakeup(), Some(900_000));
     assert_eq!(s.poll(900_000), [start("a", &["d"], Trigger::Scheduled)]);
@@ -72,7 +75,10 @@ fn a_slot_during_a_run_is_skipped_once_however_many_pass() {
 #[test]
 fn a_failing_destination_backs_off_alone() {
     let mut s = scheduler(vec![spec("a", every(1), &["good", "bad"])], 0);
-    assert_eq!(s.poll(0), [start("a", &["good", "bad"], Trigger::Scheduled)]);
+    assert_eq!(
+        s.poll(0),
+        [start("a", &["good", "bad"], Trigger::Scheduled)]
+    );
     let results = |bad| vec![("good".to_string(), true), ("bad".to_string(), bad)];
     s.finished("a", 100, &results(false));
     // Retry after 1 s: at 1_100. The slot at 1_000 runs the good one only.
@@ -82,7 +88,13 @@ fn a_failing_destination_backs_off_alone() {
     assert_eq!(s.poll(1_100), [start("a", &["bad"], Trigger::Retry)]);
     s.finished("a", 1_200, &[("bad".into(), false)]);
     let b = s.view("a").unwrap().backoff["bad"];
-    assert_eq!(b, Backoff { failures: 2, retry_at: Some(3_200) });
+    assert_eq!(
+        b,
+        Backoff {
+            failures: 2,
+            retry_at: Some(3_200)
+        }
+    );
     assert_eq!(s.poll(2_000), [start("a", &["good"], Trigger::Scheduled)]);
     s.finished("a", 2_100, &[("good".into(), true)]);
     assert_eq!(s.poll(3_000), [start("a", &["good"], Trigger::Scheduled)]);
@@ -90,7 +102,10 @@ fn a_failing_destination_backs_off_alone() {
     assert_eq!(s.poll(3_200), [start("a", &["bad"], Trigger::Retry)]);
     s.finished("a", 3_300, &[("bad".into(), true)]);
     assert_eq!(s.view("a").unwrap().backoff["bad"], Backoff::default());
-    assert_eq!(s.poll(4_000), [start("a", &["good", "bad"], Trigger::Scheduled)]);
+    assert_eq!(
+        s.poll(4_000),
+        [start("a", &["good", "bad"], Trigger::Scheduled)]
+    );
 }
 
 #[test]
@@ -132,18 +147,30 @@ fn a_restart_catches_up_once() {
     // Down for an hour across four 15-minute slots: one run at start.
     let cron: Schedule = "*/15 * * * *".parse().unwrap();
     let mut s = Scheduler::new();
-    s.configure(vec![spec("a", cron.clone(), &["d"])], &recovered(0, false), 3_700_000);
+    s.configure(
+        vec![spec("a", cron.clone(), &["d"])],
+        &recovered(0, false),
+        3_700_000,
+    );
     assert_eq!(s.poll(3_700_000), [start("a", &["d"], Trigger::CatchUp)]);
     s.finished("a", 3_710_000, &[("d".into(), true)]);
     assert_eq!(s.poll(3_710_000), []);
     assert_eq!(s.next_wakeup(), Some(4_500_000));
     // Restarted before the next slot, the last run complete: nothing to catch up.
     let mut s = Scheduler::new();
-    s.configure(vec![spec("a", cron.clone(), &["d"])], &recovered(900_000, false), 1_000_000);
+    s.configure(
+        vec![spec("a", cron.clone(), &["d"])],
+        &recovered(900_000, false),
+        1_000_000,
+    );
     assert_eq!(s.poll(1_000_000), []);
     // The last run was cut short by a crash: run again at once.
     let mut s = Scheduler::new();
-    s.configure(vec![spec("a", cron, &["d"])], &recovered(900_000, true), 1_000_000);
+    s.configure(
+        vec![spec("a", cron, &["d"])],
+        &recovered(900_000, true),
+        1_000_000,
+    );
     assert_eq!(s.poll(1_000_000), [start("a", &["d"], Trigger::CatchUp)]);
 }
 
