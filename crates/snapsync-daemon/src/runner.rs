@@ -184,12 +184,22 @@ fn open_source(stores: &dyn Stores, req: &RunRequest) -> Result<Opened, String> 
             req.now.div_euclid(1000),
             (req.now.rem_euclid(1000) * 1_000_000) as u32,
         );
-        let name = snapshot_name(req.now);
-        if source
-            .take_snapshot(&req.job.volumes, &name, at)
-            .map_err(|e| format!("taking snapshot {name:?}: {}", one_line(&e)))?
-        {
-            snapshot = Some(name);
+        // Named after the second; a retry in the same second as the run before it
+        // takes the name with a suffix.
+        let base = snapshot_name(req.now);
+        for attempt in 0..3 {
+            let name = match attempt {
+                0 => base.clone(),
+                n => format!("{base}-{n}"),
+            };
+            match source.take_snapshot(&req.job.volumes, &name, at) {
+                Ok(taken) => {
+                    snapshot = taken.then_some(name);
+                    break;
+                }
+                Err(StoreError::AlreadyExists { .. }) if attempt < 2 => continue,
+                Err(e) => return Err(format!("taking snapshot {name:?}: {}", one_line(&e))),
+            }
         }
     }
     Ok(Opened { source, snapshot })

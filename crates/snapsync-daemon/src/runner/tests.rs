@@ -37,6 +37,9 @@ impl JobSource for CheckpointSource {
         name: &str,
         at: Timestamp,
     ) -> Result<bool, StoreError> {
+        if self.store.content("disk", name).is_some() {
+            return Err(StoreError::AlreadyExists { what: name.into() });
+        }
         let mut content = vec![1u8; 64 * 1024];
         content[..4096].fill(self.seed);
         self.store.add_snapshot("disk", name, at, content);
@@ -274,6 +277,22 @@ fn a_checkpoint_source_keeps_the_base_of_a_destination_that_is_behind() {
         s.source.volume("disk").unwrap().snapshots.len(),
         DEFAULT_KEEP_SNAPSHOTS
     );
+}
+
+#[test]
+fn a_second_run_in_the_same_second_takes_another_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = stores(dir.path(), true);
+    let j = job(true, None);
+    let now = 1_700_000_000_000;
+    let first = run(&s, request(&j, 1, &BTreeMap::new(), now));
+    let second = run(&s, request(&j, 2, &first.bases, now + 300));
+    assert!(second.record.succeeded(), "{:?}", second.record);
+    let (a, b) = (
+        first.record.snapshot.unwrap(),
+        second.record.snapshot.unwrap(),
+    );
+    assert_eq!(b, format!("{a}-1"));
 }
 
 #[test]
