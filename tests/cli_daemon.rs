@@ -732,3 +732,170 @@ fn check_names_the_line_and_field_of_a_mistake() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+/// A qemu-storage-daemon on a qcow2 disk (node `disk0`) holding `initial`, with its
+/// QMP socket and a writable NBD export `guest` standing in for the guest.
+struct Vm {
+    child: Child,
+    qmp: PathBuf,
+    guest: PathBuf,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_vm(dir: &Path, initial: &[u8]) -> Vm {
+    let raw = dir.join("initial.raw");
+    std::fs::write(&raw, initial).unwrap();
+    let image = dir.join("disk.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    let (qmp, guest) = (dir.join("qmp.sock"), dir.join("guest.sock"));
+    let child = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+                image.display()
+            ),
+            "--chardev",
+            &format!("socket,path={},server=on,wait=off,id=qmp", qmp.display()),
+            "--monitor",
+            "chardev=qmp",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", guest.display()),
+            "--export",
+            "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
+        ])
+        .spawn()
+        .expect("qemu-storage-daemon (qemu-utils)");
+    wait_for("qemu-storage-daemon", 20, || qmp.exists() && guest.exists());
+    Vm { child, qmp, guest }
+}
+
+impl Vm {
+    fn url(&self) -> String {
+        format!("qemu://{}?nbd={}", self.qmp.display(), self.guest.display())
+    }
+
+    fn write(&self, byte: u8, offset: usize, len: usize) {
+        let target = format!("nbd+unix:///guest?socket={}", self.guest.display());
+        qemu_io(
+            Path::new(&target),
+            "raw",
+            &[format!("write -P {byte} {offset} {len}")],
+        );
+    }
+}
+
+#[test]
+fn a_vms_checkpoints_stay_while_a_destination_that_is_down_needs_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut disk = random(10, 8 * MIB);
+    let vm = start_vm(d, &disk);
+    let local = init_repo(&d.join("local"), &[]);
+    let served_dir = d.join("served");
+    std::fs::create_dir_all(&served_dir).unwrap();
+    let served = init_repo(&served_dir, &[]);
+    let (mut server, port) = serve(d, &served, 0);
+    let remote = format!("snapsync+http://127.0.0.1:{port}/repo");
+    let config = write_config(
+        d,
+        "",
+        &format!(
+            "[[job]]\nname = \"vm\"\nsource = \"{}\"\nschedule = \"every 1s\"\ndestinations = [\"{local}\", \"{remote}\"]\ntimeout = \"30s\"\n",
+            vm.url()
+        ),
+    );
+    let mut daemon = DaemonProc::start(&config, &[]);
+    wait_for("the first checkpoint at both", 30, || {
+        let s = daemon.status();
+        [&local, &remote]
+            .iter()
+            .all(|u| destination(&s, "vm", u)["last_run"]["result"] == "success")
+    });
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let base = destination(&daemon.status(), "vm", &remote)["bases"]["disk0"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The guest writes while the served repository is down, and more checkpoints are
+    // taken than the source keeps by default (8).
+    vm.write(1, MIB, 65536);
+    disk[MIB..MIB + 65536].fill(1);
+    let runs = |s: &Value| job(s, "vm")["recent_runs"][0]["id"].as_u64().unwrap_or(0);
+    let at_kill = runs(&daemon.status());
+    wait_for("ten more runs", 60, || {
+        runs(&daemon.status()) >= at_kill + 10
+    });
+    vm.write(2, 5 * MIB, 65536);
+    disk[5 * MIB..5 * MIB + 65536].fill(2);
+    assert_eq!(
+        destination(&daemon.status(), "vm", &remote)["bases"]["disk0"]["snapshot"],
+        base.as_str()
+    );
+
+    // Back: it gets an incremental from its old base, which the source kept.
+    let (mut server, _) = serve(d, &served, port);
+    wait_for("the served one to catch up", 60, || {
+        let s = daemon.status();
+        let dd = destination(&s, "vm", &remote);
+        dd["last_run"]["result"] == "success" && dd["lag_seconds"] == 0.0
+    });
+    let status = daemon.status();
+    let catch_up = job(&status, "vm")["recent_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            r["destinations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["url"] == remote.as_str() && d["result"] == "success")
+        })
+        .next()
+        .unwrap()
+        .clone();
+    assert!(
+        catch_up["changed_bytes"].as_u64().unwrap() <= 2 * 65536,
+        "not from its base: {catch_up}"
+    );
+    let newest = destination(&status, "vm", &remote)["bases"]["disk0"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(daemon.stop(), Some(0));
+    server.kill().unwrap();
+    server.wait().unwrap();
+    // The newest checkpoint at the served repository is the disk, bit for bit, and the
+    // source is back to its default of checkpoints kept.
+    let out = d.join("restored.raw");
+    ok(&[
+        "restore",
+        &served,
+        &format!("disk0@{newest}"),
+        out.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&out).unwrap() == disk);
+    let listed: Value = serde_json::from_str(&ok(&["list", &vm.url(), "--json"])).unwrap();
+    assert_eq!(
+        listed["volumes"][0]["snapshots"].as_array().unwrap().len(),
+        8,
+        "{listed}"
+    );
+    ok(&["verify", &served, "--read-data"]);
+}
