@@ -702,6 +702,9 @@ fn check_names_the_line_and_field_of_a_mistake() {
     let c = config.to_str().unwrap();
     let out = ok(&["daemon", "--config", c, "--check"]);
     assert!(out.contains("ok, 1 jobs"), "{out}");
+    // The documented sample is a valid config.
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/snapsync.toml");
+    assert!(ok(&["daemon", "--config", sample, "--check"]).contains("ok, 2 jobs"));
     for (from, to, says) in [
         (
             "*/15 * * * *",

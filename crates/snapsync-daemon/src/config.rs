@@ -572,7 +572,7 @@ destinations = [
     }
 
     fn err(text: &str) -> Finding {
-        parse_str(text).err().expect("an error")
+        parse_str(text).expect_err("an error")
     }
 
     #[test]

@@ -84,7 +84,7 @@ fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     let v = (n * factor).round();
-    (v.is_finite() && v >= 0.0 && v < 1e19).then_some(v as u64)
+    (v.is_finite() && (0.0..1e19).contains(&v)).then_some(v as u64)
 }
 
 /// Parse a duration: one or more `NUMBER UNIT` terms (`ms`, `s`, `m`, `h`, `d`), such as
@@ -133,7 +133,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// A duration as the config writes it back: `"1h30m"`, `"45s"`, `"250ms"`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let mut secs = d.as_secs();

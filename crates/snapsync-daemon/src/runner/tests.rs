@@ -160,8 +160,8 @@ fn request(
     }
 }
 
-fn names(repo: &PathBuf, volume: &str) -> Vec<String> {
-    let r = Repository::open(Location::Local(repo.clone())).unwrap();
+fn names(repo: &std::path::Path, volume: &str) -> Vec<String> {
+    let r = Repository::open(Location::Local(repo.to_path_buf())).unwrap();
     r.volume(volume)
         .map(|v| v.snapshots.into_iter().map(|s| s.name).collect())
         .unwrap_or_default()
