@@ -533,7 +533,24 @@ fn a_run_past_its_timeout_is_cancelled_and_slots_meanwhile_are_skipped() {
                 && !l.ends_with(" 0")),
         "{text}"
     );
+    // SIGTERM during a run: it is cancelled and recorded, and the daemon exits 0 well
+    // within the grace period.
+    wait_for("a run going", 10, || {
+        let s = daemon.status();
+        let r = &job(&s, "slow")["running"];
+        !r.is_null() && r["cancelling"].is_null()
+    });
+    let t = Instant::now();
     assert_eq!(daemon.stop(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(d.join("state/jobs/slow.json")).unwrap()).unwrap();
+    assert!(state["running"].is_null(), "{state}");
+    let last = &state["runs"].as_array().unwrap().last().unwrap()["destinations"][0];
+    assert!(
+        last["result"] == "cancelled" || last["result"] == "timeout",
+        "{last}"
+    );
     // Nothing was committed half-done.
     assert!(snapshots(&repo, "vm").is_empty());
     ok(&["verify", &repo, "--read-data"]);

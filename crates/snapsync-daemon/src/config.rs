@@ -407,29 +407,6 @@ fn check_job(
     let retention = match job.retention {
         None => None,
         Some(r) => {
-            let span = r.span();
-            let r = r.into_inner();
-            if let Some(f) = r.force {
-                return Err(at(
-                    f.span(),
-                    "job.retention.force",
-                    "there is no force here: retention always keeps each destination's replication base".into(),
-                ));
-            }
-            let policy = KeepPolicy {
-                last: r.keep_last,
-                hourly: r.keep_hourly,
-                daily: r.keep_daily,
-                weekly: r.keep_weekly,
-                monthly: r.keep_monthly,
-            };
-            if policy.is_empty() {
-                return Err(at(
-                    span,
-                    "job.retention",
-                    "no keep_* rule: retention would remove every snapshot but the replication base; set at least one (keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)".into(),
-                ));
-            }
             for (span, url) in &remote {
                 warnings.push(at(
                     span.clone(),
@@ -437,7 +414,7 @@ fn check_job(
                     format!("{url:?} is pruned on its server, not by this daemon: job {name:?}'s retention skips it"),
                 ));
             }
-            Some(Retention { policy, gc: r.gc })
+            Some(check_retention(r, at)?)
         }
     };
     Ok(JobConfig {
@@ -451,6 +428,35 @@ fn check_job(
         retention,
         source_kind,
     })
+}
+
+/// `[job.retention]`: no `force`, and at least one rule.
+fn check_retention(r: Spanned<RawRetention>, at: &At<'_>) -> Result<Retention, Finding> {
+    let span = r.span();
+    let r = r.into_inner();
+    if let Some(f) = r.force {
+        return Err(at(
+            f.span(),
+            "job.retention.force",
+            "there is no force here: retention always keeps each destination's replication base"
+                .into(),
+        ));
+    }
+    let policy = KeepPolicy {
+        last: r.keep_last,
+        hourly: r.keep_hourly,
+        daily: r.keep_daily,
+        weekly: r.keep_weekly,
+        monthly: r.keep_monthly,
+    };
+    if policy.is_empty() {
+        return Err(at(
+            span,
+            "job.retention",
+            "no keep_* rule: retention would remove every snapshot but the replication base; set at least one (keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)".into(),
+        ));
+    }
+    Ok(Retention { policy, gc: r.gc })
 }
 
 /// The 1-based line holding byte `offset` of `text`.

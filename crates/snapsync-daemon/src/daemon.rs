@@ -125,31 +125,9 @@ impl Daemon {
         let config = loaded.config;
         let state_dir = StateDir::open(&config.daemon.state_dir)?;
         let states = state_dir.load()?;
-        let control = control::bind(&config.daemon.control_socket)?;
-        let http = match config.daemon.metrics_listen {
-            Some(addr) => {
-                Some(http::bind(addr).map_err(|source| DaemonError::Listen { addr, source })?)
-            }
-            None => None,
-        };
-        let metrics_addr = http.as_ref().and_then(http::local_addr);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("snapsync-listen")
-            .enable_all()
-            .build()
-            .map_err(DaemonError::Runtime)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let metrics = Arc::new(Metrics::new());
-        let api = Api::new(tx.clone());
-        runtime.spawn(control::serve(control, api.clone()));
-        if let Some(l) = http {
-            let routes = Arc::new(Routes {
-                metrics: metrics.clone(),
-                api,
-            });
-            runtime.spawn(http::serve(l, routes));
-        }
+        let (runtime, metrics_addr) = listen(&config, Api::new(tx.clone()), metrics.clone())?;
         let mut core = Core {
             config_path: config_path.to_path_buf(),
             global: config.daemon.bwlimit.map(|r| Arc::new(Bandwidth::new(r))),
@@ -228,6 +206,34 @@ impl Daemon {
         self.runtime.shutdown_timeout(Duration::from_secs(1));
         Ok(())
     }
+}
+
+/// Bind the control socket and the metrics listener, and serve them on a runtime of
+/// their own; returns it and the metrics' address.
+fn listen(
+    config: &Config,
+    api: Api,
+    metrics: Arc<Metrics>,
+) -> Result<(tokio::runtime::Runtime, Option<SocketAddr>), DaemonError> {
+    let control = control::bind(&config.daemon.control_socket)?;
+    let http = match config.daemon.metrics_listen {
+        Some(addr) => {
+            Some(http::bind(addr).map_err(|source| DaemonError::Listen { addr, source })?)
+        }
+        None => None,
+    };
+    let metrics_addr = http.as_ref().and_then(http::local_addr);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("snapsync-listen")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.spawn(control::serve(control, api.clone()));
+    if let Some(l) = http {
+        runtime.spawn(http::serve(l, Arc::new(Routes { metrics, api })));
+    }
+    Ok((runtime, metrics_addr))
 }
 
 impl Core {

@@ -95,64 +95,19 @@ pub fn run(stores: &dyn Stores, req: RunRequest) -> RunOutcome {
         destinations: Vec::new(),
     };
     let mut bases = req.known.clone();
-    let mut listing = Vec::new();
-    match open_source(stores, &req) {
+    let listing = match open_source(stores, &req) {
         Err(e) => {
-            record.destinations = req
-                .destinations
-                .iter()
-                .map(|d| failed(d, &req.cancel, format!("source {}: {e}", req.job.source)))
-                .collect();
+            record.destinations = all_failed(&req, &format!("source {}: {e}", req.job.source));
+            Vec::new()
         }
         Ok(mut source) => {
-            let src = source.source.source();
-            let guarded = GuardedSource {
-                inner: src,
-                cancel: &req.cancel,
-            };
-            match guarded.list() {
-                Err(e) => {
-                    let line = format!("source {}: {}", req.job.source, one_line(&e));
-                    record.destinations = req
-                        .destinations
-                        .iter()
-                        .map(|d| failed(d, &req.cancel, line.clone()))
-                        .collect();
-                }
-                Ok(l) => {
-                    listing = selected(l, &req.job.volumes);
-                    let results = to_destinations(
-                        stores,
-                        &req,
-                        &guarded,
-                        source.snapshot.as_deref(),
-                        &listing,
-                    );
-                    for (url, (run, fresh)) in results {
-                        if let Some(b) = fresh {
-                            bases.insert(url, b);
-                        }
-                        record.destinations.push(run);
-                    }
-                }
-            }
+            let listing = replicate_from(stores, &req, &source, &mut record, &mut bases);
             record.snapshot = source.snapshot.clone();
             record.source_error = finish_source(&mut source.source, &req, &listing, &bases);
+            listing
         }
-    }
-    let now = now_millis();
-    let lags: BTreeMap<String, Option<f64>> = req
-        .job
-        .destinations
-        .iter()
-        .map(|d| {
-            let b = bases.get(d).cloned().unwrap_or_default();
-            (
-                d.clone(),
-                (!listing.is_empty()).then(|| lag_seconds(&listing, &b, now)),
-            )
-        })
-        .collect();
+    };
+    let lags = lags(&req, &listing, &bases);
     for d in &mut record.destinations {
         d.lag_seconds = lags.get(&d.url).copied().flatten();
     }
@@ -162,6 +117,64 @@ pub fn run(stores: &dyn Stores, req: RunRequest) -> RunOutcome {
         bases,
         lags,
     }
+}
+
+/// List the source and replicate to every selected destination; what they hold now
+/// goes into `bases`. Returns the source's listing (of the job's volumes).
+fn replicate_from(
+    stores: &dyn Stores,
+    req: &RunRequest,
+    source: &Opened,
+    record: &mut RunRecord,
+    bases: &mut BTreeMap<String, Bases>,
+) -> Vec<VolumeInfo> {
+    let guarded = GuardedSource {
+        inner: source.source.source(),
+        cancel: &req.cancel,
+    };
+    let listing = match guarded.list() {
+        Ok(l) => selected(l, &req.job.volumes),
+        Err(e) => {
+            let line = format!("source {}: {}", req.job.source, one_line(&e));
+            record.destinations = all_failed(req, &line);
+            return Vec::new();
+        }
+    };
+    let results = to_destinations(stores, req, &guarded, source.snapshot.as_deref(), &listing);
+    for (url, (run, fresh)) in results {
+        if let Some(b) = fresh {
+            bases.insert(url, b);
+        }
+        record.destinations.push(run);
+    }
+    listing
+}
+
+/// Every destination of the job's lag, from what it holds (`None` when the source
+/// could not be listed).
+fn lags(
+    req: &RunRequest,
+    listing: &[VolumeInfo],
+    bases: &BTreeMap<String, Bases>,
+) -> BTreeMap<String, Option<f64>> {
+    let now = now_millis();
+    req.job
+        .destinations
+        .iter()
+        .map(|d| {
+            let b = bases.get(d).cloned().unwrap_or_default();
+            let lag = (!listing.is_empty()).then(|| lag_seconds(listing, &b, now));
+            (d.clone(), lag)
+        })
+        .collect()
+}
+
+/// Every selected destination failed with `line`.
+fn all_failed(req: &RunRequest, line: &str) -> Vec<DestinationRun> {
+    req.destinations
+        .iter()
+        .map(|d| failed(d, &req.cancel, line.to_string()))
+        .collect()
 }
 
 /// An opened source and the snapshot this run took of it, if it takes them.
@@ -291,22 +304,8 @@ fn to_destination(
         pruned: Vec::new(),
         retention_held: Vec::new(),
     };
-    let options = ReplicateOptions::default()
-        .with_volumes(req.job.volumes.clone())
-        .with_snapshot(snapshot.map(str::to_string));
-    let replicated = snapsync_engine::replicate(
-        source,
-        &sink,
-        &options,
-        &CountingProgress(&req.counters),
-        &mut |r| {
-            run.snapshots += 1;
-            run.changed_bytes += r.changed_bytes;
-            run.sent_bytes += r.sent_bytes;
-            debug!(job = %req.job.name, destination = url, volume = %r.volume, snapshot = %r.snapshot, sent = r.sent_bytes, "replicated");
-        },
-    );
-    let mut outcome = replicated.map(|_| ()).map_err(|e| one_line(&e));
+    let replicated = replicate(req, source, &sink, snapshot, &mut run);
+    let mut outcome = replicated;
     if outcome.is_ok() {
         outcome = apply_retention(req, dest.repository(), listing, url, &mut run);
     }
@@ -326,6 +325,34 @@ fn to_destination(
     }
     run.duration_ms = t.elapsed().as_millis() as u64;
     (run, fresh)
+}
+
+/// Replicate what the run sends to `sink`, adding what was sent to `run`.
+fn replicate(
+    req: &RunRequest,
+    source: &GuardedSource<'_>,
+    sink: &GuardedSink<'_>,
+    snapshot: Option<&str>,
+    run: &mut DestinationRun,
+) -> Result<(), String> {
+    let options = ReplicateOptions::default()
+        .with_volumes(req.job.volumes.clone())
+        .with_snapshot(snapshot.map(str::to_string));
+    let url = run.url.clone();
+    snapsync_engine::replicate(
+        source,
+        sink,
+        &options,
+        &CountingProgress(&req.counters),
+        &mut |r| {
+            run.snapshots += 1;
+            run.changed_bytes += r.changed_bytes;
+            run.sent_bytes += r.sent_bytes;
+            debug!(job = %req.job.name, destination = %url, volume = %r.volume, snapshot = %r.snapshot, sent = r.sent_bytes, "replicated");
+        },
+    )
+    .map(|_| ())
+    .map_err(|e| one_line(&e))
 }
 
 /// Prune a repository destination after a successful replication.

@@ -20,6 +20,35 @@ impl Core {
             self.skipped(job, now);
             return;
         }
+        let (id, known) = self.mark_started(job, &destinations, trigger, now);
+        let req = self.request(cfg, id, trigger, destinations, known, now);
+        info!(job, run = id, trigger = trigger.as_str(), destinations = %req.destinations.join(" "), "run started");
+        self.metrics.running(job, true);
+        self.going.insert(
+            job.to_string(),
+            Going {
+                id,
+                trigger,
+                started: now,
+                destinations: req.destinations.clone(),
+                cancel: req.cancel.clone(),
+                deadline: req.job.timeout.map(|t| (now + t.as_millis() as Millis, t)),
+                counters: req.counters.clone(),
+                waiters: self.waiting.remove(job).unwrap_or_default(),
+            },
+        );
+        self.spawn(req);
+    }
+
+    /// Record in the job's state file that a run started (so that a crash during it is
+    /// caught up at the next start); returns its number and what its destinations hold.
+    fn mark_started(
+        &mut self,
+        job: &str,
+        destinations: &[String],
+        trigger: Trigger,
+        now: Millis,
+    ) -> (u64, BTreeMap<String, Bases>) {
         let st = self.states.entry(job.to_string()).or_default();
         st.runs_started += 1;
         let id = st.runs_started;
@@ -28,68 +57,72 @@ impl Core {
             id,
             trigger,
             started: now,
-            destinations: destinations.clone(),
+            destinations: destinations.to_vec(),
         });
-        let known: BTreeMap<String, Bases> = st
+        let known = st
             .destinations
             .iter()
             .map(|(d, s)| (d.clone(), s.bases.clone()))
             .collect();
         self.save(job);
-        let downstream = cfg
+        (id, known)
+    }
+
+    fn request(
+        &self,
+        job: Arc<JobConfig>,
+        id: u64,
+        trigger: Trigger,
+        destinations: Vec<String>,
+        known: BTreeMap<String, Bases>,
+        now: Millis,
+    ) -> RunRequest {
+        let downstream = job
             .destinations
             .iter()
             .map(|d| (d.clone(), self.downstream_of(d)))
             .collect();
         let limits = Limits::new(
             self.job_limits
-                .get(job)
+                .get(&job.name)
                 .cloned()
                 .into_iter()
                 .chain(self.global.clone()),
         );
-        let cancel = Cancel::new();
-        let counters = Arc::new(Counters::default());
-        let req = RunRequest {
-            job: cfg.clone(),
+        RunRequest {
+            job,
             id,
             trigger,
-            destinations: destinations.clone(),
-            known: known.clone(),
+            destinations,
+            known,
             downstream,
             limits,
-            cancel: cancel.clone(),
-            counters: counters.clone(),
+            cancel: Cancel::new(),
+            counters: Arc::new(Counters::default()),
             now,
-        };
-        info!(job, run = id, trigger = trigger.as_str(), destinations = %destinations.join(" "), "run started");
-        self.metrics.running(job, true);
-        self.going.insert(
-            job.to_string(),
-            Going {
-                id,
-                trigger,
-                started: now,
-                destinations: destinations.clone(),
-                cancel,
-                deadline: cfg.timeout.map(|t| (now + t.as_millis() as Millis, t)),
-                counters,
-                waiters: self.waiting.remove(job).unwrap_or_default(),
-            },
-        );
+        }
+    }
+
+    /// Run `req` on a thread that reports its end to the loop, whatever happens to it.
+    fn spawn(&self, req: RunRequest) {
+        let (job, id, trigger, now) = (req.job.clone(), req.id, req.trigger, req.now);
+        let (destinations, known) = (req.destinations.clone(), req.known.clone());
+        let failed = move |why: &str| failed_run(&job, id, trigger, now, &destinations, known, why);
         let stores = self.stores.clone();
         let tx = self.tx.clone();
+        let (thread_tx, thread_failed) = (tx.clone(), failed.clone());
         let spawned = std::thread::Builder::new()
-            .name(format!("run-{job}"))
+            .name(format!("run-{}", req.job.name))
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     runner::run(stores.as_ref(), req)
                 }))
-                .unwrap_or_else(|_| panicked(&cfg, id, trigger, now, &destinations, known));
-                let _ = tx.send(Event::Finished(Box::new(outcome)));
+                .unwrap_or_else(|_| thread_failed("internal error: the run panicked"));
+                let _ = thread_tx.send(Event::Finished(Box::new(outcome)));
             });
         if let Err(e) = spawned {
-            error!(job, "cannot start a thread for the run: {e}");
+            let outcome = failed(&format!("cannot start a thread for the run: {e}"));
+            let _ = tx.send(Event::Finished(Box::new(outcome)));
         }
     }
 
@@ -304,14 +337,16 @@ fn log_run(r: &RunRecord) {
     }
 }
 
-/// The outcome of a run whose thread panicked (a bug): every destination failed.
-fn panicked(
+/// The outcome of a run that could not run or whose thread panicked (a bug): every
+/// destination failed with `why`.
+fn failed_run(
     job: &JobConfig,
     id: u64,
     trigger: Trigger,
     started: Millis,
     destinations: &[String],
     known: BTreeMap<String, Bases>,
+    why: &str,
 ) -> RunOutcome {
     let cancel = Cancel::new();
     RunOutcome {
@@ -325,7 +360,7 @@ fn panicked(
             source_error: None,
             destinations: destinations
                 .iter()
-                .map(|d| runner::failed(d, &cancel, "internal error: the run panicked".into()))
+                .map(|d| runner::failed(d, &cancel, why.to_string()))
                 .collect(),
         },
         bases: known,
