@@ -919,3 +919,66 @@ fn a_vms_checkpoints_stay_while_a_destination_that_is_down_needs_its_base() {
     );
     ok(&["verify", &served, "--read-data"]);
 }
+
+#[test]
+fn a_run_stuck_on_a_store_that_does_not_answer_is_abandoned_after_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let images = d.join("images");
+    write_image(&images, "vm", "s1", &random(11, MIB), T0);
+    let served_dir = d.join("served");
+    std::fs::create_dir_all(&served_dir).unwrap();
+    let served = init_repo(&served_dir, &[]);
+    let (mut server, port) = serve(d, &served, 0);
+    let remote = format!("snapsync+http://127.0.0.1:{port}/repo");
+    let config = write_config(
+        d,
+        "",
+        &format!(
+            "[[job]]\nname = \"vm\"\nsource = \"raw:{}\"\nschedule = \"0 0 1 1 *\"\ndestinations = [\"{remote}\"]\ntimeout = \"2s\"\n",
+            images.display()
+        ),
+    );
+    let c = config.to_str().unwrap();
+    let mut daemon = DaemonProc::start(&config, &[]);
+    // The server stops answering: connections are accepted, requests never answered.
+    let pid = server.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    let out = run(&["run-job", "vm", "--config", c, "--json"]);
+    let took = t.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dest = &record["destinations"][0];
+    assert_eq!(dest["result"], "timeout", "{record}");
+    assert!(
+        dest["error"].as_str().unwrap().contains("abandoned"),
+        "{record}"
+    );
+    assert!(took < Duration::from_secs(12), "{took:?}");
+    assert!(job(&daemon.status(), "vm")["running"].is_null());
+    // Answering again, the abandoned run ends without committing; the next run works.
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("the abandoned run to end", 30, || {
+        daemon
+            .log()
+            .iter()
+            .any(|l| l.contains("an abandoned run ended at last"))
+    });
+    assert!(snapshots(&served, "vm").is_empty());
+    let record: Value =
+        serde_json::from_str(&ok(&["run-job", "vm", "--config", c, "--json"])).unwrap();
+    assert_eq!(record["destinations"][0]["result"], "success", "{record}");
+    assert_eq!(snapshots(&served, "vm"), ["s1"]);
+    assert_eq!(daemon.stop(), Some(0));
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

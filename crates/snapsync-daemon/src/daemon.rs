@@ -34,6 +34,10 @@ use crate::units::format_duration;
 
 /// How long runs get to end after SIGTERM before the daemon exits without them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// A run its timeout cancelled that has not ended this long after (blocked on a store
+/// that does not answer) is abandoned: recorded as timed out, its job free to run again.
+/// Its thread can no longer commit anything (its receives refuse to once cancelled).
+pub const ABANDON_AFTER: Duration = Duration::from_secs(5);
 /// The loop wakes at least this often (a clock that jumps is noticed).
 const MAX_SLEEP: Millis = 60_000;
 
@@ -73,6 +77,8 @@ struct Going {
     destinations: Vec<String>,
     cancel: Cancel,
     deadline: Option<(Millis, Duration)>,
+    /// When its timeout cancelled it.
+    cancelled_at: Option<Millis>,
     counters: Arc<Counters>,
     waiters: Vec<Waiter>,
 }
@@ -281,11 +287,16 @@ impl Core {
             .values()
             .filter(|g| g.cancel.reason().is_none())
             .filter_map(|g| g.deadline.map(|d| d.0));
+        let abandon = self.going.values().filter_map(|g| {
+            g.cancelled_at
+                .map(|c| c + ABANDON_AFTER.as_millis() as Millis)
+        });
         let stop = self.stopping.into_iter();
         let sched = self.sched.next_wakeup().filter(|_| self.stopping.is_none());
         sched
             .into_iter()
             .chain(deadlines)
+            .chain(abandon)
             .chain(stop)
             .min()
             .unwrap_or(now + MAX_SLEEP)

@@ -68,5 +68,5 @@ pub mod units;
 
 pub use api::Handle;
 pub use config::{Config, ConfigError, JobConfig};
-pub use daemon::{Daemon, DaemonError, SHUTDOWN_GRACE};
+pub use daemon::{Daemon, DaemonError, ABANDON_AFTER, SHUTDOWN_GRACE};
 pub use stores::{JobDestination, JobSource, Stores};

@@ -33,6 +33,7 @@ impl Core {
                 destinations: req.destinations.clone(),
                 cancel: req.cancel.clone(),
                 deadline: req.job.timeout.map(|t| (now + t.as_millis() as Millis, t)),
+                cancelled_at: None,
                 counters: req.counters.clone(),
                 waiters: self.waiting.remove(job).unwrap_or_default(),
             },
@@ -107,7 +108,19 @@ impl Core {
     fn spawn(&self, req: RunRequest) {
         let (job, id, trigger, now) = (req.job.clone(), req.id, req.trigger, req.now);
         let (destinations, known) = (req.destinations.clone(), req.known.clone());
-        let failed = move |why: &str| failed_run(&job, id, trigger, now, &destinations, known, why);
+        let cancel = req.cancel.clone();
+        let failed = move |why: &str| {
+            failed_run(
+                &job.name,
+                id,
+                trigger,
+                now,
+                &destinations,
+                known,
+                &cancel,
+                why,
+            )
+        };
         let stores = self.stores.clone();
         let tx = self.tx.clone();
         let (thread_tx, thread_failed) = (tx.clone(), failed.clone());
@@ -142,6 +155,10 @@ impl Core {
     pub(super) fn finished(&mut self, outcome: RunOutcome, now: Millis) {
         let record = outcome.record;
         let job = record.job.clone();
+        if self.going.get(&job).map(|g| g.id) != Some(record.id) {
+            warn!(job = %job, run = record.id, "an abandoned run ended at last, after {} ms", record.duration_ms);
+            return;
+        }
         let going = self.going.remove(&job);
         let results: Vec<(String, bool)> = record
             .destinations
@@ -183,16 +200,59 @@ impl Core {
         }
     }
 
-    /// Cancel runs past their timeout.
+    /// Cancel runs past their timeout, and abandon those that do not end after it.
     pub(super) fn enforce_deadlines(&mut self, now: Millis) {
-        for (job, g) in &self.going {
+        let mut stuck = Vec::new();
+        for (job, g) in &mut self.going {
             if let Some((at, timeout)) = g.deadline {
                 if at <= now && g.cancel.reason().is_none() {
                     warn!(job = %job, run = g.id, "run passed its timeout of {}: cancelling it", format_duration(timeout));
                     g.cancel.cancel(CancelReason::Timeout(timeout));
+                    g.cancelled_at = Some(now);
                 }
             }
+            if g.cancelled_at
+                .is_some_and(|c| c + ABANDON_AFTER.as_millis() as Millis <= now)
+            {
+                stuck.push(job.clone());
+            }
         }
+        for job in stuck {
+            self.abandon(&job, now);
+        }
+    }
+
+    /// Record a cancelled run that does not end as timed out, and free its job.
+    fn abandon(&mut self, job: &str, now: Millis) {
+        let Some(g) = self.going.get(job) else {
+            return;
+        };
+        let reason = g.cancel.reason().map(|r| r.to_string()).unwrap_or_default();
+        let why = format!(
+            "{reason}, and did not stop within {} s (a store that does not answer): abandoned; it can commit nothing more",
+            ABANDON_AFTER.as_secs()
+        );
+        let known = self
+            .states
+            .get(job)
+            .map(|st| {
+                st.destinations
+                    .iter()
+                    .map(|(d, s)| (d.clone(), s.bases.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let outcome = failed_run(
+            job,
+            g.id,
+            g.trigger,
+            g.started,
+            &g.destinations,
+            known,
+            &g.cancel,
+            &why,
+        );
+        self.finished(outcome, now);
     }
 
     /// SIGTERM: cancel every run, refuse new ones, give them the grace period.
@@ -337,21 +397,22 @@ fn log_run(r: &RunRecord) {
     }
 }
 
-/// The outcome of a run that could not run or whose thread panicked (a bug): every
-/// destination failed with `why`.
+/// The outcome of a run that could not run, whose thread panicked (a bug) or that was
+/// abandoned: every destination failed with `why` (a timeout if `cancel` says so).
+#[allow(clippy::too_many_arguments)]
 fn failed_run(
-    job: &JobConfig,
+    job: &str,
     id: u64,
     trigger: Trigger,
     started: Millis,
     destinations: &[String],
     known: BTreeMap<String, Bases>,
+    cancel: &Cancel,
     why: &str,
 ) -> RunOutcome {
-    let cancel = Cancel::new();
     RunOutcome {
         record: RunRecord {
-            job: job.name.clone(),
+            job: job.to_string(),
             id,
             trigger,
             started,
@@ -360,7 +421,7 @@ fn failed_run(
             source_error: None,
             destinations: destinations
                 .iter()
-                .map(|d| runner::failed(d, &cancel, why.to_string()))
+                .map(|d| runner::failed(d, cancel, why.to_string()))
                 .collect(),
         },
         bases: known,
