@@ -24,11 +24,12 @@
 //! replicate`, per destination, so each destination replicates against its own base
 //! (its hints), on its own thread: one that fails or hangs does not hold the others'
 //! data back. Timeouts, shutdown and bandwidth limits are imposed from outside by
-//! wrapping the source and the destination ([`guard`](runner) — reads and writes check a
+//! wrapping the source and the destination (reads and writes check a
 //! [`limit::Cancel`], bytes written are charged to [`limit::Bandwidth`] token buckets,
 //! per job and for the daemon, measured as the destination reports them), and a
 //! cancelled snapshot is never committed: its receive is dropped, which the repository
-//! guarantees abandons it.
+//! guarantees abandons it. A run that does not stop when cancelled (blocked on a store
+//! that does not answer) is abandoned shortly after, so no job is held forever.
 //!
 //! **Nothing that a destination needs is removed.** Retention prunes each repository
 //! destination with the repository's own prune, never forced, so each destination's

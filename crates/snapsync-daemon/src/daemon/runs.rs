@@ -359,6 +359,18 @@ impl Core {
             self.metrics.job(&j.name, &seeds);
         }
         self.job_limits = limits;
+        let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+        let removed: Vec<String> = self
+            .waiting
+            .keys()
+            .filter(|j| !names.contains(&j.as_str()))
+            .cloned()
+            .collect();
+        for job in removed {
+            for w in self.waiting.remove(&job).unwrap_or_default() {
+                let _ = w.send(Err(format!("job {job:?} was removed from the config")));
+            }
+        }
         self.jobs = jobs
             .into_iter()
             .map(|j| (j.name.clone(), Arc::new(j)))
