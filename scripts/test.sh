@@ -12,6 +12,8 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 # tests/cli_cow.rs makes btrfs and XFS file systems on loop devices (as root).
 command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)
 command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
+# tests/cli_daemon.rs checks the daemon's /metrics with Prometheus' own parser.
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing: ${need_apt[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

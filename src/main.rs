@@ -8,6 +8,7 @@
 
 mod allocator;
 mod commands;
+mod daemon;
 mod demo;
 mod export;
 mod progress;
@@ -178,6 +179,40 @@ enum Command {
         #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
         insecure_plaintext: bool,
     },
+    /// Run replication jobs on schedules (TOML config) until SIGTERM or SIGINT; SIGHUP
+    /// reloads the config.
+    Daemon {
+        /// The config file.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// Only check the config: exit 0, or 1 naming the line and field that is wrong.
+        #[arg(long)]
+        check: bool,
+        /// Log lines as text or as JSON objects (on stderr).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Show the daemon's jobs: last runs, lag, next runs (asks the running daemon).
+    Status {
+        /// The daemon's config file (for its control socket).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a job of the daemon now and exit with its result (0: every destination
+    /// succeeded).
+    RunJob {
+        /// The job's name.
+        name: String,
+        /// The daemon's config file (for its control socket).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Print the run as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A self-contained walkthrough on generated sample data.
     Demo {
         /// Work directory (default: a temporary directory, removed afterwards).
@@ -189,16 +224,39 @@ enum Command {
     },
 }
 
+/// How `snapsync daemon` writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Logs on stderr, filtered by `SNAPSYNC_LOG`; by default warnings, and for the daemon
+/// (whose log is its record of runs) information too.
+fn init_logs(command: &Command) {
+    let (default, format) = match command {
+        Command::Daemon { log_format, .. } => ("info", *log_format),
+        _ => ("warn", LogFormat::Text),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
 fn main() -> ExitCode {
     allocator::tune();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SNAPSYNC_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    init_logs(&cli.command);
     let result = match cli.command {
         Command::Init { repo, block_size } => commands::init(&repo, block_size),
         Command::List {
@@ -285,6 +343,9 @@ fn main() -> ExitCode {
             tls: tls_cert.zip(tls_key),
             insecure_plaintext,
         }),
+        Command::Daemon { config, check, .. } => daemon::daemon(&config, check),
+        Command::Status { config, json } => daemon::status(config.as_deref(), json),
+        Command::RunJob { name, config, json } => daemon::run_job(&name, config.as_deref(), json),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     };
     match result {

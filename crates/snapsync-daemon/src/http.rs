@@ -1,0 +1,113 @@
+//! The HTTP listener on `metrics_listen`: `GET /metrics` for Prometheus.
+//!
+//! HTTP/1.1 with hyper (already what `snapsync serve` runs on). Routing is one `match`
+//! on method and path in [`respond`], and every answer is built from [`Routes`]: the
+//! metrics, and the [`Api`] through which the daemon's loop answers (the status document
+//! a page at `/` and `/api/status` will show), so a new route is one arm, no new state.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use tracing::{debug, warn};
+
+use crate::api::Api;
+use crate::metrics::{Metrics, CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
+
+/// What the routes answer from.
+#[derive(Debug)]
+pub struct Routes {
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// The daemon's loop.
+    pub api: Api,
+}
+
+/// Bind `addr` (port 0: any free port; [`TcpListener::local_addr`] says which).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Serve until the runtime stops.
+pub async fn serve(listener: TcpListener, routes: Arc<Routes>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("metrics listener: {e}");
+            return;
+        }
+    };
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("metrics listener: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let routes = routes.clone();
+                async move { Ok::<_, Infallible>(respond(&routes, &req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, "metrics listener: {e}");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+/// The answer to `req`.
+pub async fn respond<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Bytes>> {
+    let plain = "text/plain; charset=utf-8";
+    match (req.method(), req.uri().path()) {
+        // OpenMetrics for whoever asks for it (Prometheus does), Prometheus' text
+        // format for everyone else, as client_golang negotiates.
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            let openmetrics = req
+                .headers()
+                .get_all("accept")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
+            if openmetrics {
+                text(StatusCode::OK, CONTENT_TYPE, routes.metrics.encode())
+            } else {
+                text(
+                    StatusCode::OK,
+                    PROMETHEUS_CONTENT_TYPE,
+                    routes.metrics.encode_prometheus(),
+                )
+            }
+        }
+        (_, "/metrics") => text(StatusCode::METHOD_NOT_ALLOWED, plain, "only GET\n".into()),
+        (_, path) => text(
+            StatusCode::NOT_FOUND,
+            plain,
+            format!("{path}: not here; the snapsync daemon serves /metrics\n"),
+        ),
+    }
+}
+
+/// The address a listener is bound to, for the ready line and status.
+pub fn local_addr(l: &TcpListener) -> Option<SocketAddr> {
+    l.local_addr().ok()
+}
