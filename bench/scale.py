@@ -6,6 +6,7 @@ Run through bench/run.sh, which builds snapsync first:
     bash bench/run.sh --scale                          # 2 GiB and 8 GiB at 512 B blocks
     bash bench/run.sh --scale --sizes 1GiB,2GiB        # quicker
     bash bench/run.sh --scale --previous /path/to/old/snapsync
+    bash bench/run.sh --scale --sizes 2GiB --big-repo 64M   # into a 64 M-block repository
 
 Small blocks simulate large volumes: at `--block-size 512` a 2 GiB image has 4 M blocks
 (a 256 GiB volume at 64 KiB) and 8 GiB has 16 M (1 TiB at 64 KiB). Every block holds data
@@ -281,6 +282,51 @@ class Scale:
         for f in vm.glob("c*.img"):
             f.unlink()
 
+    def big_repo(self, label, images: Images) -> None:
+        """Replication into a repository that already holds `--big-repo` blocks over many
+        volumes (issue 19: the block index of a ~4 TiB repository at 64 KiB). The filling
+        volumes are generated one at a time in /dev/shm and removed once stored."""
+        exe = self.args.snapsync
+        repo = self.work / "big-repo"
+        shutil.rmtree(repo, ignore_errors=True)
+        subprocess.run([exe, "init", str(repo), "--block-size", str(self.args.block_size)],
+                       check=True, stdout=subprocess.DEVNULL)
+        fill = scratch_dir(self.work, self.args.fill_size) / "fill"
+        per = self.args.fill_size // self.args.block_size
+        stored = 0
+        k = 0
+        while stored < self.args.big_repo:
+            vol = fill / f"fill{k:02}"
+            vol.mkdir(parents=True, exist_ok=True)
+            gen_image(vol / "s1.img", self.args.fill_size, self.args.block_size, seed=1000 + k)
+            m = timed([exe, "replicate", f"raw:{fill}", str(repo), "--volume", vol.name])
+            stored += per
+            log(f"filled {vol.name}: repository holds {stored >> 20} M blocks "
+                f"({m['wall']:.0f} s, {human(m['rss'])})")
+            shutil.rmtree(vol)
+            k += 1
+        shutil.rmtree(fill, ignore_errors=True)
+        held = f"into a repository of {stored >> 20} M blocks"
+        src = f"raw:{images.dir.parent}"
+        run = lambda *a, env=None: timed([exe, *a], env)  # noqa: E731
+        self.record(label, "snapsync", f"replicate (full) {held}",
+                    run("replicate", src, str(repo), "--snapshot", "s1", "--json"))
+        self.record(label, "snapsync", f"replicate (incremental) {held}",
+                    run("replicate", src, str(repo), "--json"))
+        # A first run on another machine: no index cache, every pack index read.
+        cold = self.work / "cold-cache"
+        shutil.rmtree(cold, ignore_errors=True)
+        images.copy(images.s(2), images.s(3))
+        change(images.s(3), self.args.writes, self.args.block_size, seed=9)
+        os.utime(images.s(3), (1_700_000_200, 1_700_000_200))
+        self.record(label, "snapsync", f"replicate (incremental, no index cache) {held}",
+                    run("replicate", src, str(repo), "--json",
+                        env={"SNAPSYNC_CACHE_DIR": str(cold)}))
+        shutil.rmtree(cold, ignore_errors=True)
+        images.s(3).unlink()
+        self.record(label, "snapsync", f"verify {held}", run("verify", str(repo)))
+        shutil.rmtree(repo, ignore_errors=True)
+
     def restic(self, label, images: Images) -> None:
         repo = self.work / "restic"
         shutil.rmtree(repo, ignore_errors=True)
@@ -314,6 +360,9 @@ class Scale:
             change(images.s(2), self.args.writes, bs, seed=7)
             os.utime(images.s(1), (1_700_000_000, 1_700_000_000))
             os.utime(images.s(2), (1_700_000_100, 1_700_000_100))
+            if self.args.big_repo:
+                self.big_repo(label, images)
+                return
             for tool, exe in self.tools():
                 if self.args.chain_only:
                     continue
@@ -384,6 +433,14 @@ class Scale:
         path.write_text(text)
 
 
+def parse_count(text: str) -> int:
+    """A block count: a number with an optional K or M (binary: 64M = 64 * 2^20)."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    if text[-1:].upper() in units:
+        return int(text[:-1]) * units[text[-1].upper()]
+    return int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--snapsync", required=True)
@@ -401,6 +458,11 @@ def main() -> None:
                     help="only the full and the incremental replication")
     ap.add_argument("--chain-only", action="store_true",
                     help="only the chain of incrementals (at the first size)")
+    ap.add_argument("--big-repo", type=parse_count, default=0,
+                    help="only: replicate each size into a repository first filled with "
+                         "this many blocks over many volumes (e.g. 64M)")
+    ap.add_argument("--fill-size", type=parse_size, default=4 * GiB,
+                    help="size of each volume that fills --big-repo (default 4GiB)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "snapsync-scale"))
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args([a for a in sys.argv[1:] if a != "--scale"])

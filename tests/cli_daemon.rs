@@ -558,28 +558,50 @@ fn a_run_past_its_timeout_is_cancelled_and_slots_meanwhile_are_skipped() {
 
 #[test]
 fn jobs_share_the_daemons_bandwidth_limit() {
+    // 64 MiB under 16 MiB/s for both jobs together (job "a" alone may go faster).
+    assert_bandwidth_held(
+        "bwlimit = \"16MiB/s\"",
+        ["bwlimit = \"64MiB/s\"\n", ""],
+        32 * MIB,
+    );
+}
+
+#[test]
+fn a_jobs_own_bandwidth_limit_holds_its_rate() {
+    // One job limited to 16 MiB/s, the daemon not limited: 64 MiB take 4 s.
+    assert_bandwidth_held("", ["bwlimit = \"16MiB/s\"\n"], 64 * MIB);
+}
+
+/// Run one job per entry of `job_limits` (each its own image of `image` bytes, all to
+/// one repository) at once under the daemon's `daemon_limit`, and check that the
+/// 64 MiB they send together take between 3.5 and 5 s: 16 MiB/s.
+fn assert_bandwidth_held<const N: usize>(daemon_limit: &str, job_limits: [&str; N], image: usize) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (a, b) = (d.join("a"), d.join("b"));
-    write_image(&a, "va", "s1", &random(6, 32 * MIB), T0);
-    write_image(&b, "vb", "s1", &random(7, 32 * MIB), T0);
     let repo = init_repo(d, &[]);
-    // 64 MiB under 16 MiB/s for both jobs together (job "a" alone may go faster).
-    let jobs = format!(
-        "[[job]]\nname = \"a\"\nsource = \"raw:{}\"\nschedule = \"0 0 1 1 *\"\ndestinations = [\"{repo}\"]\nbwlimit = \"64MiB/s\"\ntimeout = \"1m\"\n\n[[job]]\nname = \"b\"\nsource = \"raw:{}\"\nschedule = \"0 0 1 1 *\"\ndestinations = [\"{repo}\"]\ntimeout = \"1m\"\n",
-        a.display(),
-        b.display()
-    );
-    let config = write_config(d, "bwlimit = \"16MiB/s\"", &jobs);
+    let mut jobs = String::new();
+    let names: Vec<String> = (0..N).map(|k| format!("j{k}")).collect();
+    for (k, limit) in job_limits.iter().enumerate() {
+        let src = d.join(&names[k]);
+        write_image(&src, &format!("v{k}"), "s1", &random(6 + k as u64, image), T0);
+        jobs += &format!(
+            "[[job]]\nname = \"{}\"\nsource = \"raw:{}\"\nschedule = \"0 0 1 1 *\"\ndestinations = [\"{repo}\"]\n{limit}timeout = \"1m\"\n\n",
+            names[k],
+            src.display()
+        );
+    }
+    let config = write_config(d, daemon_limit, &jobs);
     let c = config.to_str().unwrap().to_string();
     let mut daemon = DaemonProc::start(&config, &[]);
-    let runs: Vec<Value> = ["a", "b"]
+    let runs: Vec<Value> = names
+        .iter()
         .map(|j| {
-            let c = c.clone();
+            let (c, j) = (c.clone(), j.clone());
             std::thread::spawn(move || -> Value {
-                serde_json::from_str(&ok(&["run-job", j, "--config", &c, "--json"])).unwrap()
+                serde_json::from_str(&ok(&["run-job", &j, "--config", &c, "--json"])).unwrap()
             })
         })
+        .collect::<Vec<_>>()
         .into_iter()
         .map(|h| h.join().unwrap())
         .collect();

@@ -42,6 +42,18 @@ pub struct GcReport {
     pub live_blocks: u64,
 }
 
+/// Blocks of packs looked up at once in gc's pass over the packs (their index entries
+/// are held meanwhile: a quarter of [`LOOKUP_BATCH`] keeps that pass's memory small).
+const SWEEP_BATCH: usize = LOOKUP_BATCH / 4;
+
+/// A pack's index, held until its blocks are looked up.
+struct PackIndex {
+    key: String,
+    size: u64,
+    pack: BlockId,
+    entries: Vec<IndexEntry>,
+}
+
 /// A pack is repacked when less than this fraction (in stored bytes) is live.
 const REPACK_BELOW: f64 = 0.5;
 
@@ -144,38 +156,25 @@ impl Repository {
         // 4. Packs: delete the dead, repack the mostly dead, drop packs with no index.
         let pack_sizes: HashMap<String, u64> = self.backend.list("packs")?.into_iter().collect();
         let mut indexed: HashSet<String> = HashSet::new();
+        let mut pending: Vec<PackIndex> = Vec::new();
+        let mut pending_entries = 0;
         self.for_each_index(|ix| {
             let (pack, entries) = ix.parsed?;
-            let k = &ix.key;
-            let pkey = key_pack(&pack);
-            indexed.insert(pkey.clone());
-            let psize = pack_sizes.get(&pkey).copied().unwrap_or(0);
-            // A block stored twice (two packs) is kept once: where the index has it.
-            let live_entries: Vec<IndexEntry> = entries
-                .iter()
-                .filter(|e| {
-                    index.rank(&e.id).is_some_and(|(rank, p, l)| {
-                        live.get(rank) && p == pack && l.offset == e.offset
-                    })
-                })
-                .copied()
-                .collect();
-            let live_bytes: u64 = live_entries.iter().map(|e| u64::from(e.stored_len)).sum();
-            let total: u64 = entries.iter().map(|e| u64::from(e.stored_len)).sum();
-            if live_entries.is_empty() {
-                self.backend.delete(k)?;
-                self.backend.delete(&pkey)?;
-                report.packs_deleted += 1;
-                report.bytes_freed += psize + ix.size;
-            } else if (live_bytes as f64) < REPACK_BELOW * total as f64 {
-                let written = self.repack(&pack, &live_entries)?;
-                self.backend.delete(k)?;
-                self.backend.delete(&pkey)?;
-                report.packs_repacked += 1;
-                report.bytes_freed += (psize + ix.size).saturating_sub(written);
+            indexed.insert(key_pack(&pack));
+            pending_entries += entries.len();
+            pending.push(PackIndex {
+                key: ix.key,
+                size: ix.size,
+                pack,
+                entries,
+            });
+            if pending_entries >= SWEEP_BATCH {
+                self.sweep_packs(&index, &live, &pack_sizes, &mut pending, &mut report)?;
+                pending_entries = 0;
             }
             Ok(())
         })?;
+        self.sweep_packs(&index, &live, &pack_sizes, &mut pending, &mut report)?;
         drop(index);
         for (k, size) in &pack_sizes {
             if !indexed.contains(k) && !k.contains('#') {
@@ -193,6 +192,61 @@ impl Repository {
         )?;
         info!(?report, "gc done");
         Ok(report)
+    }
+
+    /// Delete or repack each of `packs` (emptied) by how much of it is live. Their blocks
+    /// are looked up together, sorted (see [`BlockIndex::locate_many`]): one random read
+    /// of the index a block made gc's pass over the packs its slowest part.
+    fn sweep_packs(
+        &self,
+        index: &BlockIndex,
+        live: &Bitmap,
+        pack_sizes: &HashMap<String, u64>,
+        packs: &mut Vec<PackIndex>,
+        report: &mut GcReport,
+    ) -> Result<()> {
+        let mut asked: Vec<(BlockId, (usize, usize))> = packs
+            .iter()
+            .enumerate()
+            .flat_map(|(p, ix)| (0..ix.entries.len()).map(move |e| (p, e)))
+            .map(|(p, e)| (packs[p].entries[e].id, (p, e)))
+            .collect();
+        let mut is_live: Vec<Vec<bool>> = packs.iter().map(|ix| vec![false; ix.entries.len()]).collect();
+        index
+            .locate_many(&mut asked, |_, &(p, e), found| {
+                // A block stored twice (two packs) is kept once: where the index has it.
+                let ix = &packs[p];
+                is_live[p][e] = found.is_some_and(|(rank, pack, l)| {
+                    live.get(rank) && pack == ix.pack && l.offset == ix.entries[e].offset
+                });
+            })
+            .map_err(|e| StoreError::io("a temporary file of the block index", e))?;
+        drop(asked);
+        for (ix, is_live) in packs.drain(..).zip(is_live) {
+            let live_entries: Vec<IndexEntry> = ix
+                .entries
+                .iter()
+                .zip(is_live)
+                .filter_map(|(e, l)| l.then_some(*e))
+                .collect();
+            let live_bytes: u64 = live_entries.iter().map(|e| u64::from(e.stored_len)).sum();
+            let total: u64 = ix.entries.iter().map(|e| u64::from(e.stored_len)).sum();
+            let pkey = key_pack(&ix.pack);
+            let psize = pack_sizes.get(&pkey).copied().unwrap_or(0);
+            if live_entries.is_empty() {
+                self.backend.delete(&ix.key)?;
+                self.backend.delete(&pkey)?;
+                report.packs_deleted += 1;
+                report.bytes_freed += psize + ix.size;
+            } else if (live_bytes as f64) < REPACK_BELOW * total as f64 {
+                let written = self.repack(&ix.pack, &live_entries)?;
+                self.backend.delete(&ix.key)?;
+                self.backend.delete(&pkey)?;
+                report.packs_repacked += 1;
+                report.bytes_freed += (psize + ix.size).saturating_sub(written);
+            }
+        }
+        Ok(())
     }
 
     /// A block index of every pack, of its own (not the one replications share), with

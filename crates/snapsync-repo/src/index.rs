@@ -441,6 +441,16 @@ impl BlockIndex {
         ids: &mut [(BlockId, T)],
         mut f: impl FnMut(&BlockId, &T, Option<usize>),
     ) -> std::io::Result<()> {
+        self.locate_many(ids, |id, tag, found| f(id, tag, found.map(|(rank, ..)| rank)))
+    }
+
+    /// [`BlockIndex::rank_many`] that also gives each block's pack and location, as
+    /// [`BlockIndex::rank`] does.
+    pub(crate) fn locate_many<T>(
+        &self,
+        ids: &mut [(BlockId, T)],
+        mut f: impl FnMut(&BlockId, &T, Option<(usize, BlockId, BlockLocation)>),
+    ) -> std::io::Result<()> {
         ids.sort_unstable_by_key(|a| a.0);
         let Some(run) = self.runs.first() else {
             ids.iter().for_each(|(id, t)| f(id, t, None));
@@ -473,7 +483,12 @@ impl BlockIndex {
                     .position(|r| r[..32] >= id.0[..]);
                 match k {
                     Some(k) if records[k * RECORD..k * RECORD + 32] == id.0[..] => {
-                        found = Some(p * FENCE + k);
+                        let loc = decode_record(&records[k * RECORD..(k + 1) * RECORD]).loc;
+                        found = Some((
+                            p * FENCE + k,
+                            self.packs[loc.pack as usize],
+                            loc.location(self.block_size),
+                        ));
                         break;
                     }
                     Some(_) => break,
