@@ -583,7 +583,13 @@ fn assert_bandwidth_held<const N: usize>(daemon_limit: &str, job_limits: [&str; 
     let names: Vec<String> = (0..N).map(|k| format!("j{k}")).collect();
     for (k, limit) in job_limits.iter().enumerate() {
         let src = d.join(&names[k]);
-        write_image(&src, &format!("v{k}"), "s1", &random(6 + k as u64, image), T0);
+        write_image(
+            &src,
+            &format!("v{k}"),
+            "s1",
+            &random(6 + k as u64, image),
+            T0,
+        );
         jobs += &format!(
             "[[job]]\nname = \"{}\"\nsource = \"raw:{}\"\nschedule = \"0 0 1 1 *\"\ndestinations = [\"{repo}\"]\n{limit}timeout = \"1m\"\n\n",
             names[k],

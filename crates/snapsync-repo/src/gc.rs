@@ -211,7 +211,10 @@ impl Repository {
             .flat_map(|(p, ix)| (0..ix.entries.len()).map(move |e| (p, e)))
             .map(|(p, e)| (packs[p].entries[e].id, (p, e)))
             .collect();
-        let mut is_live: Vec<Vec<bool>> = packs.iter().map(|ix| vec![false; ix.entries.len()]).collect();
+        let mut is_live: Vec<Vec<bool>> = packs
+            .iter()
+            .map(|ix| vec![false; ix.entries.len()])
+            .collect();
         index
             .locate_many(&mut asked, |_, &(p, e), found| {
                 // A block stored twice (two packs) is kept once: where the index has it.

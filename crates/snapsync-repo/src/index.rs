@@ -308,7 +308,7 @@ impl BlockIndex {
     }
 
     /// Write everything out as one run, so that every block has a **rank**: its
-    /// position in id order, which [`BlockIndex::rank`] gives. gc and verify mark blocks
+    /// position in id order, which [`BlockIndex::locate_many`] gives. gc and verify mark blocks
     /// by rank in a bitmap (one bit a block) instead of keeping sets of ids.
     pub(crate) fn rank_all(&mut self) -> std::io::Result<()> {
         self.unsorted = true;
@@ -432,7 +432,7 @@ impl BlockIndex {
         self.runs.first().map_or(0, |r| r.count)
     }
 
-    /// [`BlockIndex::rank`] of many blocks at once: `ids` are sorted first, so that the
+    /// Blocks' ranks (after [`BlockIndex::rank_all`]): `ids` are sorted first, so that the
     /// run is read in order and each of its pages once, instead of one read a block
     /// (gc and verify look up every block of every snapshot). `f` gets each id with
     /// its tag and rank (`None`: not indexed).
@@ -441,11 +441,12 @@ impl BlockIndex {
         ids: &mut [(BlockId, T)],
         mut f: impl FnMut(&BlockId, &T, Option<usize>),
     ) -> std::io::Result<()> {
-        self.locate_many(ids, |id, tag, found| f(id, tag, found.map(|(rank, ..)| rank)))
+        self.locate_many(ids, |id, tag, found| {
+            f(id, tag, found.map(|(rank, ..)| rank))
+        })
     }
 
-    /// [`BlockIndex::rank_many`] that also gives each block's pack and location, as
-    /// [`BlockIndex::rank`] does.
+    /// [`BlockIndex::rank_many`] that also gives each block's pack and location.
     pub(crate) fn locate_many<T>(
         &self,
         ids: &mut [(BlockId, T)],
@@ -500,8 +501,10 @@ impl BlockIndex {
         Ok(())
     }
 
-    /// A block's rank (after [`BlockIndex::rank_all`]), pack and location.
-    pub(crate) fn rank(&self, id: &BlockId) -> Option<(usize, BlockId, BlockLocation)> {
+    /// A block's rank (after [`BlockIndex::rank_all`]), pack and location, looked up
+    /// alone: the tests' reference for [`BlockIndex::locate_many`].
+    #[cfg(test)]
+    fn rank(&self, id: &BlockId) -> Option<(usize, BlockId, BlockLocation)> {
         debug_assert!(self.runs.len() <= 1 && self.sorted.is_empty() && self.recent.is_empty());
         let (rank, l) = self.runs.first()?.find(id)?;
         Some((
@@ -1158,6 +1161,11 @@ mod tests {
             })
             .unwrap();
         assert_eq!(seen, 7000);
+        ranked
+            .locate_many(&mut asked, |i, _, found| {
+                assert_eq!(found, ranked.rank(i), "pack and location as a lone lookup");
+            })
+            .unwrap();
         // The filters spare nearly every read of an absent block.
         let passed = (100_000..110_000u32)
             .filter(|n| ix.runs.iter().any(|r| r.filter.may_contain(&id(*n))))

@@ -49,7 +49,7 @@ pub struct VerifyReport {
 /// ~40 MiB.
 pub(crate) const LOOKUP_BATCH: usize = 1 << 20;
 
-/// One bit a block, by rank in the index (see [`BlockIndex::rank`]).
+/// One bit a block, by rank in the index (see [`BlockIndex::rank_many`]).
 pub(crate) struct Bitmap(Vec<u64>);
 
 impl Bitmap {
