@@ -1010,3 +1010,39 @@ fn a_run_stuck_on_a_store_that_does_not_answer_is_abandoned_after_its_timeout() 
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// The shipped unit file is one systemd accepts (`systemd-analyze verify`: unknown
+/// directives, bad values, a missing binary), with the binary path pointed at the one
+/// under test and the shipped sample config, which `--check` must accept.
+#[test]
+fn the_systemd_unit_and_the_sample_config_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let sample = root.join("contrib/snapsync.toml");
+    let out = bin()
+        .args(["daemon", "--config", sample.to_str().unwrap(), "--check"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit = std::fs::read_to_string(root.join("contrib/systemd/snapsync.service"))
+        .unwrap()
+        .replace("/usr/local/bin/snapsync", env!("CARGO_BIN_EXE_snapsync"))
+        .replace("/etc/snapsync/snapsync.toml", sample.to_str().unwrap());
+    let path = dir.path().join("snapsync.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package) runs");
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+}
