@@ -1,9 +1,11 @@
-//! The HTTP listener on `metrics_listen`: `GET /metrics` for Prometheus.
+//! The HTTP listener on `metrics_listen`: `GET /metrics` for Prometheus, the status
+//! page at `/`, and what it reads: `/api/status` (exactly what `snapsync status --json`
+//! prints) and `/api/chains?job=NAME`.
 //!
 //! HTTP/1.1 with hyper (already what `snapsync serve` runs on). Routing is one `match`
 //! on method and path in [`respond`], and every answer is built from [`Routes`]: the
-//! metrics, and the [`Api`] through which the daemon's loop answers (the status document
-//! a page at `/` and `/api/status` will show), so a new route is one arm, no new state.
+//! metrics, the [`Api`] through which the daemon's loop answers, and who may read the
+//! page ([`web::Access`]), so a new route is one arm, no new state.
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
@@ -16,6 +18,7 @@ use tracing::{debug, warn};
 
 use crate::api::Api;
 use crate::metrics::{Metrics, CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
+use crate::web::{self, Access, Denied};
 
 /// What the routes answer from.
 #[derive(Debug)]
@@ -24,6 +27,8 @@ pub struct Routes {
     pub metrics: Arc<Metrics>,
     /// The daemon's loop.
     pub api: Api,
+    /// Who may read the page and `/api/*`.
+    pub web: Access,
 }
 
 /// Bind `addr` (port 0: any free port; [`TcpListener::local_addr`] says which).
@@ -99,12 +104,94 @@ pub async fn respond<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Byte
             }
         }
         (_, "/metrics") => text(StatusCode::METHOD_NOT_ALLOWED, plain, "only GET\n".into()),
+        (_, "/" | "/index.html" | "/api/status" | "/api/chains") => page(routes, req).await,
         (_, path) => text(
             StatusCode::NOT_FOUND,
             plain,
-            format!("{path}: not here; the snapsync daemon serves /metrics\n"),
+            format!("{path}: not here; the snapsync daemon serves /, /api/status, /api/chains?job=NAME and /metrics\n"),
         ),
     }
+}
+
+/// The page and `/api/*`, for those [`Routes::web`] lets in.
+async fn page<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Bytes>> {
+    let plain = "text/plain; charset=utf-8";
+    if !matches!(req.method(), &Method::GET | &Method::HEAD) {
+        return text(StatusCode::METHOD_NOT_ALLOWED, plain, "only GET\n".into());
+    }
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    if let Err(denied) = web::check(&routes.web, authorization, req.uri().query()) {
+        let mut r = text(
+            match denied {
+                Denied::Token => StatusCode::UNAUTHORIZED,
+                Denied::NotHere => StatusCode::FORBIDDEN,
+            },
+            plain,
+            denied.message().into(),
+        );
+        if denied == Denied::Token {
+            r.headers_mut().insert(
+                "www-authenticate",
+                "Bearer realm=\"snapsync\"".parse().expect("valid"),
+            );
+        }
+        return r;
+    }
+    let json = "application/json";
+    let gone = |e: String| text(StatusCode::SERVICE_UNAVAILABLE, plain, format!("{e}\n"));
+    let mut r = match req.uri().path() {
+        "/api/status" => match routes.api.status().await {
+            Ok(s) => text(
+                StatusCode::OK,
+                json,
+                serde_json::to_string(&s).expect("serialisable"),
+            ),
+            Err(e) => gone(e),
+        },
+        "/api/chains" => {
+            let job = req.uri().query().and_then(|q| web::query_value(q, "job"));
+            let Some(job) = job else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    plain,
+                    "/api/chains needs ?job=NAME\n".into(),
+                );
+            };
+            match routes.api.chains(&job).await {
+                Ok(Some(c)) => text(
+                    StatusCode::OK,
+                    json,
+                    serde_json::to_string(&c).expect("serialisable"),
+                ),
+                Ok(None) => text(
+                    StatusCode::NOT_FOUND,
+                    plain,
+                    format!("no job named {job:?}\n"),
+                ),
+                Err(e) => gone(e),
+            }
+        }
+        _ => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            web::page().to_string(),
+        ),
+    };
+    // Status changes by the second; the page is read where it was served only.
+    let h = r.headers_mut();
+    h.insert("cache-control", "no-store".parse().expect("valid"));
+    h.insert("x-content-type-options", "nosniff".parse().expect("valid"));
+    h.insert("referrer-policy", "no-referrer".parse().expect("valid"));
+    h.insert(
+        "content-security-policy",
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+            .parse()
+            .expect("valid"),
+    );
+    r
 }
 
 /// The address a listener is bound to, for the ready line and status.

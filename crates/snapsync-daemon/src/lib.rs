@@ -58,6 +58,7 @@ pub mod http;
 pub mod limit;
 pub mod metrics;
 pub mod record;
+pub mod repository;
 pub mod retention;
 pub mod runner;
 pub mod schedule;
@@ -66,6 +67,7 @@ pub mod state;
 pub mod status;
 pub mod stores;
 pub mod units;
+pub mod web;
 
 pub use api::Handle;
 pub use config::{Config, ConfigError, JobConfig};

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::record::{rfc3339, Base, RunRecord};
+use crate::repository::{Chain, Sample};
 use crate::schedule::Millis;
 use crate::scheduler::Trigger;
 use crate::state::LastRun;
@@ -31,6 +32,50 @@ pub struct Status {
     pub daemon: DaemonStatus,
     /// Every configured job, in config order.
     pub jobs: Vec<JobStatus>,
+    /// Every repository destination of the configured jobs that has been sampled, in
+    /// the order the jobs first name them: its size over time.
+    #[serde(default)]
+    pub repositories: Vec<RepositoryStatus>,
+}
+
+/// A repository destination's size over time (see [`crate::repository`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RepositoryStatus {
+    /// URL, as in the config.
+    pub url: String,
+    /// Samples, oldest first (at most [`crate::repository::MAX_SAMPLES`]).
+    pub samples: Vec<Sample>,
+}
+
+/// What `/api/chains?job=NAME` answers: per destination, the chains of the job's
+/// volumes as the last run read them. Apart from the status document because it grows
+/// with the snapshots kept (the page asks for one job's when it is picked).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct JobChains {
+    /// [`VERSION`].
+    pub version: u32,
+    /// The job.
+    pub job: String,
+    /// Each destination, in config order.
+    pub destinations: Vec<DestinationChains>,
+}
+
+/// One destination's chains.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DestinationChains {
+    /// URL, as in the config.
+    pub url: String,
+    /// When they were read (`None`: never, or it is not a repository this daemon
+    /// reads, such as a `snapsync://` store).
+    #[serde(with = "rfc3339::option")]
+    pub read: Option<Millis>,
+    /// Per volume, its replication base: what retention never removes.
+    pub bases: BTreeMap<String, Base>,
+    /// Per volume, its snapshots and their delta bases.
+    pub volumes: Vec<Chain>,
 }
 
 /// The daemon itself.

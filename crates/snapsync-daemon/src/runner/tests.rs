@@ -157,6 +157,8 @@ fn request(
         cancel: Cancel::new(),
         counters: Arc::default(),
         now,
+        sample: job.destinations.clone(),
+        known_chains: BTreeMap::new(),
     }
 }
 
