@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{bin, init_repo, ok, ready_line};
+use super::{bin, ok, ready_line};
 
 pub const TOKEN: &str = "daemon-test-token-0123456789";
 

@@ -10,9 +10,10 @@
 //! catalogs, whose snapshot sizes add up to the *logical* bytes — what restoring every
 //! snapshot would write, as `borg info` counts "original size". Their ratio is what
 //! dedup (between snapshots, within them, of zeros) and compression save together.
-//! Reading the block maps for a finer count would cost a read of every manifest, so a
-//! repository is sampled at most once a minute (or once per run of a job that runs less
-//! often). A chain reads each manifest's fixed fields once: manifests never change, so
+//! Reading the block maps for a finer count would cost a read of every manifest. A
+//! repository is sampled after a run that changed it (replicated or pruned something:
+//! the listing is small next to what that run wrote), and otherwise at most once a
+//! minute, which catches what others do to it (`gc`, another writer). A chain reads each manifest's fixed fields once: manifests never change, so
 //! what an earlier run read is passed back ([`Known`]) and only new ones are read.
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,8 +29,8 @@ use crate::schedule::Millis;
 /// Samples kept per repository: with [`thin`], they span from the first sample to the
 /// last however long the daemon runs, denser towards the present.
 pub const MAX_SAMPLES: usize = 200;
-/// A repository is sampled at most this often (unless a job that writes to it runs less
-/// often: then after each of its runs).
+/// A repository a run did not change is sampled at most this often (or once per run of
+/// a job that runs less often).
 pub const SAMPLE_EVERY: Millis = 60_000;
 
 /// A repository's size at one time.

@@ -55,7 +55,8 @@ pub struct RunRequest {
     pub counters: Arc<Counters>,
     /// When it starts.
     pub now: Millis,
-    /// The repository destinations to take a size sample of after replicating.
+    /// The repository destinations to take a size sample of after replicating even when
+    /// the run changes nothing there (one that it changes is sampled anyway).
     pub sample: Vec<String>,
     /// Per destination, what earlier runs read of its manifests (for its chains).
     pub known_chains: BTreeMap<String, Known>,
@@ -349,7 +350,10 @@ fn to_destination(
     }
     run.duration_ms = t.elapsed().as_millis() as u64;
     let view = match (req.cancel.check(), dest.repository()) {
-        (Ok(()), Some(repo)) => Some(read_view(req, repo, listing, url)),
+        (Ok(()), Some(repo)) => {
+            let changed = run.snapshots > 0 || !run.pruned.is_empty();
+            Some(read_view(req, repo, listing, url, changed))
+        }
         _ => None,
     };
     (run, fresh, view)
@@ -362,14 +366,12 @@ fn read_view(
     repo: &snapsync_repo::Repository,
     listing: &[VolumeInfo],
     url: &str,
+    changed: bool,
 ) -> RepositoryView {
     let warn_of = |what: &str, e: &StoreError| {
         warn!(job = %req.job.name, destination = url, "cannot read the repository's {what} for status: {}", one_line(e));
     };
-    let sample = req
-        .sample
-        .iter()
-        .any(|u| u == url)
+    let sample = (changed || req.sample.iter().any(|u| u == url))
         .then(|| repository::sample(repo, now_millis()))
         .and_then(|r| r.map_err(|e| warn_of("size", &e)).ok());
     let volumes: Vec<String> = listing.iter().map(|v| v.name.clone()).collect();
