@@ -115,8 +115,11 @@ def main():
         # A second refresh: the page keeps itself current without a reload.
         wait(d, "return Number(document.body.dataset.refreshed || 0) >= 2", "a refresh", secs=20)
         out = d.execute_script(READ)
+        # The whole page in one picture: a viewport as tall as the page.
         height = d.execute_script("return document.documentElement.scrollHeight")
-        d.set_window_size(1400, min(max(height + 40, 600), 4000))
+        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": 1400, "height": min(max(height, 600), 6000),
+            "deviceScaleFactor": 1, "mobile": False})
         time.sleep(0.3)
         d.save_screenshot(shot)
         if measure:
