@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,15 +17,10 @@ const T0: u64 = 1_700_000_000;
 const HOUR: u64 = 3600;
 /// `GET /metrics` over HTTP/1.1.
 fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (code, head, body) = get(addr, "/metrics", &[]);
+    assert_eq!(code, 200, "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_string()
+    body
 }
 
 /// Check `text` with Prometheus' own parser.

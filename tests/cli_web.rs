@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
@@ -16,23 +15,6 @@ use serde_json::Value;
 const T0: u64 = 1_700_000_000;
 const HOUR: u64 = 3600;
 const WEB_TOKEN: &str = "web-page-token-0123456789";
-
-/// `GET path` from `addr` with `headers`: the status code and body.
-fn get(addr: &str, path: &str, headers: &[&str]) -> (u16, String, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    // Bodies here are small: hyper sends them whole, with a content-length.
-    (code, head.to_string(), body.to_string())
-}
 
 /// `run-job NAME`, waiting for its end; whether every destination succeeded.
 fn run_job(config: &Path, name: &str) -> bool {

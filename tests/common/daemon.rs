@@ -1,7 +1,7 @@
 //! A real `snapsync daemon` (and `snapsync serve`) for the tests that drive one:
 //! tests/cli_daemon.rs and tests/cli_web.rs.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -189,4 +189,21 @@ pub fn serve(dir: &Path, repo: &str, port: u16) -> (Child, u16) {
         .and_then(|(_, p)| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {line:?}"));
     (child, port)
+}
+
+/// `GET path` from `addr` with `headers`: the status code, the head and the body.
+pub fn get(addr: &str, path: &str, headers: &[&str]) -> (u16, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    // Bodies here are small: hyper sends them whole, with a content-length.
+    (code, head.to_string(), body.to_string())
 }

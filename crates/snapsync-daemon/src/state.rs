@@ -338,6 +338,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["a.json"]);
+        // The repositories' samples, in a file of their own.
+        assert!(s.load_samples().unwrap().is_empty());
+        let mut samples = crate::repository::Samples::new();
+        samples.insert(
+            "/r".into(),
+            vec![serde_json::from_str(
+                r#"{"at":"2023-11-14T00:00:00.000Z","stored_bytes":5,"logical_bytes":9,"volumes":1,"snapshots":2}"#,
+            )
+            .unwrap()],
+        );
+        s.save_samples(&samples).unwrap();
+        assert_eq!(s.load_samples().unwrap(), samples);
         drop(s);
         assert!(StateDir::open(dir.path()).is_ok(), "the lock goes with it");
     }
