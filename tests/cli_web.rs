@@ -238,7 +238,11 @@ fn the_page_shows_what_status_says_in_a_real_browser() {
         (Some(600), Some(200)),
         "{m}"
     );
-    eprintln!("drawing 200 jobs took {:.0} ms", m["ms"].as_f64().unwrap());
+    eprintln!(
+        "drawing 200 jobs took {:.0} ms (a status document of {} KiB)",
+        m["ms"].as_f64().unwrap(),
+        m["bytes"].as_u64().unwrap() / 1024
+    );
     assert!(m["ms"].as_f64().unwrap() < 2000.0, "{m}");
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
     eprintln!("screenshot: {}", shot.display());

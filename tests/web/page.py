@@ -99,7 +99,7 @@ api('/api/status').then((status) => {
   jobsTable(status); runCharts(status); repositoryCharts(status);
   document.body.offsetHeight;  // force layout
   const ms = performance.now() - t0;
-  done({ms, rows: document.querySelectorAll('#jobs tbody tr.dest').length,
+  done({ms, bytes: JSON.stringify(status).length, rows: document.querySelectorAll('#jobs tbody tr.dest').length,
         charts: document.querySelectorAll('svg.runs').length});
 });
 """

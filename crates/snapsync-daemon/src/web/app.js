@@ -173,6 +173,17 @@ function chains(doc) {
 }
 
 let picked = null;
+// What the charts were last drawn from: they do not depend on the time, so a refresh
+// that brought no new run or sample leaves them alone (at 200 jobs, most refreshes).
+const drawn = { runs: null, repositories: null };
+
+function redraw(key, data, draw, status) {
+  const text = JSON.stringify(data);
+  if (drawn[key] !== text) {
+    draw(status);
+    drawn[key] = text;
+  }
+}
 
 function chainPicker(status) {
   const sel = $("chain-job");
@@ -192,8 +203,8 @@ async function refresh() {
     $("problem").hidden = !problem;
     $("problem").textContent = problem;
     jobsTable(status);
-    runCharts(status);
-    repositoryCharts(status);
+    redraw("runs", status.jobs.map((j) => [j.name, j.recent_runs]), runCharts, status);
+    redraw("repositories", status.repositories, repositoryCharts, status);
     chainPicker(status);
     if (picked) chains(await api("/api/chains?job=" + encodeURIComponent(picked)));
     $("updated").textContent = "updated " + status.daemon.now.slice(11, 19) + " UTC";
