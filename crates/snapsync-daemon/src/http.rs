@@ -82,7 +82,6 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
 
 /// The answer to `req`.
 pub async fn respond<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Bytes>> {
-    let plain = "text/plain; charset=utf-8";
     match (req.method(), req.uri().path()) {
         // OpenMetrics for whoever asks for it (Prometheus does), Prometheus' text
         // format for everyone else, as client_golang negotiates.
@@ -103,11 +102,11 @@ pub async fn respond<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Byte
                 )
             }
         }
-        (_, "/metrics") => text(StatusCode::METHOD_NOT_ALLOWED, plain, "only GET\n".into()),
+        (_, "/metrics") => text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET\n".into()),
         (_, "/" | "/index.html" | "/api/status" | "/api/chains") => page(routes, req).await,
         (_, path) => text(
             StatusCode::NOT_FOUND,
-            plain,
+            PLAIN,
             format!("{path}: not here; the snapsync daemon serves /, /api/status, /api/chains?job=NAME and /metrics\n"),
         ),
     }
@@ -115,83 +114,85 @@ pub async fn respond<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Byte
 
 /// The page and `/api/*`, for those [`Routes::web`] lets in.
 async fn page<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Bytes>> {
-    let plain = "text/plain; charset=utf-8";
     if !matches!(req.method(), &Method::GET | &Method::HEAD) {
-        return text(StatusCode::METHOD_NOT_ALLOWED, plain, "only GET\n".into());
+        return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET\n".into());
     }
     let authorization = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok());
     if let Err(denied) = web::check(&routes.web, authorization, req.uri().query()) {
-        let mut r = text(
-            match denied {
-                Denied::Token => StatusCode::UNAUTHORIZED,
-                Denied::NotHere => StatusCode::FORBIDDEN,
-            },
-            plain,
-            denied.message().into(),
-        );
-        if denied == Denied::Token {
-            r.headers_mut().insert(
-                "www-authenticate",
-                "Bearer realm=\"snapsync\"".parse().expect("valid"),
-            );
-        }
-        return r;
+        return refused(denied);
     }
-    let json = "application/json";
-    let gone = |e: String| text(StatusCode::SERVICE_UNAVAILABLE, plain, format!("{e}\n"));
     let mut r = match req.uri().path() {
         "/api/status" => match routes.api.status().await {
-            Ok(s) => text(
-                StatusCode::OK,
-                json,
-                serde_json::to_string(&s).expect("serialisable"),
-            ),
+            Ok(s) => json(&s),
             Err(e) => gone(e),
         },
-        "/api/chains" => {
-            let job = req.uri().query().and_then(|q| web::query_value(q, "job"));
-            let Some(job) = job else {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    plain,
-                    "/api/chains needs ?job=NAME\n".into(),
-                );
-            };
-            match routes.api.chains(&job).await {
-                Ok(Some(c)) => text(
-                    StatusCode::OK,
-                    json,
-                    serde_json::to_string(&c).expect("serialisable"),
-                ),
-                Ok(None) => text(
-                    StatusCode::NOT_FOUND,
-                    plain,
-                    format!("no job named {job:?}\n"),
-                ),
-                Err(e) => gone(e),
-            }
-        }
+        "/api/chains" => chains(routes, req.uri().query()).await,
         _ => text(
             StatusCode::OK,
             "text/html; charset=utf-8",
             web::page().to_string(),
         ),
     };
-    // Status changes by the second; the page is read where it was served only.
+    // Status changes by the second; the page runs its own script only, talks to where
+    // it came from only, and is framed by no one.
     let h = r.headers_mut();
-    h.insert("cache-control", "no-store".parse().expect("valid"));
-    h.insert("x-content-type-options", "nosniff".parse().expect("valid"));
-    h.insert("referrer-policy", "no-referrer".parse().expect("valid"));
-    h.insert(
-        "content-security-policy",
-        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
-            .parse()
-            .expect("valid"),
-    );
+    for (name, value) in [
+        ("cache-control", "no-store"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+        ("content-security-policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+    ] {
+        h.insert(name, value.parse().expect("a valid header"));
+    }
     r
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string(value).expect("serialisable");
+    text(StatusCode::OK, "application/json", body)
+}
+
+fn gone(e: String) -> Response<Full<Bytes>> {
+    text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{e}\n"))
+}
+
+/// 401 (with the scheme to use) or 403, saying what would open the page.
+fn refused(denied: Denied) -> Response<Full<Bytes>> {
+    let status = match denied {
+        Denied::Token => StatusCode::UNAUTHORIZED,
+        Denied::NotHere => StatusCode::FORBIDDEN,
+    };
+    let mut r = text(status, PLAIN, denied.message().into());
+    if denied == Denied::Token {
+        let challenge = "Bearer realm=\"snapsync\"".parse().expect("a valid header");
+        r.headers_mut().insert("www-authenticate", challenge);
+    }
+    r
+}
+
+/// `/api/chains?job=NAME`.
+async fn chains(routes: &Routes, query: Option<&str>) -> Response<Full<Bytes>> {
+    let Some(job) = query.and_then(|q| web::query_value(q, "job")) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            PLAIN,
+            "/api/chains needs ?job=NAME\n".into(),
+        );
+    };
+    match routes.api.chains(&job).await {
+        Ok(Some(c)) => json(&c),
+        Ok(None) => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            format!("no job named {job:?}\n"),
+        ),
+        Err(e) => gone(e),
+    }
 }
 
 /// The address a listener is bound to, for the ready line and status.
