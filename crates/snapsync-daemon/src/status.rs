@@ -1,11 +1,13 @@
 //! What `snapsync status --json` prints: the daemon's view of every job and
 //! destination, built by the daemon's loop (the one owner of its state) on request.
 //!
-//! The same document is meant for any reader of the daemon's state (a status page over
-//! HTTP will serve it as `/api/status`): everything a table of jobs × destinations, a
-//! chart of recent runs or a lag alert needs is here, times in RFC 3339 (UTC), sizes in
-//! bytes, durations in seconds or milliseconds as named. `version` changes only when a
-//! field changes meaning or goes away; fields are added freely.
+//! The same document is meant for any reader of the daemon's state (the status page
+//! reads it as `/api/status`, byte for byte what `status --json` prints): everything a
+//! table of jobs × destinations, a chart of recent runs or of a repository's size, or a
+//! lag alert needs is here, times in RFC 3339 (UTC), sizes in bytes, durations in
+//! seconds or milliseconds as named. `version` changes only when a field changes
+//! meaning or goes away; fields are added freely (`repositories` was, with the page).
+//! A volume's chain, which grows with the snapshots kept, is apart ([`JobChains`]).
 
 use std::collections::BTreeMap;
 
