@@ -14,6 +14,9 @@ command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)
 command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
 # tests/cli_daemon.rs checks the daemon's /metrics with Prometheus' own parser.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# tests/cli_web.rs loads the daemon's status page in headless Chromium (tests/web/page.py).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing: ${need_apt[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -22,8 +25,10 @@ fi
 # The S3 tests need a real S3 server: moto, on loopback, for the whole run. (Tests run
 # without this script start their own moto_server, or fail saying it is missing.)
 MOTO_PIN='moto[server]==5.2.1'
-if ! python3 -m pip install --quiet --disable-pip-version-check "$MOTO_PIN" 2>/dev/null; then
-    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$MOTO_PIN"
+# and tests/web/page.py drives Chromium with selenium.
+SELENIUM_PIN='selenium==4.27.1'
+if ! python3 -m pip install --quiet --disable-pip-version-check "$MOTO_PIN" "$SELENIUM_PIN" 2>/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$MOTO_PIN" "$SELENIUM_PIN"
 fi
 moto_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 moto_log=$(mktemp -t snapsync-moto.XXXXXX)

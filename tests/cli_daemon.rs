@@ -4,182 +4,23 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::daemon::*;
 use common::*;
 use serde_json::Value;
 
 const T0: u64 = 1_700_000_000;
 const HOUR: u64 = 3600;
-const TOKEN: &str = "daemon-test-token-0123456789";
-
-/// A running `snapsync daemon`.
-struct DaemonProc {
-    child: Child,
-    config: PathBuf,
-    /// `host:port` of `/metrics`.
-    metrics: Option<String>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl DaemonProc {
-    fn start(config: &Path, extra: &[&str]) -> Self {
-        let mut child = bin()
-            .args(["daemon", "--config", config.to_str().unwrap()])
-            .args(extra)
-            .env("SNAPSYNC_TOKEN", TOKEN)
-            .env("SNAPSYNC_RETRY_TIMEOUT_SECS", "2")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[daemon] {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let line = ready_line(&mut child);
-        assert!(
-            line.contains("daemon running"),
-            "the daemon did not start: {line:?}\n{}",
-            log.lock().unwrap().join("\n")
-        );
-        let metrics = line
-            .split("metrics on http://")
-            .nth(1)
-            .map(|r| r.trim().trim_end_matches("/metrics").to_string());
-        DaemonProc {
-            child,
-            config: config.to_path_buf(),
-            metrics,
-            log,
-        }
-    }
-
-    fn status(&self) -> Value {
-        let out = ok(&[
-            "status",
-            "--config",
-            self.config.to_str().unwrap(),
-            "--json",
-        ]);
-        serde_json::from_str(&out).unwrap()
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    /// SIGTERM; the exit code, within the grace period.
-    fn stop(&mut self) -> Option<i32> {
-        self.signal("-TERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for DaemonProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Poll `f` until it holds, for up to `secs` seconds.
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A config with `[daemon]` in `dir` and the given jobs.
-fn write_config(dir: &Path, daemon_extra: &str, jobs: &str) -> PathBuf {
-    let p = dir.join("snapsync.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "[daemon]\nstate_dir = \"state\"\ncontrol_socket = \"run/control.sock\"\nmetrics_listen = \"127.0.0.1:0\"\n{daemon_extra}\n{jobs}"
-        ),
-    )
-    .unwrap();
-    p
-}
-
-fn job<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == name)
-        .unwrap_or_else(|| panic!("no job {name} in {status}"))
-}
-
-fn destination<'a>(status: &'a Value, name: &str, url: &str) -> &'a Value {
-    job(status, name)["destinations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["url"] == url)
-        .unwrap_or_else(|| panic!("no destination {url} in {status}"))
-}
-
-/// The snapshot names of `volume` in the store at `url`.
-fn snapshots(url: &str, volume: &str) -> Vec<String> {
-    let v: Value = serde_json::from_str(&ok(&["list", url, "--json"])).unwrap();
-    v["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["name"] == volume)
-        .flat_map(|v| v["snapshots"].as_array().unwrap().iter())
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// `GET /metrics` over HTTP/1.1.
 fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (code, head, body) = get(addr, "/metrics", &[]);
+    assert_eq!(code, 200, "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_string()
+    body
 }
 
 /// Check `text` with Prometheus' own parser.
@@ -213,32 +54,6 @@ fn sample(text: &str, prefix: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no sample {prefix} in\n{text}"))
-}
-
-/// A `snapsync serve --insecure-plaintext` serving `repo` as `repo`, on `port` (0: any).
-fn serve(dir: &Path, repo: &str, port: u16) -> (Child, u16) {
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
-    let mut child = bin()
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--store", &format!("repo={repo}")])
-        .args([
-            "--token-file",
-            tokens.to_str().unwrap(),
-            "--insecure-plaintext",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = ready_line(&mut child);
-    let port = line
-        .split(" on ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
-    (child, port)
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests: run the real binary, make raw images.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod s3;
 
 use std::fs::File;

@@ -4,7 +4,7 @@
 
 use crate::record::RunRecord;
 use crate::runner::RunOutcome;
-use crate::status::Status;
+use crate::status::{JobChains, Status};
 
 /// What the daemon's loop is told.
 #[derive(Debug)]
@@ -14,6 +14,8 @@ pub enum Event {
     Finished(Box<RunOutcome>),
     /// Status is asked for.
     Status(tokio::sync::oneshot::Sender<Status>),
+    /// A job's chains are asked for (`None`: no such job).
+    Chains(String, tokio::sync::oneshot::Sender<Option<JobChains>>),
     /// A run of a job is asked for; the answer comes when it has run.
     RunJob(
         String,
@@ -43,6 +45,15 @@ impl Api {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.tx
             .send(Event::Status(reply))
+            .map_err(|_| GONE.to_string())?;
+        answer.await.map_err(|_| GONE.to_string())
+    }
+
+    /// The chains of `job`'s volumes at its destinations (`None`: no such job).
+    pub async fn chains(&self, job: &str) -> Result<Option<JobChains>, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Event::Chains(job.to_string(), reply))
             .map_err(|_| GONE.to_string())?;
         answer.await.map_err(|_| GONE.to_string())
     }

@@ -17,6 +17,7 @@ use toml::Spanned;
 
 use crate::schedule::Schedule;
 use crate::units::{parse_duration, Rate};
+use crate::web::{self, WebToken};
 
 /// Where the control socket is when the config does not say.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/snapsync/control.sock";
@@ -41,8 +42,11 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// The unix socket `snapsync status` and `run-job` talk to.
     pub control_socket: PathBuf,
-    /// Where `/metrics` is served over HTTP, if anywhere.
+    /// Where `/metrics` (and the status page) is served over HTTP, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The token that opens the status page on a non-loopback `metrics_listen`
+    /// (`web_token_file`, read when the config is).
+    pub web_token: Option<WebToken>,
     /// A limit on the bytes all jobs together send.
     pub bwlimit: Option<Rate>,
 }
@@ -229,6 +233,7 @@ struct RawDaemon {
     state_dir: PathBuf,
     control_socket: Option<PathBuf>,
     metrics_listen: Option<Listen>,
+    web_token_file: Option<Spanned<PathBuf>>,
     bwlimit: Option<FromText<Rate>>,
 }
 
@@ -311,6 +316,22 @@ pub fn parse(text: &str, base: &Path, urls: &dyn UrlCheck) -> Result<Loaded, Fin
         message,
     };
     let mut warnings = Vec::new();
+    let web_token = match &raw.daemon.web_token_file {
+        Some(f) => Some(
+            WebToken::load(&base.join(f.get_ref()))
+                .map_err(|e| at(f.span(), "daemon.web_token_file", e))?,
+        ),
+        None => None,
+    };
+    if let Some(addr) = raw.daemon.metrics_listen.as_ref().map(|l| l.0) {
+        if !web::is_loopback(addr) && web_token.is_none() {
+            warnings.push(Finding {
+                line: line_of(text, text.find("metrics_listen").unwrap_or(0)),
+                field: "daemon.metrics_listen".into(),
+                message: format!("{addr} is not a loopback address: /metrics is served there, the status page and /api only with web_token_file"),
+            });
+        }
+    }
     let daemon = DaemonConfig {
         state_dir: base.join(raw.daemon.state_dir),
         control_socket: base.join(
@@ -319,6 +340,7 @@ pub fn parse(text: &str, base: &Path, urls: &dyn UrlCheck) -> Result<Loaded, Fin
                 .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
         ),
         metrics_listen: raw.daemon.metrics_listen.map(|l| l.0),
+        web_token,
         bwlimit: raw.daemon.bwlimit.map(|r| r.0),
     };
     let mut jobs: Vec<JobConfig> = Vec::new();
@@ -758,5 +780,48 @@ destinations = [
         assert!(f.message.contains("twice"), "{f}");
         let f = err("[daemon\nstate_dir = 1\n");
         assert_eq!(f.line, 1, "{f}");
+    }
+
+    #[test]
+    fn the_web_token_file_is_read_and_checked_where_it_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("web.token"),
+            "# page\nweb-token-0123456789abcdef\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("short.token"), "abc\n").unwrap();
+        let text = |listen: &str, file: &str| {
+            format!("[daemon]\nstate_dir = \"s\"\nmetrics_listen = \"{listen}\"\nweb_token_file = \"{file}\"\n")
+        };
+        let good = parse(&text("0.0.0.0:9811", "web.token"), dir.path(), &AnyUrl).unwrap();
+        let token = good.config.daemon.web_token.clone().unwrap();
+        assert!(token.matches("web-token-0123456789abcdef") && !token.matches("web-token"));
+        assert!(good.warnings.is_empty(), "{:?}", good.warnings);
+        for (file, says) in [
+            ("missing.token", "cannot read"),
+            ("short.token", "at least 16"),
+        ] {
+            let f = parse(&text("0.0.0.0:1", file), dir.path(), &AnyUrl).unwrap_err();
+            assert_eq!(
+                (f.line, f.field.as_str()),
+                (4, "daemon.web_token_file"),
+                "{f}"
+            );
+            assert!(f.message.contains(says) && f.message.contains(file), "{f}");
+        }
+        // Not loopback, no token: /metrics only, said as a warning.
+        let open = "[daemon]\nstate_dir = \"s\"\nmetrics_listen = \"0.0.0.0:9811\"\n";
+        let w = parse(open, dir.path(), &AnyUrl).unwrap().warnings;
+        assert_eq!(
+            (w[0].line, w[0].field.as_str()),
+            (3, "daemon.metrics_listen")
+        );
+        assert!(w[0].message.contains("web_token_file"), "{}", w[0]);
+        let local = open.replace("0.0.0.0", "127.0.0.1");
+        assert!(parse(&local, dir.path(), &AnyUrl)
+            .unwrap()
+            .warnings
+            .is_empty());
     }
 }

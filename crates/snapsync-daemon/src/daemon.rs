@@ -23,14 +23,19 @@ use crate::http::{self, Routes};
 use crate::limit::{Bandwidth, Cancel, CancelReason, Limits};
 use crate::metrics::{DestinationSeed, Metrics};
 use crate::record::{Bases, RunRecord, RunResult};
+use crate::repository::{self, Samples};
 use crate::retention::{self, Protected};
 use crate::runner::{self, now_millis, Counters, RunOutcome, RunRequest};
 use crate::schedule::Millis;
 use crate::scheduler::{Action, JobSpec, Scheduler, Trigger};
 use crate::state::{JobState, LastRun, Running, StateDir, StateError};
-use crate::status::{self, DaemonStatus, DestinationStatus, JobStatus, RunningStatus, Status};
+use crate::status::{
+    self, DaemonStatus, DestinationChains, DestinationStatus, JobChains, JobStatus,
+    RepositoryStatus, RunningStatus, Status,
+};
 use crate::stores::Stores;
 use crate::units::format_duration;
+use crate::web::Access;
 
 /// How long runs get to end after SIGTERM before the daemon exits without them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -103,6 +108,8 @@ struct Core {
     sched: Scheduler,
     state_dir: StateDir,
     states: BTreeMap<String, JobState>,
+    /// Each repository destination's size over time.
+    samples: Samples,
     going: BTreeMap<String, Going>,
     waiting: BTreeMap<String, Vec<Waiter>>,
     metrics: Arc<Metrics>,
@@ -131,6 +138,7 @@ impl Daemon {
         let config = loaded.config;
         let state_dir = StateDir::open(&config.daemon.state_dir)?;
         let states = state_dir.load()?;
+        let samples = state_dir.load_samples()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let metrics = Arc::new(Metrics::new());
         let (runtime, metrics_addr) = listen(&config, Api::new(tx.clone()), metrics.clone())?;
@@ -144,6 +152,7 @@ impl Daemon {
             sched: Scheduler::new(),
             state_dir,
             states,
+            samples,
             going: BTreeMap::new(),
             waiting: BTreeMap::new(),
             metrics,
@@ -236,8 +245,9 @@ fn listen(
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.spawn(control::serve(control, api.clone()));
-    if let Some(l) = http {
-        runtime.spawn(http::serve(l, Arc::new(Routes { metrics, api })));
+    if let (Some(l), Some(addr)) = (http, metrics_addr) {
+        let web = Access::of(addr, config.daemon.web_token.clone());
+        runtime.spawn(http::serve(l, Arc::new(Routes { metrics, api, web })));
     }
     Ok((runtime, metrics_addr))
 }
@@ -248,6 +258,9 @@ impl Core {
             Event::Finished(outcome) => self.finished(*outcome, now),
             Event::Status(reply) => {
                 let _ = reply.send(self.status(now));
+            }
+            Event::Chains(job, reply) => {
+                let _ = reply.send(self.chains(&job));
             }
             Event::RunJob(job, reply) => {
                 if self.stopping.is_some() {

@@ -1,9 +1,11 @@
-//! The HTTP listener on `metrics_listen`: `GET /metrics` for Prometheus.
+//! The HTTP listener on `metrics_listen`: `GET /metrics` for Prometheus, the status
+//! page at `/`, and what it reads: `/api/status` (exactly what `snapsync status --json`
+//! prints) and `/api/chains?job=NAME`.
 //!
 //! HTTP/1.1 with hyper (already what `snapsync serve` runs on). Routing is one `match`
 //! on method and path in [`respond`], and every answer is built from [`Routes`]: the
-//! metrics, and the [`Api`] through which the daemon's loop answers (the status document
-//! a page at `/` and `/api/status` will show), so a new route is one arm, no new state.
+//! metrics, the [`Api`] through which the daemon's loop answers, and who may read the
+//! page ([`web::Access`]), so a new route is one arm, no new state.
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
@@ -16,6 +18,7 @@ use tracing::{debug, warn};
 
 use crate::api::Api;
 use crate::metrics::{Metrics, CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
+use crate::web::{self, Access, Denied};
 
 /// What the routes answer from.
 #[derive(Debug)]
@@ -24,6 +27,8 @@ pub struct Routes {
     pub metrics: Arc<Metrics>,
     /// The daemon's loop.
     pub api: Api,
+    /// Who may read the page and `/api/*`.
+    pub web: Access,
 }
 
 /// Bind `addr` (port 0: any free port; [`TcpListener::local_addr`] says which).
@@ -77,7 +82,6 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
 
 /// The answer to `req`.
 pub async fn respond<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Bytes>> {
-    let plain = "text/plain; charset=utf-8";
     match (req.method(), req.uri().path()) {
         // OpenMetrics for whoever asks for it (Prometheus does), Prometheus' text
         // format for everyone else, as client_golang negotiates.
@@ -98,12 +102,96 @@ pub async fn respond<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Byte
                 )
             }
         }
-        (_, "/metrics") => text(StatusCode::METHOD_NOT_ALLOWED, plain, "only GET\n".into()),
+        (_, "/metrics") => text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET\n".into()),
+        (_, "/" | "/index.html" | "/api/status" | "/api/chains") => page(routes, req).await,
         (_, path) => text(
             StatusCode::NOT_FOUND,
-            plain,
-            format!("{path}: not here; the snapsync daemon serves /metrics\n"),
+            PLAIN,
+            format!("{path}: not here; the snapsync daemon serves /, /api/status, /api/chains?job=NAME and /metrics\n"),
         ),
+    }
+}
+
+/// The page and `/api/*`, for those [`Routes::web`] lets in.
+async fn page<B>(routes: &Routes, req: &Request<B>) -> Response<Full<Bytes>> {
+    if !matches!(req.method(), &Method::GET | &Method::HEAD) {
+        return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET\n".into());
+    }
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    if let Err(denied) = web::check(&routes.web, authorization, req.uri().query()) {
+        return refused(denied);
+    }
+    let mut r = match req.uri().path() {
+        "/api/status" => match routes.api.status().await {
+            Ok(s) => json(&s),
+            Err(e) => gone(e),
+        },
+        "/api/chains" => chains(routes, req.uri().query()).await,
+        _ => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            web::page().to_string(),
+        ),
+    };
+    // Status changes by the second; the page runs its own script only, talks to where
+    // it came from only, and is framed by no one.
+    let h = r.headers_mut();
+    for (name, value) in [
+        ("cache-control", "no-store"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+        ("content-security-policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+    ] {
+        h.insert(name, value.parse().expect("a valid header"));
+    }
+    r
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string(value).expect("serialisable");
+    text(StatusCode::OK, "application/json", body)
+}
+
+fn gone(e: String) -> Response<Full<Bytes>> {
+    text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{e}\n"))
+}
+
+/// 401 (with the scheme to use) or 403, saying what would open the page.
+fn refused(denied: Denied) -> Response<Full<Bytes>> {
+    let status = match denied {
+        Denied::Token => StatusCode::UNAUTHORIZED,
+        Denied::NotHere => StatusCode::FORBIDDEN,
+    };
+    let mut r = text(status, PLAIN, denied.message().into());
+    if denied == Denied::Token {
+        let challenge = "Bearer realm=\"snapsync\"".parse().expect("a valid header");
+        r.headers_mut().insert("www-authenticate", challenge);
+    }
+    r
+}
+
+/// `/api/chains?job=NAME`.
+async fn chains(routes: &Routes, query: Option<&str>) -> Response<Full<Bytes>> {
+    let Some(job) = query.and_then(|q| web::query_value(q, "job")) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            PLAIN,
+            "/api/chains needs ?job=NAME\n".into(),
+        );
+    };
+    match routes.api.chains(&job).await {
+        Ok(Some(c)) => json(&c),
+        Ok(None) => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            format!("no job named {job:?}\n"),
+        ),
+        Err(e) => gone(e),
     }
 }
 

@@ -17,7 +17,7 @@
 //! scheduler, the state directory and the run bookkeeping; runs execute on threads of
 //! their own and report back through the loop's channel, and the listeners (the control
 //! socket, HTTP) ask it through the same channel ([`api::Api`]). No lock is shared, a
-//! status is a consistent picture, and a listener added later (a status page) is a
+//! status is a consistent picture, and a listener (the status page of [`web`]) is a
 //! translation of its protocol with no state of its own.
 //!
 //! **The engine is used as it is.** A run calls the same `replicate` as `snapsync
@@ -43,6 +43,11 @@
 //! a run in progress is marked there, so after a `kill -9` the next start runs the job
 //! at once, once, rather than once per slot it missed.
 //!
+//! **The page reads what runs read.** What the status page shows of a repository
+//! destination beyond the run history — its size over time, its volumes' chains — is
+//! read by the run that just wrote there, on its thread ([`repository`]), and kept by
+//! the loop; a page request never touches a store.
+//!
 //! **Stores come from the caller.** Opening a store from a URL is the `snapsync`
 //! library's, whose package also holds the binary that runs this daemon: depending on it
 //! here would be a cycle. The binary passes a [`stores::Stores`] built on
@@ -58,6 +63,7 @@ pub mod http;
 pub mod limit;
 pub mod metrics;
 pub mod record;
+pub mod repository;
 pub mod retention;
 pub mod runner;
 pub mod schedule;
@@ -66,6 +72,7 @@ pub mod state;
 pub mod status;
 pub mod stores;
 pub mod units;
+pub mod web;
 
 pub use api::Handle;
 pub use config::{Config, ConfigError, JobConfig};

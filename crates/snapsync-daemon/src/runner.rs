@@ -22,6 +22,7 @@ pub use crate::guard::Counters;
 use crate::guard::{CountingProgress, GuardedSink, GuardedSource};
 use crate::limit::{Cancel, CancelReason, Limits};
 use crate::record::{Base, Bases, DestinationRun, RunRecord, RunResult};
+use crate::repository::{self, Chain, Known, Sample};
 use crate::retention::{self, Protected};
 use crate::schedule::Millis;
 use crate::scheduler::Trigger;
@@ -54,6 +55,11 @@ pub struct RunRequest {
     pub counters: Arc<Counters>,
     /// When it starts.
     pub now: Millis,
+    /// The repository destinations to take a size sample of after replicating even when
+    /// the run changes nothing there (one that it changes is sampled anyway).
+    pub sample: Vec<String>,
+    /// Per destination, what earlier runs read of its manifests (for its chains).
+    pub known_chains: BTreeMap<String, Known>,
 }
 
 /// What a run did.
@@ -67,6 +73,18 @@ pub struct RunOutcome {
     pub bases: BTreeMap<String, Bases>,
     /// Every destination's lag in seconds, `None` where unknown.
     pub lags: BTreeMap<String, Option<f64>>,
+    /// What was read of the repository destinations for the status page.
+    pub views: BTreeMap<String, RepositoryView>,
+}
+
+/// What a run read of one repository destination after replicating to it.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct RepositoryView {
+    /// Its size, when asked for ([`RunRequest::sample`]).
+    pub sample: Option<Sample>,
+    /// The chains of the job's volumes.
+    pub chains: Option<Vec<Chain>>,
 }
 
 /// Wall-clock milliseconds.
@@ -95,13 +113,15 @@ pub fn run(stores: &dyn Stores, req: RunRequest) -> RunOutcome {
         destinations: Vec::new(),
     };
     let mut bases = req.known.clone();
+    let mut views = BTreeMap::new();
     let listing = match open_source(stores, &req) {
         Err(e) => {
             record.destinations = all_failed(&req, &format!("source {}: {e}", req.job.source));
             Vec::new()
         }
         Ok(mut source) => {
-            let listing = replicate_from(stores, &req, &source, &mut record, &mut bases);
+            let listing =
+                replicate_from(stores, &req, &source, &mut record, &mut bases, &mut views);
             record.snapshot = source.snapshot.clone();
             record.source_error = finish_source(&mut source.source, &req, &listing, &bases);
             listing
@@ -116,6 +136,7 @@ pub fn run(stores: &dyn Stores, req: RunRequest) -> RunOutcome {
         record,
         bases,
         lags,
+        views,
     }
 }
 
@@ -127,6 +148,7 @@ fn replicate_from(
     source: &Opened,
     record: &mut RunRecord,
     bases: &mut BTreeMap<String, Bases>,
+    views: &mut BTreeMap<String, RepositoryView>,
 ) -> Vec<VolumeInfo> {
     let guarded = GuardedSource {
         inner: source.source.source(),
@@ -141,9 +163,12 @@ fn replicate_from(
         }
     };
     let results = to_destinations(stores, req, &guarded, source.snapshot.as_deref(), &listing);
-    for (url, (run, fresh)) in results {
+    for (url, (run, fresh, view)) in results {
         if let Some(b) = fresh {
-            bases.insert(url, b);
+            bases.insert(url.clone(), b);
+        }
+        if let Some(v) = view {
+            views.insert(url, v);
         }
         record.destinations.push(run);
     }
@@ -233,7 +258,7 @@ fn selected(listing: Vec<VolumeInfo>, volumes: &[String]) -> Vec<VolumeInfo> {
         .collect()
 }
 
-type DestResult = (DestinationRun, Option<Bases>);
+type DestResult = (DestinationRun, Option<Bases>, Option<RepositoryView>);
 
 /// Replicate to every selected destination at once, each on a thread of its own.
 fn to_destinations(
@@ -264,7 +289,7 @@ fn to_destinations(
                         .map_err(|_| "internal error: the replication thread panicked".to_string())
                 }) {
                     Ok(r) => r,
-                    Err(e) => (failed(&url, &req.cancel, e), None),
+                    Err(e) => (failed(&url, &req.cancel, e), None, None),
                 };
                 (url, result)
             })
@@ -284,7 +309,7 @@ fn to_destination(
     let t = Instant::now();
     let dest = match stores.open_destination(url) {
         Ok(d) => d,
-        Err(e) => return (failed(url, &req.cancel, one_line(e.as_ref())), None),
+        Err(e) => return (failed(url, &req.cancel, one_line(e.as_ref())), None, None),
     };
     let sink = GuardedSink {
         inner: dest.sink(),
@@ -324,7 +349,38 @@ fn to_destination(
         run.error = Some(e);
     }
     run.duration_ms = t.elapsed().as_millis() as u64;
-    (run, fresh)
+    let view = match (req.cancel.check(), dest.repository()) {
+        (Ok(()), Some(repo)) => {
+            let changed = run.snapshots > 0 || !run.pruned.is_empty();
+            Some(read_view(req, repo, listing, url, changed))
+        }
+        _ => None,
+    };
+    (run, fresh, view)
+}
+
+/// Read what the status page shows of repository destination `url` (not counted in
+/// the run's duration; a failure to read is logged and leaves the last view shown).
+fn read_view(
+    req: &RunRequest,
+    repo: &snapsync_repo::Repository,
+    listing: &[VolumeInfo],
+    url: &str,
+    changed: bool,
+) -> RepositoryView {
+    let warn_of = |what: &str, e: &StoreError| {
+        warn!(job = %req.job.name, destination = url, "cannot read the repository's {what} for status: {}", one_line(e));
+    };
+    let sample = (changed || req.sample.iter().any(|u| u == url))
+        .then(|| repository::sample(repo, now_millis()))
+        .and_then(|r| r.map_err(|e| warn_of("size", &e)).ok());
+    let volumes: Vec<String> = listing.iter().map(|v| v.name.clone()).collect();
+    let empty = Known::new();
+    let known = req.known_chains.get(url).unwrap_or(&empty);
+    let chains = repository::chains(repo, &volumes, known)
+        .map_err(|e| warn_of("chains", &e))
+        .ok();
+    RepositoryView { sample, chains }
 }
 
 /// Replicate what the run sends to `sink`, adding what was sent to `run`.

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::record::{rfc3339, Bases, DestinationRun, RunRecord};
+use crate::repository::{Chain, Samples};
 use crate::schedule::Millis;
 use crate::scheduler::{Backoff, Recovered, Trigger};
 
@@ -80,6 +81,12 @@ pub struct DestinationState {
     /// Its part of the last run that included it, and that run's number, trigger and
     /// start.
     pub last_run: Option<LastRun>,
+    /// For a repository: the chains of the job's volumes, as last read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<Chain>,
+    /// When they were read.
+    #[serde(with = "rfc3339::option", default)]
+    pub chains_read: Option<Millis>,
 }
 
 /// A destination's part of a run, with the run it was part of.
@@ -181,10 +188,6 @@ impl StateDir {
         })
     }
 
-    fn job_path(&self, job: &str) -> PathBuf {
-        self.dir.join("jobs").join(format!("{job}.json"))
-    }
-
     /// Every job's state found (jobs no longer configured too).
     pub fn load(&self) -> Result<BTreeMap<String, JobState>, StateError> {
         let jobs = self.dir.join("jobs");
@@ -214,21 +217,59 @@ impl StateDir {
 
     /// Write `job`'s state atomically.
     pub fn save(&self, job: &str, state: &JobState) -> Result<(), StateError> {
-        let path = self.job_path(job);
-        let tmp = self.dir.join("jobs").join(format!(".{job}.json.tmp"));
         let mut state = state.clone();
         state.version = VERSION;
         let bytes = serde_json::to_vec_pretty(&state).expect("serialisable");
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        let jobs = self.dir.join("jobs");
-        File::open(&jobs)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&jobs))
+        write_atomically(&self.dir.join("jobs"), &format!("{job}.json"), &bytes)
     }
+
+    /// The repositories' size samples (none when the file is not there yet).
+    pub fn load_samples(&self) -> Result<Samples, StateError> {
+        let path = self.dir.join(SAMPLES);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Samples::new()),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let file: SamplesFile =
+            serde_json::from_slice(&text).map_err(|e| StateError::Malformed {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(file.repositories)
+    }
+
+    /// Write the repositories' size samples atomically.
+    pub fn save_samples(&self, samples: &Samples) -> Result<(), StateError> {
+        let file = SamplesFile {
+            version: VERSION,
+            repositories: samples.clone(),
+        };
+        let bytes = serde_json::to_vec(&file).expect("serialisable");
+        write_atomically(&self.dir, SAMPLES, &bytes)
+    }
+}
+
+/// The file of repository size samples, in the state directory.
+const SAMPLES: &str = "repositories.json";
+
+#[derive(Serialize, Deserialize)]
+struct SamplesFile {
+    version: u32,
+    repositories: Samples,
+}
+
+/// Write `dir/name` whole to a temporary file, sync it, rename it over the old one and
+/// sync the directory: a crash leaves the old file or the new one.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 #[cfg(test)]
@@ -297,6 +338,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["a.json"]);
+        // The repositories' samples, in a file of their own.
+        assert!(s.load_samples().unwrap().is_empty());
+        let mut samples = crate::repository::Samples::new();
+        samples.insert(
+            "/r".into(),
+            vec![serde_json::from_str(
+                r#"{"at":"2023-11-14T00:00:00.000Z","stored_bytes":5,"logical_bytes":9,"volumes":1,"snapshots":2}"#,
+            )
+            .unwrap()],
+        );
+        s.save_samples(&samples).unwrap();
+        assert_eq!(s.load_samples().unwrap(), samples);
         drop(s);
         assert!(StateDir::open(dir.path()).is_ok(), "the lock goes with it");
     }

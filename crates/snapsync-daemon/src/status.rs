@@ -1,17 +1,20 @@
 //! What `snapsync status --json` prints: the daemon's view of every job and
 //! destination, built by the daemon's loop (the one owner of its state) on request.
 //!
-//! The same document is meant for any reader of the daemon's state (a status page over
-//! HTTP will serve it as `/api/status`): everything a table of jobs × destinations, a
-//! chart of recent runs or a lag alert needs is here, times in RFC 3339 (UTC), sizes in
-//! bytes, durations in seconds or milliseconds as named. `version` changes only when a
-//! field changes meaning or goes away; fields are added freely.
+//! The same document is meant for any reader of the daemon's state (the status page
+//! reads it as `/api/status`, byte for byte what `status --json` prints): everything a
+//! table of jobs × destinations, a chart of recent runs or of a repository's size, or a
+//! lag alert needs is here, times in RFC 3339 (UTC), sizes in bytes, durations in
+//! seconds or milliseconds as named. `version` changes only when a field changes
+//! meaning or goes away; fields are added freely (`repositories` was, with the page).
+//! A volume's chain, which grows with the snapshots kept, is apart ([`JobChains`]).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::record::{rfc3339, Base, RunRecord};
+use crate::repository::{Chain, Sample};
 use crate::schedule::Millis;
 use crate::scheduler::Trigger;
 use crate::state::LastRun;
@@ -31,6 +34,50 @@ pub struct Status {
     pub daemon: DaemonStatus,
     /// Every configured job, in config order.
     pub jobs: Vec<JobStatus>,
+    /// Every repository destination of the configured jobs that has been sampled, in
+    /// the order the jobs first name them: its size over time.
+    #[serde(default)]
+    pub repositories: Vec<RepositoryStatus>,
+}
+
+/// A repository destination's size over time (see [`crate::repository`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RepositoryStatus {
+    /// URL, as in the config.
+    pub url: String,
+    /// Samples, oldest first (at most [`crate::repository::MAX_SAMPLES`]).
+    pub samples: Vec<Sample>,
+}
+
+/// What `/api/chains?job=NAME` answers: per destination, the chains of the job's
+/// volumes as the last run read them. Apart from the status document because it grows
+/// with the snapshots kept (the page asks for one job's when it is picked).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct JobChains {
+    /// [`VERSION`].
+    pub version: u32,
+    /// The job.
+    pub job: String,
+    /// Each destination, in config order.
+    pub destinations: Vec<DestinationChains>,
+}
+
+/// One destination's chains.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DestinationChains {
+    /// URL, as in the config.
+    pub url: String,
+    /// When they were read (`None`: never, or it is not a repository this daemon
+    /// reads, such as a `snapsync://` store).
+    #[serde(with = "rfc3339::option")]
+    pub read: Option<Millis>,
+    /// Per volume, its replication base: what retention never removes.
+    pub bases: BTreeMap<String, Base>,
+    /// Per volume, its snapshots and their delta bases.
+    pub volumes: Vec<Chain>,
 }
 
 /// The daemon itself.

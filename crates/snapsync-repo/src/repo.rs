@@ -10,7 +10,8 @@ use snapsync_store::{Result, StoreError};
 
 use crate::backend::{Backend, Location, Put, PROBE_PREFIX};
 use crate::format::{
-    self, Catalog, Compression, Config, Manifest, ManifestId, MAGIC_CATALOG, MAGIC_CONFIG,
+    self, Catalog, Compression, Config, Manifest, ManifestHeader, ManifestId, MAGIC_CATALOG,
+    MAGIC_CONFIG,
 };
 use crate::index::{BlockIndex, BlockLocation};
 use crate::RepoOptions;
@@ -401,6 +402,16 @@ impl Repository {
             lock(&self.manifests).insert(*id, m.clone());
         }
         Ok(m)
+    }
+
+    /// A manifest's fixed fields (its delta base, its depth) without its entries, for
+    /// showing a volume's chain: a format-2 manifest is one small read (its parts are
+    /// not loaded), a format-1 one is read through once and checked like any read.
+    pub fn manifest_header(&self, id: &ManifestId) -> Result<ManifestHeader> {
+        if let Some(m) = self.cached_manifest(id) {
+            return Ok(m.header.clone());
+        }
+        Ok(self.check_manifest(id)?.head.header)
     }
 
     /// Store a manifest given whole (tests build chains by hand); returns its id. The

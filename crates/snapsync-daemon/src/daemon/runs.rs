@@ -90,6 +90,26 @@ impl Core {
                 .into_iter()
                 .chain(self.global.clone()),
         );
+        let every =
+            (job.schedule.interval(now).as_millis() as Millis).min(repository::SAMPLE_EVERY);
+        let sample = destinations
+            .iter()
+            .filter(|d| {
+                let last = self.samples.get(*d).and_then(|v| v.last()).map(|s| s.at);
+                last.is_none_or(|at| now - at >= every)
+            })
+            .cloned()
+            .collect();
+        let known_chains = self
+            .states
+            .get(&job.name)
+            .map(|st| {
+                st.destinations
+                    .iter()
+                    .map(|(d, s)| (d.clone(), repository::known(&s.chains)))
+                    .collect()
+            })
+            .unwrap_or_default();
         RunRequest {
             job,
             id,
@@ -101,6 +121,8 @@ impl Core {
             cancel: Cancel::new(),
             counters: Arc::new(Counters::default()),
             now,
+            sample,
+            known_chains,
         }
     }
 
@@ -176,6 +198,19 @@ impl Core {
             st.destinations.entry(url.clone()).or_default().lag_seconds = *lag;
             self.metrics.lag(&job, url, *lag);
         }
+        let mut sampled = false;
+        for (url, view) in outcome.views {
+            if let Some(chains) = view.chains {
+                let ds = st.destinations.entry(url.clone()).or_default();
+                ds.chains = chains;
+                ds.chains_read = Some(now);
+            }
+            if let Some(sample) = view.sample {
+                let v = self.samples.entry(url).or_default();
+                repository::push_sample(v, sample, repository::MAX_SAMPLES);
+                sampled = true;
+            }
+        }
         for d in &record.destinations {
             let ds = st.destinations.entry(d.url.clone()).or_default();
             ds.backoff = backoff.get(&d.url).copied().unwrap_or_default();
@@ -191,6 +226,11 @@ impl Core {
         }
         st.push_run(record.clone());
         self.save(&job);
+        if sampled {
+            if let Err(e) = self.state_dir.save_samples(&self.samples) {
+                error!("cannot save the repositories' size samples: {e}");
+            }
+        }
         self.metrics
             .finished(&record, &|url| backoff.get(url).map_or(0, |b| b.failures));
         self.metrics.running(&job, false);
@@ -300,8 +340,9 @@ impl Core {
         if new.daemon.state_dir != old.state_dir
             || new.daemon.control_socket != old.control_socket
             || new.daemon.metrics_listen != old.metrics_listen
+            || new.daemon.web_token != old.web_token
         {
-            warn!("config reloaded, but state_dir, control_socket and metrics_listen change only at a restart");
+            warn!("config reloaded, but state_dir, control_socket, metrics_listen and web_token_file change only at a restart");
         }
         if new.daemon.bwlimit != old.bwlimit {
             self.global = new.daemon.bwlimit.map(|r| Arc::new(Bandwidth::new(r)));
@@ -438,5 +479,6 @@ fn failed_run(
         },
         bases: known,
         lags: BTreeMap::new(),
+        views: BTreeMap::new(),
     }
 }

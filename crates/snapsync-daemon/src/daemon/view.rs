@@ -21,7 +21,52 @@ impl Core {
                 .filter_map(|j| self.jobs.get(&j.name))
                 .map(|j| self.job_status(j, now))
                 .collect(),
+            repositories: self.repositories(),
         }
+    }
+
+    /// The sampled repository destinations of the configured jobs, each once.
+    fn repositories(&self) -> Vec<RepositoryStatus> {
+        let mut out: Vec<RepositoryStatus> = Vec::new();
+        for url in self.config.jobs.iter().flat_map(|j| &j.destinations) {
+            if out.iter().any(|r| &r.url == url) {
+                continue;
+            }
+            if let Some(samples) = self.samples.get(url).filter(|s| !s.is_empty()) {
+                out.push(RepositoryStatus {
+                    url: url.clone(),
+                    samples: samples.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// What `/api/chains?job=NAME` answers.
+    pub(super) fn chains(&self, job: &str) -> Option<JobChains> {
+        let cfg = self.jobs.get(job)?;
+        let st = self.states.get(job);
+        let destinations = cfg
+            .destinations
+            .iter()
+            .map(|url| {
+                let ds = st
+                    .and_then(|s| s.destinations.get(url))
+                    .cloned()
+                    .unwrap_or_default();
+                DestinationChains {
+                    url: url.clone(),
+                    read: ds.chains_read,
+                    bases: ds.bases,
+                    volumes: ds.chains,
+                }
+            })
+            .collect();
+        Some(JobChains {
+            version: status::VERSION,
+            job: job.to_string(),
+            destinations,
+        })
     }
 
     fn job_status(&self, job: &JobConfig, now: Millis) -> JobStatus {

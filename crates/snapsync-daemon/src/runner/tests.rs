@@ -157,6 +157,8 @@ fn request(
         cancel: Cancel::new(),
         counters: Arc::default(),
         now,
+        sample: job.destinations.clone(),
+        known_chains: BTreeMap::new(),
     }
 }
 
@@ -367,4 +369,105 @@ fn lag_is_measured_between_snapshot_ages() {
     assert_eq!(lag_seconds(&l, &base(20), 100_000), 30.0);
     assert_eq!(lag_seconds(&l, &Bases::new(), 100_000), 90.0);
     assert_eq!(snapshot_name(1_699_920_001_500), "20231114T000001Z");
+}
+
+#[test]
+fn a_run_reads_its_repositories_chains_and_size_and_a_clones_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = stores(dir.path(), false);
+    let t0 = 1_700_000_000;
+    s.source
+        .add_snapshot("vm", "mon", Timestamp::new(t0, 0), vec![7; 32768]);
+    let mut tue = vec![7; 32768];
+    tue[..BS as usize].fill(9);
+    s.source
+        .add_snapshot("vm", "tue", Timestamp::new(t0 + 86400, 0), tue);
+    let mon = s.source.list().unwrap()[0].snapshots[0].clone();
+    s.source.add_snapshot(
+        "copy",
+        "wed",
+        Timestamp::new(t0 + 2 * 86400, 0),
+        vec![7; 32768],
+    );
+    s.source.set_origin(
+        "copy",
+        snapsync_core::Origin {
+            volume: "vm".into(),
+            snapshot: "mon".into(),
+            id: mon.id,
+        },
+    );
+    s.down.lock().unwrap().insert("two".into());
+    let j = job(false, None);
+    let mut req = request(&j, 1, &BTreeMap::new(), now_millis());
+    req.sample = vec![];
+    let out = run(&s, req);
+    assert!(
+        !out.views.contains_key("two"),
+        "a destination down is not read"
+    );
+    let view = &out.views["one"];
+    // Sampled although not asked to: the run changed the repository.
+    let sample = view.sample.as_ref().unwrap();
+    assert_eq!((sample.volumes, sample.snapshots), (2, 3));
+    assert_eq!(sample.logical_bytes, 3 * 32768);
+    let repo = Repository::open(Location::Local(s.repos["one"].clone())).unwrap();
+    assert_eq!(sample.stored_bytes, repo.stored_bytes().unwrap());
+    assert!(
+        sample.stored_bytes < sample.logical_bytes,
+        "dedup and compression"
+    );
+
+    let chains = view.chains.as_ref().unwrap();
+    let by: BTreeMap<&str, &Chain> = chains.iter().map(|c| (c.volume.as_str(), c)).collect();
+    let vm = &by["vm"].snapshots;
+    assert_eq!(
+        (vm[0].name.as_str(), vm[0].full, vm[0].depth),
+        ("mon", true, 0)
+    );
+    assert_eq!(
+        (vm[1].name.as_str(), vm[1].full, vm[1].depth),
+        ("tue", false, 1)
+    );
+    let base = vm[1].base.as_ref().unwrap();
+    assert_eq!(
+        (base.volume.as_str(), base.snapshot.as_str()),
+        ("vm", "mon")
+    );
+    let copy = by["copy"];
+    let origin = copy.origin.as_ref().unwrap();
+    assert_eq!(
+        (origin.volume.as_str(), origin.snapshot.as_str()),
+        ("vm", "mon")
+    );
+    // A clone's delta is named by its origin's volume.
+    let wed = &copy.snapshots[0];
+    if let Some(b) = &wed.base {
+        assert_eq!((b.volume.as_str(), b.snapshot.as_str()), ("vm", "mon"));
+    } else {
+        assert!(wed.full);
+    }
+
+    // The next run reads no manifest it read before: what it was told stands.
+    let mut req = request(&j, 2, &out.bases, now_millis());
+    req.sample = vec![];
+    let mut known = repository::known(chains);
+    for v in known.values_mut() {
+        v.2 += 100; // as if read before with another depth: not read again
+    }
+    req.known_chains.insert("one".into(), known);
+    let again = run(&s, req);
+    let view = &again.views["one"];
+    assert!(
+        view.sample.is_none(),
+        "nothing changed, not asked to: no sample"
+    );
+    let depths: Vec<u32> = view
+        .chains
+        .as_ref()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c.snapshots.iter().map(|l| l.depth))
+        .collect();
+    assert!(depths.iter().all(|&d| d >= 100), "{depths:?}");
 }
