@@ -512,7 +512,11 @@ struct Tally {
 }
 
 struct Batch {
-    first_index: u64,
+    /// Where its blocks are in the volume, in order: `(first block, blocks)` runs. A
+    /// batch gathers many small extents (an incremental's scattered writes), so that
+    /// they cross between the threads, are hashed and are stored together rather than
+    /// each on its own: on busy cores every hand-over costs a wake-up.
+    runs: Vec<(u64, u64)>,
     /// Shared, so that blocks sent on are slices of it rather than copies.
     data: Bytes,
     ids: Vec<Option<BlockId>>,
@@ -521,10 +525,18 @@ struct Batch {
     compressed: Vec<Compressed>,
 }
 
+impl Batch {
+    /// The index in the volume of each block, in order.
+    fn indexes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.runs.iter().flat_map(|&(first, n)| first..first + n)
+    }
+}
+
 /// The reading side of the pipeline: read `extents` in batches of up to
-/// [`BATCH_BYTES`], hash each block (on all cores), tell the reader the ids, and send
-/// the batches on. Returns the reader to be finished after a complete pass, or `None`
-/// when reading failed (the error was sent) or the storing side stopped.
+/// [`BATCH_BYTES`] (see [`batches`]), hash each block (on all cores), tell the reader
+/// the ids, and send the batches on. Returns the reader to be finished after a complete
+/// pass, or `None` when reading failed (the error was sent) or the storing side
+/// stopped.
 fn read_batches<'r>(
     mut reader: Box<dyn SnapshotReader + 'r>,
     extents: &ExtentList,
@@ -532,40 +544,74 @@ fn read_batches<'r>(
     pool: &BufferPool,
     tx: crossbeam_channel::Sender<std::result::Result<Batch, StoreError>>,
 ) -> Option<Box<dyn SnapshotReader + 'r>> {
-    let batch_blocks = (BATCH_BYTES / bs).max(1);
-    for e in extents.as_slice() {
-        let (mut index, end) = (e.offset / bs, e.end() / bs);
-        while index < end {
-            let n = batch_blocks.min(end - index);
-            let mut data = pool.take((n * bs) as usize);
-            let compressed = match reader.read_blocks_at(index * bs, &mut data, bs) {
-                Ok(c) => c,
+    for runs in batches(extents, bs, (BATCH_BYTES / bs).max(1)) {
+        let blocks: u64 = runs.iter().map(|r| r.1).sum();
+        let mut data = pool.take((blocks * bs) as usize);
+        let mut compressed = Vec::with_capacity(blocks as usize);
+        let mut at = 0usize;
+        for &(index, n) in &runs {
+            let len = (n * bs) as usize;
+            match reader.read_blocks_at(index * bs, &mut data[at..at + len], bs) {
+                Ok(c) => compressed.extend(c),
                 Err(err) => {
                     let _ = tx.send(Err(err));
                     return None;
                 }
-            };
-            let ids: Vec<Option<BlockId>> = data
-                .par_chunks(bs as usize)
-                .map(|b| (!is_zero(b)).then(|| BlockId::of(b)))
-                .collect();
-            for (k, id) in ids.iter().enumerate() {
-                let id = id.unwrap_or_else(|| zero_block_id(bs));
-                reader.observe_block((index + k as u64) * bs, bs as usize, &id);
             }
-            let batch = Batch {
-                first_index: index,
-                data: data.freeze(),
-                ids,
-                compressed,
-            };
-            if tx.send(Ok(batch)).is_err() {
-                return None;
-            }
-            index += n;
+            at += len;
+        }
+        let ids: Vec<Option<BlockId>> = data
+            .par_chunks(bs as usize)
+            .map(|b| (!is_zero(b)).then(|| BlockId::of(b)))
+            .collect();
+        let batch = Batch {
+            runs,
+            data: data.freeze(),
+            ids,
+            compressed,
+        };
+        for (index, id) in batch.indexes().zip(&batch.ids) {
+            let id = id.unwrap_or_else(|| zero_block_id(bs));
+            reader.observe_block(index * bs, bs as usize, &id);
+        }
+        if tx.send(Ok(batch)).is_err() {
+            return None;
         }
     }
     Some(reader)
+}
+
+/// The batches `extents` (whole blocks of `bs` bytes, sorted) are read in, in order:
+/// runs of `(first block, blocks)`, at most `batch_blocks` blocks in all per batch. A
+/// large extent is cut into full batches; small ones share one. Made as they are read,
+/// so that they take no memory beyond the extent list.
+fn batches(
+    extents: &ExtentList,
+    bs: u64,
+    batch_blocks: u64,
+) -> impl Iterator<Item = Vec<(u64, u64)>> + '_ {
+    let mut blocks = extents
+        .as_slice()
+        .iter()
+        .map(move |e| (e.offset / bs, e.end() / bs))
+        .filter(|(first, end)| first < end);
+    let mut left: Option<(u64, u64)> = None;
+    std::iter::from_fn(move || {
+        let mut runs = Vec::new();
+        let mut room = batch_blocks;
+        while room > 0 {
+            let Some((first, end)) = left.take().or_else(|| blocks.next()) else {
+                break;
+            };
+            let n = room.min(end - first);
+            runs.push((first, n));
+            room -= n;
+            if first + n < end {
+                left = Some((first + n, end));
+            }
+        }
+        (!runs.is_empty()).then_some(runs)
+    })
 }
 
 /// A block of `batch` as sent to the sink.
@@ -616,9 +662,9 @@ fn store_batch(
     let blocks: Vec<IncomingBlock> = batch
         .ids
         .iter()
+        .zip(batch.indexes())
         .enumerate()
-        .map(|(k, id)| {
-            let index = batch.first_index + k as u64;
+        .map(|(k, (id, index))| {
             let content = match id {
                 None => BlockContent::Zero,
                 Some(id) if missing.contains(id) && sent_now.insert(*id) => {
