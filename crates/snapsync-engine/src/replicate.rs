@@ -709,3 +709,44 @@ fn zero_block_id(block_size: u64) -> BlockId {
     *m.entry(block_size)
         .or_insert_with(|| BlockId::of(&vec![0u8; block_size as usize]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use snapsync_core::Extent;
+
+    proptest! {
+        /// Batches read every block of the extents once, in order, in runs inside one
+        /// extent each, and are full but for the last.
+        #[test]
+        fn batches_cover_the_extents_in_order(
+            pieces in prop::collection::vec((0u64..6, 1u64..40), 0..40),
+            batch_blocks in 1u64..20,
+        ) {
+            let bs = 512;
+            let mut extents = Vec::new();
+            let mut at = 0;
+            for (gap, len) in pieces {
+                at += gap;
+                extents.push(Extent::new(at * bs, len * bs));
+                at += len;
+            }
+            let list = ExtentList::from_extents(extents);
+            let want: Vec<u64> = list.blocks(bs).collect();
+            let got: Vec<Vec<(u64, u64)>> = batches(&list, bs, batch_blocks).collect();
+            let flat: Vec<u64> = got.iter().flatten().flat_map(|&(f, n)| f..f + n).collect();
+            prop_assert_eq!(&flat, &want);
+            for (k, b) in got.iter().enumerate() {
+                let n: u64 = b.iter().map(|r| r.1).sum();
+                prop_assert!(n <= batch_blocks && n > 0);
+                if k + 1 < got.len() {
+                    prop_assert_eq!(n, batch_blocks);
+                }
+                for &(f, n) in b {
+                    prop_assert!(list.covers(f * bs, n * bs));
+                }
+            }
+        }
+    }
+}
