@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use bytes::BytesMut;
 use rayon::prelude::*;
 use serde::Serialize;
 use snapsync_core::{
@@ -77,6 +78,12 @@ pub struct SnapshotReport {
 /// Blocks read and hashed together: large sequential reads, and enough blocks for the
 /// hashing to spread over all cores.
 const BATCH_BYTES: u64 = 8 << 20;
+/// Small extents are gathered into one batch up to this many bytes: enough that an
+/// incremental's hundreds of scattered extents cross between the threads a few dozen
+/// times rather than once each (on busy cores every hand-over costs a wake-up), small
+/// enough that the last batch, which is hashed and stored after everything is read,
+/// keeps the pipeline's drain short.
+const GATHER_BYTES: u64 = 1 << 20;
 /// Batches in flight between the reading and the storing side.
 const PIPELINE_DEPTH: usize = 2;
 /// Read buffers kept for reuse while a sink still holds slices of them (a repository's
@@ -537,6 +544,10 @@ impl Batch {
 /// the ids, and send the batches on. Returns the reader to be finished after a complete
 /// pass, or `None` when reading failed (the error was sent) or the storing side
 /// stopped.
+///
+/// A batch is hashed while the next one is read: the disk is never left idle while
+/// blocks are hashed, which for an incremental's scattered reads (no readahead running
+/// on meanwhile) was a pause per batch.
 fn read_batches<'r>(
     mut reader: Box<dyn SnapshotReader + 'r>,
     extents: &ExtentList,
@@ -544,26 +555,33 @@ fn read_batches<'r>(
     pool: &BufferPool,
     tx: crossbeam_channel::Sender<std::result::Result<Batch, StoreError>>,
 ) -> Option<Box<dyn SnapshotReader + 'r>> {
-    for runs in batches(extents, bs, (BATCH_BYTES / bs).max(1)) {
-        let blocks: u64 = runs.iter().map(|r| r.1).sum();
-        let mut data = pool.take((blocks * bs) as usize);
-        let mut compressed = Vec::with_capacity(blocks as usize);
-        let mut at = 0usize;
-        for &(index, n) in &runs {
-            let len = (n * bs) as usize;
-            match reader.read_blocks_at(index * bs, &mut data[at..at + len], bs) {
-                Ok(c) => compressed.extend(c),
-                Err(err) => {
-                    let _ = tx.send(Err(err));
-                    return None;
-                }
+    let mut all = batches(
+        extents,
+        bs,
+        (BATCH_BYTES / bs).max(1),
+        (GATHER_BYTES / bs).max(1),
+    );
+    let mut read = all
+        .next()
+        .map(|runs| read_batch(reader.as_mut(), runs, bs, pool));
+    while let Some(current) = read.take() {
+        let (runs, data, compressed) = match current {
+            Ok(b) => b,
+            Err(err) => {
+                let _ = tx.send(Err(err));
+                return None;
             }
-            at += len;
-        }
-        let ids: Vec<Option<BlockId>> = data
-            .par_chunks(bs as usize)
-            .map(|b| (!is_zero(b)).then(|| BlockId::of(b)))
-            .collect();
+        };
+        let next = all.next();
+        let (ids, next) = rayon::join(
+            || -> Vec<Option<BlockId>> {
+                data.par_chunks(bs as usize)
+                    .map(|b| (!is_zero(b)).then(|| BlockId::of(b)))
+                    .collect()
+            },
+            || next.map(|runs| read_batch(reader.as_mut(), runs, bs, pool)),
+        );
+        read = next;
         let batch = Batch {
             runs,
             data: data.freeze(),
@@ -581,14 +599,39 @@ fn read_batches<'r>(
     Some(reader)
 }
 
+/// A batch read: its runs, its blocks' bytes, and what the source knew about
+/// compressing each.
+type ReadBatch = (Vec<(u64, u64)>, BytesMut, Vec<Compressed>);
+
+/// Read the blocks of `runs` into one buffer from `pool`.
+fn read_batch(
+    reader: &mut (dyn SnapshotReader + '_),
+    runs: Vec<(u64, u64)>,
+    bs: u64,
+    pool: &BufferPool,
+) -> std::result::Result<ReadBatch, StoreError> {
+    let blocks: u64 = runs.iter().map(|r| r.1).sum();
+    let mut data = pool.take((blocks * bs) as usize);
+    let mut compressed = Vec::with_capacity(blocks as usize);
+    let mut at = 0usize;
+    for &(index, n) in &runs {
+        let len = (n * bs) as usize;
+        compressed.extend(reader.read_blocks_at(index * bs, &mut data[at..at + len], bs)?);
+        at += len;
+    }
+    Ok((runs, data, compressed))
+}
+
 /// The batches `extents` (whole blocks of `bs` bytes, sorted) are read in, in order:
 /// runs of `(first block, blocks)`, at most `batch_blocks` blocks in all per batch. A
-/// large extent is cut into full batches; small ones share one. Made as they are read,
-/// so that they take no memory beyond the extent list.
+/// large extent is cut into full batches; small ones share one until it holds
+/// `gather_blocks`. Made as they are read, so that they take no memory beyond the
+/// extent list.
 fn batches(
     extents: &ExtentList,
     bs: u64,
     batch_blocks: u64,
+    gather_blocks: u64,
 ) -> impl Iterator<Item = Vec<(u64, u64)>> + '_ {
     let mut blocks = extents
         .as_slice()
@@ -598,14 +641,14 @@ fn batches(
     let mut left: Option<(u64, u64)> = None;
     std::iter::from_fn(move || {
         let mut runs = Vec::new();
-        let mut room = batch_blocks;
-        while room > 0 {
+        let mut taken = 0;
+        while taken < batch_blocks && (runs.is_empty() || taken < gather_blocks) {
             let Some((first, end)) = left.take().or_else(|| blocks.next()) else {
                 break;
             };
-            let n = room.min(end - first);
+            let n = (batch_blocks - taken).min(end - first);
             runs.push((first, n));
-            room -= n;
+            taken += n;
             if first + n < end {
                 left = Some((first + n, end));
             }
@@ -718,11 +761,12 @@ mod tests {
 
     proptest! {
         /// Batches read every block of the extents once, in order, in runs inside one
-        /// extent each, and are full but for the last.
+        /// extent each; each but the last is full or has gathered enough.
         #[test]
         fn batches_cover_the_extents_in_order(
             pieces in prop::collection::vec((0u64..6, 1u64..40), 0..40),
             batch_blocks in 1u64..20,
+            gather_blocks in 1u64..25,
         ) {
             let bs = 512;
             let mut extents = Vec::new();
@@ -734,15 +778,19 @@ mod tests {
             }
             let list = ExtentList::from_extents(extents);
             let want: Vec<u64> = list.blocks(bs).collect();
-            let got: Vec<Vec<(u64, u64)>> = batches(&list, bs, batch_blocks).collect();
+            let got: Vec<Vec<(u64, u64)>> =
+                batches(&list, bs, batch_blocks, gather_blocks).collect();
             let flat: Vec<u64> = got.iter().flatten().flat_map(|&(f, n)| f..f + n).collect();
             prop_assert_eq!(&flat, &want);
             for (k, b) in got.iter().enumerate() {
                 let n: u64 = b.iter().map(|r| r.1).sum();
                 prop_assert!(n <= batch_blocks && n > 0);
                 if k + 1 < got.len() {
-                    prop_assert_eq!(n, batch_blocks);
+                    prop_assert!(n == batch_blocks || n >= gather_blocks, "{:?}", b);
                 }
+                // A run is only added to a batch that has not gathered enough yet.
+                let before_last: u64 = b[..b.len() - 1].iter().map(|r| r.1).sum();
+                prop_assert!(b.len() == 1 || before_last < gather_blocks);
                 for &(f, n) in b {
                     prop_assert!(list.covers(f * bs, n * bs));
                 }

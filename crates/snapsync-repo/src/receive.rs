@@ -26,9 +26,6 @@ use crate::writer::ManifestWriter;
 /// Packs are flushed at this size: large objects for object stores, small enough that a
 /// killed replication loses little and a rerun reuses the rest.
 const PACK_TARGET: usize = 32 << 20;
-/// The first pack of a receive is flushed at this size, and each next one at twice the
-/// size of the one before, up to [`PACK_TARGET`] (see [`pack_target`]).
-const FIRST_PACK: usize = 4 << 20;
 /// ... or at this many blocks: what a receive holds per block of a pack in flight (its
 /// index entry, its buffer, its id in `session`) is ~150 bytes, so a 32 MiB pack of
 /// small compressed blocks (800 Ki blocks of 512 B) would hold ~120 MiB of bookkeeping.
@@ -98,7 +95,6 @@ impl SnapshotSink for Repository {
             pack: PackBuilder::default(),
             session: HashMap::new(),
             uploads: VecDeque::new(),
-            packs_flushed: 0,
         })))
     }
 }
@@ -159,19 +155,6 @@ struct RepoReceiver<'a> {
     /// is added to the shared index and its blocks leave `session`: what a receive
     /// holds per block it stored is bounded by the packs in flight, not by the volume.
     uploads: VecDeque<(PendingPuts, BlockId, Vec<IndexEntry>)>,
-    /// Packs of this receive flushed so far.
-    packs_flushed: u32,
-}
-
-/// The size at which a receive's pack number `flushed` (from 0) is flushed: 4, 8, 16,
-/// then 32 MiB. A pack is written, and fsynced, in the background while the next one
-/// fills, but the commit waits for the last one. Were the first one already of full
-/// size, an incremental of a few tens of MiB would be one pack that is only written
-/// once everything is read; growing packs are written while the source is still being
-/// read, and leave a small last one. A large replication gets three more packs than
-/// with full-size packs throughout.
-fn pack_target(flushed: u32) -> usize {
-    (FIRST_PACK << flushed.min(3)).min(PACK_TARGET)
 }
 
 /// A block new to the repository: id, plaintext, and what its sender knows about
@@ -238,7 +221,6 @@ impl RepoReceiver<'_> {
             (key_index(&id), vec![Bytes::from(index)]),
         ]);
         self.uploads.push_back((job, id, pack.entries));
-        self.packs_flushed += 1;
         while self.uploads.len() > MAX_UPLOADS {
             self.wait_oldest_upload()?;
         }
@@ -369,9 +351,7 @@ impl Receiver for RepoReceiver<'_> {
         for (id, compression, bytes) in encoded {
             added += bytes.len() as u64;
             self.pack.add(id, compression, bs as u32, bytes);
-            if self.pack.len >= pack_target(self.packs_flushed)
-                || self.pack.entries.len() >= PACK_MAX_BLOCKS
-            {
+            if self.pack.len >= PACK_TARGET || self.pack.entries.len() >= PACK_MAX_BLOCKS {
                 self.flush()?;
             }
         }

@@ -207,34 +207,3 @@ fn a_volume_that_shrinks_then_grows_reads_zeros_where_it_was_cut() {
         }
     }
 }
-
-/// A receive's packs grow (4, 8, 16, then 32 MiB), so that an incremental of a few tens
-/// of MiB is mostly written while it is still being read; what is stored reads back.
-#[test]
-fn a_receive_flushes_packs_of_growing_size() {
-    const BIG: usize = 64 << 10;
-    const MIB: u64 = 1 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("repo");
-    let repo = Repository::init(Location::Local(root.clone()), BIG as u64).unwrap();
-    let src = MemoryStore::new("src", BIG as u64);
-    let content = pseudo_random(11, 40 << 20);
-    src.add_snapshot("vm", "s1", t(1), content.clone());
-    send(&src, &repo);
-    let mut sizes: Vec<u64> = walk(&root.join("packs"))
-        .iter()
-        .map(|p| std::fs::metadata(p).unwrap().len())
-        .collect();
-    sizes.sort();
-    // Each is flushed with the block that takes it past its size (random blocks are
-    // stored plain): 4, 8 and 16 MiB and a block at most, and the 12 MiB left.
-    let within = |size: u64, target: u64| size >= target && size <= target + BIG as u64 + 4096;
-    assert_eq!(sizes.len(), 4, "{sizes:?}");
-    assert!(within(sizes[0], 4 * MIB), "{sizes:?}");
-    assert!(within(sizes[1], 8 * MIB), "{sizes:?}");
-    assert!(sizes[2] < 13 * MIB && sizes[2] > 11 * MIB, "{sizes:?}");
-    assert!(within(sizes[3], 16 * MIB), "{sizes:?}");
-    let out = dir.path().join("s1.img");
-    restore(&repo, "vm", "s1", &out, &NoProgress).unwrap();
-    assert!(std::fs::read(&out).unwrap() == content, "restore of s1");
-}
