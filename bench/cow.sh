@@ -1,26 +1,50 @@
 #!/usr/bin/env bash
 # Incrementals of raw images on btrfs (issue 20): the diff from shared extents against
-# hashing, b3sum and `btrfs send -p`, for one image with a few percent changed.
+# `btrfs send -p` of the same change, hashing and b3sum, for one image with a few
+# percent changed.
 #
 #   bash bench/cow.sh [SIZE_MiB=2048] [PCT=1] [WORK=/tmp/snapsync-cow]
+#
+# Environment: REPS (default 5) runs of each timed command, median reported;
+# DATA=random (default) or compressible for the image's content; HASH=auto (default:
+# only when the disk has room for two plain copies), 1 or 0.
 #
 # Needs root (a btrfs file system on a loop device under WORK, removed at the end) and
 # btrfs-progs and b3sum (installed where missing). Builds nothing: uses
 # $CARGO_TARGET_DIR/release/snapsync (run bench/run.sh or cargo build --release first),
-# or $SNAPSYNC. Each timed run starts with the page cache dropped. What is timed:
-#   extents  `snapsync replicate` of s2 onto s1 from a directory of btrfs snapshots
-#   hash     the same from plain copies of the images (no shared extents, no hash cache)
+# or $SNAPSYNC.
+#
+# The image: /dev/urandom, or with DATA=compressible 64 KiB blocks that all differ
+# (their first 8 bytes are their number) and are otherwise a pattern, so that the
+# repository holding the first snapshot stays small (for a small disk). The change is random data either way: PCT% of the image in scattered
+# 100 KiB writes, on a writable snapshot of s1, made read-only as the next snapshot.
+#
+# Each repetition starts from the same state: the repository (and its block-index
+# cache) as it was after s1 was replicated (hard-linked copies: objects are never
+# written in place), and a new change (another seed) snapshotted
+# next to s1; the order of the two commands alternates; the page cache is dropped
+# before each. What is timed:
+#   extents  `snapsync replicate` of the change onto s1 from the directory of btrfs
+#            snapshots (`raw:DIR?layout=by-snapshot`), committed durably
+#   send     `btrfs send -p s1 <change> -f /dev/null` (btrfs's own incremental stream,
+#            written nowhere)
+# and once each:
+#   hash     the same replicate from plain copies of the images (no shared extents, no
+#            hash cache)
 #   b3sum    b3sum of both images (what hashing has to read, at b3sum's speed)
-#   send     `btrfs send -p s1 s2 > /dev/null` (btrfs's own incremental stream)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-2048}
 pct=${2:-1}
 work=${3:-/tmp/snapsync-cow}
+reps=${REPS:-5}
+data=${DATA:-random}
+hash=${HASH:-auto}
 bin="${SNAPSYNC:-${CARGO_TARGET_DIR:-$PWD/target}/release/snapsync}"
 [ -x "$bin" ] || { echo "no $bin: build it first" >&2; exit 1; }
 bin=$(realpath "$bin")
 [ "$(id -u)" = 0 ] || { echo "bench/cow.sh mounts a loop device: run it as root" >&2; exit 1; }
+case $data in compressible|random) ;; *) echo "DATA must be compressible or random" >&2; exit 1;; esac
 need_apt=()
 command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)
 command -v b3sum >/dev/null 2>&1 || need_apt+=(b3sum)
@@ -29,8 +53,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 rm -rf "$work"; mkdir -p "$work/mnt"
-truncate -s $((size_mib * 5 + 1024))M "$work/fs.img"
-mkfs.btrfs -q "$work/fs.img" 2>/dev/null
+free_mib=$(( $(df -Pk "$work" | awk 'NR==2 {print $4}') / 1024 ))
+if [ "$hash" = auto ]; then
+    # Two plain copies on the loop file system besides the rest.
+    copies=$([ "$data" = random ] && echo 6 || echo 4)
+    need=$(( size_mib * copies + 1024 ))
+    hash=$([ "$free_mib" -gt "$need" ] && echo 1 || echo 0)
+fi
+truncate -s $((size_mib * 4 + 2048))M "$work/fs.img"
+mkfs.btrfs -q "$work/fs.img" >/dev/null 2>&1
 loop=$(losetup -f --show "$work/fs.img")
 cleanup() { cd /; umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt"; losetup -d "$loop"; rm -rf "$work"; }
 trap cleanup EXIT
@@ -38,25 +69,45 @@ mount "$loop" "$work/mnt"
 cd "$work/mnt"
 
 btrfs -q subvolume create live
-mkdir snaps plain plain/vm
-head -c "${size_mib}M" /dev/urandom > live/vm.img
+mkdir snaps
+python3 - "$size_mib" "$data" <<'PY'
+import os, sys
+size, data = int(sys.argv[1]) << 20, sys.argv[2]
+blk, pat = 65536, bytes(range(256)) * 256
+with open("live/vm.img", "wb") as f:
+    for start in range(0, size, 64 << 20):
+        n = min(64 << 20, size - start)
+        if data == "random":
+            f.write(os.urandom(n))
+            continue
+        buf = bytearray(pat * (n // blk))
+        for k in range(n // blk):
+            buf[k * blk:k * blk + 8] = ((start // blk) + k).to_bytes(8, "little")
+        f.write(buf)
+    os.fsync(f.fileno())
+PY
 btrfs -q subvolume snapshot -r live snaps/s1
-python3 - "$size_mib" "$pct" <<'PY'
+btrfs -q subvolume delete live >/dev/null
+sync
+
+# change SEED NAME: PCT% of s1 rewritten in scattered 100 KiB writes, as snapshot NAME.
+change() {
+    btrfs -q subvolume snapshot snaps/s1 "w-$2" >/dev/null
+    python3 - "$size_mib" "$pct" "$1" "w-$2/vm.img" <<'PY'
 import os, random, sys
-size, pct = int(sys.argv[1]) << 20, float(sys.argv[2])
-f = os.open("live/vm.img", os.O_RDWR); r = random.Random(1)
-for _ in range(max(1, int(size * pct / 100 / 102400))):   # scattered 100 KiB writes
+size, pct, seed, path = int(sys.argv[1]) << 20, float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+f = os.open(path, os.O_RDWR); r = random.Random(seed)
+for _ in range(max(1, int(size * pct / 100 / 102400))):
     os.pwrite(f, os.urandom(102400), r.randint(0, (size - 102400) // 4096) * 4096)
 os.fsync(f)
 PY
-btrfs -q subvolume snapshot -r live snaps/s2
-cp --reflink=never snaps/s1/vm.img plain/vm/s1.img
-cp --reflink=never snaps/s2/vm.img plain/vm/s2.img
-touch -d '-2 hours' plain/vm/s1.img; touch -d '-1 hours' plain/vm/s2.img
-sync
+    btrfs -q subvolume snapshot -r "w-$2" "snaps/$2" >/dev/null
+    btrfs -q subvolume delete "w-$2" >/dev/null
+    sync
+}
 
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-# Seconds taken by a command, page cache dropped first; its output goes to $2.
+# Seconds taken by a command, page cache dropped first; its output goes to $1.
 timed() {
     local out=$1; shift
     drop
@@ -65,21 +116,50 @@ timed() {
     t1=$(date +%s.%N)
     echo "$t1 - $t0" | bc -l
 }
-"$bin" init "$work/repo-x" >/dev/null
-"$bin" init "$work/repo-h" >/dev/null
-"$bin" replicate "raw:snaps?layout=by-snapshot" "$work/repo-x" --snapshot s1 >/dev/null
-"$bin" replicate raw:plain "$work/repo-h" --snapshot s1 >/dev/null
-rm -rf plain/.snapsync/hashes   # hashing from scratch, as without a cache
-t_ext=$(timed "$work/ext.json" "$bin" replicate "raw:snaps?layout=by-snapshot" "$work/repo-x" --snapshot s2 --json)
-t_hash=$(timed "$work/hash.json" "$bin" replicate raw:plain "$work/repo-h" --snapshot s2 --json)
-t_b3=$(timed /dev/null b3sum snaps/s1/vm.img snaps/s2/vm.img)
-t_send=$(timed /dev/null btrfs -q send -p snaps/s1 snaps/s2 -f /dev/null)
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
-echo "== ${size_mib} MiB image, ${pct}% changed in 100 KiB writes, btrfs, cache dropped"
-echo "extents: $(cat "$work/ext.json")"
-echo "hash:    $(cat "$work/hash.json")"
-printf '%-28s %8.3f s\n' "snapsync, extents" "$t_ext" "snapsync, hashing" "$t_hash" \
-    "b3sum of both images" "$t_b3" "btrfs send -p > /dev/null" "$t_send"
-printf 'hashing / extents: %.1fx   b3sum / extents: %.1fx   send / extents: %.2fx\n' \
-    "$(echo "$t_hash / $t_ext" | bc -l)" "$(echo "$t_b3 / $t_ext" | bc -l)" \
-    "$(echo "$t_send / $t_ext" | bc -l)"
+export SNAPSYNC_CACHE_DIR="$work/cache"
+"$bin" init "$work/repo-s1" >/dev/null
+"$bin" replicate "raw:snaps?layout=by-snapshot" "$work/repo-s1" --snapshot s1 >/dev/null
+mv "$work/cache" "$work/cache-s1"
+
+ext=(); send=()
+for k in $(seq 1 "$reps"); do
+    snap="c$k"
+    change "$k" "$snap"
+    # The repository and its index cache as they were after s1: each run does the same.
+    rm -rf "$work/repo" "$work/cache"
+    cp -al "$work/repo-s1" "$work/repo"; cp -al "$work/cache-s1" "$work/cache"
+    run_ext() { t_ext=$(timed "$work/ext.json" "$bin" replicate "raw:snaps?layout=by-snapshot" "$work/repo" --snapshot "$snap" --json); }
+    run_send() { t_send=$(timed /dev/null btrfs -q send -p snaps/s1 "snaps/$snap" -f /dev/null); }
+    if [ $((k % 2)) = 1 ]; then run_ext; run_send; else run_send; run_ext; fi
+    grep -q '"diff_method":"extents"' "$work/ext.json" || { echo "not diffed from extents: $(cat "$work/ext.json")" >&2; exit 1; }
+    printf 'run %d: extents %.3f s, send %.3f s   %s\n' "$k" "$t_ext" "$t_send" "$(cat "$work/ext.json")"
+    ext+=("$t_ext"); send+=("$t_send")
+    [ "$k" = "$reps" ] || btrfs -q subvolume delete "snaps/$snap" >/dev/null
+done
+t_ext=$(median "${ext[@]}"); t_send=$(median "${send[@]}")
+t_b3=$(timed /dev/null b3sum snaps/s1/vm.img "snaps/$snap/vm.img")
+
+echo "== ${size_mib} MiB image ($data), ${pct}% changed in 100 KiB writes, btrfs, cache dropped, median of $reps"
+printf '%-28s %8.3f s\n' "snapsync, extents" "$t_ext" "btrfs send -p > /dev/null" "$t_send" \
+    "b3sum of both images" "$t_b3"
+if [ "$hash" = 1 ]; then
+    # Volume vmh in another copy of the repository after s1: its s1 is all
+    # duplicates, and the last change's blocks are new to it.
+    mkdir -p plain/vmh
+    cp --reflink=never snaps/s1/vm.img plain/vmh/s1.img
+    cp --reflink=never "snaps/$snap/vm.img" plain/vmh/s2.img
+    touch -d '-2 hours' plain/vmh/s1.img; touch -d '-1 hours' plain/vmh/s2.img
+    sync
+    rm -rf "$work/cache"; cp -al "$work/repo-s1" "$work/repo-h"; cp -al "$work/cache-s1" "$work/cache"
+    "$bin" replicate raw:plain "$work/repo-h" --snapshot s1 >/dev/null
+    rm -rf plain/.snapsync/hashes   # hashing from scratch, as without a cache
+    t_hash=$(timed "$work/hash.json" "$bin" replicate raw:plain "$work/repo-h" --snapshot s2 --json)
+    printf '%-28s %8.3f s   %s\n' "snapsync, hashing" "$t_hash" "$(cat "$work/hash.json")"
+    printf 'hashing / extents: %.1fx   ' "$(echo "$t_hash / $t_ext" | bc -l)"
+else
+    echo "snapsync, hashing: skipped (HASH=0, or no room for two plain copies: ${free_mib} MiB free)"
+fi
+printf 'b3sum / extents: %.1fx   send / extents: %.2fx\n' \
+    "$(echo "$t_b3 / $t_ext" | bc -l)" "$(echo "$t_send / $t_ext" | bc -l)"

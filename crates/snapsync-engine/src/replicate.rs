@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use bytes::BytesMut;
 use rayon::prelude::*;
 use serde::Serialize;
 use snapsync_core::{
@@ -77,6 +78,12 @@ pub struct SnapshotReport {
 /// Blocks read and hashed together: large sequential reads, and enough blocks for the
 /// hashing to spread over all cores.
 const BATCH_BYTES: u64 = 8 << 20;
+/// Small extents are gathered into one batch up to this many bytes: enough that an
+/// incremental's hundreds of scattered extents cross between the threads a few dozen
+/// times rather than once each (on busy cores every hand-over costs a wake-up), small
+/// enough that the last batch, which is hashed and stored after everything is read,
+/// keeps the pipeline's drain short.
+const GATHER_BYTES: u64 = 1 << 20;
 /// Batches in flight between the reading and the storing side.
 const PIPELINE_DEPTH: usize = 2;
 /// Read buffers kept for reuse while a sink still holds slices of them (a repository's
@@ -512,7 +519,11 @@ struct Tally {
 }
 
 struct Batch {
-    first_index: u64,
+    /// Where its blocks are in the volume, in order: `(first block, blocks)` runs. A
+    /// batch gathers many small extents (an incremental's scattered writes), so that
+    /// they cross between the threads, are hashed and are stored together rather than
+    /// each on its own: on busy cores every hand-over costs a wake-up.
+    runs: Vec<(u64, u64)>,
     /// Shared, so that blocks sent on are slices of it rather than copies.
     data: Bytes,
     ids: Vec<Option<BlockId>>,
@@ -521,10 +532,22 @@ struct Batch {
     compressed: Vec<Compressed>,
 }
 
+impl Batch {
+    /// The index in the volume of each block, in order.
+    fn indexes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.runs.iter().flat_map(|&(first, n)| first..first + n)
+    }
+}
+
 /// The reading side of the pipeline: read `extents` in batches of up to
-/// [`BATCH_BYTES`], hash each block (on all cores), tell the reader the ids, and send
-/// the batches on. Returns the reader to be finished after a complete pass, or `None`
-/// when reading failed (the error was sent) or the storing side stopped.
+/// [`BATCH_BYTES`] (see [`batches`]), hash each block (on all cores), tell the reader
+/// the ids, and send the batches on. Returns the reader to be finished after a complete
+/// pass, or `None` when reading failed (the error was sent) or the storing side
+/// stopped.
+///
+/// A batch is hashed while the next one is read: the disk is never left idle while
+/// blocks are hashed, which for an incremental's scattered reads (no readahead running
+/// on meanwhile) was a pause per batch.
 fn read_batches<'r>(
     mut reader: Box<dyn SnapshotReader + 'r>,
     extents: &ExtentList,
@@ -532,40 +555,106 @@ fn read_batches<'r>(
     pool: &BufferPool,
     tx: crossbeam_channel::Sender<std::result::Result<Batch, StoreError>>,
 ) -> Option<Box<dyn SnapshotReader + 'r>> {
-    let batch_blocks = (BATCH_BYTES / bs).max(1);
-    for e in extents.as_slice() {
-        let (mut index, end) = (e.offset / bs, e.end() / bs);
-        while index < end {
-            let n = batch_blocks.min(end - index);
-            let mut data = pool.take((n * bs) as usize);
-            let compressed = match reader.read_blocks_at(index * bs, &mut data, bs) {
-                Ok(c) => c,
-                Err(err) => {
-                    let _ = tx.send(Err(err));
-                    return None;
-                }
-            };
-            let ids: Vec<Option<BlockId>> = data
-                .par_chunks(bs as usize)
-                .map(|b| (!is_zero(b)).then(|| BlockId::of(b)))
-                .collect();
-            for (k, id) in ids.iter().enumerate() {
-                let id = id.unwrap_or_else(|| zero_block_id(bs));
-                reader.observe_block((index + k as u64) * bs, bs as usize, &id);
-            }
-            let batch = Batch {
-                first_index: index,
-                data: data.freeze(),
-                ids,
-                compressed,
-            };
-            if tx.send(Ok(batch)).is_err() {
+    let mut all = batches(
+        extents,
+        bs,
+        (BATCH_BYTES / bs).max(1),
+        (GATHER_BYTES / bs).max(1),
+    );
+    let mut read = all
+        .next()
+        .map(|runs| read_batch(reader.as_mut(), runs, bs, pool));
+    while let Some(current) = read.take() {
+        let (runs, data, compressed) = match current {
+            Ok(b) => b,
+            Err(err) => {
+                let _ = tx.send(Err(err));
                 return None;
             }
-            index += n;
+        };
+        let next = all.next();
+        let (ids, next) = rayon::join(
+            || -> Vec<Option<BlockId>> {
+                data.par_chunks(bs as usize)
+                    .map(|b| (!is_zero(b)).then(|| BlockId::of(b)))
+                    .collect()
+            },
+            || next.map(|runs| read_batch(reader.as_mut(), runs, bs, pool)),
+        );
+        read = next;
+        let batch = Batch {
+            runs,
+            data: data.freeze(),
+            ids,
+            compressed,
+        };
+        for (index, id) in batch.indexes().zip(&batch.ids) {
+            let id = id.unwrap_or_else(|| zero_block_id(bs));
+            reader.observe_block(index * bs, bs as usize, &id);
+        }
+        if tx.send(Ok(batch)).is_err() {
+            return None;
         }
     }
     Some(reader)
+}
+
+/// A batch read: its runs, its blocks' bytes, and what the source knew about
+/// compressing each.
+type ReadBatch = (Vec<(u64, u64)>, BytesMut, Vec<Compressed>);
+
+/// Read the blocks of `runs` into one buffer from `pool`.
+fn read_batch(
+    reader: &mut (dyn SnapshotReader + '_),
+    runs: Vec<(u64, u64)>,
+    bs: u64,
+    pool: &BufferPool,
+) -> std::result::Result<ReadBatch, StoreError> {
+    let blocks: u64 = runs.iter().map(|r| r.1).sum();
+    let mut data = pool.take((blocks * bs) as usize);
+    let mut compressed = Vec::with_capacity(blocks as usize);
+    let mut at = 0usize;
+    for &(index, n) in &runs {
+        let len = (n * bs) as usize;
+        compressed.extend(reader.read_blocks_at(index * bs, &mut data[at..at + len], bs)?);
+        at += len;
+    }
+    Ok((runs, data, compressed))
+}
+
+/// The batches `extents` (whole blocks of `bs` bytes, sorted) are read in, in order:
+/// runs of `(first block, blocks)`, at most `batch_blocks` blocks in all per batch. A
+/// large extent is cut into full batches; small ones share one until it holds
+/// `gather_blocks`. Made as they are read, so that they take no memory beyond the
+/// extent list.
+fn batches(
+    extents: &ExtentList,
+    bs: u64,
+    batch_blocks: u64,
+    gather_blocks: u64,
+) -> impl Iterator<Item = Vec<(u64, u64)>> + '_ {
+    let mut blocks = extents
+        .as_slice()
+        .iter()
+        .map(move |e| (e.offset / bs, e.end() / bs))
+        .filter(|(first, end)| first < end);
+    let mut left: Option<(u64, u64)> = None;
+    std::iter::from_fn(move || {
+        let mut runs = Vec::new();
+        let mut taken = 0;
+        while taken < batch_blocks && (runs.is_empty() || taken < gather_blocks) {
+            let Some((first, end)) = left.take().or_else(|| blocks.next()) else {
+                break;
+            };
+            let n = (batch_blocks - taken).min(end - first);
+            runs.push((first, n));
+            taken += n;
+            if first + n < end {
+                left = Some((first + n, end));
+            }
+        }
+        (!runs.is_empty()).then_some(runs)
+    })
 }
 
 /// A block of `batch` as sent to the sink.
@@ -616,9 +705,9 @@ fn store_batch(
     let blocks: Vec<IncomingBlock> = batch
         .ids
         .iter()
+        .zip(batch.indexes())
         .enumerate()
-        .map(|(k, id)| {
-            let index = batch.first_index + k as u64;
+        .map(|(k, (id, index))| {
             let content = match id {
                 None => BlockContent::Zero,
                 Some(id) if missing.contains(id) && sent_now.insert(*id) => {
@@ -662,4 +751,50 @@ fn zero_block_id(block_size: u64) -> BlockId {
         .unwrap_or_else(|p| p.into_inner());
     *m.entry(block_size)
         .or_insert_with(|| BlockId::of(&vec![0u8; block_size as usize]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use snapsync_core::Extent;
+
+    proptest! {
+        /// Batches read every block of the extents once, in order, in runs inside one
+        /// extent each; each but the last is full or has gathered enough.
+        #[test]
+        fn batches_cover_the_extents_in_order(
+            pieces in prop::collection::vec((0u64..6, 1u64..40), 0..40),
+            batch_blocks in 1u64..20,
+            gather_blocks in 1u64..25,
+        ) {
+            let bs = 512;
+            let mut extents = Vec::new();
+            let mut at = 0;
+            for (gap, len) in pieces {
+                at += gap;
+                extents.push(Extent::new(at * bs, len * bs));
+                at += len;
+            }
+            let list = ExtentList::from_extents(extents);
+            let want: Vec<u64> = list.blocks(bs).collect();
+            let got: Vec<Vec<(u64, u64)>> =
+                batches(&list, bs, batch_blocks, gather_blocks).collect();
+            let flat: Vec<u64> = got.iter().flatten().flat_map(|&(f, n)| f..f + n).collect();
+            prop_assert_eq!(&flat, &want);
+            for (k, b) in got.iter().enumerate() {
+                let n: u64 = b.iter().map(|r| r.1).sum();
+                prop_assert!(n <= batch_blocks && n > 0);
+                if k + 1 < got.len() {
+                    prop_assert!(n == batch_blocks || n >= gather_blocks, "{:?}", b);
+                }
+                // A run is only added to a batch that has not gathered enough yet.
+                let before_last: u64 = b[..b.len() - 1].iter().map(|r| r.1).sum();
+                prop_assert!(b.len() == 1 || before_last < gather_blocks);
+                for &(f, n) in b {
+                    prop_assert!(list.covers(f * bs, n * bs));
+                }
+            }
+        }
+    }
 }

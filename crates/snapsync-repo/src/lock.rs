@@ -107,7 +107,9 @@ impl Repository {
         let started = Instant::now();
         loop {
             let key = format!("locks/session-{}", random_id());
-            self.backend.put(&key, lock_bytes(kind), Put::Create)?;
+            // Seen by a gc that starts later; a lock left by a crash is stale anyway.
+            self.backend
+                .put_visible(&key, lock_bytes(kind), Put::Create)?;
             let lock = SessionLock { repo: self, key };
             match self.backend.get(GC_LOCK)? {
                 Some(b) if is_live(&b) => {

@@ -328,8 +328,10 @@ impl Repository {
             }),
             other => other,
         }?;
-        // Best effort: a stale or missing pointer only costs readers a probe or a list.
-        let _ = self.backend.put(
+        // Best effort: a stale or missing pointer only costs readers a probe or a list,
+        // and it never names a generation that is not durable (written after it), so it
+        // need not be durable itself.
+        let _ = self.backend.put_visible(
             &key_catalog_head(&catalog.volume),
             Bytes::from(format!("{:016x}", catalog.generation)),
             Put::Overwrite,
