@@ -31,6 +31,7 @@
 //! The format is specified in `docs/FORMAT.md` and in [`mod@format`].
 
 mod backend;
+mod crypt;
 mod diff;
 pub mod format;
 mod gc;
@@ -47,6 +48,7 @@ mod verify;
 mod writer;
 
 pub use backend::{CustomStore, Location, DEFAULT_RETRY_TIMEOUT_SECS};
+pub use crypt::{Credentials, KdfParams, KeyInfo};
 pub use gc::GcReport;
 pub use lock::{GcLock, SessionLock};
 /// The object-store crate the repository is written against, for [`Location::custom`].

@@ -10,7 +10,7 @@ use snapsync_store::{Phase, Progress, Result, StoreError};
 
 use crate::format::{self, MAGIC_PACK};
 use crate::index::BlockIndex;
-use crate::repo::{decode_block, key_pack, Repository};
+use crate::repo::{key_pack, Repository};
 use crate::stream::ChainCursor;
 
 /// One damaged snapshot (or, with `snapshot` empty, a damaged repository object).
@@ -126,7 +126,7 @@ impl Repository {
             }
         }
         for v in vols.keys() {
-            match self.catalog(v) {
+            match self.catalog_in(v) {
                 Ok(Some(c)) => catalogs.push(c),
                 Ok(None) => {}
                 Err(e) => report.damaged.push(Damage {
@@ -206,6 +206,7 @@ impl Repository {
                     .push(format!("{} vanished", self.describe(&key)));
                 continue;
             };
+            let index = self.open_object(format::MAGIC_INDEX, &p.index_key, &index)?;
             let entries = format::decode_index(&index, &self.describe(&p.index_key))?;
             report.bytes_read += bytes.len() as u64;
             progress.advance(bytes.len() as u64);
@@ -221,7 +222,7 @@ impl Repository {
                     let end = start + e.stored_len as usize;
                     let ok = bytes
                         .get(start..end)
-                        .and_then(|s| decode_block(s, e.compression, e.raw_len))
+                        .and_then(|s| self.decode_stored(&e.id, s, e.compression, e.raw_len))
                         .is_some_and(|d| BlockId::of(&d) == e.id);
                     (!ok).then(|| {
                         (
