@@ -303,7 +303,14 @@ impl Keys {
 }
 
 fn wrap_ad(repository_id: &str, key_id: &str) -> Vec<u8> {
-    [WRAP_AD, b"\0", repository_id.as_bytes(), b"\0", key_id.as_bytes()].concat()
+    [
+        WRAP_AD,
+        b"\0",
+        repository_id.as_bytes(),
+        b"\0",
+        key_id.as_bytes(),
+    ]
+    .concat()
 }
 
 /// The key that wraps the master key: Argon2id of a passphrase, or a BLAKE3
@@ -319,13 +326,11 @@ fn wrapping_key(
             let kdf = kdf.ok_or_else(|| {
                 StoreError::corrupt("key object", "a passphrase key without Argon2id parameters")
             })?;
-            let params = argon2::Params::new(
-                kdf.memory_kib,
-                kdf.iterations,
-                kdf.parallelism,
-                Some(32),
-            )
-            .map_err(|e| StoreError::invalid_argument(format!("Argon2id parameters: {e}")))?;
+            let params =
+                argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32))
+                    .map_err(|e| {
+                        StoreError::invalid_argument(format!("Argon2id parameters: {e}"))
+                    })?;
             argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
                 .hash_password_into(p, salt, &mut out[..])
                 .map_err(|e| StoreError::invalid_argument(format!("Argon2id: {e}")))?;
@@ -429,6 +434,14 @@ impl Keys {
     }
 }
 
+/// The nonce of a stored key object (for verify's audit of nonces); `None` when it
+/// cannot be parsed.
+pub(crate) fn key_object_nonce(bytes: &[u8]) -> Option<Vec<u8>> {
+    let p = crate::format::decode_envelope(crate::format::MAGIC_KEY, bytes, "key").ok()?;
+    let o: KeyObject = serde_json::from_slice(p).ok()?;
+    unhex(&o.nonce).filter(|n| n.len() == NONCE_LEN)
+}
+
 /// A new key object id: 32 random hex digits.
 pub(crate) fn new_key_id() -> String {
     hex(&random::<16>())
@@ -474,7 +487,10 @@ mod tests {
             assert!(k.open_block(&BlockId::of(b"y"), &s).is_none());
         }
         // Lengths in one bucket look alike.
-        assert_eq!(sealed_block_len(20_000, 65_536), sealed_block_len(20_300, 65_536));
+        assert_eq!(
+            sealed_block_len(20_000, 65_536),
+            sealed_block_len(20_300, 65_536)
+        );
     }
 
     #[test]
@@ -639,7 +655,10 @@ pub(crate) fn unlock(
         });
     }
     if version != format::ENCRYPTED_FORMAT_VERSION {
-        return Err(StoreError::corrupt(loc, "an encrypted config not of version 3"));
+        return Err(StoreError::corrupt(
+            loc,
+            "an encrypted config not of version 3",
+        ));
     }
     let what = format!("the repository at {}", backend.location());
     if credentials.is_empty() {
@@ -662,6 +681,11 @@ impl Repository {
     /// True for an encrypted repository (format version 3).
     pub fn is_encrypted(&self) -> bool {
         self.keys.is_some()
+    }
+
+    /// The id of the key object this repository was opened (or created) with.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref()
     }
 
     /// The format version this repository's new objects are written with.

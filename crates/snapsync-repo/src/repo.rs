@@ -9,10 +9,10 @@ use snapsync_core::{codec, validate_name, BlockId, BlockMap, Timestamp, VolumeIn
 use snapsync_store::{Result, StoreError};
 
 use crate::backend::{Backend, Location, Put, PROBE_PREFIX};
+use crate::crypt::{self, Keys};
 use crate::format::{
     self, Catalog, Compression, Config, Manifest, ManifestId, MAGIC_CATALOG, MAGIC_CONFIG,
 };
-use crate::crypt::{self, Keys};
 use crate::index::{BlockIndex, BlockLocation};
 use crate::RepoOptions;
 
@@ -761,9 +761,8 @@ impl Repository {
             let slot = blocks[k].0;
             assert!(slot < slots && sources[slot].is_none(), "slots are unique");
             let (start, stored) = (l.offset, u64::from(l.stored_len));
-            let plain = self.keys.is_none()
-                && l.compression == Compression::None
-                && stored == bs as u64;
+            let plain =
+                self.keys.is_none() && l.compression == Compression::None && stored == bs as u64;
             let extends = runs.last().is_some_and(|r| {
                 r.pack == *pack
                     && match r.direct {
