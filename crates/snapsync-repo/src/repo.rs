@@ -355,7 +355,7 @@ impl Repository {
         for _ in 0..10 {
             let newest = self
                 .backend
-                .list(&format!("dirs/{dir}"))?
+                .list(&format!("volumes/{dir}"))?
                 .into_iter()
                 .filter_map(|(k, _)| parse_catalog_key(&k))
                 .filter(|(v, _)| v == dir)
