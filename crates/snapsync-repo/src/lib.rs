@@ -28,6 +28,12 @@
 //!   writers committing at once cannot lose each other's snapshots: the loser rereads
 //!   and retries.
 //!
+//! - An encrypted repository ([`Repository::init_encrypted`], format version 3) seals
+//!   every object and every block on the client and names objects and volume
+//!   directories with keyed hashes; a random master key is wrapped per passphrase or
+//!   key file ([`Credentials`], [`Repository::add_key`]). Everything cryptographic is
+//!   in one module; the rest of the crate sees plain version-2 structures.
+//!
 //! The format is specified in `docs/FORMAT.md` and in [`mod@format`].
 
 mod backend;
