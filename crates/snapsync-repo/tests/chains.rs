@@ -35,9 +35,11 @@ fn both(test: fn()) {
 fn options() -> snapsync_repo::RepoOptions {
     let o = snapsync_repo::RepoOptions::default().with_part_entries(5);
     if ENCRYPTED.with(|e| e.get()) {
-        let mut kdf = snapsync_repo::KdfParams::default();
-        kdf.memory_kib = 64;
-        kdf.iterations = 1;
+        let kdf = snapsync_repo::KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
         o.with_credentials(snapsync_repo::Credentials::default().with_passphrase("test"))
             .with_kdf(kdf)
     } else {

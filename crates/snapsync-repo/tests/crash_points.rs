@@ -245,9 +245,11 @@ fn options() -> RepoOptions {
     if !ENCRYPTED.with(|e| e.get()) {
         return o;
     }
-    let mut kdf = snapsync_repo::KdfParams::default();
-    kdf.memory_kib = 64;
-    kdf.iterations = 1;
+    let kdf = snapsync_repo::KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
     o.with_credentials(snapsync_repo::Credentials::default().with_passphrase("crash"))
         .with_kdf(kdf)
 }

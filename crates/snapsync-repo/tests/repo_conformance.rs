@@ -43,9 +43,11 @@ fn repository_is_a_conforming_source() {
 
 /// Options that open the encrypted repositories below (a cheap key derivation).
 fn encrypted_options() -> snapsync_repo::RepoOptions {
-    let mut kdf = snapsync_repo::KdfParams::default();
-    kdf.memory_kib = 64;
-    kdf.iterations = 1;
+    let kdf = snapsync_repo::KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
     snapsync_repo::RepoOptions::default()
         .with_credentials(snapsync_repo::Credentials::default().with_passphrase("conformance"))
         .with_kdf(kdf)
