@@ -46,15 +46,6 @@ fn password(dir: &Path, name: &str, pass: &str) -> String {
     p.to_str().unwrap().to_string()
 }
 
-/// The error a failed run printed: exactly one line.
-fn one_line_error(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(1), "expected exit 1: {out:?}");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "not one line: {err}");
-    assert!(err.starts_with("snapsync: error: "), "{err}");
-    err
-}
-
 /// An image carrying the marker in the clear: in incompressible blocks, and repeated
 /// in a compressible region (zstd keeps a literal copy of its first occurrence).
 fn marked_image(seed: u64, size: usize) -> Vec<u8> {
