@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--bin", default=str(REPO_ROOT / "target/release/snapsync"))
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     size = parse_size(a.size)
     work = Path(a.work or tempfile.mkdtemp(prefix="snapsync-enc-bench-"))
@@ -117,49 +118,71 @@ def main() -> None:
     env["SNAPSYNC_CACHE_DIR"] = str(work / "cache")
     env.pop("SNAPSYNC_KDF_MEMORY_KIB", None)
     env.pop("SNAPSYNC_KDF_ITERATIONS", None)
-    rows = []
-    for mode in ("plain", "encrypted"):
-        repo = work / mode
-        shutil.rmtree(images / ".snapsync", ignore_errors=True)
-        extra = ["--password-file", str(pw)] if mode == "encrypted" else []
-        init = [a.bin, "init", str(repo)] + (["--encryption"] if mode == "encrypted" else [])
-        subprocess.run(init + extra, env=env, check=True, stdout=subprocess.DEVNULL)
+    # Each repetition into fresh destinations; the fastest wall time of each phase is
+    # kept (the machine is shared: the slower runs measure the neighbours).
+    best: dict[tuple[str, str], tuple[float, float, int, int]] = {}
+
+    def keep(mode: str, phase: str, t: tuple[float, float, int], stored: int) -> None:
+        if (mode, phase) not in best or t[0] < best[(mode, phase)][0]:
+            best[(mode, phase)] = (*t, stored)
+
+    for rep in range(a.repeat):
+        for mode in ("plain", "encrypted"):
+            repo = work / f"{mode}-{rep}"
+            shutil.rmtree(images / ".snapsync", ignore_errors=True)
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            extra = ["--password-file", str(pw)] if mode == "encrypted" else []
+            init = [a.bin, "init", str(repo)] + (["--encryption"] if mode == "encrypted" else [])
+            subprocess.run(init + extra, env=env, check=True, stdout=subprocess.DEVNULL)
+            before = 0
+            for snap, phase in (("s1", "full"), ("s2", "incremental")):
+                t = timed([a.bin, "replicate", f"raw:{images}", str(repo), "--volume", "vm",
+                           "--snapshot", snap, *extra], env)
+                stored = du(repo)
+                keep(mode, phase, t, stored - before)
+                before = stored
+            restore = work / f"{mode}.img"
+            keep(mode, "restore s2", timed([a.bin, "restore", str(repo), "vm@s2", str(restore),
+                                            *extra], env), 0)
+            restore.unlink()
+            if mode == "encrypted":
+                # What every command on an encrypted repository pays first.
+                keep(mode, "open (Argon2id)", timed([a.bin, "list", str(repo), *extra], env), 0)
+            shutil.rmtree(repo)
+
+        renv = dict(env, RESTIC_PASSWORD="benchmark passphrase",
+                    RESTIC_REPOSITORY=str(work / "restic"))
+        shutil.rmtree(work / "restic", ignore_errors=True)
+        shutil.rmtree(work / "restic-src", ignore_errors=True)
+        shutil.rmtree(work / "restic-out", ignore_errors=True)
+        subprocess.run(["restic", "init"], env=renv, check=True, stdout=subprocess.DEVNULL)
+        cur = work / "restic-src"
+        cur.mkdir()
         before = 0
         for snap, phase in (("s1", "full"), ("s2", "incremental")):
-            t = timed([a.bin, "replicate", f"raw:{images}", str(repo), "--volume", "vm",
-                       "--snapshot", snap, *extra], env)
-            stored = du(repo)
-            rows.append((mode, phase, *t, stored - before))
+            target = cur / "vm.img"
+            if target.exists():
+                target.unlink()
+            os.link(images / "vm" / f"{snap}.img", target)
+            t = timed(["restic", "backup", "--quiet", str(cur)], renv)
+            stored = du(work / "restic")
+            keep("restic", phase, t, stored - before)
             before = stored
-        restore = work / f"{mode}.img"
-        t = timed([a.bin, "restore", str(repo), "vm@s2", str(restore), *extra], env)
-        rows.append((mode, "restore s2", *t, 0))
-        restore.unlink()
-
-    renv = dict(env, RESTIC_PASSWORD="benchmark passphrase", RESTIC_REPOSITORY=str(work / "restic"))
-    subprocess.run(["restic", "init"], env=renv, check=True, stdout=subprocess.DEVNULL)
-    cur = work / "restic-src"
-    cur.mkdir()
-    before = 0
-    for snap, phase in (("s1", "full"), ("s2", "incremental")):
-        target = cur / "vm.img"
-        if target.exists():
-            target.unlink()
-        os.link(images / "vm" / f"{snap}.img", target)
-        t = timed(["restic", "backup", "--quiet", str(cur)], renv)
-        stored = du(work / "restic")
-        rows.append(("restic", phase, *t, stored - before))
-        before = stored
-    t = timed(["restic", "restore", "latest", "--target", str(work / "restic-out")], renv)
-    rows.append(("restic", "restore s2", *t, 0))
+        keep("restic", "restore s2", timed(["restic", "restore", "latest", "--target",
+                                            str(work / "restic-out")], renv), 0)
+    order = ["full", "incremental", "restore s2", "open (Argon2id)"]
+    rows = [(m, p, *best[(m, p)]) for m in ("plain", "encrypted", "restic") for p in order
+            if (m, p) in best]
 
     by = {(m, p): (w, c, r, s) for m, p, w, c, r, s in rows}
-    lines = ["| tool | phase | wall | CPU | peak RSS | stored Δ | ÷ plain (wall) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| tool | phase | wall | CPU | peak RSS | stored Δ | ÷ plain (wall) | ÷ plain (CPU) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m, p, w, c, r, s in rows:
-        ratio = w / by[("plain", p)][0] if by[("plain", p)][0] > 0 else float("nan")
+        plain = by.get(("plain", p))
+        ratio = f"{w / plain[0]:.2f}x" if plain and plain[0] > 0 else "–"
+        cratio = f"{c / plain[1]:.2f}x" if plain and plain[1] > 0 else "–"
         lines.append(f"| {m} | {p} | {w:.2f} s | {c:.2f} s | {human(r)} | "
-                     f"{human(s) if s else '–'} | {ratio:.2f}x |")
+                     f"{human(s) if s else '–'} | {ratio} | {cratio} |")
     table = "\n".join(lines)
     print(table)
     for p in ("full", "incremental", "restore s2"):
@@ -169,7 +192,7 @@ def main() -> None:
     head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
     section = f"""{BEGIN}
-Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `python3 bench/encryption.py --size {a.size}`
+Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `python3 bench/encryption.py --size {a.size} --repeat {a.repeat}`
 (git {head}; load average at start / end {load_start:.2f} / {os.getloadavg()[0]:.2f}: other
 sessions build and test on this 2-core machine at the same time).
 

@@ -14,7 +14,7 @@
 //!   a collision is negligible however many uncoordinated writers seal with one key, so
 //!   writers need no counter or coordination.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -412,19 +412,45 @@ pub(crate) fn block_ad(id: &BlockId) -> [u8; 40] {
 }
 
 impl Keys {
-    /// Seal one stored block (`stored`: its compressed or plain bytes) for a pack.
+    /// Seal one stored block (`stored`: its compressed or plain bytes) for a pack, in
+    /// one buffer and one pass: blocks are most of what is sealed. (Block data is not
+    /// key material: these buffers are not zeroized.)
     pub(crate) fn seal_block(&self, id: &BlockId, stored: &[u8], block_size: usize) -> Vec<u8> {
         let total = sealed_block_len(stored.len(), block_size);
-        let mut plain = Zeroizing::new(vec![0u8; total - SEAL_OVERHEAD]);
-        plain[..4].copy_from_slice(&(stored.len() as u32).to_le_bytes());
-        plain[4..4 + stored.len()].copy_from_slice(stored);
-        self.seal(&block_ad(id), &plain)
+        let nonce: [u8; NONCE_LEN] = random();
+        let mut buf = Vec::with_capacity(total);
+        buf.extend_from_slice(&nonce);
+        buf.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+        buf.extend_from_slice(stored);
+        buf.resize(total - TAG_LEN, 0);
+        let tag = XChaCha20Poly1305::new((&*self.data).into())
+            .encrypt_in_place_detached(
+                XNonce::from_slice(&nonce),
+                &block_ad(id),
+                &mut buf[NONCE_LEN..],
+            )
+            .expect("XChaCha20-Poly1305 seals any block");
+        buf.extend_from_slice(&tag);
+        buf
     }
 
     /// Open a sealed block: its stored bytes, or `None` when damaged or not this block.
-    pub(crate) fn open_block(&self, id: &BlockId, sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-        let mut plain = self.open(&block_ad(id), sealed)?;
-        let len = u32::from_le_bytes(plain.get(..4)?.try_into().ok()?) as usize;
+    pub(crate) fn open_block(&self, id: &BlockId, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < SEAL_OVERHEAD + BLOCK_LEN_PREFIX {
+            return None;
+        }
+        let (nonce, rest) = sealed.split_at(NONCE_LEN);
+        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut plain = body.to_vec();
+        XChaCha20Poly1305::new((&*self.data).into())
+            .decrypt_in_place_detached(
+                XNonce::from_slice(nonce),
+                &block_ad(id),
+                &mut plain,
+                chacha20poly1305::Tag::from_slice(tag),
+            )
+            .ok()?;
+        let len = u32::from_le_bytes(plain[..4].try_into().ok()?) as usize;
         if len > plain.len() - 4 {
             return None;
         }
