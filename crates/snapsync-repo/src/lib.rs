@@ -47,6 +47,7 @@ mod options;
 mod prune;
 mod receive;
 mod repo;
+mod sealed;
 mod source;
 mod spill;
 mod stream;
@@ -54,7 +55,7 @@ mod verify;
 mod writer;
 
 pub use backend::{CustomStore, Location, DEFAULT_RETRY_TIMEOUT_SECS};
-pub use crypt::{Credentials, KdfParams, KeyInfo};
+pub use crypt::{Credentials, KdfParams};
 pub use gc::GcReport;
 pub use lock::{GcLock, SessionLock};
 /// The object-store crate the repository is written against, for [`Location::custom`].
@@ -62,4 +63,5 @@ pub use object_store;
 pub use options::{RepoOptions, DEFAULT_LOCK_WAIT};
 pub use prune::{KeptSnapshot, PruneOptions, PruneReport, VolumePrune};
 pub use repo::{Repository, DEFAULT_BLOCK_SIZE, MAX_CHAIN_LEN};
+pub use sealed::KeyInfo;
 pub use verify::{Damage, VerifyReport};

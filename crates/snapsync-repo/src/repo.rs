@@ -9,11 +9,12 @@ use snapsync_core::{codec, validate_name, BlockId, BlockMap, Timestamp, VolumeIn
 use snapsync_store::{Result, StoreError};
 
 use crate::backend::{Backend, Location, Put, PROBE_PREFIX};
-use crate::crypt::{self, Keys};
+use crate::crypt::Keys;
 use crate::format::{
     self, Catalog, Compression, Config, Manifest, ManifestId, MAGIC_CATALOG, MAGIC_CONFIG,
 };
 use crate::index::{BlockIndex, BlockLocation};
+use crate::sealed;
 use crate::RepoOptions;
 
 /// Default block size: the qcow2 default cluster size, a good balance of dedup
@@ -161,12 +162,12 @@ impl Repository {
             }
             (true, Some(secret)) => {
                 let keys = Keys::generate();
-                let id = crypt::add_key_object(&backend, &config, &keys, secret, options.kdf)?;
-                config.encryption = Some(crypt::config_encryption(&config, &keys));
+                let id = sealed::add_key_object(&backend, &config, &keys, secret, options.kdf)?;
+                config.encryption = Some(sealed::config_encryption(&config, &keys));
                 Some((keys, id))
             }
         };
-        let bytes = crypt::encode_config(&config);
+        let bytes = sealed::encode_config(&config);
         backend
             .put("config", Bytes::from(bytes), Put::Create)
             .map_err(|e| match e {
@@ -201,7 +202,7 @@ impl Repository {
             });
         };
         let config: Config = format::decode_json(MAGIC_CONFIG, &bytes, &loc)?;
-        let keys = crypt::unlock(&backend, &config, &bytes, &options.credentials, &loc)?;
+        let keys = sealed::unlock(&backend, &config, &bytes, &options.credentials, &loc)?;
         if !config.block_size.is_power_of_two() || config.block_size < 512 {
             return Err(StoreError::corrupt(
                 loc,
