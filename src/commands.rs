@@ -49,21 +49,93 @@ fn human(bytes: u64) -> String {
     }
 }
 
-pub fn init(repo: &str, block_size: u64) -> Result<ExitCode> {
+pub fn init(repo: &str, block_size: u64, encryption: bool) -> Result<ExitCode> {
     let StoreUrl::Repo(loc) = StoreUrl::parse(repo)? else {
         return Err(Usage(format!(
             "{repo:?} is not a repository URL (use file:///path, s3://BUCKET/PREFIX or a plain path)"
         ))
         .into());
     };
-    let r = Repository::init_with(loc, block_size, &stores::repo_options()?)
-        .with_context(|| format!("cannot create a repository at {repo}"))?;
+    let options = stores::repo_options()?;
+    let r = if encryption {
+        Repository::init_encrypted(loc, block_size, &options)
+    } else {
+        Repository::init_with(loc, block_size, &options)
+    }
+    .with_context(|| format!("cannot create a repository at {repo}"))?;
     println!(
-        "created repository {} (id {}, block size {})",
+        "created {}repository {} (id {}, block size {}{})",
+        if r.is_encrypted() { "encrypted " } else { "" },
         r.location(),
         r.repository_id(),
-        human(r.block_size())
+        human(r.block_size()),
+        r.key_id().map(|k| format!(", key {k}")).unwrap_or_default()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn key_add(
+    repo: &str,
+    password_file: Option<&Path>,
+    key_file: Option<&Path>,
+) -> Result<ExitCode> {
+    let new = match (password_file, key_file) {
+        (Some(p), _) => {
+            snapsync_repo::Credentials::default().with_passphrase(stores::read_password_file(p)?)
+        }
+        (None, Some(k)) => {
+            snapsync_repo::Credentials::default().with_key_file(stores::read_key_file(k)?)
+        }
+        (None, None) => {
+            return Err(Usage("give --new-password-file or --new-key-file".into()).into())
+        }
+    };
+    let s = stores::open(repo)?;
+    let id = s
+        .repository()?
+        .add_key(&new, stores::kdf_params()?)
+        .with_context(|| format!("cannot add a key to {repo}"))?;
+    println!("added key {id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn key_list(repo: &str, as_json: bool) -> Result<ExitCode> {
+    let s = stores::open(repo)?;
+    let keys = s.repository()?.list_keys()?;
+    if as_json {
+        let v: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                json!({
+                    "id": k.id,
+                    "kind": k.kind,
+                    "created": k.created.to_rfc3339(),
+                    "kdf": k.kdf,
+                    "current": k.current,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "keys": v }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    for k in &keys {
+        println!(
+            "{} {:<10} {}{}",
+            k.id,
+            k.kind,
+            k.created.to_rfc3339(),
+            if k.current { " (current)" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn key_remove(repo: &str, id: &str) -> Result<ExitCode> {
+    let s = stores::open(repo)?;
+    s.repository()?
+        .remove_key(id)
+        .with_context(|| format!("cannot remove key {id:?} of {repo}"))?;
+    println!("removed key {id}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -28,6 +28,8 @@ use stores::{ClientArgs, Usage};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    secrets: stores::SecretArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,6 +41,15 @@ enum Command {
         /// Block size in bytes (a power of two, 512 B to 16 MiB).
         #[arg(long, default_value_t = snapsync_repo::DEFAULT_BLOCK_SIZE)]
         block_size: u64,
+        /// Encrypt everything stored (format version 3) under a random key wrapped by
+        /// the passphrase (--password-file or SNAPSYNC_PASSWORD) or --key-file.
+        #[arg(long)]
+        encryption: bool,
+    },
+    /// Manage the passphrases and key files of an encrypted repository.
+    Key {
+        #[command(subcommand)]
+        action: KeyCommand,
     },
     /// List volumes and their snapshots.
     List {
@@ -224,6 +235,38 @@ enum Command {
     },
 }
 
+/// `snapsync key ...`.
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Add a passphrase (or key file) that opens the repository; data is not touched.
+    #[command(group(ArgGroup::new("new").required(true).args(["new_password_file", "new_key_file"])))]
+    Add {
+        /// Repository URL.
+        repo: String,
+        /// File holding the new passphrase (its first line).
+        #[arg(long)]
+        new_password_file: Option<std::path::PathBuf>,
+        /// File of at least 32 random bytes to open the repository with instead.
+        #[arg(long)]
+        new_key_file: Option<std::path::PathBuf>,
+    },
+    /// List the repository's keys.
+    List {
+        /// Repository URL.
+        repo: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a key (never the last one).
+    Remove {
+        /// Repository URL.
+        repo: String,
+        /// The key's id (from `key list`).
+        id: String,
+    },
+}
+
 /// How `snapsync daemon` writes its log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
@@ -257,8 +300,22 @@ fn main() -> ExitCode {
     allocator::tune();
     let cli = Cli::parse();
     init_logs(&cli.command);
+    stores::set_secrets(cli.secrets);
     let result = match cli.command {
-        Command::Init { repo, block_size } => commands::init(&repo, block_size),
+        Command::Init {
+            repo,
+            block_size,
+            encryption,
+        } => commands::init(&repo, block_size, encryption),
+        Command::Key { action } => match action {
+            KeyCommand::Add {
+                repo,
+                new_password_file,
+                new_key_file,
+            } => commands::key_add(&repo, new_password_file.as_deref(), new_key_file.as_deref()),
+            KeyCommand::List { repo, json } => commands::key_list(&repo, json),
+            KeyCommand::Remove { repo, id } => commands::key_remove(&repo, &id),
+        },
         Command::List {
             store,
             client,

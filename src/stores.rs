@@ -8,13 +8,20 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use snapsync::{AnyStore, OpenError, OpenOptions, StoreKind, StoreUrl};
 use snapsync_remote::ClientOptions;
-use snapsync_repo::RepoOptions;
+use snapsync_repo::{Credentials, KdfParams, RepoOptions};
+use snapsync_store::StoreError;
 
 /// How long transient S3 errors are retried, whole seconds.
 const RETRY_TIMEOUT_ENV: &str = "SNAPSYNC_RETRY_TIMEOUT_SECS";
 /// How long writers and gc wait for each other, whole seconds.
 const LOCK_WAIT_ENV: &str = "SNAPSYNC_LOCK_WAIT_SECS";
 const CACHE_DIR_ENV: &str = "SNAPSYNC_CACHE_DIR";
+/// The passphrase of encrypted repositories (after any `--password-file`).
+const PASSWORD_ENV: &str = "SNAPSYNC_PASSWORD";
+/// Argon2id memory (KiB) and passes of the keys `init --encryption` and `key add`
+/// create; the defaults (64 MiB, 3) are for production, smaller values for tests.
+const KDF_MEMORY_ENV: &str = "SNAPSYNC_KDF_MEMORY_KIB";
+const KDF_ITERATIONS_ENV: &str = "SNAPSYNC_KDF_ITERATIONS";
 /// `serve`: how long an untouched receive session lives, whole seconds (at least 1).
 pub const SESSION_IDLE_ENV: &str = "SNAPSYNC_SESSION_IDLE_SECS";
 
@@ -55,9 +62,88 @@ pub fn seconds_from_env(name: &str) -> Result<Option<Duration>> {
     }
 }
 
+/// What opens encrypted repositories, from flags given anywhere on the command line
+/// (global: every command that opens a repository takes them).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecretArgs {
+    /// File holding the passphrase of encrypted repositories (its first line; else
+    /// SNAPSYNC_PASSWORD). Repeatable: each is tried, e.g. for both ends of a replication.
+    #[arg(long = "password-file", value_name = "FILE", global = true)]
+    password_files: Vec<PathBuf>,
+    /// File of random bytes (at least 32) that opens encrypted repositories instead of
+    /// a passphrase. Repeatable.
+    #[arg(long = "key-file", value_name = "FILE", global = true)]
+    key_files: Vec<PathBuf>,
+}
+
+static SECRETS: std::sync::OnceLock<SecretArgs> = std::sync::OnceLock::new();
+
+/// Remember the command line's secrets for every repository opened later.
+pub fn set_secrets(secrets: SecretArgs) {
+    let _ = SECRETS.set(secrets);
+}
+
+/// A passphrase file's first line (without its line ending); an empty one is refused.
+pub fn read_password_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the password file {}", path.display()))?;
+    let line = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        anyhow::bail!("the password file {} is empty", path.display());
+    }
+    Ok(line.to_vec())
+}
+
+/// A key file's bytes.
+pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the key file {}", path.display()))
+}
+
+/// The passphrases and key files given: `--password-file`s, SNAPSYNC_PASSWORD, then
+/// `--key-file`s (the first is what `init --encryption` uses).
+fn credentials() -> Result<Credentials> {
+    let mut c = Credentials::default();
+    let args = SECRETS.get().cloned().unwrap_or_default();
+    for f in &args.password_files {
+        c = c.with_passphrase(read_password_file(f)?);
+    }
+    if let Some(p) = std::env::var_os(PASSWORD_ENV).filter(|p| !p.is_empty()) {
+        c = c.with_passphrase(p.into_encoded_bytes());
+    }
+    for f in &args.key_files {
+        c = c.with_key_file(read_key_file(f)?);
+    }
+    Ok(c)
+}
+
+/// Argon2id parameters of new keys: the defaults, or SNAPSYNC_KDF_MEMORY_KIB and
+/// SNAPSYNC_KDF_ITERATIONS.
+pub fn kdf_params() -> Result<KdfParams> {
+    let mut kdf = KdfParams::default();
+    let number = |name: &str| -> Result<Option<u32>> {
+        let Some(v) = std::env::var_os(name) else {
+            return Ok(None);
+        };
+        match v.to_str().and_then(|s| s.trim().parse::<u32>().ok()) {
+            Some(n) if n > 0 => Ok(Some(n)),
+            _ => anyhow::bail!("{name}={v:?} is not a positive whole number"),
+        }
+    };
+    if let Some(m) = number(KDF_MEMORY_ENV)? {
+        kdf.memory_kib = m;
+    }
+    if let Some(t) = number(KDF_ITERATIONS_ENV)? {
+        kdf.iterations = t;
+    }
+    Ok(kdf)
+}
+
 /// The repository options the environment sets.
 pub fn repo_options() -> Result<RepoOptions> {
-    let mut o = RepoOptions::default();
+    let mut o = RepoOptions::default()
+        .with_credentials(credentials()?)
+        .with_kdf(kdf_params()?);
     if let Some(t) = seconds_from_env(RETRY_TIMEOUT_ENV)? {
         o = o.with_retry_timeout(t);
     }
@@ -155,5 +241,18 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
             } => Some(", or restore --format qcow2"),
             OpenError::NoRepository { .. } => Some("; create one with `snapsync init`"),
             _ => None,
+        })
+        .or_else(|| {
+            e.chain().find_map(|c| {
+                let store = c
+                    .downcast_ref::<StoreError>()
+                    .or_else(|| match c.downcast_ref::<OpenError>()? {
+                        OpenError::Store(s) => Some(s),
+                        _ => None,
+                    })?;
+                matches!(store, StoreError::KeyRequired { .. }).then_some(
+                    "; give its passphrase with --password-file FILE or SNAPSYNC_PASSWORD, or a key with --key-file FILE",
+                )
+            })
         })
 }

@@ -72,15 +72,6 @@ fn verify_clean(store: &str) {
     );
 }
 
-/// The error a failed run printed: exactly one line, naming snapsync.
-fn one_line_error(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(1), "expected exit 1: {out:?}");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "not one line: {err}");
-    assert!(err.starts_with("snapsync: error: "), "{err}");
-    err
-}
-
 #[test]
 fn raw_to_s3_full_incremental_restore_verify() {
     let dir = tempfile::tempdir().unwrap();

@@ -119,6 +119,15 @@ pub fn success(args: &[&str], out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).expect("utf-8 output")
 }
 
+/// The error a failed run printed: exit 1 and exactly one line, naming snapsync.
+pub fn one_line_error(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "expected exit 1: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("snapsync: error: "), "{err}");
+    err
+}
+
 /// Run qemu-img and require success; returns stdout.
 pub fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img")

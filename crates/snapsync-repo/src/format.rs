@@ -25,6 +25,12 @@ use snapsync_store::{Result, StoreError};
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this code reads (and extends).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
+/// The format version of an encrypted repository's objects: laid out as version 2
+/// inside, each object's payload (and each block of a pack) sealed (see
+/// [`crate::crypt`]). Plain repositories are never written as version 3.
+pub const ENCRYPTED_FORMAT_VERSION: u32 = 3;
+/// The newest format version this code reads.
+pub const NEWEST_READABLE_VERSION: u32 = ENCRYPTED_FORMAT_VERSION;
 
 /// Magic of the repository configuration object.
 pub const MAGIC_CONFIG: &[u8; 8] = b"SNSYCONF";
@@ -38,6 +44,8 @@ pub const MAGIC_CATALOG: &[u8; 8] = b"SNSYCATL";
 pub const MAGIC_PACK: &[u8; 8] = b"SNSYPACK";
 /// Magic of one part of a large manifest's entries (version 2).
 pub const MAGIC_MANIFEST_PART: &[u8; 8] = b"SNSYMPRT";
+/// Magic of a key object of an encrypted repository (version 3).
+pub const MAGIC_KEY: &[u8; 8] = b"SNSYKEYS";
 
 /// Entries per manifest part: a manifest with more is split into parts of this many
 /// (the last one shorter), each its own object, so that a map of 16 M blocks is written
@@ -56,9 +64,14 @@ const _: () = assert!(ENVELOPE_HEADER == 20 && PACK_HEADER == 16);
 
 /// Wrap a payload.
 pub fn encode_envelope(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
+    encode_envelope_version(magic, FORMAT_VERSION, payload)
+}
+
+/// Wrap a payload, stating format `version`.
+pub fn encode_envelope_version(magic: &[u8; 8], version: u32, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(ENVELOPE_HEADER + payload.len() + ENVELOPE_TRAILER);
     v.extend_from_slice(magic);
-    v.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    v.extend_from_slice(&version.to_le_bytes());
     v.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     v.extend_from_slice(payload);
     let check = blake3::hash(&v);
@@ -84,6 +97,7 @@ pub(crate) fn envelope_payload_len(magic: &[u8; 8], bytes: &[u8], location: &str
         MAGIC_CATALOG,
         MAGIC_PACK,
         MAGIC_MANIFEST_PART,
+        MAGIC_KEY,
     ];
     let head = &bytes[..bytes.len().min(8)];
     if head != &magic[..head.len()] || (head.len() == 8 && head != magic) {
@@ -104,11 +118,11 @@ pub(crate) fn envelope_payload_len(magic: &[u8; 8], bytes: &[u8], location: &str
         )));
     }
     let version = envelope_version(bytes);
-    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
+    if !(OLDEST_READABLE_VERSION..=NEWEST_READABLE_VERSION).contains(&version) {
         return Err(StoreError::Unsupported {
             what: format!(
                 "{location} has format version {version}; this snapsync reads versions \
-                 {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}"
+                 {OLDEST_READABLE_VERSION} to {NEWEST_READABLE_VERSION}"
             ),
         });
     }
@@ -155,6 +169,19 @@ pub struct Config {
     /// case `open` checks instead.
     #[serde(default)]
     pub create_only_checked: bool,
+    /// Present in an encrypted repository (format version 3): which scheme, and a MAC
+    /// of the fields above under the repository's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// The `encryption` field of an encrypted repository's `config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// The scheme ([`crate::crypt::SCHEME`]).
+    pub scheme: String,
+    /// BLAKE3 keyed MAC (hex) of the repository id, block size and creation time.
+    pub mac: String,
 }
 
 /// How a block is stored in a pack.
@@ -381,10 +408,24 @@ pub fn decode_part(
     block_count: u64,
     location: &str,
 ) -> Result<Vec<(u64, BlockRef)>> {
-    let corrupt = |d: String| StoreError::corrupt(location, d);
     if BlockId::of(bytes) != part.id {
-        return Err(corrupt("content does not match its id (damaged)".into()));
+        return Err(StoreError::corrupt(
+            location,
+            "content does not match its id (damaged)",
+        ));
     }
+    decode_part_unchecked(bytes, part, block_count, location)
+}
+
+/// [`decode_part`] without the id check (done by the caller, who knows how ids are
+/// derived: keyed in an encrypted repository).
+pub(crate) fn decode_part_unchecked(
+    bytes: &[u8],
+    part: &PartRef,
+    block_count: u64,
+    location: &str,
+) -> Result<Vec<(u64, BlockRef)>> {
+    let corrupt = |d: String| StoreError::corrupt(location, d);
     let p = decode_envelope(MAGIC_MANIFEST_PART, bytes, location)?;
     let mut r = Cursor { p, pos: 0 };
     let count = r.u64().ok_or_else(|| corrupt("truncated part".into()))?;

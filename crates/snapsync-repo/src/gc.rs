@@ -19,7 +19,7 @@ use tracing::info;
 use crate::backend::Put;
 use crate::format::{self, IndexEntry, ManifestId, MAGIC_PACK, PACK_HEADER};
 use crate::index::BlockIndex;
-use crate::repo::{decode_block, key_index, key_manifest, key_pack, Repository};
+use crate::repo::{key_index, key_manifest, key_pack, Repository};
 use crate::stream::EntryStream;
 use crate::verify::{Bitmap, LOOKUP_BATCH};
 use snapsync_store::random_id;
@@ -278,11 +278,12 @@ impl Repository {
         let data = self.backend.get_ranges_many(vec![(key.clone(), ranges)])?;
         let mut buf = Vec::new();
         buf.extend_from_slice(MAGIC_PACK);
-        buf.extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
+        buf.extend_from_slice(&self.format_version().to_le_bytes());
         buf.resize(PACK_HEADER, 0);
         let mut entries = Vec::with_capacity(live.len());
         for (e, stored) in live.iter().zip(&data[0]) {
-            let ok = decode_block(stored, e.compression, e.raw_len)
+            let ok = self
+                .decode_stored(&e.id, stored, e.compression, e.raw_len)
                 .is_some_and(|d| BlockId::of(&d) == e.id);
             if !ok {
                 return Err(StoreError::corrupt(
@@ -300,7 +301,8 @@ impl Repository {
             buf.extend_from_slice(stored);
         }
         let index = format::encode_index(&entries);
-        let id = format::pack_id(&index);
+        let id = self.pack_id(&index);
+        let index = self.seal_object(&key_index(&id), index);
         let written = (buf.len() + index.len()) as u64;
         let job = self.backend.spawn_puts(vec![
             (key_pack(&id), vec![Bytes::from(buf)]),

@@ -41,7 +41,7 @@ pub(crate) struct BlockLocation {
 
 /// A [`BlockLocation`] in 12 bytes (4-byte aligned, so that an [`Entry`] is 44): the
 /// pack, and one 64-bit word of offset (38 bits: packs are far below 256 GiB), stored
-/// length (25 bits: at most the block size, at most 16 MiB) and compression (1 bit).
+/// length (25 bits: at most the block size, at most 16 MiB, plus sealing) and compression (1 bit).
 /// The plaintext length is the block size, or the entry is damaged: an entry that does
 /// not fit (a damaged index) is kept with a stored length larger than any block, so that
 /// reading it reports the damage as its true lengths would.
@@ -58,11 +58,17 @@ const ZSTD_BIT: u64 = 1 << 63;
 const DAMAGED_LEN: u64 = (1 << LEN_BITS) - 1;
 const _: () = assert!(OFFSET_BITS + LEN_BITS + 1 == 64 && DAMAGED_LEN > 16 << 20);
 
+/// The longest a block of `block_size` bytes can be stored: sealed in an encrypted
+/// repository (a plain repository's reads refuse more than the block size themselves).
+fn max_stored_len(block_size: u64) -> u64 {
+    crate::crypt::sealed_block_len(block_size as usize, block_size as usize) as u64
+}
+
 impl Loc {
     fn new(pack: u32, e: &IndexEntry, block_size: u64) -> Self {
         let fits = e.offset < 1 << OFFSET_BITS
             && u64::from(e.raw_len) == block_size
-            && u64::from(e.stored_len) <= block_size;
+            && u64::from(e.stored_len) <= max_stored_len(block_size);
         let len = if fits {
             u64::from(e.stored_len)
         } else {

@@ -28,9 +28,16 @@
 //!   writers committing at once cannot lose each other's snapshots: the loser rereads
 //!   and retries.
 //!
+//! - An encrypted repository ([`Repository::init_encrypted`], format version 3) seals
+//!   every object and every block on the client and names objects and volume
+//!   directories with keyed hashes; a random master key is wrapped per passphrase or
+//!   key file ([`Credentials`], [`Repository::add_key`]). Everything cryptographic is
+//!   in one module; the rest of the crate sees plain version-2 structures.
+//!
 //! The format is specified in `docs/FORMAT.md` and in [`mod@format`].
 
 mod backend;
+mod crypt;
 mod diff;
 pub mod format;
 mod gc;
@@ -40,6 +47,7 @@ mod options;
 mod prune;
 mod receive;
 mod repo;
+mod sealed;
 mod source;
 mod spill;
 mod stream;
@@ -47,6 +55,7 @@ mod verify;
 mod writer;
 
 pub use backend::{CustomStore, Location, DEFAULT_RETRY_TIMEOUT_SECS};
+pub use crypt::{Credentials, KdfParams};
 pub use gc::GcReport;
 pub use lock::{GcLock, SessionLock};
 /// The object-store crate the repository is written against, for [`Location::custom`].
@@ -54,4 +63,5 @@ pub use object_store;
 pub use options::{RepoOptions, DEFAULT_LOCK_WAIT};
 pub use prune::{KeptSnapshot, PruneOptions, PruneReport, VolumePrune};
 pub use repo::{Repository, DEFAULT_BLOCK_SIZE, MAX_CHAIN_LEN};
+pub use sealed::KeyInfo;
 pub use verify::{Damage, VerifyReport};

@@ -31,6 +31,12 @@ pub struct RepoOptions {
     /// cache. A cache is used only while no gc ran since it was written, and is checked
     /// whole when read (a damaged one is rebuilt, never trusted).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Passphrases and key files tried on an encrypted repository's keys (ignored by a
+    /// plain one); `init_encrypted` wraps the new key under the first.
+    pub credentials: crate::Credentials,
+    /// Argon2id parameters of the keys `init_encrypted` and `add_key` create. Stored in
+    /// each key object: opening uses the parameters of the key it tries.
+    pub kdf: crate::KdfParams,
 }
 
 impl Default for RepoOptions {
@@ -40,6 +46,8 @@ impl Default for RepoOptions {
             lock_wait: DEFAULT_LOCK_WAIT,
             part_entries: crate::format::PART_ENTRIES,
             cache_dir: None,
+            credentials: crate::Credentials::default(),
+            kdf: crate::KdfParams::default(),
         }
     }
 }
@@ -60,6 +68,18 @@ impl RepoOptions {
     /// Set [`RepoOptions::cache_dir`].
     pub fn with_cache_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
         self.cache_dir = dir;
+        self
+    }
+
+    /// Set [`RepoOptions::credentials`].
+    pub fn with_credentials(mut self, credentials: crate::Credentials) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// Set [`RepoOptions::kdf`].
+    pub fn with_kdf(mut self, kdf: crate::KdfParams) -> Self {
+        self.kdf = kdf;
         self
     }
 

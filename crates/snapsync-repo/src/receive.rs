@@ -112,12 +112,19 @@ struct PackBuilder {
 }
 
 impl PackBuilder {
-    /// Append one block as stored (`bytes`, `compression` of `raw_len` plaintext bytes).
-    fn add(&mut self, id: BlockId, compression: Compression, raw_len: u32, bytes: Bytes) {
+    /// Append one block as stored (`bytes`, `compression` of `raw_len` plaintext bytes;
+    /// sealed in an encrypted repository, whose packs are `version` 3).
+    fn add(
+        &mut self,
+        id: BlockId,
+        (compression, raw_len): (Compression, u32),
+        bytes: Bytes,
+        version: u32,
+    ) {
         if self.chunks.is_empty() {
             let mut header = Vec::with_capacity(PACK_HEADER);
             header.extend_from_slice(MAGIC_PACK);
-            header.extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
+            header.extend_from_slice(&version.to_le_bytes());
             header.resize(PACK_HEADER, 0);
             self.len = header.len();
             self.chunks.push(header.into());
@@ -212,7 +219,8 @@ impl RepoReceiver<'_> {
         }
         let pack = std::mem::take(&mut self.pack);
         let index = format::encode_index(&pack.entries);
-        let id = format::pack_id(&index);
+        let id = self.repo.pack_id(&index);
+        let index = self.repo.seal_object(&key_index(&id), index);
         debug!(pack = %id, size = pack.len, blocks = pack.entries.len(), "storing pack");
         // The pack before its index, in one ordered background job: an index never
         // names a pack that is not there.
@@ -332,25 +340,32 @@ impl Receiver for RepoReceiver<'_> {
         // would cost as much as the engine's own hashing. What the sender already
         // compressed (or found not worth it) is not tried again, and when nothing is
         // left to try, no pool threads are woken for it.
+        // Sealed here too in an encrypted repository (on all cores).
+        let repo = self.repo;
         let encode = |(id, data, compressed): &Fresh<'_>| {
             let (compression, bytes) = match compressed.frame_for(data) {
                 Some(frame) => (Compression::Zstd, frame),
                 None => (Compression::None, (*data).clone()),
             };
-            (*id, compression, bytes)
+            // What is reported as sent: the (compressed) data, before sealing, the same
+            // in plain and encrypted repositories.
+            let len = bytes.len() as u64;
+            (*id, compression, repo.seal_stored(id, bytes), len)
         };
-        let encoded: Vec<(BlockId, Compression, Bytes)> = if fresh
-            .iter()
-            .any(|(_, _, c)| matches!(c, Compressed::NotTried))
+        let encoded: Vec<(BlockId, Compression, Bytes, u64)> = if repo.is_encrypted()
+            || fresh
+                .iter()
+                .any(|(_, _, c)| matches!(c, Compressed::NotTried))
         {
             fresh.par_iter().map(encode).collect()
         } else {
             fresh.iter().map(encode).collect()
         };
         let mut added = 0u64;
-        for (id, compression, bytes) in encoded {
-            added += bytes.len() as u64;
-            self.pack.add(id, compression, bs as u32, bytes);
+        for (id, compression, bytes, len) in encoded {
+            added += len;
+            let version = repo.format_version();
+            self.pack.add(id, (compression, bs as u32), bytes, version);
             if self.pack.len >= PACK_TARGET || self.pack.entries.len() >= PACK_MAX_BLOCKS {
                 self.flush()?;
             }

@@ -9,11 +9,13 @@ use snapsync_core::{codec, validate_name, BlockId, BlockMap, Timestamp, VolumeIn
 use snapsync_store::{Result, StoreError};
 
 use crate::backend::{Backend, Location, Put, PROBE_PREFIX};
+use crate::crypt::Keys;
 use crate::format::{
     self, Catalog, Compression, Config, Manifest, ManifestHeader, ManifestId, MAGIC_CATALOG,
     MAGIC_CONFIG,
 };
 use crate::index::{BlockIndex, BlockLocation};
+use crate::sealed;
 use crate::RepoOptions;
 
 /// Default block size: the qcow2 default cluster size, a good balance of dedup
@@ -35,6 +37,10 @@ pub struct Repository {
     pub(crate) backend: Backend,
     pub(crate) config: Config,
     pub(crate) options: RepoOptions,
+    /// The keys of an encrypted repository (format version 3); `None` for a plain one.
+    pub(crate) keys: Option<Keys>,
+    /// The key object `keys` were unwrapped from.
+    pub(crate) key_id: Option<String>,
     index: Mutex<Option<BlockIndex>>,
     manifests: Mutex<HashMap<ManifestId, Arc<Manifest>>>,
     /// gc runs seen when the block index was last trusted (see `lock.rs`).
@@ -64,15 +70,16 @@ pub(crate) fn key_part(id: &BlockId) -> String {
     format!("mparts/{}/{h}", &h[..2])
 }
 /// A hint to the newest generation of a volume's catalog, so that reading a snapshot
-/// needs no listing.
-pub(crate) fn key_catalog_head(volume: &str) -> String {
-    format!("volumes/{volume}/head")
+/// needs no listing. `dir` is the volume's directory ([`Repository::volume_dir`]).
+pub(crate) fn key_catalog_head(dir: &str) -> String {
+    format!("volumes/{dir}/head")
 }
-pub(crate) fn key_catalog(volume: &str, generation: u64) -> String {
-    format!("volumes/{volume}/{generation:016x}")
+/// A catalog generation; `dir` is the volume's directory ([`Repository::volume_dir`]).
+pub(crate) fn key_catalog(dir: &str, generation: u64) -> String {
+    format!("volumes/{dir}/{generation:016x}")
 }
 
-/// Parse `volumes/<volume>/<generation>` keys.
+/// Parse `volumes/<dir>/<generation>` keys.
 pub(crate) fn parse_catalog_key(key: &str) -> Option<(String, u64)> {
     let rest = key.strip_prefix("volumes/")?;
     let (vol, gen) = rest.split_once('/')?;
@@ -95,6 +102,26 @@ impl Repository {
 
     /// [`Repository::init`] with `options`.
     pub fn init_with(location: Location, block_size: u64, options: &RepoOptions) -> Result<Self> {
+        Self::create(location, block_size, options, false)
+    }
+
+    /// Create an encrypted repository (format version 3): a random master key, wrapped
+    /// under the first passphrase or key file of [`RepoOptions::credentials`] with
+    /// [`RepoOptions::kdf`] in a key object, then `config`. See `docs/FORMAT.md`.
+    pub fn init_encrypted(
+        location: Location,
+        block_size: u64,
+        options: &RepoOptions,
+    ) -> Result<Self> {
+        Self::create(location, block_size, options, true)
+    }
+
+    fn create(
+        location: Location,
+        block_size: u64,
+        options: &RepoOptions,
+        encrypt: bool,
+    ) -> Result<Self> {
         if !block_size.is_power_of_two() || !(512..=16 << 20).contains(&block_size) {
             return Err(StoreError::invalid_argument(format!(
                 "block size {block_size}: it must be a power of two from 512 to 16777216"
@@ -117,13 +144,31 @@ impl Repository {
         // Before anything is stored: a server that cannot refuse a second create would
         // let concurrent commits overwrite each other.
         backend.check_create_only()?;
-        let config = Config {
+        let mut config = Config {
             repository_id: snapsync_store::random_id(),
             block_size,
             created: Timestamp::from_system_time(std::time::SystemTime::now()),
             create_only_checked: true,
+            encryption: None,
         };
-        let bytes = format::encode_json(MAGIC_CONFIG, &config);
+        let keys = match (encrypt, options.credentials.first()) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(StoreError::KeyRequired {
+                    what: format!(
+                        "an encrypted repository at {} needs a passphrase or key file",
+                        backend.location()
+                    ),
+                })
+            }
+            (true, Some(secret)) => {
+                let keys = Keys::generate();
+                let id = sealed::add_key_object(&backend, &config, &keys, secret, options.kdf)?;
+                config.encryption = Some(sealed::config_encryption(&config, &keys));
+                Some((keys, id))
+            }
+        };
+        let bytes = sealed::encode_config(&config);
         backend
             .put("config", Bytes::from(bytes), Put::Create)
             .map_err(|e| match e {
@@ -132,7 +177,7 @@ impl Repository {
                 },
                 other => other,
             })?;
-        Ok(Self::from_parts(backend, config, options))
+        Ok(Self::from_parts(backend, config, options, keys))
     }
 
     /// Open an existing repository with default [`RepoOptions`].
@@ -158,6 +203,7 @@ impl Repository {
             });
         };
         let config: Config = format::decode_json(MAGIC_CONFIG, &bytes, &loc)?;
+        let keys = sealed::unlock(&backend, &config, &bytes, &options.credentials, &loc)?;
         if !config.block_size.is_power_of_two() || config.block_size < 512 {
             return Err(StoreError::corrupt(
                 loc,
@@ -174,7 +220,7 @@ impl Repository {
                 Ok(()) => {}
             }
         }
-        Ok(Self::from_parts(backend, config, options))
+        Ok(Self::from_parts(backend, config, options, keys))
     }
 
     /// Refuse to write on when the repository was replaced since it was opened (deleted
@@ -202,10 +248,18 @@ impl Repository {
         })
     }
 
-    fn from_parts(backend: Backend, config: Config, options: &RepoOptions) -> Self {
+    fn from_parts(
+        backend: Backend,
+        config: Config,
+        options: &RepoOptions,
+        keys: Option<(Keys, String)>,
+    ) -> Self {
+        let (keys, key_id) = keys.unzip();
         Self {
             backend,
             config,
+            keys,
+            key_id,
             options: options.clone(),
             index: Mutex::new(None),
             manifests: Mutex::new(HashMap::new()),
@@ -242,7 +296,7 @@ impl Repository {
                     *e = (*e).max(gen);
                 }
             }
-            let keys: Vec<String> = newest.iter().map(|(v, g)| key_catalog(v, *g)).collect();
+            let keys: Vec<String> = newest.iter().map(|(d, g)| key_catalog(d, *g)).collect();
             let got = self.backend.get_many(&keys)?;
             if got.iter().any(Option::is_none) {
                 // A generation vanished between list and read: a newer one exists.
@@ -263,9 +317,10 @@ impl Repository {
     }
 
     fn decode_catalog(&self, key: &str, bytes: &[u8]) -> Result<Catalog> {
-        let cat: Catalog = format::decode_json(MAGIC_CATALOG, bytes, &self.describe(key))?;
+        let bytes = self.open_object(MAGIC_CATALOG, key, bytes)?;
+        let cat: Catalog = format::decode_json(MAGIC_CATALOG, &bytes, &self.describe(key))?;
         match parse_catalog_key(key) {
-            Some((v, g)) if v == cat.volume && g == cat.generation => Ok(cat),
+            Some((d, g)) if d == self.volume_dir(&cat.volume) && g == cat.generation => Ok(cat),
             _ => Err(StoreError::corrupt(
                 self.describe(key),
                 "catalog content does not match its key",
@@ -276,20 +331,25 @@ impl Repository {
     /// The newest catalog generation of one volume.
     pub fn catalog(&self, volume: &str) -> Result<Option<Catalog>> {
         validate_name("volume", volume)?;
+        self.catalog_in(&self.volume_dir(volume))
+    }
+
+    /// The newest catalog generation under `volumes/<dir>/`.
+    pub(crate) fn catalog_in(&self, dir: &str) -> Result<Option<Catalog>> {
         // Without listing: start from the head pointer and probe forward, since
         // generations are created one after the other. The pointer is only a hint.
-        if let Some(head) = self.backend.get(&key_catalog_head(volume))? {
+        if let Some(head) = self.backend.get(&key_catalog_head(dir))? {
             let gen = std::str::from_utf8(&head)
                 .ok()
                 .and_then(|s| u64::from_str_radix(s.trim(), 16).ok());
             if let Some(mut gen) = gen {
-                if let Some(mut bytes) = self.backend.get(&key_catalog(volume, gen))? {
-                    while let Some(next) = self.backend.get(&key_catalog(volume, gen + 1))? {
+                if let Some(mut bytes) = self.backend.get(&key_catalog(dir, gen))? {
+                    while let Some(next) = self.backend.get(&key_catalog(dir, gen + 1))? {
                         gen += 1;
                         bytes = next;
                     }
                     return self
-                        .decode_catalog(&key_catalog(volume, gen), &bytes)
+                        .decode_catalog(&key_catalog(dir, gen), &bytes)
                         .map(Some);
                 }
             }
@@ -297,28 +357,29 @@ impl Repository {
         for _ in 0..10 {
             let newest = self
                 .backend
-                .list(&format!("volumes/{volume}"))?
+                .list(&format!("volumes/{dir}"))?
                 .into_iter()
                 .filter_map(|(k, _)| parse_catalog_key(&k))
-                .filter(|(v, _)| v == volume)
+                .filter(|(v, _)| v == dir)
                 .map(|(_, g)| g)
                 .max();
             let Some(gen) = newest else { return Ok(None) };
-            let key = key_catalog(volume, gen);
+            let key = key_catalog(dir, gen);
             match self.backend.get(&key)? {
                 Some(b) => return self.decode_catalog(&key, &b).map(Some),
                 None => continue,
             }
         }
         Err(StoreError::Conflict {
-            what: format!("catalog of volume {volume:?} keeps changing while being read"),
+            what: format!("catalog in volumes/{dir} keeps changing while being read"),
         })
     }
 
     /// Write the next catalog generation; `Conflict` when another writer took it.
     pub(crate) fn put_catalog(&self, catalog: &Catalog) -> Result<()> {
-        let key = key_catalog(&catalog.volume, catalog.generation);
-        let bytes = format::encode_json(MAGIC_CATALOG, catalog);
+        let dir = self.volume_dir(&catalog.volume);
+        let key = key_catalog(&dir, catalog.generation);
+        let bytes = self.seal_object(&key, format::encode_json(MAGIC_CATALOG, catalog));
         match self.backend.put(&key, Bytes::from(bytes), Put::Create) {
             Err(StoreError::AlreadyExists { .. }) => Err(StoreError::Conflict {
                 what: format!(
@@ -332,15 +393,15 @@ impl Repository {
         // and it never names a generation that is not durable (written after it), so it
         // need not be durable itself.
         let _ = self.backend.put_visible(
-            &key_catalog_head(&catalog.volume),
+            &key_catalog_head(&dir),
             Bytes::from(format!("{:016x}", catalog.generation)),
             Put::Overwrite,
         );
         if catalog.generation > KEEP_GENERATIONS {
             let old = catalog.generation - KEEP_GENERATIONS;
-            for (k, _) in self.backend.list(&format!("volumes/{}", catalog.volume))? {
-                if let Some((v, g)) = parse_catalog_key(&k) {
-                    if v == catalog.volume && g < old {
+            for (k, _) in self.backend.list(&format!("volumes/{dir}"))? {
+                if let Some((d, g)) = parse_catalog_key(&k) {
+                    if d == dir && g < old {
                         let _ = self.backend.delete(&k);
                     }
                 }
@@ -381,7 +442,8 @@ impl Repository {
             .backend
             .get(&key)?
             .ok_or_else(|| StoreError::corrupt(self.describe(&key), "manifest is missing"))?;
-        if BlockId::of(&bytes) != *id {
+        let bytes = self.open_object(format::MAGIC_MANIFEST, &key, &bytes)?;
+        if self.object_id(&bytes) != *id {
             return Err(StoreError::corrupt(
                 self.describe(&key),
                 "content does not match its id (damaged)",
@@ -556,6 +618,7 @@ impl Repository {
             let keys: Vec<String> = batch.iter().map(key_index).collect();
             for ((pack, key), bytes) in batch.iter().zip(&keys).zip(self.backend.get_many(&keys)?) {
                 let Some(bytes) = bytes else { continue };
+                let bytes = self.open_object(format::MAGIC_INDEX, key, &bytes)?;
                 let entries = format::decode_index(&bytes, &self.describe(key))?;
                 ix.add_pack(*pack, &entries);
             }
@@ -609,6 +672,7 @@ impl Repository {
                     .parse::<BlockId>()
                     .map_err(|_| StoreError::corrupt(self.describe(key), "bad index name"))
                     .and_then(|pack| {
+                        let bytes = self.open_object(format::MAGIC_INDEX, key, &bytes)?;
                         format::decode_index(&bytes, &self.describe(key)).map(|e| (pack, e))
                     });
                 f(IndexObject {
@@ -694,7 +758,7 @@ impl Repository {
             // Every block is exactly one block long, and stored compressed only when
             // that made it smaller: anything else is a damaged index (and must not
             // size a read).
-            if l.raw_len as usize != bs || l.stored_len as usize > bs {
+            if l.raw_len as usize != bs || l.stored_len as usize > self.max_stored_len() {
                 return Err(damaged(k));
             }
         }
@@ -711,7 +775,8 @@ impl Repository {
             let slot = blocks[k].0;
             assert!(slot < slots && sources[slot].is_none(), "slots are unique");
             let (start, stored) = (l.offset, u64::from(l.stored_len));
-            let plain = l.compression == Compression::None && stored == bs as u64;
+            let plain =
+                self.keys.is_none() && l.compression == Compression::None && stored == bs as u64;
             let extends = runs.last().is_some_and(|r| {
                 r.pack == *pack
                     && match r.direct {
@@ -787,7 +852,7 @@ impl Repository {
                 let l = &located[*k].1;
                 if let Source::Scratch(at) = source {
                     let stored = &scratch[*at..*at + l.stored_len as usize];
-                    if !decode_block_into(stored, l.compression, dst) {
+                    if !self.decode_stored_into(&ids[*k], stored, l.compression, dst) {
                         return Err(damaged(*k));
                     }
                 }

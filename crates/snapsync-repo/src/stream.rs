@@ -67,7 +67,7 @@ impl Repository {
             e => e,
         })?;
         let payload = format::envelope_payload_len(MAGIC_MANIFEST, &start, &location)?;
-        if format::envelope_version(&start) >= 2 {
+        if format::envelope_version(&start) >= 2 || self.is_encrypted() {
             return self.check_manifest_v2(id, &key);
         }
         let len = (ENVELOPE_HEADER as u64 + ENVELOPE_TRAILER as u64)
@@ -126,7 +126,8 @@ impl Repository {
             .backend
             .get(key)?
             .ok_or_else(|| StoreError::corrupt(location.clone(), "manifest is missing"))?;
-        if BlockId::of(&bytes) != *id {
+        let bytes = self.open_object(MAGIC_MANIFEST, key, &bytes)?;
+        if self.object_id(&bytes) != *id {
             return Err(StoreError::corrupt(
                 location,
                 "content does not match its id (damaged)",
@@ -153,7 +154,14 @@ impl Repository {
             .backend
             .get(&key)?
             .ok_or_else(|| StoreError::corrupt(location.clone(), "manifest part is missing"))?;
-        format::decode_part(&bytes, part, block_count, &location)
+        let bytes = self.open_object(format::MAGIC_MANIFEST_PART, &key, &bytes)?;
+        if self.object_id(&bytes) != part.id {
+            return Err(StoreError::corrupt(
+                location,
+                "content does not match its id (damaged)",
+            ));
+        }
+        format::decode_part_unchecked(&bytes, part, block_count, &location)
     }
 
     /// The manifests of a delta chain from `id` down to its full map, checked.

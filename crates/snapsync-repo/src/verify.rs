@@ -10,7 +10,7 @@ use snapsync_store::{Phase, Progress, Result, StoreError};
 
 use crate::format::{self, MAGIC_PACK};
 use crate::index::BlockIndex;
-use crate::repo::{decode_block, key_pack, Repository};
+use crate::repo::{key_pack, Repository};
 use crate::stream::ChainCursor;
 
 /// One damaged snapshot (or, with `snapshot` empty, a damaged repository object).
@@ -43,6 +43,10 @@ pub struct VerifyReport {
     pub damaged: Vec<Damage>,
     /// Damage not tied to one snapshot (unreadable catalogs or indexes, lost packs).
     pub repository_errors: Vec<String>,
+    /// Sealed units whose nonces were checked for repeats (an encrypted repository,
+    /// `--read-data`): every block and every sealed object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nonces_checked: Option<u64>,
 }
 
 /// Blocks looked up in the index at once (sorted: see [`BlockIndex::rank_many`]);
@@ -70,6 +74,28 @@ impl Bitmap {
     }
 }
 
+/// The nonces of an encrypted repository's sealed units, by their first 16 bytes (a
+/// repeat of 128 random bits is as telling as one of 192, in less memory).
+#[derive(Default)]
+struct Nonces {
+    seen: std::collections::HashSet<u128>,
+    checked: u64,
+    repeated: Vec<String>,
+}
+
+impl Nonces {
+    fn add(&mut self, nonce: &[u8], what: impl FnOnce() -> String) {
+        self.checked += 1;
+        let n = u128::from_le_bytes(nonce[..16].try_into().expect("16 bytes"));
+        if !self.seen.insert(n) && self.repeated.len() < 100 {
+            self.repeated.push(format!(
+                "{}: nonce used before (a sealed unit repeats another's nonce)",
+                what()
+            ));
+        }
+    }
+}
+
 /// The index entries of a pack good enough to check its blocks against.
 struct GoodPack {
     pack: BlockId,
@@ -77,6 +103,35 @@ struct GoodPack {
 }
 
 impl Repository {
+    /// Add the nonces of every sealed object (index, manifest, part, catalog, key) to
+    /// `nonces`; each sits after the object's envelope header.
+    fn audit_object_nonces(&self, nonces: &mut Nonces) -> Result<()> {
+        for prefix in ["index", "manifests", "mparts", "volumes", "keys"] {
+            let keys: Vec<String> = self
+                .backend
+                .list(prefix)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| !k.ends_with("/head"))
+                .collect();
+            for batch in keys.chunks(64) {
+                for (key, bytes) in batch.iter().zip(self.backend.get_many(batch)?) {
+                    let at = format::ENVELOPE_HEADER;
+                    let nonce = match (prefix, &bytes) {
+                        // A key object's nonce is in its JSON.
+                        ("keys", Some(b)) => crate::crypt::key_object_nonce(b),
+                        (_, Some(b)) => b.get(at..at + crate::crypt::NONCE_LEN).map(<[u8]>::to_vec),
+                        (_, None) => None,
+                    };
+                    if let Some(n) = nonce {
+                        nonces.add(&n, || self.describe(key));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Verify the repository. With `read_data`, `progress` is told of the pack data to
     /// read ([`Phase::Verify`]) and of each pack read.
     ///
@@ -89,7 +144,14 @@ impl Repository {
         let catalogs = self.verify_catalogs(&mut report)?;
         let (mut index, packs) = self.verify_indexes(&mut report)?;
         let bad_blocks = if read_data {
-            self.verify_data(&packs, &mut report, progress)?
+            let mut nonces = Nonces::default();
+            let bad = self.verify_data(&packs, &mut report, progress, &mut nonces)?;
+            if self.is_encrypted() {
+                self.audit_object_nonces(&mut nonces)?;
+                report.nonces_checked = Some(nonces.checked);
+                report.repository_errors.extend(nonces.repeated);
+            }
+            bad
         } else {
             HashMap::new()
         };
@@ -126,7 +188,7 @@ impl Repository {
             }
         }
         for v in vols.keys() {
-            match self.catalog(v) {
+            match self.catalog_in(v) {
                 Ok(Some(c)) => catalogs.push(c),
                 Ok(None) => {}
                 Err(e) => report.damaged.push(Damage {
@@ -188,6 +250,7 @@ impl Repository {
         packs: &[GoodPack],
         report: &mut VerifyReport,
         progress: &dyn Progress,
+        nonces: &mut Nonces,
     ) -> Result<HashMap<BlockId, String>> {
         let sizes: HashMap<String, u64> = self.backend.list("packs")?.into_iter().collect();
         let total = packs
@@ -206,6 +269,7 @@ impl Repository {
                     .push(format!("{} vanished", self.describe(&key)));
                 continue;
             };
+            let index = self.open_object(format::MAGIC_INDEX, &p.index_key, &index)?;
             let entries = format::decode_index(&index, &self.describe(&p.index_key))?;
             report.bytes_read += bytes.len() as u64;
             progress.advance(bytes.len() as u64);
@@ -221,7 +285,7 @@ impl Repository {
                     let end = start + e.stored_len as usize;
                     let ok = bytes
                         .get(start..end)
-                        .and_then(|s| decode_block(s, e.compression, e.raw_len))
+                        .and_then(|s| self.decode_stored(&e.id, s, e.compression, e.raw_len))
                         .is_some_and(|d| BlockId::of(&d) == e.id);
                     (!ok).then(|| {
                         (
@@ -238,6 +302,14 @@ impl Repository {
                 .collect();
             report.blocks_read += entries.len() as u64;
             bad_blocks.extend(bad);
+            if self.is_encrypted() {
+                for e in &entries {
+                    let at = e.offset as usize;
+                    if let Some(n) = bytes.get(at..at + crate::crypt::NONCE_LEN) {
+                        nonces.add(n, || format!("{} at offset {at}", self.describe(&key)));
+                    }
+                }
+            }
         }
         progress.finish();
         Ok(bad_blocks)

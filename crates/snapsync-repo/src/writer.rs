@@ -105,7 +105,8 @@ impl<'a> ManifestWriter<'a> {
     fn store_part(&mut self) -> Result<()> {
         self.note_packs()?;
         let bytes = format::encode_part(self.in_part, &std::mem::take(&mut self.entries));
-        let id = BlockId::of(&bytes);
+        let id = self.repo.object_id(&bytes);
+        let bytes = self.repo.seal_object(&key_part(&id), bytes);
         self.parts.push(PartRef {
             first: self.first,
             last: self.last.expect("a part has entries"),
@@ -144,7 +145,8 @@ impl<'a> ManifestWriter<'a> {
             &self.parts,
             if inline { &self.entries } else { &[] },
         );
-        let id = BlockId::of(&bytes);
+        let id = self.repo.object_id(&bytes);
+        let bytes = self.repo.seal_object(&key_manifest(&id), bytes);
         match self
             .repo
             .backend

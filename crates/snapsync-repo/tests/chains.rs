@@ -16,11 +16,52 @@ fn t(s: i64) -> Timestamp {
     Timestamp::new(1_700_000_000 + s, 0)
 }
 
+thread_local! {
+    /// Whether this test's repositories are encrypted (format version 3): every test
+    /// runs on its own thread, and those below marked "both" run once each way.
+    static ENCRYPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `test` on a plain and on an encrypted repository.
+fn both(test: fn()) {
+    for encrypted in [false, true] {
+        ENCRYPTED.with(|e| e.set(encrypted));
+        test();
+    }
+}
+
+/// Options that open this test's repositories (a passphrase when encrypted, with a
+/// cheap key derivation: the tests are not about Argon2id's cost).
+fn options() -> snapsync_repo::RepoOptions {
+    let o = snapsync_repo::RepoOptions::default().with_part_entries(5);
+    if ENCRYPTED.with(|e| e.get()) {
+        let kdf = snapsync_repo::KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        o.with_credentials(snapsync_repo::Credentials::default().with_passphrase("test"))
+            .with_kdf(kdf)
+    } else {
+        o
+    }
+}
+
 /// A repository whose manifests are split into parts of a few entries, so that every
 /// chain operation here crosses part boundaries (the default holds 16 Ki entries).
 fn repo(dir: &std::path::Path) -> Repository {
-    let options = snapsync_repo::RepoOptions::default().with_part_entries(5);
-    Repository::init_with(Location::Local(dir.join("repo")), BS, &options).unwrap()
+    let location = Location::Local(dir.join("repo"));
+    let r = if ENCRYPTED.with(|e| e.get()) {
+        Repository::init_encrypted(location, BS, &options()).unwrap()
+    } else {
+        Repository::init_with(location, BS, &options()).unwrap()
+    };
+    assert_eq!(r.is_encrypted(), ENCRYPTED.with(|e| e.get()));
+    r
+}
+
+fn reopen(dir: &std::path::Path) -> Repository {
+    Repository::open_with(Location::Local(dir.join("repo")), &options()).unwrap()
 }
 
 fn send(src: &MemoryStore, dst: &Repository, snapshot: Option<&str>) -> Vec<SnapshotReport> {
@@ -44,6 +85,10 @@ fn entries(repo: &Repository, volume: &str, snap: &str) -> usize {
 
 #[test]
 fn inserting_an_older_snapshot_rebases_its_younger_neighbour() {
+    both(inserting_an_older_snapshot_rebases_its_younger_neighbour_once);
+}
+
+fn inserting_an_older_snapshot_rebases_its_younger_neighbour_once() {
     let dir = tempfile::tempdir().unwrap();
     let dst = repo(dir.path());
     let src = MemoryStore::new("src", BS);
@@ -77,6 +122,10 @@ fn inserting_an_older_snapshot_rebases_its_younger_neighbour() {
 
 #[test]
 fn a_rebase_that_would_add_entries_is_not_made() {
+    both(a_rebase_that_would_add_entries_is_not_made_once);
+}
+
+fn a_rebase_that_would_add_entries_is_not_made_once() {
     let dir = tempfile::tempdir().unwrap();
     let dst = repo(dir.path());
     let src = MemoryStore::new("src", BS);
@@ -99,6 +148,10 @@ fn a_rebase_that_would_add_entries_is_not_made() {
 
 #[test]
 fn prune_merges_removed_deltas_and_gc_reclaims_space() {
+    both(prune_merges_removed_deltas_and_gc_reclaims_space_once);
+}
+
+fn prune_merges_removed_deltas_and_gc_reclaims_space_once() {
     let dir = tempfile::tempdir().unwrap();
     let dst = repo(dir.path());
     let src = MemoryStore::new("src", BS);
@@ -167,6 +220,10 @@ fn dir_size(p: &std::path::Path) -> u64 {
 
 #[test]
 fn deep_chains_stay_cheap_to_read() {
+    both(deep_chains_stay_cheap_to_read_once);
+}
+
+fn deep_chains_stay_cheap_to_read_once() {
     let dir = tempfile::tempdir().unwrap();
     let dst = repo(dir.path());
     let src = MemoryStore::new("src", BS);
@@ -177,7 +234,7 @@ fn deep_chains_stay_cheap_to_read() {
         src.add_snapshot("vm", &format!("s{k:03}"), t(k as i64), data.clone());
         send(&src, &dst, None);
     }
-    let reopened = Repository::open(Location::Local(dir.path().join("repo"))).unwrap();
+    let reopened = reopen(dir.path());
     let cat = reopened.catalog("vm").unwrap().unwrap();
     // Snapshot number k resolves through at most popcount(k) + 1 manifests (8 for the
     // 200th), and only the first is a full map: the metadata grows with the changes.
@@ -198,7 +255,7 @@ fn deep_chains_stay_cheap_to_read() {
     }
     assert_eq!(full_maps, 1);
     let time = |name: &str| {
-        let r = Repository::open(Location::Local(dir.path().join("repo"))).unwrap();
+        let r = reopen(dir.path());
         let out = dir.path().join(format!("{name}.img"));
         let start = std::time::Instant::now();
         restore(&r, "vm", name, &out, &NoProgress).unwrap();
@@ -212,6 +269,10 @@ fn deep_chains_stay_cheap_to_read() {
 
 #[test]
 fn a_clone_is_stored_against_its_origin_and_keeps_lineage_onward() {
+    both(a_clone_is_stored_against_its_origin_and_keeps_lineage_onward_once);
+}
+
+fn a_clone_is_stored_against_its_origin_and_keeps_lineage_onward_once() {
     let dir = tempfile::tempdir().unwrap();
     let a = repo(&dir.path().join("a"));
     let b = repo(&dir.path().join("b"));
@@ -275,7 +336,9 @@ proptest! {
     fn chains_survive_any_sequence(
         writes in proptest::collection::vec(proptest::collection::vec((0usize..12, any::<u8>()), 1..4), 4..7),
         ops in proptest::collection::vec(arb_op(), 1..10),
+        encrypted in any::<bool>(),
     ) {
+        ENCRYPTED.with(|e| e.set(encrypted));
         let dir = tempfile::tempdir().unwrap();
         let dst = repo(dir.path());
         let src = MemoryStore::new("src", BS);
@@ -358,6 +421,10 @@ proptest! {
 
 #[test]
 fn a_source_that_estimates_diffs_gets_the_smallest_delta_not_the_nearest() {
+    both(a_source_that_estimates_diffs_gets_the_smallest_delta_not_the_nearest_once);
+}
+
+fn a_source_that_estimates_diffs_gets_the_smallest_delta_not_the_nearest_once() {
     let dir = tempfile::tempdir().unwrap();
     let a = repo(&dir.path().join("a"));
     let b = repo(&dir.path().join("b"));
@@ -393,6 +460,10 @@ fn a_source_that_estimates_diffs_gets_the_smallest_delta_not_the_nearest() {
 
 #[test]
 fn reading_a_snapshot_needs_no_listing() {
+    both(reading_a_snapshot_needs_no_listing_once);
+}
+
+fn reading_a_snapshot_needs_no_listing_once() {
     let dir = tempfile::tempdir().unwrap();
     let dst = repo(dir.path());
     let src = MemoryStore::new("src", BS);
@@ -402,7 +473,7 @@ fn reading_a_snapshot_needs_no_listing() {
         src.add_snapshot("vm", &format!("s{k:02}"), t(k as i64), data.clone());
         send(&src, &dst, None);
     }
-    let fresh = Repository::open(Location::Local(dir.path().join("repo"))).unwrap();
+    let fresh = reopen(dir.path());
     let before = fresh.listings_made();
     let out = dir.path().join("out.img");
     restore(&fresh, "vm", "s19", &out, &NoProgress).unwrap();
@@ -422,13 +493,17 @@ fn reading_a_snapshot_needs_no_listing() {
     )
     .unwrap();
     dst.gc().unwrap();
-    let fresh = Repository::open(Location::Local(dir.path().join("repo"))).unwrap();
+    let fresh = reopen(dir.path());
     restore(&fresh, "vm", "s19", &out, &NoProgress).unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
 }
 
 #[test]
 fn a_repository_replaced_under_an_open_one_is_refused_not_written_into() {
+    both(a_repository_replaced_under_an_open_one_is_refused_not_written_into_once);
+}
+
+fn a_repository_replaced_under_an_open_one_is_refused_not_written_into_once() {
     // A long-running server holds the repository open; someone deletes it and runs
     // `init` again at the same place. The old block index would have the next receive
     // deduplicate against packs that are gone.

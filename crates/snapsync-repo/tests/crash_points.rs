@@ -233,10 +233,25 @@ fn t(s: i64) -> Timestamp {
     Timestamp::new(1_700_000_000 + s, 0)
 }
 
+thread_local! {
+    /// Whether the repositories of this run are encrypted (format version 3).
+    static ENCRYPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// A repository that does not wait for locks: a crash point leaves the session lock of
 /// a process that is (in this test) still alive, which a real crash would not.
 fn options() -> RepoOptions {
-    RepoOptions::default().with_lock_wait(std::time::Duration::from_secs(0))
+    let o = RepoOptions::default().with_lock_wait(std::time::Duration::from_secs(0));
+    if !ENCRYPTED.with(|e| e.get()) {
+        return o;
+    }
+    let kdf = snapsync_repo::KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+    o.with_credentials(snapsync_repo::Credentials::default().with_passphrase("crash"))
+        .with_kdf(kdf)
 }
 
 fn open(store: Arc<dyn ObjectStore>) -> snapsync_store::Result<Repository> {
@@ -413,7 +428,11 @@ fn check_cut(
 /// The state before the scenario's operation, and its store.
 fn prepared(scenario: &Scenario, src: &MemoryStore) -> (InMemory, BTreeMap<String, Vec<u8>>) {
     let store = Arc::new(InMemory::new());
-    let repo = Repository::init_with(
+    let repo = (if ENCRYPTED.with(|e| e.get()) {
+        Repository::init_encrypted
+    } else {
+        Repository::init_with
+    })(
         Location::custom("mem://crash", store.clone()),
         BS,
         &options(),
@@ -426,6 +445,16 @@ fn prepared(scenario: &Scenario, src: &MemoryStore) -> (InMemory, BTreeMap<Strin
 
 #[test]
 fn every_crash_point_leaves_the_old_or_the_new_state() {
+    every_crash_point(false);
+}
+
+#[test]
+fn every_crash_point_leaves_an_encrypted_repository_old_or_new() {
+    every_crash_point(true);
+}
+
+fn every_crash_point(encrypted: bool) {
+    ENCRYPTED.with(|e| e.set(encrypted));
     let src = source();
     for scenario in scenarios() {
         let (base, before) = prepared(&scenario, &src);

@@ -47,6 +47,18 @@ pub enum StoreError {
         /// What is wrong.
         detail: String,
     },
+    /// The repository is encrypted and no passphrase or key file was given.
+    #[error("{what} is encrypted and no passphrase or key file was given")]
+    KeyRequired {
+        /// The repository.
+        what: String,
+    },
+    /// No key of an encrypted repository opens with the passphrases or key files given.
+    #[error("wrong passphrase or key file for {what}: none of its keys opens with it")]
+    WrongKey {
+        /// The repository.
+        what: String,
+    },
     /// The store cannot do this.
     #[error("unsupported: {what}")]
     Unsupported {

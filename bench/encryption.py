@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Encrypted repositories beside plain ones and beside restic (issue 18).
+
+    cargo build --release
+    python3 bench/encryption.py --size 1GiB --work /work/bench-work/enc
+
+The same raw image pair (s1, then s2 = s1 with 1% scattered 100 KiB writes; half of the
+image incompressible random data, half compressible text) is replicated into a fresh
+plain repository, a fresh encrypted one (default Argon2id parameters: each command pays
+one key derivation, as in production) and backed up with restic (which always encrypts).
+Page cache is dropped before every timed run when possible (root). Prints a table with
+the encrypted ÷ plain ratio (goal: at most 1.2x) and, unless --no-doc, rewrites the
+"Encryption" section of docs/BENCHMARKS.md between its markers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+KiB = 1024
+MiB = KiB * KiB
+GiB = MiB * KiB
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BEGIN = "<!-- encryption:begin (bench/encryption.py rewrites this section) -->"
+END = "<!-- encryption:end -->"
+
+
+def parse_size(s: str) -> int:
+    units = {"KiB": KiB, "MiB": MiB, "GiB": GiB}
+    for u, m in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * m)
+    return int(s)
+
+
+def human(n: float) -> str:
+    for u in ["B", "KiB", "MiB", "GiB"]:
+        if n < 1024 or u == "GiB":
+            return f"{n:.1f} {u}" if u != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def make_images(d: Path, size: int) -> None:
+    """s1: alternating 8 MiB of random bytes and of text; s2: s1 with 1% changed."""
+    vm = d / "vm"
+    vm.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(18)
+    words = b" ".join(rng.choice([b"snapshot", b"volume", b"block", b"qcow2", b"extent",
+                                  b"repository", b"encrypted", b"delta", b"chain"])
+                      for _ in range(1 << 20))
+    chunk = 8 * MiB
+    with open(vm / "s1.img", "wb") as f:
+        k = 0
+        while k * chunk < size:
+            n = min(chunk, size - k * chunk)
+            f.write(os.urandom(n) if k % 2 == 0 else (words * 2)[:n])
+            k += 1
+    shutil.copyfile(vm / "s1.img", vm / "s2.img")
+    with open(vm / "s2.img", "r+b") as f:
+        for _ in range(size // 100 // (100 * KiB)):
+            f.seek(rng.randrange(0, size - 100 * KiB) // 4096 * 4096)
+            f.write(os.urandom(100 * KiB))
+    for name, age in (("s1", 1_700_000_000), ("s2", 1_700_003_600)):
+        os.utime(vm / f"{name}.img", (age, age))
+
+
+def drop_caches() -> None:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds, peak RSS bytes of `cmd` (GNU time)."""
+    drop_caches()
+    out = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", *cmd], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
+    wall, user, sys_, rss = out.stderr.strip().splitlines()[-1].split()
+    return float(wall), float(user) + float(sys_), int(rss) * KiB
+
+
+def du(p: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in p.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--bin", default=str(REPO_ROOT / "target/release/snapsync"))
+    ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    size = parse_size(a.size)
+    work = Path(a.work or tempfile.mkdtemp(prefix="snapsync-enc-bench-"))
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    images = work / "images"
+    make_images(images, size)
+    pw = work / "password"
+    pw.write_text("benchmark passphrase\n")
+    load_start = os.getloadavg()[0]
+
+    env = dict(os.environ)
+    env["SNAPSYNC_CACHE_DIR"] = str(work / "cache")
+    env.pop("SNAPSYNC_KDF_MEMORY_KIB", None)
+    env.pop("SNAPSYNC_KDF_ITERATIONS", None)
+    # Each repetition into fresh destinations; the fastest wall time of each phase is
+    # kept (the machine is shared: the slower runs measure the neighbours).
+    best: dict[tuple[str, str], tuple[float, float, int, int]] = {}
+
+    def keep(mode: str, phase: str, t: tuple[float, float, int], stored: int) -> None:
+        if (mode, phase) not in best or t[0] < best[(mode, phase)][0]:
+            best[(mode, phase)] = (*t, stored)
+
+    for rep in range(a.repeat):
+        for mode in ("plain", "encrypted"):
+            repo = work / f"{mode}-{rep}"
+            shutil.rmtree(images / ".snapsync", ignore_errors=True)
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            extra = ["--password-file", str(pw)] if mode == "encrypted" else []
+            init = [a.bin, "init", str(repo)] + (["--encryption"] if mode == "encrypted" else [])
+            subprocess.run(init + extra, env=env, check=True, stdout=subprocess.DEVNULL)
+            before = 0
+            for snap, phase in (("s1", "full"), ("s2", "incremental")):
+                t = timed([a.bin, "replicate", f"raw:{images}", str(repo), "--volume", "vm",
+                           "--snapshot", snap, *extra], env)
+                stored = du(repo)
+                keep(mode, phase, t, stored - before)
+                before = stored
+            restore = work / f"{mode}.img"
+            keep(mode, "restore s2", timed([a.bin, "restore", str(repo), "vm@s2", str(restore),
+                                            *extra], env), 0)
+            restore.unlink()
+            if mode == "encrypted":
+                # What every command on an encrypted repository pays first.
+                keep(mode, "open (Argon2id)", timed([a.bin, "list", str(repo), *extra], env), 0)
+            shutil.rmtree(repo)
+
+        renv = dict(env, RESTIC_PASSWORD="benchmark passphrase",
+                    RESTIC_REPOSITORY=str(work / "restic"))
+        shutil.rmtree(work / "restic", ignore_errors=True)
+        shutil.rmtree(work / "restic-src", ignore_errors=True)
+        shutil.rmtree(work / "restic-out", ignore_errors=True)
+        subprocess.run(["restic", "init"], env=renv, check=True, stdout=subprocess.DEVNULL)
+        cur = work / "restic-src"
+        cur.mkdir()
+        before = 0
+        for snap, phase in (("s1", "full"), ("s2", "incremental")):
+            target = cur / "vm.img"
+            if target.exists():
+                target.unlink()
+            os.link(images / "vm" / f"{snap}.img", target)
+            t = timed(["restic", "backup", "--quiet", str(cur)], renv)
+            stored = du(work / "restic")
+            keep("restic", phase, t, stored - before)
+            before = stored
+        keep("restic", "restore s2", timed(["restic", "restore", "latest", "--target",
+                                            str(work / "restic-out")], renv), 0)
+    order = ["full", "incremental", "restore s2", "open (Argon2id)"]
+    rows = [(m, p, *best[(m, p)]) for m in ("plain", "encrypted", "restic") for p in order
+            if (m, p) in best]
+
+    by = {(m, p): (w, c, r, s) for m, p, w, c, r, s in rows}
+    lines = ["| tool | phase | wall | CPU | peak RSS | stored Δ | ÷ plain (wall) | ÷ plain (CPU) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for m, p, w, c, r, s in rows:
+        plain = by.get(("plain", p))
+        ratio = f"{w / plain[0]:.2f}x" if plain and plain[0] > 0 else "–"
+        cratio = f"{c / plain[1]:.2f}x" if plain and plain[1] > 0 else "–"
+        lines.append(f"| {m} | {p} | {w:.2f} s | {c:.2f} s | {human(r)} | "
+                     f"{human(s) if s else '–'} | {ratio} | {cratio} |")
+    table = "\n".join(lines)
+    print(table)
+    for p in ("full", "incremental", "restore s2"):
+        print(f"encrypted ÷ plain, {p}: {by[('encrypted', p)][0] / by[('plain', p)][0]:.2f}x")
+    if a.no_doc:
+        return
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    section = f"""{BEGIN}
+Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `python3 bench/encryption.py --size {a.size} --repeat {a.repeat}`
+(git {head}; load average at start / end {load_start:.2f} / {os.getloadavg()[0]:.2f}: other
+sessions build and test on this 2-core machine at the same time).
+
+{table}
+{END}"""
+    doc = REPO_ROOT / "docs/BENCHMARKS.md"
+    text = doc.read_text()
+    if BEGIN in text:
+        pre, rest = text.split(BEGIN, 1)
+        text = pre + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Encryption\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

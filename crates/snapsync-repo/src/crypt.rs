@@ -1,0 +1,554 @@
+//! Client-side encryption of a repository (format version 3). All of the cryptography
+//! is here: the rest of the crate calls [`Keys::seal`], [`Keys::open`] and the keyed
+//! hashes, and never sees a cipher. `docs/FORMAT.md` ("Encrypted repositories") is the
+//! prose version; the two must agree.
+//!
+//! - A random 64-byte **master key** per repository, stored only wrapped: once per
+//!   passphrase (or key file) in a `keys/<id>` object, under a key derived from the
+//!   passphrase with Argon2id (its parameters and salt stored beside it), so a
+//!   passphrase can be added, removed or rotated without touching any data.
+//! - Subkeys from the master key with BLAKE3 `derive_key`: one seals object bodies and
+//!   blocks, one names objects (keyed hashes instead of content hashes in object keys),
+//!   one hides volume names in object keys.
+//! - XChaCha20-Poly1305 with a random 24-byte nonce per sealed unit: with 192-bit nonces
+//!   a collision is negligible however many uncoordinated writers seal with one key, so
+//!   writers need no counter or coordination.
+
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use snapsync_core::{BlockId, Timestamp};
+use snapsync_store::{Result, StoreError};
+use zeroize::Zeroizing;
+
+/// The scheme an encrypted repository's `config` names.
+pub const SCHEME: &str = "xchacha20poly1305-blake3-argon2id";
+/// Random nonce in front of every sealed unit.
+pub const NONCE_LEN: usize = 24;
+/// Poly1305 tag after every sealed unit.
+pub const TAG_LEN: usize = 16;
+/// Bytes a sealed unit adds to its plaintext.
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+/// A sealed block's plaintext starts with the stored length (`u32`), then the stored
+/// bytes, then zero padding.
+pub const BLOCK_LEN_PREFIX: usize = 4;
+/// Length of the master key.
+const MASTER_LEN: usize = 64;
+
+const DATA_KEY_CONTEXT: &str = "snapsync 2026-12-05 data key v1";
+const ID_KEY_CONTEXT: &str = "snapsync 2026-12-05 object id key v1";
+const NAME_KEY_CONTEXT: &str = "snapsync 2026-12-05 volume name key v1";
+const CONFIG_MAC_CONTEXT: &str = "snapsync 2026-12-05 config mac key v1";
+const KEY_FILE_CONTEXT: &str = "snapsync 2026-12-05 key file wrapping key v1";
+/// Associated data of a wrapped master key, before the repository id and key id.
+const WRAP_AD: &[u8] = b"snapsync key object v1";
+
+/// Argon2id parameters of one key object (stored in it, so each passphrase keeps the
+/// cost it was added with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdfParams {
+    /// Memory in KiB (at least 8).
+    pub memory_kib: u32,
+    /// Passes over the memory.
+    pub iterations: u32,
+    /// Lanes.
+    pub parallelism: u32,
+}
+
+impl Default for KdfParams {
+    /// 64 MiB, 3 passes, 1 lane: about a quarter of a second on one core of a current
+    /// server, within RFC 9106's second recommended option (64 MiB, t = 3), so that
+    /// guessing costs an attacker the same memory per guess.
+    fn default() -> Self {
+        Self {
+            memory_kib: 64 << 10,
+            iterations: 3,
+            parallelism: 1,
+        }
+    }
+}
+
+/// What may open an encrypted repository: passphrases and key files, each tried
+/// against every key object (so one set opens both ends of a replication between two
+/// encrypted repositories). Secrets are zeroized when dropped and never printed.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    passphrases: Vec<Zeroizing<Vec<u8>>>,
+    key_files: Vec<Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Credentials({} passphrase(s), {} key file(s))",
+            self.passphrases.len(),
+            self.key_files.len()
+        )
+    }
+}
+
+impl Credentials {
+    /// Add a passphrase.
+    pub fn with_passphrase(mut self, passphrase: impl Into<Vec<u8>>) -> Self {
+        self.passphrases.push(Zeroizing::new(passphrase.into()));
+        self
+    }
+
+    /// Add the contents of a key file (random bytes, at least 32 of them).
+    pub fn with_key_file(mut self, contents: impl Into<Vec<u8>>) -> Self {
+        self.key_files.push(Zeroizing::new(contents.into()));
+        self
+    }
+
+    /// True when there is nothing to try.
+    pub fn is_empty(&self) -> bool {
+        self.passphrases.is_empty() && self.key_files.is_empty()
+    }
+
+    /// The first secret given: what `init` wraps the new master key with.
+    pub(crate) fn first(&self) -> Option<Secret<'_>> {
+        self.passphrases
+            .first()
+            .map(|p| Secret::Passphrase(p))
+            .or_else(|| self.key_files.first().map(|k| Secret::KeyFile(k)))
+    }
+
+    fn all(&self) -> impl Iterator<Item = Secret<'_>> {
+        self.passphrases
+            .iter()
+            .map(|p| Secret::Passphrase(p))
+            .chain(self.key_files.iter().map(|k| Secret::KeyFile(k)))
+    }
+}
+
+/// One passphrase or key file.
+#[derive(Clone, Copy)]
+pub(crate) enum Secret<'a> {
+    Passphrase(&'a [u8]),
+    KeyFile(&'a [u8]),
+}
+
+impl Secret<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Secret::Passphrase(_) => KIND_PASSPHRASE,
+            Secret::KeyFile(_) => KIND_KEY_FILE,
+        }
+    }
+}
+
+const KIND_PASSPHRASE: &str = "passphrase";
+const KIND_KEY_FILE: &str = "key-file";
+
+/// A `keys/<id>` object: the master key wrapped under one passphrase or key file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyObject {
+    /// `"passphrase"` (Argon2id) or `"key-file"` (BLAKE3 of the file, no stretching:
+    /// a key file holds random bytes).
+    pub kind: String,
+    /// Argon2id parameters (passphrases only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kdf: Option<KdfParams>,
+    /// Random salt, hex.
+    pub salt: String,
+    /// When it was added.
+    pub created: Timestamp,
+    /// Nonce of the wrapped master key, hex.
+    pub nonce: String,
+    /// The master key sealed with XChaCha20-Poly1305 under the derived key, hex.
+    pub master_key: String,
+}
+
+/// The keys of an open encrypted repository; zeroized when dropped.
+pub(crate) struct Keys {
+    master: Zeroizing<[u8; MASTER_LEN]>,
+    data: Zeroizing<[u8; 32]>,
+    id: Zeroizing<[u8; 32]>,
+    name: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::rng().fill_bytes(&mut b);
+    b
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl Keys {
+    /// A new random master key.
+    pub(crate) fn generate() -> Self {
+        Self::from_master(Zeroizing::new(random()))
+    }
+
+    fn from_master(master: Zeroizing<[u8; MASTER_LEN]>) -> Self {
+        let derive = |context| Zeroizing::new(blake3::derive_key(context, &master[..]));
+        Self {
+            data: derive(DATA_KEY_CONTEXT),
+            id: derive(ID_KEY_CONTEXT),
+            name: derive(NAME_KEY_CONTEXT),
+            master,
+        }
+    }
+
+    /// Seal `plaintext`: `nonce ‖ ciphertext ‖ tag`, bound to `ad`.
+    pub(crate) fn seal(&self, ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        seal_with(&self.data, ad, plaintext)
+    }
+
+    /// Open what [`Keys::seal`] sealed with the same `ad`; `None` when it was damaged,
+    /// swapped for another object, or sealed with another key.
+    pub(crate) fn open(&self, ad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        open_with(&self.data, ad, sealed)
+    }
+
+    /// The name of a content-derived object (pack, manifest, part): BLAKE3 keyed with
+    /// the id key, so a name says nothing to whoever has no key (an unkeyed hash of
+    /// known content could be recomputed to confirm it is stored).
+    pub(crate) fn object_id(&self, content: &[u8]) -> BlockId {
+        BlockId(*blake3::keyed_hash(&self.id, content).as_bytes())
+    }
+
+    /// The directory of a volume under `volumes/`: 32 hex digits of a keyed hash of its
+    /// name (the name itself is only inside the sealed catalogs).
+    pub(crate) fn volume_dir(&self, volume: &str) -> String {
+        hex(&blake3::keyed_hash(&self.name, volume.as_bytes()).as_bytes()[..16])
+    }
+
+    /// Authenticate the clear fields of `config` (so a changed block size or a config
+    /// copied from another repository is noticed once a key opens).
+    pub(crate) fn config_mac(&self, fields: &[u8]) -> String {
+        let key = blake3::derive_key(CONFIG_MAC_CONTEXT, &self.master[..]);
+        let key = Zeroizing::new(key);
+        hex(blake3::keyed_hash(&key, fields).as_bytes())
+    }
+
+    /// Wrap the master key under `secret` for the key object `key_id` of repository
+    /// `repository_id`.
+    pub(crate) fn wrap(
+        &self,
+        secret: Secret<'_>,
+        kdf: KdfParams,
+        repository_id: &str,
+        key_id: &str,
+    ) -> Result<KeyObject> {
+        let salt: [u8; 32] = random();
+        let kdf = matches!(secret, Secret::Passphrase(_)).then_some(kdf);
+        let wrapping = wrapping_key(secret, kdf, &salt)?;
+        let sealed = seal_with(&wrapping, &wrap_ad(repository_id, key_id), &self.master[..]);
+        Ok(KeyObject {
+            kind: secret.kind().into(),
+            kdf,
+            salt: hex(&salt),
+            created: Timestamp::from_system_time(std::time::SystemTime::now()),
+            nonce: hex(&sealed[..NONCE_LEN]),
+            master_key: hex(&sealed[NONCE_LEN..]),
+        })
+    }
+
+    /// Unwrap the master key from the first key object any of `credentials` opens;
+    /// returns it with the id of that key object. `None`: none does.
+    pub(crate) fn unwrap(
+        objects: &[(String, KeyObject)],
+        credentials: &Credentials,
+        repository_id: &str,
+    ) -> Result<Option<(Self, String)>> {
+        for secret in credentials.all() {
+            for (key_id, object) in objects {
+                if object.kind != secret.kind() {
+                    continue;
+                }
+                let bad = |what: &str| {
+                    StoreError::corrupt(format!("keys/{key_id}"), format!("bad {what}"))
+                };
+                let salt = unhex(&object.salt).ok_or_else(|| bad("salt"))?;
+                let mut sealed = unhex(&object.nonce).ok_or_else(|| bad("nonce"))?;
+                sealed.extend(unhex(&object.master_key).ok_or_else(|| bad("master key"))?);
+                let wrapping = wrapping_key(secret, object.kdf, &salt)?;
+                let Some(master) = open_with(&wrapping, &wrap_ad(repository_id, key_id), &sealed)
+                else {
+                    continue;
+                };
+                let master: [u8; MASTER_LEN] = master[..]
+                    .try_into()
+                    .map_err(|_| bad("master key length"))?;
+                return Ok(Some((
+                    Self::from_master(Zeroizing::new(master)),
+                    key_id.clone(),
+                )));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn wrap_ad(repository_id: &str, key_id: &str) -> Vec<u8> {
+    [
+        WRAP_AD,
+        b"\0",
+        repository_id.as_bytes(),
+        b"\0",
+        key_id.as_bytes(),
+    ]
+    .concat()
+}
+
+/// The key that wraps the master key: Argon2id of a passphrase, or a BLAKE3
+/// derive-key of a key file's bytes (which must be random: at least 32 bytes).
+fn wrapping_key(
+    secret: Secret<'_>,
+    kdf: Option<KdfParams>,
+    salt: &[u8],
+) -> Result<Zeroizing<[u8; 32]>> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    match secret {
+        Secret::Passphrase(p) => {
+            let kdf = kdf.ok_or_else(|| {
+                StoreError::corrupt("key object", "a passphrase key without Argon2id parameters")
+            })?;
+            let params =
+                argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32))
+                    .map_err(|e| {
+                        StoreError::invalid_argument(format!("Argon2id parameters: {e}"))
+                    })?;
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+                .hash_password_into(p, salt, &mut out[..])
+                .map_err(|e| StoreError::invalid_argument(format!("Argon2id: {e}")))?;
+        }
+        Secret::KeyFile(k) => {
+            if k.len() < 32 {
+                return Err(StoreError::invalid_argument(format!(
+                    "a key file must hold at least 32 random bytes (it holds {})",
+                    k.len()
+                )));
+            }
+            let mut h = blake3::Hasher::new_derive_key(KEY_FILE_CONTEXT);
+            h.update(salt);
+            h.update(k);
+            *out = *h.finalize().as_bytes();
+        }
+    }
+    Ok(out)
+}
+
+fn seal_with(key: &[u8; 32], ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let nonce: [u8; NONCE_LEN] = random();
+    let cipher = XChaCha20Poly1305::new(key.into());
+    let ct = cipher
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: ad,
+            },
+        )
+        .expect("XChaCha20-Poly1305 seals any length a repository object has");
+    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    out
+}
+
+fn open_with(key: &[u8; 32], ad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return None;
+    }
+    let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    XChaCha20Poly1305::new(key.into())
+        .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: ad })
+        .ok()
+        .map(Zeroizing::new)
+}
+
+/// Padmé (Nikitin et al., "Reducing metadata leakage from encrypted files and
+/// communication with PURBs", 2019): round `len` up so that only its top
+/// `⌊log2 ⌊log2 len⌋⌋ + 1` bits may be set. Leaks O(log log len) bits of a length for at
+/// most 12 % overhead (about 3 % at 64 KiB).
+pub(crate) fn padme(len: u64) -> u64 {
+    if len < 2 {
+        return len;
+    }
+    let e = 63 - u64::from(len.leading_zeros());
+    let s = 64 - u64::from(e.leading_zeros());
+    let mask = (1u64 << (e - s)) - 1;
+    (len + mask) & !mask
+}
+
+/// The stored length of a sealed block whose stored (compressed or plain) bytes are
+/// `stored` long, in a repository of `block_size` blocks: Padmé-padded, but never more
+/// than a sealed uncompressed block (all of which have that one length anyway).
+pub(crate) fn sealed_block_len(stored: usize, block_size: usize) -> usize {
+    let unit = |n: usize| n + BLOCK_LEN_PREFIX + SEAL_OVERHEAD;
+    (padme(unit(stored) as u64) as usize).min(unit(block_size).max(unit(stored)))
+}
+
+/// Associated data of a sealed block: the pack magic and the block's id, so a block
+/// opens only as itself, wherever it is moved (gc copies sealed blocks unchanged).
+pub(crate) fn block_ad(id: &BlockId) -> [u8; 40] {
+    let mut ad = [0u8; 40];
+    ad[..8].copy_from_slice(crate::format::MAGIC_PACK);
+    ad[8..].copy_from_slice(id.as_bytes());
+    ad
+}
+
+impl Keys {
+    /// Seal one stored block (`stored`: its compressed or plain bytes) for a pack, in
+    /// one buffer and one pass: blocks are most of what is sealed. (Block data is not
+    /// key material: these buffers are not zeroized.)
+    pub(crate) fn seal_block(&self, id: &BlockId, stored: &[u8], block_size: usize) -> Vec<u8> {
+        let total = sealed_block_len(stored.len(), block_size);
+        let nonce: [u8; NONCE_LEN] = random();
+        let mut buf = Vec::with_capacity(total);
+        buf.extend_from_slice(&nonce);
+        buf.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+        buf.extend_from_slice(stored);
+        buf.resize(total - TAG_LEN, 0);
+        let tag = XChaCha20Poly1305::new((&*self.data).into())
+            .encrypt_in_place_detached(
+                XNonce::from_slice(&nonce),
+                &block_ad(id),
+                &mut buf[NONCE_LEN..],
+            )
+            .expect("XChaCha20-Poly1305 seals any block");
+        buf.extend_from_slice(&tag);
+        buf
+    }
+
+    /// Open a sealed block: its stored bytes, or `None` when damaged or not this block.
+    pub(crate) fn open_block(&self, id: &BlockId, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < SEAL_OVERHEAD + BLOCK_LEN_PREFIX {
+            return None;
+        }
+        let (nonce, rest) = sealed.split_at(NONCE_LEN);
+        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut plain = body.to_vec();
+        XChaCha20Poly1305::new((&*self.data).into())
+            .decrypt_in_place_detached(
+                XNonce::from_slice(nonce),
+                &block_ad(id),
+                &mut plain,
+                chacha20poly1305::Tag::from_slice(tag),
+            )
+            .ok()?;
+        let len = u32::from_le_bytes(plain[..4].try_into().ok()?) as usize;
+        if len > plain.len() - 4 {
+            return None;
+        }
+        plain.copy_within(4..4 + len, 0);
+        plain.truncate(len);
+        Some(plain)
+    }
+}
+
+/// The nonce of a stored key object (for verify's audit of nonces); `None` when it
+/// cannot be parsed.
+pub(crate) fn key_object_nonce(bytes: &[u8]) -> Option<Vec<u8>> {
+    let p = crate::format::decode_envelope(crate::format::MAGIC_KEY, bytes, "key").ok()?;
+    let o: KeyObject = serde_json::from_slice(p).ok()?;
+    unhex(&o.nonce).filter(|n| n.len() == NONCE_LEN)
+}
+
+/// A new key object id: 32 random hex digits.
+pub(crate) fn new_key_id() -> String {
+    hex(&random::<16>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cheap() -> KdfParams {
+        KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        }
+    }
+
+    #[test]
+    fn seal_open_and_associated_data() {
+        let k = Keys::generate();
+        let s = k.seal(b"a", b"hello");
+        assert_eq!(&k.open(b"a", &s).unwrap()[..], b"hello");
+        assert!(k.open(b"b", &s).is_none(), "other associated data");
+        for i in 0..s.len() {
+            let mut bad = s.clone();
+            bad[i] ^= 1;
+            assert!(k.open(b"a", &bad).is_none(), "flip at {i}");
+        }
+        assert!(Keys::generate().open(b"a", &s).is_none(), "other key");
+        assert_ne!(k.seal(b"a", b"hello"), s, "random nonce");
+    }
+
+    #[test]
+    fn blocks_pad_and_open() {
+        let k = Keys::generate();
+        let id = BlockId::of(b"x");
+        for n in [0usize, 1, 100, 1000, 30_000, 65_536] {
+            let data = vec![7u8; n];
+            let s = k.seal_block(&id, &data, 65_536);
+            assert_eq!(s.len(), sealed_block_len(n, 65_536));
+            assert!(s.len() <= 65_536 + 44);
+            assert_eq!(&k.open_block(&id, &s).unwrap()[..], &data[..]);
+            assert!(k.open_block(&BlockId::of(b"y"), &s).is_none());
+        }
+        // Lengths in one bucket look alike.
+        assert_eq!(
+            sealed_block_len(20_000, 65_536),
+            sealed_block_len(20_300, 65_536)
+        );
+    }
+
+    #[test]
+    fn padme_overhead() {
+        for l in 2..200_000u64 {
+            let p = padme(l);
+            assert!(p >= l && (p - l) * 100 <= l * 12, "{l} -> {p}");
+        }
+        assert_eq!(padme(65_580), 67_584);
+    }
+
+    #[test]
+    fn wrap_unwrap() {
+        let k = Keys::generate();
+        let pass = Credentials::default().with_passphrase("secret");
+        let o = k
+            .wrap(pass.first().unwrap(), cheap(), "repo", "key1")
+            .unwrap();
+        let objects = vec![("key1".to_string(), o.clone())];
+        let (back, id) = Keys::unwrap(&objects, &pass, "repo").unwrap().unwrap();
+        assert_eq!(id, "key1");
+        assert_eq!(back.volume_dir("vm"), k.volume_dir("vm"));
+        let wrong = Credentials::default().with_passphrase("wrong");
+        assert!(Keys::unwrap(&objects, &wrong, "repo").unwrap().is_none());
+        assert!(Keys::unwrap(&objects, &pass, "other").unwrap().is_none());
+        let moved = vec![("key2".to_string(), o)];
+        assert!(Keys::unwrap(&moved, &pass, "repo").unwrap().is_none());
+        let file = Credentials::default().with_key_file(vec![1u8; 32]);
+        let o = k.wrap(file.first().unwrap(), cheap(), "repo", "f").unwrap();
+        assert!(o.kdf.is_none());
+        let objects = vec![("f".to_string(), o)];
+        assert!(Keys::unwrap(&objects, &file, "repo").unwrap().is_some());
+        assert!(Keys::unwrap(&objects, &pass, "repo").unwrap().is_none());
+    }
+}
