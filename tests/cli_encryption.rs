@@ -717,3 +717,27 @@ fn two_writers_into_one_encrypted_s3_repository_lose_nothing_and_reuse_no_nonce(
     }
     assert!(n >= 6, "{n} sealed objects");
 }
+
+/// Whoever can write the storage swaps the encrypted repository's `config` for a plain
+/// one (from a fresh plain repository): no command then treats it as plain, so nothing
+/// would be written to it in clear.
+#[test]
+fn a_config_swapped_for_a_plain_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, pw, _) = small_encrypted(dir.path());
+    let plain = init_repo(&dir.path().join("plain"), &[]);
+    std::fs::copy(Path::new(&plain).join("config"), repo.join("config")).unwrap();
+    let r = repo.to_str().unwrap();
+    for args in [
+        vec!["list", r],
+        vec!["list", r, "--password-file", &pw],
+        vec![
+            "replicate",
+            &format!("raw:{}", dir.path().join("images").display()),
+            r,
+        ],
+    ] {
+        let err = one_line_error(&e(&args));
+        assert!(err.contains("replaced") && err.contains("keys/"), "{err}");
+    }
+}

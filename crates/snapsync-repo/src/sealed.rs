@@ -120,6 +120,16 @@ pub(crate) fn unlock(
                 "a version-3 config without its encryption field",
             ));
         }
+        // Whoever can write the storage could swap an encrypted repository's config
+        // for a plain one, and every later write would be stored in clear. Its key
+        // objects give it away (one listing per open of a plain repository).
+        if !backend.list("keys")?.is_empty() {
+            return Err(StoreError::corrupt(
+                loc,
+                "a plain config in a repository that has key objects (keys/): the config \
+                 of an encrypted repository was replaced; nothing is written to it",
+            ));
+        }
         return Ok(None);
     };
     if enc.scheme != SCHEME {
