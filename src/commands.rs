@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use snapsync::{parse_target, AnyStore, StoreUrl};
 use snapsync_core::Timestamp;
+use snapsync_daemon::units::human_bytes as human;
 use snapsync_engine::{ReplicateOptions, SnapshotReport};
 use snapsync_repo::{PruneOptions, Repository};
 use snapsync_store::{Skipped, SnapshotSource};
@@ -32,21 +33,6 @@ fn split_target(s: &str) -> Result<(&str, &str)> {
 fn check_name(kind: &'static str, name: &str) -> Result<()> {
     snapsync_core::validate_name(kind, name).map_err(snapsync::UrlError::from)?;
     Ok(())
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 pub fn init(repo: &str, block_size: u64, encryption: bool) -> Result<ExitCode> {
