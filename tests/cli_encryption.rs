@@ -741,3 +741,55 @@ fn a_config_swapped_for_a_plain_one_is_refused() {
         assert!(err.contains("replaced") && err.contains("keys/"), "{err}");
     }
 }
+
+/// `serve` of an encrypted repository, its passphrase given to the server only: a
+/// client that knows no key pulls out of it and pushes into it over the wire, each
+/// time sending only the change, and what it pushed is sealed like the rest.
+#[test]
+fn a_served_encrypted_repository_is_read_and_written_by_clients_without_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (repo, pw, data) = small_encrypted(d);
+    let (mut server, port) =
+        daemon::serve_with(d, repo.to_str().unwrap(), 0, &["--password-file", &pw]);
+    let url = format!("snapsync+http://127.0.0.1:{port}/repo");
+    let mut client_env = env();
+    client_env.push(("SNAPSYNC_TOKEN".into(), daemon::TOKEN.into()));
+    let client = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut a = vec!["replicate"];
+        a.extend_from_slice(args);
+        a.push("--json");
+        ok_env(&a, &client_env)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // Pull: s1 whole, then s2 as an increment.
+    let plain = init_repo(&d.join("plain"), &[]);
+    client(&[&url, &plain, "--snapshot", "s1"]);
+    let r = client(&[&url, &plain]);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["base"], "s1", "{r:?}");
+    assert!(num(&r[0], "sent_bytes") <= 2 * BLOCK as u64, "{r:?}");
+    restore_equals(&[&plain], "vm@s2", &data[1], d);
+    // Push: a new snapshot of the source into the served repository, as an increment.
+    let images = d.join("images");
+    let mut s3 = data[1].clone();
+    s3[7 * BLOCK..8 * BLOCK].copy_from_slice(&random(77, BLOCK));
+    write_image(&images, "vm", "s3", &s3, T0 + 120);
+    let r = client(&[&format!("raw:{}", images.display()), &url]);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["base"], "s2", "{r:?}");
+    assert!(num(&r[0], "sent_bytes") <= BLOCK as u64, "{r:?}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let r = repo.to_str().unwrap();
+    restore_equals(&[r, "--password-file", &pw], "vm@s3", &s3, d);
+    eok(&["verify", r, "--read-data", "--password-file", &pw]);
+    // What the server stored for the client is sealed as well.
+    let pushed = &s3[7 * BLOCK..7 * BLOCK + 64];
+    for (key, bytes) in local_objects(&repo) {
+        assert!(!key.contains("vm"), "{key}");
+        assert!(!bytes.windows(pushed.len()).any(|w| w == pushed), "{key}");
+    }
+}

@@ -167,6 +167,11 @@ pub fn snapshots(url: &str, volume: &str) -> Vec<String> {
 
 /// A `snapsync serve --insecure-plaintext` serving `repo` as `repo`, on `port` (0: any).
 pub fn serve(dir: &Path, repo: &str, port: u16) -> (Child, u16) {
+    serve_with(dir, repo, port, &[])
+}
+
+/// [`serve`] with `extra` arguments (a repository's `--password-file`, say).
+pub fn serve_with(dir: &Path, repo: &str, port: u16, extra: &[&str]) -> (Child, u16) {
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
     let mut child = bin()
@@ -177,6 +182,7 @@ pub fn serve(dir: &Path, repo: &str, port: u16) -> (Child, u16) {
             tokens.to_str().unwrap(),
             "--insecure-plaintext",
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
