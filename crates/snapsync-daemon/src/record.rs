@@ -85,6 +85,25 @@ pub struct DestinationRun {
     pub retention_held: Vec<String>,
 }
 
+impl DestinationRun {
+    /// A destination's part of a run before anything happened: a success so far, with
+    /// nothing sent, that the run fills in (or [`crate::runner::failed`] marks failed).
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            result: RunResult::Success,
+            error: None,
+            snapshots: 0,
+            changed_bytes: 0,
+            sent_bytes: 0,
+            duration_ms: 0,
+            lag_seconds: None,
+            pruned: Vec::new(),
+            retention_held: Vec::new(),
+        }
+    }
+}
+
 /// One run of a job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]

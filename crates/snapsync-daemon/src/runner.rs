@@ -317,18 +317,7 @@ fn to_destination(
         limits: &req.limits,
         counters: &req.counters,
     };
-    let mut run = DestinationRun {
-        url: url.to_string(),
-        result: RunResult::Success,
-        error: None,
-        snapshots: 0,
-        changed_bytes: 0,
-        sent_bytes: 0,
-        duration_ms: 0,
-        lag_seconds: None,
-        pruned: Vec::new(),
-        retention_held: Vec::new(),
-    };
+    let mut run = DestinationRun::new(url);
     let replicated = replicate(req, source, &sink, snapshot, &mut run);
     let mut outcome = replicated;
     if outcome.is_ok() {
@@ -513,16 +502,9 @@ fn result_of_failure(cancel: &Cancel) -> RunResult {
 /// A destination's part of a run that failed with `error`.
 pub fn failed(url: &str, cancel: &Cancel, error: String) -> DestinationRun {
     DestinationRun {
-        url: url.to_string(),
         result: result_of_failure(cancel),
         error: Some(error),
-        snapshots: 0,
-        changed_bytes: 0,
-        sent_bytes: 0,
-        duration_ms: 0,
-        lag_seconds: None,
-        pruned: Vec::new(),
-        retention_held: Vec::new(),
+        ..DestinationRun::new(url)
     }
 }
 
