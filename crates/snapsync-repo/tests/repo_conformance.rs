@@ -18,13 +18,19 @@ fn repository_is_a_conforming_sink() {
     }
 }
 
-#[test]
-fn repository_is_a_conforming_source() {
-    let dir = tempfile::tempdir().unwrap();
+/// The standard fixture replicated into a repository `init` creates in `dir`, checked
+/// as a source there and again reopened from disk with `options` (no cache), then
+/// verified with its data: the reopened repository and the verify report.
+fn conforming_source(
+    dir: &std::path::Path,
+    init: impl Fn(Location, u64) -> Repository,
+    options: &snapsync_repo::RepoOptions,
+) -> (Repository, snapsync_repo::VerifyReport) {
     let fixture = standard_fixture();
     let mem = MemoryStore::new("fixture", 4096);
     mem.add_fixture(&fixture);
-    let repo = fresh(dir.path(), 16 << 10);
+    let location = || Location::Local(dir.join("repo"));
+    let repo = init(location(), 16 << 10);
     replicate(
         &mem,
         &repo,
@@ -34,11 +40,21 @@ fn repository_is_a_conforming_source() {
     )
     .unwrap();
     check_source(&repo, &fixture, 16 << 10);
-    // And reopened from disk, without any cache.
-    let reopened = Repository::open(Location::Local(dir.path().join("repo"))).unwrap();
+    let reopened = Repository::open_with(location(), options).unwrap();
     check_source(&reopened, &fixture, 16 << 10);
     let report = reopened.verify(true, &NoProgress).unwrap();
     assert!(report.ok, "{report:?}");
+    (reopened, report)
+}
+
+#[test]
+fn repository_is_a_conforming_source() {
+    let dir = tempfile::tempdir().unwrap();
+    conforming_source(
+        dir.path(),
+        |l, bs| Repository::init(l, bs).unwrap(),
+        &Default::default(),
+    );
 }
 
 /// Options that open the encrypted repositories below (a cheap key derivation).
@@ -61,25 +77,13 @@ fn encrypted_repository_is_a_conforming_sink_and_source() {
         check_sink(&Repository::init_encrypted(location, bs, &encrypted_options()).unwrap());
     }
     let dir = tempfile::tempdir().unwrap();
-    let fixture = standard_fixture();
-    let mem = MemoryStore::new("fixture", 4096);
-    mem.add_fixture(&fixture);
     let location = || Location::Local(dir.path().join("repo"));
-    let repo = Repository::init_encrypted(location(), 16 << 10, &encrypted_options()).unwrap();
-    replicate(
-        &mem,
-        &repo,
-        &ReplicateOptions::default(),
-        &NoProgress,
-        &mut |_| {},
-    )
-    .unwrap();
-    check_source(&repo, &fixture, 16 << 10);
-    let reopened = Repository::open_with(location(), &encrypted_options()).unwrap();
+    let (reopened, report) = conforming_source(
+        dir.path(),
+        |l, bs| Repository::init_encrypted(l, bs, &encrypted_options()).unwrap(),
+        &encrypted_options(),
+    );
     assert!(reopened.is_encrypted());
-    check_source(&reopened, &fixture, 16 << 10);
-    let report = reopened.verify(true, &NoProgress).unwrap();
-    assert!(report.ok, "{report:?}");
     assert!(report.nonces_checked.unwrap() > 0);
     // Without the passphrase, or with another, it does not open.
     let e = Repository::open(location()).unwrap_err();
