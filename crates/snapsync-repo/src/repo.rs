@@ -286,7 +286,7 @@ impl Repository {
         format!("{}/{key}", self.backend.location())
     }
 
-    /// The newest catalog generation of every volume.
+    /// The newest catalog generation of every volume, in volume-name order.
     pub fn catalogs(&self) -> Result<Vec<Catalog>> {
         for _ in 0..10 {
             let mut newest: BTreeMap<String, u64> = BTreeMap::new();
@@ -302,11 +302,14 @@ impl Repository {
                 // A generation vanished between list and read: a newer one exists.
                 continue;
             }
-            return keys
+            let mut catalogs = keys
                 .iter()
                 .zip(got)
                 .map(|(k, b)| self.decode_catalog(k, &b.expect("checked")))
-                .collect();
+                .collect::<Result<Vec<_>>>()?;
+            // In volume-name order, also where keyed directory names order them otherwise.
+            catalogs.sort_by(|a, b| a.volume.cmp(&b.volume));
+            return Ok(catalogs);
         }
         Err(StoreError::Conflict {
             what: format!(

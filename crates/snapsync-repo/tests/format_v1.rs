@@ -10,6 +10,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod fixture;
+use fixture::BS;
+
 use snapsync_core::{BlockId, BlockRef, Delta, Hint, Origin, SnapshotId, Timestamp};
 use snapsync_repo::format::{
     self, Catalog, CatalogSnapshot, Manifest, ManifestHeader, SourceHints, MAGIC_CATALOG,
@@ -165,47 +168,13 @@ fn a_catalog_is_pinned() {
 
 // ---- The committed version-1 repository ----
 
-const BS: u64 = 4096;
-
 /// Where the fixture lives in the source tree.
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-repo")
 }
 
-/// What the fixture holds, volume -> snapshot -> (age, bytes), and `clone`'s lineage:
-/// random, compressible and zero blocks, an incremental, and a clone.
-fn fixture_source() -> snapsync_store::memory::MemoryStore {
-    use snapsync_store::sample::pseudo_random;
-    let block = |k: u64| -> Vec<u8> {
-        match k % 4 {
-            0 => vec![0; BS as usize],
-            1 => (0..BS).map(|i| (i % 13) as u8 + k as u8).collect(),
-            _ => pseudo_random(k, BS as usize),
-        }
-    };
-    let s1: Vec<u8> = (0..16).flat_map(block).collect();
-    let mut s2 = s1.clone();
-    for k in [2u64, 5, 9] {
-        let at = (k * BS) as usize;
-        s2[at..at + BS as usize].copy_from_slice(&pseudo_random(100 + k, BS as usize));
-    }
-    let mut c1 = s1.clone();
-    c1[..BS as usize].copy_from_slice(&pseudo_random(200, BS as usize));
-    let t = |s: i64| Timestamp::new(1_700_000_000 + s, 0);
-    let src = snapsync_store::memory::MemoryStore::new("v1-fixture", BS);
-    src.add_snapshot("vm", "s1", t(10), s1);
-    src.add_snapshot("vm", "s2", t(20), s2);
-    src.add_snapshot("clone", "c1", t(30), c1);
-    src.set_origin(
-        "clone",
-        Origin {
-            volume: "vm".into(),
-            snapshot: "s1".into(),
-            id: SnapshotId::derive("mem:v1-fixture", "vm", "s1", t(10)),
-        },
-    );
-    src
-}
+/// The memory store the fixture was replicated from (its name is in the hints).
+const SOURCE: &str = "v1-fixture";
 
 /// Wrote the fixture (once, when the format was frozen, with the version-1 code):
 /// `SNAPSYNC_WRITE_V1_FIXTURE=1 cargo test -p snapsync-repo --test format_v1 -- --ignored`.
@@ -223,76 +192,14 @@ fn write_the_v1_fixture() {
         dir.display()
     );
     let repo = snapsync_repo::Repository::init(snapsync_repo::Location::Local(dir), BS).unwrap();
-    let src = fixture_source();
-    snapsync_engine::replicate(
-        &src,
-        &repo,
-        &snapsync_engine::ReplicateOptions::default(),
-        &snapsync_store::NoProgress,
-        &mut |_| {},
-    )
-    .unwrap();
-}
-
-/// Copy a directory tree.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
+    fixture::write_fixture(&fixture::fixture_source(SOURCE), &repo);
 }
 
 #[test]
 fn the_committed_v1_repository_reads_verifies_and_takes_new_snapshots() {
-    use snapsync_store::{SnapshotSource, Store};
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("v1-repo");
-    copy_tree(&fixture_dir(), &copy);
+    fixture::copy_tree(&fixture_dir(), &copy);
     let repo = snapsync_repo::Repository::open(snapsync_repo::Location::Local(copy)).unwrap();
-    assert_eq!(repo.block_size(), BS);
-    let src = fixture_source();
-    let want = src.list().unwrap();
-    let got = repo.list().unwrap();
-    assert_eq!(
-        got, want,
-        "volumes, snapshots, identities, ages, sizes and lineage"
-    );
-    for volume in &want {
-        for snapshot in &volume.snapshots {
-            let mut reader = repo.open_snapshot(&volume.name, &snapshot.name).unwrap();
-            let mut bytes = vec![0u8; snapshot.size as usize];
-            reader.read_at(0, &mut bytes).unwrap();
-            assert!(
-                bytes == *src.content(&volume.name, &snapshot.name).unwrap(),
-                "{}@{} reads back different bytes",
-                volume.name,
-                snapshot.name
-            );
-        }
-    }
-    let hints = snapsync_store::SnapshotSink::hints(&repo, "mem:v1-fixture", "vm").unwrap();
-    assert_eq!(hints.len(), 2, "{hints:?}");
-    let report = repo.verify(true, &snapsync_store::NoProgress).unwrap();
-    assert!(report.ok, "{report:?}");
-    // This version also writes into it: an incremental against the fixture's s2.
-    let mut s3 = src.content("vm", "s2").unwrap().to_vec();
-    s3[..BS as usize].fill(0x5a);
-    src.add_snapshot("vm", "s3", Timestamp::new(1_700_000_040, 0), s3.clone());
-    let reports = snapsync_engine::replicate(
-        &src,
-        &repo,
-        &snapsync_engine::ReplicateOptions::default(),
-        &snapsync_store::NoProgress,
-        &mut |_| {},
-    )
-    .unwrap();
-    assert_eq!(reports.len(), 1);
-    assert_eq!(reports[0].base.as_deref(), Some("s2"));
-    assert!(repo.verify(true, &snapsync_store::NoProgress).unwrap().ok);
+    fixture::check_reads_verifies_and_takes_new_snapshots(&repo, &fixture::fixture_source(SOURCE));
 }
