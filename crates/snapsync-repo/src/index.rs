@@ -11,20 +11,32 @@
 //! That map is folded into the vector once it holds an eighth as many blocks.
 //!
 //! Memory is bounded: once the vector holds [`MEMORY_ENTRIES`] blocks it is written out,
-//! sorted, as a **run** (an anonymous temporary file of 44-byte records) and emptied. A
-//! run keeps in memory only a filter (a blocked Bloom filter, 8 bits a block: one cache
-//! line per lookup, about 2% false positives) and a fence (the first 8 bytes of every
-//! 64th id), so a lookup of a block that is not there costs no read, and one that is
-//! costs one read of 2.8 KiB (from the page cache, usually). Runs are merged eight at a
-//! time when eight of one size tier exist, so there are few of them. About 1.2 bytes of
-//! memory a block: the index of a 64 M-block repository takes ~80 MiB, not 2.8 GiB.
+//! sorted, as a **run** (a file of 44-byte records in checked pages of 64, see `run.rs`)
+//! and emptied. A run keeps in memory only a fence per page (the first 8 bytes of its
+//! first id: 0.125 bytes a block) and, within a budget shared by the index's runs, a
+//! filter (a blocked Bloom filter, 8 bits a block: one cache line per lookup, about 2%
+//! false positives; beyond the budget a lookup reads its 64 bytes from the file). So a
+//! lookup of a block that is not there costs no page read, and one that is costs one
+//! read of 2.8 KiB (from the page cache, usually). Runs are merged eight at a time when
+//! eight of one size tier exist, so there are few of them. About 0.13 bytes of memory a
+//! block plus at most 8 MiB of filters: the index of a 64 M-block repository takes
+//! ~16 MiB, not 2.8 GiB.
+//!
+//! A run's pages are checked when they are read, not when the run is opened, so that a
+//! process opening the cached index of a large repository reads and checks ~1.1 bytes a
+//! block (fences and filters), not 44: its cost follows its lookups. A page that fails
+//! its check answers "not indexed" and flags the index ([`BlockIndex::take_damage`]);
+//! the repository then rebuilds the index from its own index objects and asks again.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use snapsync_core::BlockId;
+
+mod run;
+#[cfg(test)]
+use run::RunReader;
+use run::{Page, Run, FILTER_MEMORY};
 
 use crate::format::{Compression, IndexEntry};
 
@@ -123,10 +135,6 @@ const RECENT_MIN: usize = if cfg!(test) { 16 } else { 16 << 10 };
 pub(crate) const MEMORY_ENTRIES: usize = if cfg!(test) { 50 } else { 1 << 20 };
 /// Runs of one size tier merged at once.
 const RUN_FANOUT: usize = 8;
-/// Records between two fence entries: one read per lookup.
-const FENCE: usize = 64;
-/// One record: id, pack position, location word.
-const RECORD: usize = 44;
 
 /// All blocks of a repository (or of the packs loaded so far).
 #[derive(Debug)]
@@ -153,6 +161,10 @@ pub(crate) struct BlockIndex {
     /// For a cached index: the gc runs the repository had seen when this one was
     /// started, which [`BlockIndex::persist`] records.
     pub(crate) gc_epochs: Option<usize>,
+    /// Whether a lookup met a run it could not read or that failed its check (and
+    /// answered "not indexed" for it): the index must not be used further (see
+    /// [`BlockIndex::take_damage`]).
+    damaged: AtomicBool,
 }
 
 impl BlockIndex {
@@ -169,6 +181,7 @@ impl BlockIndex {
             runs: Vec::new(),
             dir: None,
             gc_epochs: None,
+            damaged: AtomicBool::new(false),
         }
     }
 
@@ -251,6 +264,7 @@ impl BlockIndex {
                 self.runs.push(run);
                 drop(entries);
                 self.merge_runs();
+                self.balance_filters_or_warn();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "block index kept in memory (temporary file)");
@@ -307,10 +321,50 @@ impl BlockIndex {
     }
 
     fn find_in_runs(&self, id: &BlockId) -> Option<Loc> {
-        self.runs
-            .iter()
-            .rev()
-            .find_map(|r| r.find(id).map(|(_, loc)| loc))
+        let mut page = Page::new();
+        for r in self.runs.iter().rev() {
+            page.forget();
+            match r.find_in(id, &mut page) {
+                Ok(Some((_, loc))) => return Some(loc),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "block index run unreadable");
+                    self.damaged.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether a lookup since the last call met a damaged or unreadable run (its
+    /// answers may have said "not indexed" for a block that is): the caller drops this
+    /// index and builds it again from the repository. A damaged run of the local cache
+    /// has already taken the cache out of use (see `run.rs`).
+    pub(crate) fn take_damage(&self) -> bool {
+        self.damaged.swap(false, Ordering::Relaxed)
+    }
+
+    /// Hold the filters of the smallest runs in memory, up to [`FILTER_MEMORY`] bytes
+    /// (each held filter spares a read per lookup whatever its size); the others are
+    /// read from their files a block at a time. Called whenever the runs change.
+    fn balance_filters(&mut self) -> std::io::Result<()> {
+        let mut order: Vec<usize> = (0..self.runs.len()).collect();
+        order.sort_by_key(|&k| self.runs[k].filter_bytes());
+        let mut held = 0usize;
+        for k in order {
+            let bytes = self.runs[k].filter_bytes();
+            let hold = held + bytes <= FILTER_MEMORY;
+            held += if hold { bytes } else { 0 };
+            self.runs[k].hold_filter(hold)?;
+        }
+        Ok(())
+    }
+
+    /// [`BlockIndex::balance_filters`] where a failure only costs lookups a read.
+    fn balance_filters_or_warn(&mut self) {
+        if let Err(e) = self.balance_filters() {
+            tracing::warn!(error = %e, "block index filters left in their files");
+        }
     }
 
     /// Write everything out as one run, so that every block has a **rank**: its
@@ -331,6 +385,7 @@ impl BlockIndex {
             let one = Run::merge(self.dir.as_deref(), &self.runs)?;
             self.runs = vec![one];
         }
+        self.balance_filters_or_warn();
         Ok(())
     }
 
@@ -355,6 +410,7 @@ impl BlockIndex {
                 entries.len(),
             )?);
             self.merge_runs();
+            self.balance_filters_or_warn();
         }
         let state = CacheState {
             version: CACHE_VERSION,
@@ -430,6 +486,7 @@ impl BlockIndex {
                 Err(e) => return Err(e),
             }
         }
+        ix.balance_filters_or_warn();
         Ok(Some(ix))
     }
 
@@ -463,46 +520,23 @@ impl BlockIndex {
             ids.iter().for_each(|(id, t)| f(id, t, None));
             return Ok(());
         };
-        let mut page_no = usize::MAX;
-        let mut page: Vec<u8> = vec![0; FENCE * RECORD];
-        let mut page_len = 0;
+        // Sorted ids read the run's pages in order, each once.
+        let mut page = Page::new();
         for (id, tag) in ids.iter() {
-            if !run.filter.may_contain(id) {
-                f(id, tag, None);
-                continue;
-            }
-            let key = prefix(id);
-            let mut p = run.fences.partition_point(|x| *x < key).saturating_sub(1);
-            let mut found = None;
-            while p < run.fences.len() && run.fences[p] <= key {
-                if p != page_no {
-                    let first = p * FENCE;
-                    page_len = (run.count - first).min(FENCE);
-                    run.file.read_exact_at(
-                        &mut page[..page_len * RECORD],
-                        8 + (first * RECORD) as u64,
-                    )?;
-                    page_no = p;
-                }
-                let records = &page[..page_len * RECORD];
-                let k = records
-                    .chunks_exact(RECORD)
-                    .position(|r| r[..32] >= id.0[..]);
-                match k {
-                    Some(k) if records[k * RECORD..k * RECORD + 32] == id.0[..] => {
-                        let loc = decode_record(&records[k * RECORD..(k + 1) * RECORD]).loc;
-                        found = Some((
-                            p * FENCE + k,
-                            self.packs[loc.pack as usize],
-                            loc.location(self.block_size),
-                        ));
-                        break;
-                    }
-                    Some(_) => break,
-                    None => p += 1,
-                }
-            }
-            f(id, tag, found);
+            let found = run.find_in(id, &mut page).inspect_err(|_| {
+                self.damaged.store(true, Ordering::Relaxed);
+            })?;
+            f(
+                id,
+                tag,
+                found.map(|(rank, loc)| {
+                    (
+                        rank,
+                        self.packs[loc.pack as usize],
+                        loc.location(self.block_size),
+                    )
+                }),
+            );
         }
         Ok(())
     }
@@ -512,7 +546,7 @@ impl BlockIndex {
     #[cfg(test)]
     fn rank(&self, id: &BlockId) -> Option<(usize, BlockId, BlockLocation)> {
         debug_assert!(self.runs.len() <= 1 && self.sorted.is_empty() && self.recent.is_empty());
-        let (rank, l) = self.runs.first()?.find(id)?;
+        let (rank, l) = self.runs.first()?.find(id).expect("readable")?;
         Some((
             rank,
             self.packs[l.pack as usize],
@@ -571,9 +605,7 @@ impl BlockIndex {
 
 /// Version of the local cache's files (`state.json` and runs): not part of the
 /// repository format (a cache of another version is rebuilt, never read).
-const CACHE_VERSION: u32 = 1;
-/// Magic at the start of a cached run file.
-const RUN_MAGIC: &[u8; 8] = b"SNSYIXR1";
+const CACHE_VERSION: u32 = 2;
 
 /// `state.json` of the local index cache.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -598,383 +630,6 @@ impl<T, U> PartitionPairs<T> for (Vec<(T, U)>, Vec<(T, U)>) {
             self.0.into_iter().map(|(t, _)| t).collect(),
             self.1.into_iter().map(|(t, _)| t).collect(),
         )
-    }
-}
-
-/// Blocks written out: sorted records in a temporary file, with a filter and a fence in
-/// memory (see the module documentation).
-#[derive(Debug)]
-struct Run {
-    file: File,
-    /// Its name when it is a file of the local cache (removed when merged away, unless
-    /// `persisted`: a `state.json` names it, and other processes may be reading it).
-    path: Option<std::path::PathBuf>,
-    persisted: bool,
-    /// The highest pack position it names (a cached run must fit its state's packs).
-    max_pack: u64,
-    count: usize,
-    /// The first 8 bytes of the id of records 0, FENCE, 2 * FENCE, …
-    fences: Vec<u64>,
-    filter: Filter,
-}
-
-fn prefix(id: &BlockId) -> u64 {
-    u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
-}
-
-fn encode_record(e: &Entry, out: &mut [u8]) {
-    out[..32].copy_from_slice(&e.id.0);
-    out[32..36].copy_from_slice(&e.loc.pack.to_le_bytes());
-    out[36..40].copy_from_slice(&e.loc.word[0].to_le_bytes());
-    out[40..44].copy_from_slice(&e.loc.word[1].to_le_bytes());
-}
-
-fn decode_record(r: &[u8]) -> Entry {
-    let u32_at = |k: usize| u32::from_le_bytes(r[k..k + 4].try_into().expect("4 bytes"));
-    Entry {
-        id: BlockId(r[..32].try_into().expect("32 bytes")),
-        loc: Loc {
-            pack: u32_at(32),
-            word: [u32_at(36), u32_at(40)],
-        },
-    }
-}
-
-impl Run {
-    /// Write `count` entries, sorted by id, distinct: to a new file in `dir`, or to an
-    /// anonymous temporary file. Layout: magic, the records (from byte 8), the fences,
-    /// the filter, then `count`, fence count, filter blocks, highest pack position (u64
-    /// each) and the BLAKE3 of everything before, which [`Run::open`] checks.
-    fn write(
-        dir: Option<&std::path::Path>,
-        entries: impl Iterator<Item = Entry>,
-        count: usize,
-    ) -> std::io::Result<Run> {
-        let (file, path) = match dir {
-            Some(d) => {
-                std::fs::create_dir_all(d)?;
-                let p = d.join(format!("run-{}", snapsync_store::random_id()));
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&p)?;
-                (f, Some(p))
-            }
-            None => (tempfile::tempfile()?, None),
-        };
-        let mut out = HashingWriter {
-            inner: std::io::BufWriter::with_capacity(1 << 20, &file),
-            hash: blake3::Hasher::new(),
-        };
-        out.write_all(RUN_MAGIC)?;
-        let mut fences = Vec::with_capacity(count / FENCE + 1);
-        let mut filter = Filter::new(count);
-        let mut record = [0u8; RECORD];
-        let mut n = 0usize;
-        let mut max_pack = 0u64;
-        for e in entries {
-            if n.is_multiple_of(FENCE) {
-                fences.push(prefix(&e.id));
-            }
-            filter.insert(&e.id);
-            max_pack = max_pack.max(u64::from(e.loc.pack));
-            encode_record(&e, &mut record);
-            out.write_all(&record)?;
-            n += 1;
-        }
-        for f in &fences {
-            out.write_all(&f.to_le_bytes())?;
-        }
-        for b in &filter.blocks {
-            for w in b {
-                out.write_all(&w.to_le_bytes())?;
-            }
-        }
-        for v in [
-            n as u64,
-            fences.len() as u64,
-            filter.blocks.len() as u64,
-            max_pack,
-        ] {
-            out.write_all(&v.to_le_bytes())?;
-        }
-        let check = out.hash.finalize();
-        out.inner.write_all(check.as_bytes())?;
-        out.inner.flush()?;
-        drop(out);
-        Ok(Run {
-            file,
-            path,
-            persisted: false,
-            max_pack,
-            count: n,
-            fences,
-            filter,
-        })
-    }
-
-    /// A run file of the local cache, checked whole; `None` when it is damaged.
-    fn open(path: &std::path::Path) -> std::io::Result<Option<Run>> {
-        let file = File::open(path)?;
-        let len = file.metadata()?.len();
-        let Some(footer) = RunFooter::read(&file, len)? else {
-            return Ok(None);
-        };
-        // Checked whole: a cached location that were wrong would make a good block read
-        // as damaged.
-        if !footer.checks_out(&file)? {
-            return Ok(None);
-        }
-        let records_end = 8 + footer.count * RECORD as u64;
-        let mut rest = vec![0u8; (len - RunFooter::LEN - records_end) as usize];
-        file.read_exact_at(&mut rest, records_end)?;
-        let (f, b) = rest.split_at(footer.fences as usize * 8);
-        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        let fences = f.chunks_exact(8).map(word).collect();
-        let blocks = b
-            .chunks_exact(64)
-            .map(|c| {
-                let mut block = [0u64; 8];
-                for (k, w) in c.chunks_exact(8).enumerate() {
-                    block[k] = word(w);
-                }
-                block
-            })
-            .collect();
-        Ok(Some(Run {
-            file,
-            path: Some(path.to_path_buf()),
-            persisted: true,
-            max_pack: footer.max_pack,
-            count: footer.count as usize,
-            fences,
-            filter: Filter { blocks },
-        }))
-    }
-
-    /// Merge runs into one (a block in several keeps the oldest run's location); the
-    /// merged runs' cache files are removed.
-    fn merge(dir: Option<&std::path::Path>, runs: &[Run]) -> std::io::Result<Run> {
-        let count = runs.iter().map(|r| r.count).sum();
-        let mut readers: Vec<RunReader<'_>> = runs.iter().map(RunReader::new).collect();
-        let mut heads: Vec<Option<Entry>> = Vec::with_capacity(runs.len());
-        for r in &mut readers {
-            heads.push(r.next()?);
-        }
-        let mut error = None;
-        let mut last: Option<BlockId> = None;
-        let merged = std::iter::from_fn(|| loop {
-            let k = (0..heads.len())
-                .filter(|&k| heads[k].is_some())
-                .min_by_key(|&k| (heads[k].expect("some").id, k))?;
-            let e = heads[k].take().expect("some");
-            match readers[k].next() {
-                Ok(next) => heads[k] = next,
-                Err(err) => {
-                    error = Some(err);
-                    return None;
-                }
-            }
-            if last != Some(e.id) {
-                last = Some(e.id);
-                return Some(e);
-            }
-        });
-        let run = Run::write(dir, merged, count)?;
-        if let Some(e) = error {
-            return Err(e);
-        }
-        for r in runs.iter().filter(|r| !r.persisted) {
-            if let Some(p) = &r.path {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-        Ok(run)
-    }
-
-    /// The record number and location of `id`, if this run holds it.
-    fn find(&self, id: &BlockId) -> Option<(usize, Loc)> {
-        if !self.filter.may_contain(id) {
-            return None;
-        }
-        let key = prefix(id);
-        // The first page that may hold it: the last whose fence is below the key (a
-        // page starting with the key's prefix may follow one that ends with it).
-        let mut page = self.fences.partition_point(|f| *f < key).saturating_sub(1);
-        let mut buf = vec![0u8; FENCE * RECORD];
-        while page < self.fences.len() && self.fences[page] <= key {
-            let first = page * FENCE;
-            let n = (self.count - first).min(FENCE);
-            let bytes = &mut buf[..n * RECORD];
-            if let Err(e) = self.file.read_exact_at(bytes, 8 + (first * RECORD) as u64) {
-                tracing::warn!(error = %e, "block index run unreadable");
-                return None;
-            }
-            for (k, r) in bytes.chunks_exact(RECORD).enumerate() {
-                let e = decode_record(r);
-                match e.id.cmp(id) {
-                    std::cmp::Ordering::Less => continue,
-                    std::cmp::Ordering::Equal => return Some((first + k, e.loc)),
-                    std::cmp::Ordering::Greater => return None,
-                }
-            }
-            page += 1;
-        }
-        None
-    }
-}
-
-/// The end of a cached run file (see [`Run::write`]).
-struct RunFooter {
-    count: u64,
-    fences: u64,
-    filter_blocks: u64,
-    max_pack: u64,
-    check: [u8; 32],
-    /// Bytes before the checksum.
-    hashed: u64,
-}
-
-impl RunFooter {
-    const LEN: u64 = 4 * 8 + 32;
-
-    /// The footer of a file of `len` bytes, if its counts add up to that length.
-    fn read(file: &File, len: u64) -> std::io::Result<Option<RunFooter>> {
-        if len < 8 + Self::LEN {
-            return Ok(None);
-        }
-        let mut tail = [0u8; Self::LEN as usize];
-        file.read_exact_at(&mut tail, len - Self::LEN)?;
-        let word = |k: usize| u64::from_le_bytes(tail[k * 8..k * 8 + 8].try_into().expect("8"));
-        let footer = RunFooter {
-            count: word(0),
-            fences: word(1),
-            filter_blocks: word(2),
-            max_pack: word(3),
-            check: tail[32..].try_into().expect("32 bytes"),
-            hashed: len - 32,
-        };
-        let expect = footer
-            .count
-            .checked_mul(RECORD as u64)
-            .and_then(|b| b.checked_add(8))
-            .and_then(|b| b.checked_add(footer.fences.checked_mul(8)?))
-            .and_then(|b| b.checked_add(footer.filter_blocks.checked_mul(64)?))
-            .and_then(|b| b.checked_add(Self::LEN));
-        let fences_ok = footer.fences == (footer.count as usize).div_ceil(FENCE) as u64;
-        Ok((expect == Some(len) && fences_ok).then_some(footer))
-    }
-
-    /// Whether the file's magic and checksum are right.
-    fn checks_out(&self, file: &File) -> std::io::Result<bool> {
-        let mut hash = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = 0u64;
-        while at < self.hashed {
-            let n = (self.hashed - at).min(buf.len() as u64) as usize;
-            file.read_exact_at(&mut buf[..n], at)?;
-            if at == 0 && buf[..8] != RUN_MAGIC[..] {
-                return Ok(false);
-            }
-            hash.update(&buf[..n]);
-            at += n as u64;
-        }
-        Ok(hash.finalize().as_bytes() == &self.check)
-    }
-}
-
-/// A writer that hashes what it writes.
-struct HashingWriter<W: Write> {
-    inner: W,
-    hash: blake3::Hasher,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// A run read in order, a buffer at a time.
-struct RunReader<'a> {
-    run: &'a Run,
-    at: usize,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl<'a> RunReader<'a> {
-    fn new(run: &'a Run) -> Self {
-        RunReader {
-            run,
-            at: 0,
-            buf: Vec::new(),
-            pos: 0,
-        }
-    }
-
-    fn next(&mut self) -> std::io::Result<Option<Entry>> {
-        if self.pos == self.buf.len() {
-            let n = (self.run.count - self.at).min(1024);
-            if n == 0 {
-                return Ok(None);
-            }
-            self.buf.resize(n * RECORD, 0);
-            self.run
-                .file
-                .read_exact_at(&mut self.buf, 8 + (self.at * RECORD) as u64)?;
-            self.at += n;
-            self.pos = 0;
-        }
-        let e = decode_record(&self.buf[self.pos..self.pos + RECORD]);
-        self.pos += RECORD;
-        Ok(Some(e))
-    }
-}
-
-/// A blocked Bloom filter over block ids (already uniform hashes): 8 bits a block, one
-/// 512-bit block (a cache line) per id, 6 bits set in it.
-#[derive(Debug)]
-struct Filter {
-    blocks: Vec<[u64; 8]>,
-}
-
-impl Filter {
-    fn new(count: usize) -> Self {
-        Filter {
-            blocks: vec![[0; 8]; (count * 8).div_ceil(512).max(1)],
-        }
-    }
-
-    fn bits(&self, id: &BlockId) -> (usize, [u32; 6]) {
-        let w = |k: usize| u64::from_le_bytes(id.0[k..k + 8].try_into().expect("8 bytes"));
-        let block = (w(8) % self.blocks.len() as u64) as usize;
-        let h = w(16);
-        let mut bits = [0u32; 6];
-        for (k, b) in bits.iter_mut().enumerate() {
-            *b = ((h >> (9 * k)) & 511) as u32;
-        }
-        (block, bits)
-    }
-
-    fn insert(&mut self, id: &BlockId) {
-        let (block, bits) = self.bits(id);
-        for b in bits {
-            self.blocks[block][(b / 64) as usize] |= 1 << (b % 64);
-        }
-    }
-
-    fn may_contain(&self, id: &BlockId) -> bool {
-        let (block, bits) = self.bits(id);
-        bits.iter()
-            .all(|b| self.blocks[block][(*b / 64) as usize] & (1 << (b % 64)) != 0)
     }
 }
 
@@ -1129,6 +784,10 @@ mod tests {
         assert!(ix.sorted.len() < MEMORY_ENTRIES);
         assert!(ix.runs.len() < 2 * RUN_FANOUT + 2, "{} runs", ix.runs.len());
         assert!(ix.runs.iter().any(|r| r.count > MEMORY_ENTRIES), "merged");
+        assert!(
+            ix.runs.iter().any(Run::holds_filter) && ix.runs.iter().any(|r| !r.holds_filter()),
+            "filters in memory and in files, both looked through"
+        );
         for n in 0..6000u32 {
             let (pack, l) = ix.get(&id(n)).unwrap_or_else(|| panic!("{n} lost"));
             assert_eq!(pack, BlockId::of(&(n / 100).to_be_bytes()));
@@ -1174,7 +833,7 @@ mod tests {
             .unwrap();
         // The filters spare nearly every read of an absent block.
         let passed = (100_000..110_000u32)
-            .filter(|n| ix.runs.iter().any(|r| r.filter.may_contain(&id(*n))))
+            .filter(|n| ix.runs.iter().any(|r| r.filter_passes(&id(*n))))
             .count();
         assert!(
             passed < 10_000 * ix.runs.len() / 20,
@@ -1243,6 +902,54 @@ mod tests {
         bytes[20] ^= 1;
         std::fs::write(&run, &bytes).unwrap();
         assert!(BlockIndex::restore(BS, &cache, 3).unwrap().is_none());
+    }
+
+    /// A cached run whose records are damaged opens (only its small parts are checked
+    /// then), but the page that fails its check is never trusted: a lookup there says
+    /// "not indexed" and flags the damage, a sorted lookup fails, and the cache is out
+    /// of use from then on.
+    #[test]
+    fn a_damaged_page_is_never_trusted_and_takes_the_cache_out_of_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("index");
+        let id = |n: u32| BlockId::of(&n.to_le_bytes());
+        let mut ix = BlockIndex::in_dir(BS, cache.clone());
+        ix.reserve(10);
+        let entries: Vec<IndexEntry> = (0..40u32)
+            .map(|n| IndexEntry {
+                id: id(n),
+                ..entry(0, u64::from(n), false)
+            })
+            .collect();
+        ix.add_pack(BlockId::of(b"pack"), &entries);
+        ix.seal();
+        ix.gc_epochs = Some(0);
+        ix.persist().unwrap();
+        assert_eq!(ix.runs.len(), 1);
+        let path = ix.runs[0].path.clone().unwrap();
+        drop(ix);
+        // The first record's location word, inside page 0 (after magic and salt).
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[24 + 40] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let back = BlockIndex::restore(BS, &cache, 0).unwrap().expect("opens");
+        assert!(!back.take_damage());
+        let mut ids: Vec<BlockId> = (0..40).map(id).collect();
+        ids.sort();
+        assert!(
+            back.get(&ids[0]).is_none(),
+            "a damaged page answers nothing"
+        );
+        assert!(back.take_damage(), "and says so");
+        assert!(
+            !cache.join("state.json").exists(),
+            "the cache is out of use"
+        );
+        let mut asked = vec![(ids[1], ())];
+        let err = back.locate_many(&mut asked, |_, _, _| {}).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("page 0 fails its check"), "{err}");
+        assert!(BlockIndex::restore(BS, &cache, 0).unwrap().is_none());
     }
 
     proptest! {

@@ -567,9 +567,35 @@ impl Repository {
         Ok(ix)
     }
 
-    /// Run `f` with the block index, loading it on first use.
-    pub(crate) fn with_index<T>(&self, f: impl FnOnce(&mut BlockIndex) -> T) -> Result<T> {
+    /// Run `f` with the block index, loading it on first use. Should a lookup meet a
+    /// damaged run of the local cache (its answers then may say "not indexed" for a
+    /// block that is), the index is dropped, built again from the repository's own
+    /// index objects, and `f` runs once more on it: `f` must be safe to repeat.
+    pub(crate) fn with_index<T>(&self, mut f: impl FnMut(&mut BlockIndex) -> T) -> Result<T> {
         let mut guard = lock(&self.index);
+        for _ in 0..2 {
+            let ix = self.loaded_index(&mut guard)?;
+            let out = f(ix);
+            // Whatever `f` added is sorted in before anyone looks blocks up again.
+            ix.seal();
+            if !ix.take_damage() {
+                return Ok(out);
+            }
+            tracing::warn!("block index cache damaged: rebuilding it from the repository");
+            *guard = None;
+        }
+        Err(StoreError::corrupt(
+            self.index_cache()
+                .map_or_else(|| "block index".into(), |d| d.display().to_string()),
+            "the block index stays unreadable after a rebuild",
+        ))
+    }
+
+    /// The block index in `guard`, loaded and completed first if it is not.
+    fn loaded_index<'a>(
+        &self,
+        guard: &'a mut std::sync::MutexGuard<'_, Option<BlockIndex>>,
+    ) -> Result<&'a mut BlockIndex> {
         if !guard.as_ref().is_some_and(|ix| ix.complete) {
             // The packs already loaded stay: only the others are read.
             let partial = match guard.take() {
@@ -583,13 +609,9 @@ impl Repository {
             if let Err(e) = ix.persist() {
                 tracing::debug!(error = %e, "block index not cached");
             }
-            *guard = Some(ix);
+            **guard = Some(ix);
         }
-        let ix = guard.as_mut().expect("loaded");
-        let out = f(ix);
-        // Whatever `f` added is sorted in before anyone looks blocks up again.
-        ix.seal();
-        Ok(out)
+        Ok(guard.as_mut().expect("loaded"))
     }
 
     /// Load the indexes of these packs only (no listing), unless already loaded;

@@ -95,8 +95,8 @@ fn the_committed_v3_repository_refuses_another_passphrase() {
     fixture::copy_tree(&fixture_dir(), &copy);
     let options =
         RepoOptions::default().with_credentials(Credentials::default().with_passphrase("nope"));
-    let err = Repository::open_with(Location::Local(copy), &options)
-        .err()
-        .expect("a wrong passphrase opens nothing");
+    let Err(err) = Repository::open_with(Location::Local(copy), &options) else {
+        panic!("a wrong passphrase opens nothing");
+    };
     assert!(err.to_string().contains("passphrase"), "{err}");
 }
