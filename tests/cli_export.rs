@@ -202,6 +202,40 @@ fn a_repository_and_a_qcow2_source_export_what_restore_writes() {
     );
 }
 
+/// An encrypted repository exports with its passphrase what restore writes (blocks
+/// opened and checked on the way out), and without it refuses in one line.
+#[test]
+fn an_encrypted_repository_exports_what_restore_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let want = image();
+    write_image(&images, "vm", "s1", &want, T0);
+    let cheap_kdf = [
+        ("SNAPSYNC_KDF_MEMORY_KIB", "64"),
+        ("SNAPSYNC_KDF_ITERATIONS", "1"),
+    ];
+    let mut env: Vec<(String, String)> = cheap_kdf
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let repo = dir.path().join("sealed").to_str().unwrap().to_string();
+    let without = run_env(&["init", &repo, "--encryption"], &env);
+    assert_eq!(without.status.code(), Some(1), "init needs a passphrase");
+    env.push(("SNAPSYNC_PASSWORD".into(), "export me".into()));
+    ok_env(&["init", &repo, "--encryption"], &env);
+    ok_env(
+        &["replicate", &format!("raw:{}", images.display()), &repo],
+        &env,
+    );
+    check_store(&repo, "vm@s1", &want, &env);
+    let socket = dir.path().join("refused.sock");
+    let listen = format!("unix:{}", socket.display());
+    let out = run_env(&["export", &repo, "vm@s1", "--listen", &listen], &[]);
+    let err = one_line_error(&out);
+    assert!(err.contains("is encrypted"), "{err}");
+    assert!(!socket.exists(), "nothing was exported");
+}
+
 #[test]
 fn an_s3_repository_exports_what_restore_writes() {
     let endpoint = common::s3::endpoint();
