@@ -453,7 +453,7 @@ fn a_run_reads_its_repositories_chains_and_size_and_a_clones_origin() {
     req.sample = vec![];
     let mut known = repository::known(chains);
     for v in known.values_mut() {
-        v.2 += 100; // as if read before with another depth: not read again
+        v.depth += 100; // as if read before with another depth: not read again
     }
     req.known_chains.insert("one".into(), known);
     let again = run(&s, req);
