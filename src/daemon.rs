@@ -16,6 +16,7 @@ use snapsync_daemon::status::Status;
 use snapsync_daemon::stores::{BoxError, JobDestination, JobSource, Stores};
 use snapsync_daemon::units::human_bytes;
 use snapsync_repo::Repository;
+use snapsync_store::view::RepositoryView;
 use snapsync_store::{SnapshotSink, SnapshotSource, StoreError};
 
 use crate::stores::ClientArgs;
@@ -112,6 +113,10 @@ impl JobDestination for AnyDestination {
 
     fn repository(&self) -> Option<&Repository> {
         self.0.repository().ok()
+    }
+
+    fn view(&self) -> Option<&dyn RepositoryView> {
+        self.0.view()
     }
 }
 

@@ -9,6 +9,7 @@ use snapsync_remote::{ClientOptions, RemoteStore, ServedStore};
 use snapsync_repo::object_store::prefix::PrefixStore;
 use snapsync_repo::object_store::ObjectStore;
 use snapsync_repo::{Location, RepoOptions, Repository};
+use snapsync_store::view::RepositoryView;
 use snapsync_store::{SnapshotSink, SnapshotSource, StoreError};
 
 use crate::url::{StoreUrl, UrlError};
@@ -254,6 +255,16 @@ impl AnyStore {
         }
     }
 
+    /// As a repository whose size and chains can be shown: one here, or one a
+    /// `snapsync://` server holds (which answers for itself whether it holds one).
+    pub fn view(&self) -> Option<&dyn RepositoryView> {
+        match self {
+            AnyStore::Repo(r) => Some(r.as_ref()),
+            AnyStore::Remote(r) => Some(r.as_ref()),
+            _ => None,
+        }
+    }
+
     /// As a repository, for repository-only operations (verify, prune, gc).
     pub fn repository(&self) -> Result<&Repository, OpenError> {
         match self {
@@ -272,5 +283,8 @@ impl ServedStore for AnyStore {
     }
     fn sink(&self) -> Option<&dyn SnapshotSink> {
         AnyStore::sink(self).ok()
+    }
+    fn view(&self) -> Option<&dyn RepositoryView> {
+        AnyStore::view(self)
     }
 }

@@ -1,7 +1,8 @@
 //! The daemon's status page, end to end: a real daemon replicating raw images to a
-//! local repository and a served one, its page loaded in headless Chromium (Debian's
-//! chromium + chromium-driver, driven by Python's selenium: tests/web/page.py), and
-//! what the browser drew compared with `snapsync status --json`; and who may read it.
+//! local repository and a served one, and qcow2 images with a clone, its page loaded in
+//! headless Chromium (Debian's chromium + chromium-driver, driven by Python's selenium:
+//! tests/web/page.py), and what the browser drew compared with `snapsync status --json`
+//! and with what `list --json` says of the repositories; and who may read it.
 
 mod common;
 
@@ -21,6 +22,43 @@ fn run_job(config: &Path, name: &str) -> bool {
     run(&["run-job", name, "--config", config.to_str().unwrap()])
         .status
         .success()
+}
+
+/// `list --json` of `url` (a `snapsync://` one with the servers' token).
+fn listed(url: &str) -> Value {
+    let env = [("SNAPSYNC_TOKEN".to_string(), TOKEN.to_string())];
+    serde_json::from_str(&ok_env(&["list", url, "--json"], &env)).unwrap()
+}
+
+/// Per volume of a `list --json`, its snapshots' names in age order.
+fn listed_names(list: &Value) -> Vec<(String, Vec<String>)> {
+    let str_of = |v: &Value| v.as_str().unwrap().to_string();
+    list["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let snaps = v["snapshots"].as_array().unwrap();
+            (
+                str_of(&v["name"]),
+                snaps.iter().map(|s| str_of(&s["name"])).collect(),
+            )
+        })
+        .collect()
+}
+
+/// A `list --json`'s snapshots: how many, and their sizes added up.
+fn listed_totals(list: &Value) -> (u64, u64) {
+    let snaps: Vec<&Value> = list["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v["snapshots"].as_array().unwrap())
+        .collect();
+    (
+        snaps.len() as u64,
+        snaps.iter().map(|s| num(s, "size")).sum(),
+    )
 }
 
 /// The status document without the time it was made (which differs by request).
@@ -88,6 +126,13 @@ fn the_page_shows_what_status_says_in_a_real_browser() {
     scribble(&mut data, 2, 8, 4096);
     write_image(&images, "vm", "s2", &data, T0 + HOUR);
     assert!(run_job(&config, "images"));
+    // What the served repository holds, asked through its server: the page must show
+    // it after the server is gone (the last view read stays).
+    let served_list = listed(&remote);
+    assert_eq!(
+        listed_names(&served_list),
+        [("vm".to_string(), vec!["s1".to_string(), "s2".to_string()])]
+    );
     server.kill().unwrap();
     server.wait().unwrap();
     scribble(&mut data, 3, 8, 4096);
@@ -174,9 +219,19 @@ fn the_page_shows_what_status_says_in_a_real_browser() {
     let urls: Vec<_> = repos.iter().map(|r| r["url"].as_str().unwrap()).collect();
     assert_eq!(
         urls,
-        [local.as_str(), other.as_str()],
-        "snapsync:// stores are not sampled"
+        [local.as_str(), remote.as_str(), other.as_str()],
+        "a snapsync:// repository is sampled through its server"
     );
+    // Its last sample (taken while it was up) says what `list` says of it.
+    let served_samples = repos[1]["samples"].as_array().unwrap();
+    let last = served_samples.last().unwrap();
+    let (count, logical) = listed_totals(&served_list);
+    assert_eq!(
+        (num(last, "volumes"), num(last, "snapshots")),
+        (1, count),
+        "{last}"
+    );
+    assert_eq!(num(last, "logical_bytes"), logical, "{last}");
     for r in repos {
         let n = r["samples"].as_array().unwrap().len() as u64;
         let last = r["samples"].as_array().unwrap().last().unwrap();
@@ -191,45 +246,48 @@ fn the_page_shows_what_status_says_in_a_real_browser() {
         assert!(drawn["ratio"].as_str().unwrap().ends_with('×'), "{drawn}");
     }
 
-    // The chains of the first job, as the repository holds them: in age order, the
+    // The chains of the first job at both destinations, as each repository holds them
+    // (the served one as its server said before it went down): in age order, the
     // first a full map, each delta based on an older snapshot, the replication base
-    // marked; the served destination is not read from here.
+    // marked.
     let chains = page["chains"].as_array().unwrap();
-    assert_eq!(chains.len(), 1, "{page}");
-    let c = &chains[0];
-    assert_eq!(
-        (c["url"].as_str(), c["volume"].as_str()),
-        (Some(local.as_str()), Some("vm"))
-    );
-    let names: Vec<_> = c["snapshots"]
-        .as_array()
-        .unwrap()
+    let drawn: Vec<_> = chains
         .iter()
-        .map(|s| s["name"].as_str().unwrap())
+        .map(|c| (c["url"].as_str().unwrap(), c["volume"].as_str().unwrap()))
         .collect();
-    assert_eq!(names, snapshots(&local, "vm"));
-    assert_eq!(names, ["s1", "s2", "s3"]);
-    let snaps = c["snapshots"].as_array().unwrap();
-    assert_eq!(snaps[0]["full"], true);
-    for (i, s) in snaps.iter().enumerate().skip(1) {
-        assert_eq!(s["full"], false, "{s}");
-        let base = s["base"].as_str().unwrap().strip_prefix("vm@").unwrap();
-        assert!(names[..i].contains(&base), "{s}");
+    assert_eq!(drawn, [(local.as_str(), "vm"), (remote.as_str(), "vm")]);
+    let served_names = listed_names(&served_list)[0].1.clone();
+    for (c, held) in chains.iter().zip([snapshots(&local, "vm"), served_names]) {
+        let url = c["url"].as_str().unwrap();
+        let names: Vec<_> = c["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, held, "{url}");
+        let snaps = c["snapshots"].as_array().unwrap();
+        assert_eq!(snaps[0]["full"], true);
+        for (i, s) in snaps.iter().enumerate().skip(1) {
+            assert_eq!(s["full"], false, "{s}");
+            let base = s["base"].as_str().unwrap().strip_prefix("vm@").unwrap();
+            assert!(names[..i].contains(&base), "{s}");
+        }
+        assert_eq!(c["arcs"].as_u64(), Some(names.len() as u64 - 1), "{url}");
+        let protected: Vec<_> = snaps
+            .iter()
+            .filter(|s| s["protected"] == true)
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        let base = &destination(&status, "images", url)["bases"]["vm"]["snapshot"];
+        assert_eq!(protected, [base.as_str().unwrap()], "{url}");
     }
-    assert_eq!(c["arcs"], 2);
-    let protected: Vec<_> = snaps
-        .iter()
-        .filter(|s| s["protected"] == true)
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        protected,
-        [
-            destination(&status, "images", &local)["bases"]["vm"]["snapshot"]
-                .as_str()
-                .unwrap()
-        ]
-    );
+    assert_eq!(snapshots(&local, "vm"), ["s1", "s2", "s3"]);
+    // Both were read, and the served one's last read (before it went down) succeeded.
+    for d in page["dests"].as_array().unwrap() {
+        assert!(d["read"].is_string(), "{d}");
+        assert!(d["problem"].is_null(), "{d}");
+    }
 
     // 200 jobs of three destinations and twenty runs each: drawn in well under a second.
     let m = &page["measure"];
@@ -253,6 +311,106 @@ fn the_page_shows_what_status_says_in_a_real_browser() {
     assert_eq!(
         without_now(serde_json::from_str(&body).unwrap()),
         without_now(daemon.status())
+    );
+}
+
+/// A clone's chain is marked with its origin: qcow2 images sharing a backing file are
+/// clones of it; a real daemon job replicates the volume and its clone, and the browser
+/// shows the clone's origin as the repository's listing has it.
+#[test]
+fn a_clone_s_origin_is_marked_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vms = d.join("vms");
+    std::fs::create_dir_all(&vms).unwrap();
+    let image = |name: &str| vms.join(format!("{name}.qcow2"));
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        image("base").to_str().unwrap(),
+        "2M",
+    ]);
+    qemu_write(&image("base"), "qcow2", 0, &random(21, MIB));
+    // a and b on the same backing file: b is a clone of a@base (the shared layer
+    // belongs to the volume sorting first); each has a snapshot of its own.
+    for (name, seed) in [("a", 22), ("b", 23)] {
+        let top = image(name);
+        let top = top.to_str().unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            top,
+        ]);
+        qemu_write(&image(name), "qcow2", MIB as u64, &random(seed, 64 * 1024));
+        qemu_img(&["snapshot", "-c", &format!("{name}1"), top]);
+    }
+    let repo = init_repo(d, &[]);
+    let config = write_config(
+        d,
+        "",
+        &format!(
+            "[[job]]\nname = \"vms\"\nsource = \"qcow2://{}\"\nschedule = \"every 1h\"\ndestinations = [\"{repo}\"]\ntimeout = \"60s\"\n",
+            vms.display()
+        ),
+    );
+    let daemon = DaemonProc::start(&config, &[]);
+    let addr = daemon.metrics.clone().unwrap();
+    wait_for("the first run", 60, || {
+        let s = daemon.status();
+        let j = job(&s, "vms");
+        j["recent_runs"].as_array().is_some_and(|r| !r.is_empty()) && j["running"].is_null()
+    });
+    let status = daemon.status();
+    let last = &job(&status, "vms")["recent_runs"][0]["destinations"][0];
+    assert_eq!(last["result"], "success", "{last}");
+
+    let list = listed(&repo);
+    let clone = list["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "b")
+        .unwrap();
+    let origin = format!(
+        "{}@{}",
+        clone["origin"]["volume"].as_str().unwrap(),
+        clone["origin"]["snapshot"].as_str().unwrap()
+    );
+    assert_eq!(origin, "a@base");
+
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli_web/clone.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let page = browse(&format!("http://{addr}/"), &shot, 0);
+    let chains = page["chains"].as_array().unwrap();
+    let by = |v: &str| chains.iter().find(|c| c["volume"] == v).unwrap();
+    assert_eq!(listed_names(&list).len(), chains.len(), "{page}");
+    assert!(by("a")["origin"].is_null(), "{page}");
+    let b = by("b");
+    assert_eq!(b["origin"].as_str(), Some(origin.as_str()), "{b}");
+    assert_eq!(
+        b["origin_text"].as_str(),
+        Some(format!("clone of {origin}").as_str())
+    );
+    let names: Vec<_> = b["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, snapshots(&repo, "b"));
+    // The clone's first snapshot is a delta of its origin (or a full map).
+    let first = &b["snapshots"][0];
+    assert!(
+        first["full"] == true || first["base"] == origin.as_str(),
+        "{first}"
     );
 }
 

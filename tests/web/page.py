@@ -71,16 +71,21 @@ for (const svg of document.querySelectorAll('svg.repo')) {
     ratio: (svg.parentElement.querySelector('.ratio') || {}).textContent || null,
   };
 }
+const dests = [...document.querySelectorAll('.chain-dest')].map((h) => ({
+  url: h.dataset.url, read: h.dataset.read || null, problem: h.dataset.problem || null,
+  text: h.textContent,
+}));
 const chains = [...document.querySelectorAll('.chain')].map((c) => ({
   url: c.dataset.url, volume: c.dataset.volume,
-  origin: c.textContent.includes('clone of'),
+  origin: c.dataset.origin || null,
+  origin_text: (c.querySelector('.origin') || {}).textContent || null,
   arcs: c.querySelectorAll('path.arc').length,
   snapshots: [...c.querySelectorAll('g.snap')].map((g) => ({
     name: g.dataset.name, full: g.dataset.full === 'true', base: g.dataset.base,
     protected: g.dataset.protected === 'true',
   })),
 }));
-return {rows, runs, repositories, chains,
+return {rows, runs, repositories, dests, chains,
         problem: document.getElementById('problem').hidden ? null : document.getElementById('problem').textContent};
 """
 

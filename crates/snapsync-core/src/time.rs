@@ -83,6 +83,75 @@ impl fmt::Debug for Timestamp {
     }
 }
 
+/// Milliseconds since the Unix epoch (UTC): the daemon's clock, and the precision of
+/// [`rfc3339`] times.
+pub type Millis = i64;
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, to the millisecond), for times that
+/// are read by people as well as programs (the daemon's state and status, the chains a
+/// server reports); a missing value is `null`.
+pub mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Millis;
+
+    /// Millis as RFC 3339 (UTC, milliseconds).
+    pub fn format(t: Millis) -> String {
+        let nanos = i128::from(t) * 1_000_000;
+        match ::time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+            Ok(dt) => dt
+                .replace_nanosecond(dt.nanosecond() / 1_000_000 * 1_000_000)
+                .unwrap_or(dt)
+                .format(&::time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| t.to_string()),
+            Err(_) => t.to_string(),
+        }
+    }
+
+    /// RFC 3339 back to millis.
+    pub fn parse(s: &str) -> Option<Millis> {
+        let dt = ::time::OffsetDateTime::parse(s, &::time::format_description::well_known::Rfc3339)
+            .ok()?;
+        Millis::try_from(dt.unix_timestamp_nanos() / 1_000_000).ok()
+    }
+
+    /// For `#[serde(with)]`.
+    pub fn serialize<S: Serializer>(t: &Millis, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*t))
+    }
+
+    /// For `#[serde(with)]`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Millis, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not an RFC 3339 time")))
+    }
+
+    /// The same for `Option<Millis>`.
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        use super::Millis;
+
+        /// For `#[serde(with)]`.
+        pub fn serialize<S: Serializer>(t: &Option<Millis>, s: S) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => s.serialize_some(&super::format(*t)),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// For `#[serde(with)]`.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Millis>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                None => Ok(None),
+                Some(s) => super::parse(&s).map(Some).ok_or_else(|| {
+                    serde::de::Error::custom(format!("{s:?} is not an RFC 3339 time"))
+                }),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +174,17 @@ mod tests {
         assert_eq!(
             Timestamp::new(1, 1_500_000_000),
             Timestamp::new(2, 500_000_000)
+        );
+    }
+
+    #[test]
+    fn millis_round_trip() {
+        for t in [0, 1_699_920_000_123, -5_000, 1_700_000_000_000] {
+            assert_eq!(rfc3339::parse(&rfc3339::format(t)), Some(t));
+        }
+        assert_eq!(
+            rfc3339::format(1_699_920_000_123),
+            "2023-11-14T00:00:00.123Z"
         );
     }
 }

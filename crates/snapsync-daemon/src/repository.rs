@@ -1,26 +1,24 @@
 //! What the status page shows of a repository destination: how much it stores over
 //! time, and each volume's chain of snapshots and delta bases.
 //!
-//! Both are read by a run, after it replicated to a repository, on the run's thread
-//! (the loop never waits on a store), and kept by the loop: the samples in
-//! `state_dir/repositories.json`, bounded by [`thin`]; the chains with the job's state.
+//! Both are read by a run, after it replicated to a repository (local, S3, or served by
+//! `snapsync serve`: all through [`RepositoryView`], whose repository-side half is in
+//! `snapsync-repo`), on the run's thread (the loop never waits on a store), and kept by
+//! the loop: the samples in `state_dir/repositories.json`, bounded by [`thin`]; the
+//! chains with the job's state.
 //!
-//! **Cheap on purpose.** A sample is two listings and one small read per volume: the
-//! bytes of all packs (what the repository takes on disk or in the bucket) and the
-//! catalogs, whose snapshot sizes add up to the *logical* bytes — what restoring every
-//! snapshot would write, as `borg info` counts "original size". Their ratio is what
-//! dedup (between snapshots, within them, of zeros) and compression save together.
-//! Reading the block maps for a finer count would cost a read of every manifest. A
-//! repository is sampled after a run that changed it (replicated or pruned something:
-//! the listing is small next to what that run wrote), and otherwise at most once a
-//! minute, which catches what others do to it (`gc`, another writer). A chain reads each manifest's fixed fields once: manifests never change, so
-//! what an earlier run read is passed back ([`Known`]) and only new ones are read.
+//! A sample's ratio of stored to logical bytes is what dedup (between snapshots, within
+//! them, of zeros) and compression save together. A repository is sampled after a run
+//! that changed it (replicated or pruned something: the listing is small next to what
+//! that run wrote), and otherwise at most once a minute, which catches what others do
+//! to it (`gc`, another writer). A chain reads each manifest's fixed fields once:
+//! manifests never change, so what an earlier run read is passed back ([`Known`]) and
+//! only new ones are read, also from a served repository.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use snapsync_repo::format::{Catalog, ManifestId};
-use snapsync_repo::Repository;
+pub use snapsync_store::view::{known, Chain, Known, Link, RepositoryView, SnapshotName};
 use snapsync_store::StoreError;
 
 use crate::record::rfc3339;
@@ -51,16 +49,14 @@ pub struct Sample {
 }
 
 /// Sample `repo` at `at`.
-pub fn sample(repo: &Repository, at: Millis) -> Result<Sample, StoreError> {
-    let stored_bytes = repo.stored_bytes()?;
-    let catalogs = repo.catalogs()?;
-    let snaps = catalogs.iter().flat_map(|c| &c.snapshots);
+pub fn sample(repo: &dyn RepositoryView, at: Millis) -> Result<Sample, StoreError> {
+    let size = repo.size()?;
     Ok(Sample {
         at,
-        stored_bytes,
-        logical_bytes: snaps.clone().map(|s| s.size).sum(),
-        volumes: catalogs.iter().filter(|c| !c.snapshots.is_empty()).count() as u64,
-        snapshots: snaps.count() as u64,
+        stored_bytes: size.stored_bytes,
+        logical_bytes: size.logical_bytes,
+        volumes: size.volumes,
+        snapshots: size.snapshots,
     })
 }
 
@@ -86,138 +82,6 @@ pub fn thin(samples: &mut Vec<Sample>, max: usize) {
             !(i > 1 && i <= half && i % 2 == 0)
         });
     }
-}
-
-/// A snapshot named across volumes (a clone's delta base is its origin's).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotName {
-    /// Volume.
-    pub volume: String,
-    /// Snapshot.
-    pub snapshot: String,
-}
-
-/// One snapshot of a volume's chain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct Link {
-    /// Its name.
-    pub name: String,
-    /// Its age.
-    #[serde(with = "rfc3339")]
-    pub created: Millis,
-    /// Its size.
-    pub size: u64,
-    /// Whether its manifest is a full map (no delta base).
-    pub full: bool,
-    /// The snapshot its delta is against (`None` for a full map, or a manifest that no
-    /// snapshot of the volume or its origin names).
-    pub base: Option<SnapshotName>,
-    /// Its manifest's number since the full map (0 for one).
-    pub depth: u32,
-    /// Its manifest, hex: what [`Known`] is keyed by.
-    pub manifest: String,
-}
-
-/// A volume's snapshots in age order, oldest first, with their delta bases.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct Chain {
-    /// The volume.
-    pub volume: String,
-    /// The snapshot it was cloned from, if it is a clone.
-    pub origin: Option<SnapshotName>,
-    /// Its snapshots.
-    pub snapshots: Vec<Link>,
-}
-
-/// What earlier reads found of manifests, by id (hex): whether a full map, the base
-/// snapshot, the depth.
-pub type Known = HashMap<String, (bool, Option<SnapshotName>, u32)>;
-
-/// What `chains` found of manifests, for the next read.
-pub fn known(chains: &[Chain]) -> Known {
-    chains
-        .iter()
-        .flat_map(|c| &c.snapshots)
-        .filter(|l| l.full || l.base.is_some())
-        .map(|l| (l.manifest.clone(), (l.full, l.base.clone(), l.depth)))
-        .collect()
-}
-
-/// The chains of `volumes` in `repo` (those it holds), reading only manifests `known`
-/// does not describe.
-pub fn chains(
-    repo: &Repository,
-    volumes: &[String],
-    known: &Known,
-) -> Result<Vec<Chain>, StoreError> {
-    let mut out = Vec::new();
-    for v in volumes {
-        let Some(cat) = repo.catalog(v)? else {
-            continue;
-        };
-        let origin = match &cat.origin {
-            Some(o) => repo.catalog(&o.volume)?,
-            None => None,
-        };
-        let mut names: HashMap<ManifestId, SnapshotName> = HashMap::new();
-        for c in origin.iter().chain([&cat]) {
-            for s in &c.snapshots {
-                names.insert(
-                    s.manifest,
-                    SnapshotName {
-                        volume: c.volume.clone(),
-                        snapshot: s.name.clone(),
-                    },
-                );
-            }
-        }
-        out.push(chain(repo, &cat, &names, known)?);
-    }
-    Ok(out)
-}
-
-fn chain(
-    repo: &Repository,
-    cat: &Catalog,
-    names: &HashMap<ManifestId, SnapshotName>,
-    known: &Known,
-) -> Result<Chain, StoreError> {
-    let mut snapshots = Vec::with_capacity(cat.snapshots.len());
-    for s in &cat.snapshots {
-        let hex = s.manifest.to_hex();
-        let (full, base, depth) = match known.get(&hex) {
-            Some(k) => k.clone(),
-            None => {
-                let h = repo.manifest_header(&s.manifest)?;
-                let base = h.delta_base.and_then(|b| names.get(&b).cloned());
-                (h.delta_base.is_none(), base, h.depth)
-            }
-        };
-        snapshots.push(Link {
-            name: s.name.clone(),
-            created: millis(s.created),
-            size: s.size,
-            full,
-            base,
-            depth,
-            manifest: hex,
-        });
-    }
-    snapshots.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-    Ok(Chain {
-        volume: cat.volume.clone(),
-        origin: cat.origin.as_ref().map(|o| SnapshotName {
-            volume: o.volume.clone(),
-            snapshot: o.snapshot.clone(),
-        }),
-        snapshots,
-    })
-}
-
-fn millis(t: snapsync_core::Timestamp) -> Millis {
-    Millis::try_from(t.as_nanos() / 1_000_000).unwrap_or(Millis::MAX)
 }
 
 /// Every repository's samples, as kept in `state_dir/repositories.json`.

@@ -23,6 +23,7 @@ use crate::guard::{CountingProgress, GuardedSink, GuardedSource};
 use crate::limit::{Cancel, CancelReason, Limits};
 use crate::record::{Base, Bases, DestinationRun, RunRecord, RunResult};
 use crate::repository::{self, Chain, Known, Sample};
+
 use crate::retention::{self, Protected};
 use crate::schedule::Millis;
 use crate::scheduler::Trigger;
@@ -85,6 +86,10 @@ pub struct RepositoryView {
     pub sample: Option<Sample>,
     /// The chains of the job's volumes.
     pub chains: Option<Vec<Chain>>,
+    /// Why the size or the chains could not be read, one line (the page shows it beside
+    /// the last view read; a served store that is not a repository, or an older server,
+    /// says so here).
+    pub problem: Option<String>,
 }
 
 /// Wall-clock milliseconds.
@@ -338,7 +343,7 @@ fn to_destination(
         run.error = Some(e);
     }
     run.duration_ms = t.elapsed().as_millis() as u64;
-    let view = match (req.cancel.check(), dest.repository()) {
+    let view = match (req.cancel.check(), dest.view()) {
         (Ok(()), Some(repo)) => {
             let changed = run.snapshots > 0 || !run.pruned.is_empty();
             Some(read_view(req, repo, listing, url, changed))
@@ -348,28 +353,37 @@ fn to_destination(
     (run, fresh, view)
 }
 
-/// Read what the status page shows of repository destination `url` (not counted in
-/// the run's duration; a failure to read is logged and leaves the last view shown).
+/// Read what the status page shows of repository destination `url`, local or served
+/// (not counted in the run's duration; a failure to read is logged, said in
+/// [`RepositoryView::problem`] and leaves the last view shown).
 fn read_view(
     req: &RunRequest,
-    repo: &snapsync_repo::Repository,
+    repo: &dyn repository::RepositoryView,
     listing: &[VolumeInfo],
     url: &str,
     changed: bool,
 ) -> RepositoryView {
-    let warn_of = |what: &str, e: &StoreError| {
-        warn!(job = %req.job.name, destination = url, "cannot read the repository's {what} for status: {}", one_line(e));
+    let mut problem = None;
+    let mut failed = |what: &str, e: StoreError| {
+        let line = one_line(&e);
+        warn!(job = %req.job.name, destination = url, "cannot read the repository's {what} for status: {line}");
+        problem.get_or_insert(line);
     };
     let sample = (changed || req.sample.iter().any(|u| u == url))
         .then(|| repository::sample(repo, now_millis()))
-        .and_then(|r| r.map_err(|e| warn_of("size", &e)).ok());
+        .and_then(|r| r.map_err(|e| failed("size", e)).ok());
     let volumes: Vec<String> = listing.iter().map(|v| v.name.clone()).collect();
     let empty = Known::new();
     let known = req.known_chains.get(url).unwrap_or(&empty);
-    let chains = repository::chains(repo, &volumes, known)
-        .map_err(|e| warn_of("chains", &e))
+    let chains = repo
+        .chains(&volumes, known)
+        .map_err(|e| failed("chains", e))
         .ok();
-    RepositoryView { sample, chains }
+    RepositoryView {
+        sample,
+        chains,
+        problem,
+    }
 }
 
 /// Replicate what the run sends to `sink`, adding what was sent to `run`.

@@ -87,6 +87,9 @@ pub struct DestinationState {
     /// When they were read.
     #[serde(with = "rfc3339::option", default)]
     pub chains_read: Option<Millis>,
+    /// Why the last read of its chains or size failed (`None` when it succeeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view_problem: Option<String>,
 }
 
 /// A destination's part of a run, with the run it was part of.

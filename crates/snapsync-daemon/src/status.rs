@@ -70,10 +70,12 @@ pub struct JobChains {
 pub struct DestinationChains {
     /// URL, as in the config.
     pub url: String,
-    /// When they were read (`None`: never, or it is not a repository this daemon
-    /// reads, such as a `snapsync://` store).
+    /// When they were read (`None`: never, or it is not a repository).
     #[serde(with = "rfc3339::option")]
     pub read: Option<Millis>,
+    /// Why the last attempt to read them (or the size) failed, one line; `None` when it
+    /// succeeded. The chains shown are then those of `read`.
+    pub problem: Option<String>,
     /// Per volume, its replication base: what retention never removes.
     pub bases: BTreeMap<String, Base>,
     /// Per volume, its snapshots and their delta bases.

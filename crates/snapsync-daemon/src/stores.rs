@@ -10,6 +10,7 @@
 
 use snapsync_core::Timestamp;
 use snapsync_repo::Repository;
+use snapsync_store::view::RepositoryView;
 use snapsync_store::{SnapshotSink, SnapshotSource, StoreError};
 
 use crate::config::UrlCheck;
@@ -58,6 +59,13 @@ pub trait JobDestination: Send {
     /// As a repository this process can prune, if it is one.
     fn repository(&self) -> Option<&Repository> {
         None
+    }
+
+    /// As a repository whose size and chains the status page shows, if it is one:
+    /// also a repository behind `snapsync serve`, which this process cannot prune but
+    /// can ask. By default the repository this process holds.
+    fn view(&self) -> Option<&dyn RepositoryView> {
+        self.repository().map(|r| r as &dyn RepositoryView)
     }
 }
 

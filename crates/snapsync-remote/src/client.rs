@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use snapsync_core::{BlockId, Hint, VolumeInfo};
 use snapsync_store::runtime::OwnedRuntime;
+use snapsync_store::view::{Chain, Known, RepositorySize, RepositoryView};
 use snapsync_store::{
     BlockContent, CommitInfo, Compressed, Diff, IncomingBlock, ReceiveRequest, Receiver, Result,
     SnapshotReader, SnapshotRef, SnapshotSink, SnapshotSource, Store, StoreError,
@@ -165,6 +166,13 @@ fn backend(context: String, e: impl std::error::Error + Send + Sync + 'static) -
 }
 
 /// Flatten an error and its causes into one line.
+/// Whether a refusal is a server's answer to an operation it does not know: a server
+/// older than the client, asked for an operation added since (operations are added
+/// without a new protocol version; see docs/PROTOCOL.md, "Versioning").
+fn is_unknown_operation(e: &ErrorBody) -> bool {
+    e.kind == ErrorKind::NotFound && e.what.is_none() && e.message.starts_with(NO_SUCH_ENDPOINT)
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -268,6 +276,9 @@ impl RemoteStore {
             let body = resp.bytes().await.unwrap_or_default();
             let err: Option<ErrorBody> = serde_json::from_slice(&body).ok();
             return Err(match err {
+                Some(e) if is_unknown_operation(&e) => StoreError::Unsupported {
+                    what: format!("the server of {url} does not offer `{what}` (it is older than this client: upgrade the snapsync serving it)"),
+                },
                 Some(e) => e.to_store(&format!("{url}: {what}")),
                 None => StoreError::Backend {
                     context: format!("{url}: {what}"),
@@ -361,6 +372,22 @@ impl Store for RemoteStore {
 
     fn list(&self) -> Result<Vec<VolumeInfo>> {
         self.get_json("list")
+    }
+}
+
+/// A served repository's size and chains, for the daemon's status page; a read-only
+/// token suffices.
+impl RepositoryView for RemoteStore {
+    fn size(&self) -> Result<RepositorySize> {
+        self.get_json("stats")
+    }
+
+    fn chains(&self, volumes: &[String], known: &Known) -> Result<Vec<Chain>> {
+        let q = ChainsRequest {
+            volumes: volumes.to_vec(),
+            known: known.clone(),
+        };
+        self.post_json("chains", &q)
     }
 }
 
@@ -864,5 +891,70 @@ impl Drop for RemoteReceiver<'_> {
                 .store
                 .request(reqwest::Method::POST, &self.op("abort"), Some(Vec::new()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use snapsync_store::memory::MemoryStore;
+
+    use super::*;
+    use crate::{ServedStore, Server, ServerConfig, Tokens};
+
+    struct Mem(MemoryStore);
+
+    impl ServedStore for Mem {
+        fn source(&self) -> &dyn SnapshotSource {
+            &self.0
+        }
+        fn sink(&self) -> Option<&dyn SnapshotSink> {
+            Some(&self.0)
+        }
+    }
+
+    const TOKEN: &str = "unit-test-token-0123456789";
+
+    fn serve() -> u16 {
+        let store = Arc::new(Mem(MemoryStore::new("mem", 4096))) as Arc<dyn ServedStore>;
+        let server = Server::bind(
+            ServerConfig {
+                stores: vec![("mem".into(), store)],
+                tokens: Tokens::parse(TOKEN).unwrap(),
+                tls: None,
+                session_idle: crate::server::SESSION_IDLE,
+            },
+            "127.0.0.1:0",
+        )
+        .unwrap();
+        let port = server.local_addr().unwrap().port();
+        std::thread::spawn(move || server.run());
+        port
+    }
+
+    /// An older server asked for an operation added since (`stats` and `chains` from a
+    /// server before them) answers `404` "no such endpoint": the one line says so. A
+    /// server's answer to an operation it does not know has not changed since version
+    /// 1, so this server, asked for one that no version has, answers as an old one does.
+    #[test]
+    fn an_operation_the_server_does_not_offer_is_said_in_one_line() {
+        let port = serve();
+        let url = format!("snapsync+http://127.0.0.1:{port}/mem");
+        let store = RemoteStore::open(&url, ClientOptions::new(TOKEN)).unwrap();
+        let e = store.get_json::<serde_json::Value>("weather").unwrap_err();
+        assert!(matches!(e, StoreError::Unsupported { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "unsupported: the server of {} does not offer `weather` (it is older than this client: upgrade the snapsync serving it)",
+                store.location()
+            )
+        );
+        // Another 404 is not taken for one: a store the server does not serve.
+        let other = format!("snapsync+http://127.0.0.1:{port}/nope");
+        let e = RemoteStore::open(&other, ClientOptions::new(TOKEN)).unwrap_err();
+        assert!(!e.to_string().contains("does not offer"), "{e}");
+        assert!(e.to_string().contains("not served here"), "{e}");
     }
 }

@@ -31,6 +31,12 @@ pub const MAX_READ_LEN: u64 = 16 << 20;
 pub const MAX_BODY: usize = 80 << 20;
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 1 << 20;
+/// Largest `chains` request body: it carries what the client knows of every manifest
+/// of the volumes it asks about (about 150 bytes each), so that they are not read again.
+pub const MAX_CHAINS_BODY: usize = 32 << 20;
+/// The message of the `404` a server answers for an operation it does not know (an
+/// older server asked for a newer operation): the client tells it from other `404`s.
+pub const NO_SUCH_ENDPOINT: &str = "no such endpoint";
 /// Most block ids in one `missing` request, and most blocks in one `write` batch.
 pub const MAX_BATCH_BLOCKS: usize = 1 << 16;
 /// Largest response body the client accepts (listings of many snapshots, diffs with many
@@ -96,6 +102,17 @@ pub struct HintsRequest {
     pub source_system: String,
     /// Source volume.
     pub source_volume: String,
+}
+
+/// `POST .../chains`: a repository's chains, for a status page.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ChainsRequest {
+    /// The volumes asked about (those the store does not hold are left out).
+    pub volumes: Vec<String>,
+    /// What the client read of manifests before, by id: the server passes it on instead
+    /// of reading those manifests again.
+    #[serde(default)]
+    pub known: snapsync_store::view::Known,
 }
 
 /// `POST .../read`.

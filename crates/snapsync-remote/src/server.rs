@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use snapsync_core::{validate_name, BlockId};
 use snapsync_store::runtime::OwnedRuntime;
+use snapsync_store::view::RepositoryView;
 use snapsync_store::{
     BaseRef, BufferPool, CommitInfo, IncomingBlock, ReceiveRequest, SnapshotRef, SnapshotSink,
     SnapshotSource, StoreError,
@@ -54,6 +55,11 @@ pub trait ServedStore: Send + Sync + 'static {
     fn source(&self) -> &dyn SnapshotSource;
     /// As a destination, if it can be one.
     fn sink(&self) -> Option<&dyn SnapshotSink>;
+    /// As a repository whose size and chains a status page shows (`stats`, `chains`),
+    /// if it is one. None by default: a store of images has no such view.
+    fn view(&self) -> Option<&dyn RepositoryView> {
+        None
+    }
 }
 
 /// TLS certificate chain and key, PEM files.
@@ -494,6 +500,39 @@ async fn hints(
     Ok(json_ok(&h))
 }
 
+/// The served store as a repository to show, or why it is none.
+fn view_of<'a>(
+    store: &'a Arc<dyn ServedStore>,
+    name: &str,
+) -> Result<&'a dyn RepositoryView, StoreError> {
+    store.view().ok_or_else(|| StoreError::Unsupported {
+        what: format!("store {name:?} is not a repository: it has no size or chains to show"),
+    })
+}
+
+/// `stats`: a repository's size, for a status page (read-only tokens may ask).
+async fn stats(store: Arc<dyn ServedStore>, name: String) -> Result<Resp, Resp> {
+    let size = blocking(move || view_of(&store, &name)?.size()).await?;
+    Ok(json_ok(&size))
+}
+
+/// `chains`: the chains of the volumes asked about, reading only the manifests the
+/// client does not already know.
+async fn chains(
+    req: Request<Incoming>,
+    store: Arc<dyn ServedStore>,
+    name: String,
+) -> Result<Resp, Resp> {
+    let b = body(req, MAX_CHAINS_BODY).await?;
+    let q: ChainsRequest = serde_json::from_slice(&b)
+        .map_err(|e| error(ErrorKind::BadRequest, format!("malformed request: {e}")))?;
+    for v in &q.volumes {
+        check_names(&[("volume", v.as_str())])?;
+    }
+    let chains = blocking(move || view_of(&store, &name)?.chains(&q.volumes, &q.known)).await?;
+    Ok(json_ok(&chains))
+}
+
 impl State {
     fn reap_idle(&self, idle: Duration) {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -528,6 +567,8 @@ impl State {
             (Method::POST, ["diff"]) => diff(req, store).await,
             (Method::POST, ["estimate_diff"]) => estimate_diff(req, store).await,
             (Method::POST, ["hints"]) => hints(req, store, &name).await,
+            (Method::GET, ["stats"]) => stats(store, name).await,
+            (Method::POST, ["chains"]) => chains(req, store, name).await,
             (Method::POST, ["read"]) => self.read(req, store).await,
             (Method::POST, ["receive"]) => self.receive(req, name, store).await,
             (Method::POST, ["receive", sid, cmd]) => {
@@ -535,7 +576,7 @@ impl State {
             }
             _ => Err(error(
                 ErrorKind::NotFound,
-                format!("no such endpoint {path}"),
+                format!("{NO_SUCH_ENDPOINT} {path}"),
             )),
         }
     }
@@ -563,7 +604,7 @@ impl State {
         ) else {
             return Err(error(
                 ErrorKind::NotFound,
-                format!("no such endpoint {path}"),
+                format!("{NO_SUCH_ENDPOINT} {path}"),
             ));
         };
         let name = percent_encoding::percent_decode_str(raw_name)
@@ -720,7 +761,7 @@ impl State {
             _ => {
                 return Err(error(
                     ErrorKind::NotFound,
-                    format!("no such endpoint {path}"),
+                    format!("{NO_SUCH_ENDPOINT} {path}"),
                 ))
             }
         }

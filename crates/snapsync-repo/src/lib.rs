@@ -52,6 +52,7 @@ mod source;
 mod spill;
 mod stream;
 mod verify;
+mod view;
 mod writer;
 
 pub use backend::{CustomStore, Location, DEFAULT_RETRY_TIMEOUT_SECS};

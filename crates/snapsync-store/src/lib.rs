@@ -9,7 +9,8 @@
 //! - [`SnapshotSink`]: the destination's hints, which blocks it lacks, and an atomic
 //!   receive-then-commit of one snapshot.
 //!
-//! Long operations over them report through one [`Progress`] trait.
+//! Long operations over them report through one [`Progress`] trait; a repository's
+//! size and chains, for a status page, through [`view::RepositoryView`].
 //!
 //! [`memory::MemoryStore`] implements all three in memory; [`conformance`] is the one
 //! suite every implementation runs, so that behaviour cannot drift between stores.
@@ -26,6 +27,7 @@ mod random;
 #[cfg(feature = "tokio")]
 pub mod runtime;
 pub mod sample;
+pub mod view;
 
 pub use bytes::Bytes;
 use snapsync_core::{BlockId, ExtentList, Hint, Origin, SnapshotInfo, VolumeInfo};

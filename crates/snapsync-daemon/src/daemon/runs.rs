@@ -200,8 +200,9 @@ impl Core {
         }
         let mut sampled = false;
         for (url, view) in outcome.views {
+            let ds = st.destinations.entry(url.clone()).or_default();
+            ds.view_problem = view.problem;
             if let Some(chains) = view.chains {
-                let ds = st.destinations.entry(url.clone()).or_default();
                 ds.chains = chains;
                 ds.chains_read = Some(now);
             }

@@ -57,6 +57,7 @@ impl Core {
                 DestinationChains {
                     url: url.clone(),
                     read: ds.chains_read,
+                    problem: ds.view_problem,
                     bases: ds.bases,
                     volumes: ds.chains,
                 }

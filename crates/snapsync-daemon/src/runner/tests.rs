@@ -1,5 +1,6 @@
 //! Runs against real stores: an in-memory source (the reference store), repositories
-//! on disk as destinations, and one destination that cannot be opened.
+//! on disk as destinations, one destination that cannot be opened, and one served by a
+//! real `snapsync serve` server on 127.0.0.1 that is not a repository.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -68,6 +69,56 @@ struct TestStores {
     seed: Mutex<u8>,
     repos: BTreeMap<String, PathBuf>,
     down: Mutex<BTreeSet<String>>,
+    /// Destinations served over the protocol: their `snapsync+http://` URLs.
+    served: BTreeMap<String, String>,
+}
+
+const SERVE_TOKEN: &str = "runner-test-token-0123456789";
+
+/// A memory store behind a server: a destination, but not a repository.
+struct ServedMemory(MemoryStore);
+
+impl snapsync_remote::ServedStore for ServedMemory {
+    fn source(&self) -> &dyn SnapshotSource {
+        &self.0
+    }
+    fn sink(&self) -> Option<&dyn snapsync_store::SnapshotSink> {
+        Some(&self.0)
+    }
+}
+
+/// Serve `store` as `mem` on 127.0.0.1; its URL.
+fn serve_memory(store: MemoryStore) -> String {
+    use snapsync_remote::{ServedStore, Server, ServerConfig, Tokens};
+    let server = Server::bind(
+        ServerConfig {
+            stores: vec![(
+                "mem".into(),
+                Arc::new(ServedMemory(store)) as Arc<dyn ServedStore>,
+            )],
+            tokens: Tokens::parse(SERVE_TOKEN).unwrap(),
+            tls: None,
+            session_idle: snapsync_remote::server::SESSION_IDLE,
+        },
+        "127.0.0.1:0",
+    )
+    .unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || server.run());
+    format!("snapsync+http://127.0.0.1:{port}/mem")
+}
+
+/// A `snapsync://` destination, as the binary opens one: a sink, and a view the server
+/// answers for.
+struct Remote(snapsync_remote::RemoteStore);
+
+impl JobDestination for Remote {
+    fn sink(&self) -> &dyn snapsync_store::SnapshotSink {
+        &self.0
+    }
+    fn view(&self) -> Option<&dyn repository::RepositoryView> {
+        Some(&self.0)
+    }
 }
 
 impl UrlCheck for TestStores {
@@ -100,6 +151,12 @@ impl Stores for TestStores {
         if self.down.lock().unwrap().contains(url) {
             return Err(format!("{url}: connection refused").into());
         }
+        if let Some(u) = self.served.get(url) {
+            let options = snapsync_remote::ClientOptions::new(SERVE_TOKEN);
+            return Ok(Box::new(Remote(snapsync_remote::RemoteStore::open(
+                u, options,
+            )?)));
+        }
         Ok(Box::new(Repository::open(Location::Local(
             self.repos[url].clone(),
         ))?))
@@ -119,6 +176,7 @@ fn stores(dir: &std::path::Path, checkpoints: bool) -> TestStores {
         seed: Mutex::new(0),
         repos,
         down: Mutex::new(BTreeSet::new()),
+        served: BTreeMap::new(),
     }
 }
 
@@ -453,7 +511,7 @@ fn a_run_reads_its_repositories_chains_and_size_and_a_clones_origin() {
     req.sample = vec![];
     let mut known = repository::known(chains);
     for v in known.values_mut() {
-        v.2 += 100; // as if read before with another depth: not read again
+        v.depth += 100; // as if read before with another depth: not read again
     }
     req.known_chains.insert("one".into(), known);
     let again = run(&s, req);
@@ -470,4 +528,38 @@ fn a_run_reads_its_repositories_chains_and_size_and_a_clones_origin() {
         .flat_map(|c| c.snapshots.iter().map(|l| l.depth))
         .collect();
     assert!(depths.iter().all(|&d| d >= 100), "{depths:?}");
+}
+
+/// A served destination that is not a repository is replicated to, and the server's
+/// refusal to show a size or chains is what the run says of its view (for the page),
+/// not counted as a failure of the run.
+#[test]
+fn a_served_store_that_is_not_a_repository_has_its_refusal_as_the_views_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = stores(dir.path(), false);
+    let served = MemoryStore::new("served", BS);
+    s.served.insert("mem".into(), serve_memory(served.clone()));
+    s.source.add_snapshot(
+        "vm",
+        "mon",
+        Timestamp::new(1_700_000_000, 0),
+        vec![7; 32768],
+    );
+    let mut j = (*job(false, None)).clone();
+    j.destinations = vec!["one".into(), "mem".into()];
+    let j = Arc::new(j);
+    let out = run(&s, request(&j, 1, &BTreeMap::new(), now_millis()));
+    assert!(out.record.succeeded(), "{:?}", out.record);
+    assert_eq!(*served.content("vm", "mon").unwrap(), vec![7; 32768]);
+    let view = &out.views["mem"];
+    assert!(view.chains.is_none() && view.sample.is_none(), "{view:?}");
+    assert_eq!(
+        view.problem.as_deref(),
+        Some("unsupported: store \"mem\" is not a repository: it has no size or chains to show")
+    );
+    let local = &out.views["one"];
+    assert!(
+        local.problem.is_none() && local.chains.is_some(),
+        "{local:?}"
+    );
 }

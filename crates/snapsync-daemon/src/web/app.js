@@ -162,11 +162,16 @@ function chainSvg(url, chain, protectedName) {
 function chains(doc) {
   const out = [];
   for (const d of doc.destinations) {
-    out.push(`<h3 class="chain-dest" title="${esc(d.url)}">${esc(d.url)} <span class="muted">${d.read ? "read " + esc(d.read.slice(0, 19).replace("T", " ")) : "not read (a repository is read after a run; a snapsync:// store is not)"}</span></h3>`);
+    // A failed read (a store that is no repository, an older server, one down) is
+    // said beside the last chains read, which stay.
+    const read = d.read ? "read " + esc(d.read.slice(0, 19).replace("T", " ")) : d.problem ? "not read" : "not read yet (a repository is read after each run)";
+    const problem = d.problem ? ` <span class="view-problem">${d.read ? "the last read failed: " : ""}${esc(d.problem)}</span>` : "";
+    out.push(`<h3 class="chain-dest" title="${esc(d.url)}" data-url="${esc(d.url)}" data-read="${esc(d.read || "")}" data-problem="${esc(d.problem || "")}">${esc(d.url)} <span class="muted">${read}</span>${problem}</h3>`);
     for (const c of d.volumes) {
       const base = d.bases[c.volume];
-      const origin = c.origin ? ` <span class="muted">clone of ${esc(c.origin.volume)}@${esc(c.origin.snapshot)}</span>` : "";
-      out.push(`<div class="chain" data-url="${esc(d.url)}" data-volume="${esc(c.volume)}"><div><b>${esc(c.volume)}</b>${origin} <span class="muted">${c.snapshots.length} snapshots</span></div>${chainSvg(d.url, c, base ? base.snapshot : null)}</div>`);
+      const from = c.origin ? `${c.origin.volume}@${c.origin.snapshot}` : "";
+      const origin = c.origin ? ` <span class="origin">clone of ${esc(from)}</span>` : "";
+      out.push(`<div class="chain" data-url="${esc(d.url)}" data-volume="${esc(c.volume)}" data-origin="${esc(from)}"><div><b>${esc(c.volume)}</b>${origin} <span class="muted">${c.snapshots.length} snapshots</span></div>${chainSvg(d.url, c, base ? base.snapshot : null)}</div>`);
     }
   }
   $("chains").innerHTML = out.join("");
