@@ -296,6 +296,111 @@ fn run_job_answers_with_its_result_and_history_survives_a_restart() {
     assert_eq!(daemon.stop(), Some(0));
 }
 
+/// Jobs into two encrypted repositories with different passphrases: the daemon given
+/// both (`--password-file`, repeatable) replicates into each, incrementally, and its
+/// status page reads their size and chains; a daemon given none reports the
+/// destinations failed with the one-line "is encrypted" error and keeps running.
+#[test]
+fn jobs_replicate_into_encrypted_repositories_given_their_passphrases() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let images = d.join("images");
+    write_image(&images, "vm", "s1", &random(41, MIB), T0);
+    let cheap: Vec<(String, String)> = [
+        ("SNAPSYNC_KDF_MEMORY_KIB", "64"),
+        ("SNAPSYNC_KDF_ITERATIONS", "1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut repos = Vec::new();
+    let mut pw_args = Vec::new();
+    for k in 0..2 {
+        let repo = d.join(format!("sealed{k}")).to_str().unwrap().to_string();
+        let pw = d.join(format!("pw{k}"));
+        std::fs::write(&pw, format!("passphrase number {k}\n")).unwrap();
+        let pw = pw.to_str().unwrap().to_string();
+        ok_env(
+            &["init", &repo, "--encryption", "--password-file", &pw],
+            &cheap,
+        );
+        pw_args.extend(["--password-file".to_string(), pw]);
+        repos.push(repo);
+    }
+    let config = write_config(
+        d,
+        "",
+        &format!(
+            "[[job]]\nname = \"sealed\"\nsource = \"raw:{}\"\nschedule = \"0 0 1 1 *\"\ndestinations = [\"{}\", \"{}\"]\ntimeout = \"1m\"\n",
+            images.display(),
+            repos[0],
+            repos[1]
+        ),
+    );
+    let c = config.to_str().unwrap();
+
+    // Without the passphrases: each destination fails with the one line, the daemon runs on.
+    let mut daemon = DaemonProc::start(&config, &[]);
+    let out = run(&["run-job", "sealed", "--config", c, "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for dest in record["destinations"].as_array().unwrap() {
+        assert_eq!(dest["result"], "failure", "{record}");
+        let error = dest["error"].as_str().unwrap();
+        assert!(
+            error.contains("is encrypted") && !error.contains('\n'),
+            "{error}"
+        );
+    }
+    assert_eq!(daemon.stop(), Some(0));
+
+    let pw: Vec<&str> = pw_args.iter().map(String::as_str).collect();
+    let mut daemon = DaemonProc::start(&config, &pw);
+    let record: Value =
+        serde_json::from_str(&ok(&["run-job", "sealed", "--config", c, "--json"])).unwrap();
+    for dest in record["destinations"].as_array().unwrap() {
+        assert_eq!(dest["result"], "success", "{record}");
+        assert_eq!(dest["snapshots"], 1);
+    }
+    let mut s2 = std::fs::read(images.join("vm/s1.img")).unwrap();
+    s2[..4096].fill(0x42);
+    write_image(&images, "vm", "s2", &s2, T0 + HOUR);
+    let record: Value =
+        serde_json::from_str(&ok(&["run-job", "sealed", "--config", c, "--json"])).unwrap();
+    for (k, dest) in record["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(dest["result"], "success", "{record}");
+        assert!(
+            dest["sent_bytes"].as_u64().unwrap() < MIB as u64 / 4,
+            "incremental: {dest}"
+        );
+        let listed = ok(&["list", &repos[k], "--json", pw[2 * k], pw[2 * k + 1]]);
+        assert!(
+            listed.contains("\"s1\"") && listed.contains("\"s2\""),
+            "{listed}"
+        );
+    }
+    // The status page's view of each sealed repository: read with its passphrase.
+    let metrics = daemon.metrics.clone().unwrap();
+    let (code, _, body) = get(&metrics, "/api/chains?job=sealed", &[]);
+    assert_eq!(code, 200, "{body}");
+    let chains: Value = serde_json::from_str(&body).unwrap();
+    let destinations = chains["destinations"].as_array().unwrap();
+    assert_eq!(destinations.len(), 2, "{chains}");
+    for dest in destinations {
+        assert!(dest["problem"].is_null(), "{dest}");
+        let snaps = dest["volumes"][0]["snapshots"].as_array().unwrap();
+        let names: Vec<&str> = snaps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["s1", "s2"], "{dest}");
+        assert_eq!(snaps[1]["base"]["snapshot"], "s1", "a delta on s1: {dest}");
+    }
+    assert_eq!(daemon.stop(), Some(0));
+}
+
 #[test]
 fn a_run_past_its_timeout_is_cancelled_and_slots_meanwhile_are_skipped() {
     let dir = tempfile::tempdir().unwrap();
