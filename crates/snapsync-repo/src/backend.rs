@@ -299,6 +299,29 @@ impl Backend {
         })
     }
 
+    /// Run a request to the store to completion and wait for it.
+    ///
+    /// A local store makes its file system calls on whatever thread polls the request
+    /// when no Tokio runtime is current, and inside one hands each to a thread of the
+    /// runtime's blocking pool. Outside any runtime (the command line, the engine's
+    /// threads) a local request therefore runs here, on the caller's thread: through the
+    /// runtime it woke a worker and a blocking thread and waited for both, a hand-over
+    /// per request that cost milliseconds on busy cores (and the first one started those
+    /// threads). Remote stores, and callers inside a runtime, go through the runtime.
+    fn run<F>(&self, future: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let inline = matches!(self.location, Location::Local(_))
+            && tokio::runtime::Handle::try_current().is_err();
+        if inline {
+            futures::executor::block_on(future)
+        } else {
+            self.runtime.block_on(future)
+        }
+    }
+
     pub(crate) fn location(&self) -> &Location {
         &self.location
     }
@@ -310,7 +333,7 @@ impl Backend {
     /// Read a whole object; `None` when it does not exist.
     pub(crate) fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let path = ObjectPath::from(key);
-        let r = self.runtime.block_on(async {
+        let r = self.run(async {
             let got = self.store.get(&path).await?;
             got.bytes().await
         });
@@ -327,7 +350,7 @@ impl Backend {
         requests: Vec<(String, Vec<std::ops::Range<u64>>)>,
     ) -> Result<Vec<Vec<Bytes>>> {
         let store = &self.store;
-        self.runtime.block_on(async {
+        self.run(async {
             futures::stream::iter(requests.into_iter().map(|(key, ranges)| async move {
                 let path = ObjectPath::from(key.as_str());
                 store
@@ -433,8 +456,7 @@ impl Backend {
             },
             ..Default::default()
         };
-        self.runtime
-            .block_on(self.store.put_opts(&path, PutPayload::from(data), opts))
+        self.run(self.store.put_opts(&path, PutPayload::from(data), opts))
             .map_err(|e| match e {
                 object_store::Error::AlreadyExists { .. } => backend_err(self.describe(key), e),
                 e => backend_err(format!("write {}", self.describe(key)), e),
@@ -571,21 +593,20 @@ impl Backend {
         self.listings
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = ObjectPath::from(prefix);
-        self.runtime
-            .block_on(async {
-                self.store
-                    .list(Some(&path))
-                    .map_ok(|m| (m.location.to_string(), m.size))
-                    .try_collect::<Vec<_>>()
-                    .await
-            })
-            .map_err(|e| backend_err(format!("list {}", self.describe(prefix)), e))
+        self.run(async {
+            self.store
+                .list(Some(&path))
+                .map_ok(|m| (m.location.to_string(), m.size))
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .map_err(|e| backend_err(format!("list {}", self.describe(prefix)), e))
     }
 
     /// Delete an object; a missing object is not an error.
     pub(crate) fn delete(&self, key: &str) -> Result<()> {
         let path = ObjectPath::from(key);
-        match self.runtime.block_on(self.store.delete(&path)) {
+        match self.run(self.store.delete(&path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(backend_err(format!("delete {}", self.describe(key)), e)),
         }
