@@ -34,6 +34,7 @@ use object_store::{
 use snapsync_store::runtime::OwnedRuntime;
 use snapsync_store::{Result, StoreError};
 
+use crate::staged::StagedFile;
 use crate::RepoOptions;
 
 /// Default bound on retries of one request: long enough to ride out a server restart or
@@ -155,6 +156,42 @@ fn sync_local(location: &Location, key: &str) -> Result<()> {
     sync(&p).map_err(|e| StoreError::io(format!("fsync {}", p.display()), e))?;
     if let Some(dir) = p.parent() {
         sync(dir).map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Run blocking file system work on the runtime's blocking threads.
+async fn blocking(f: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Backend {
+            context: "fsync task".into(),
+            source: Box::new(e),
+        })?
+}
+
+/// Write `objects` in order, each durably (fsynced with its directory on a local disk)
+/// before the next.
+async fn put_synced(
+    store: Arc<dyn ObjectStore>,
+    location: Location,
+    objects: Vec<(String, Vec<Bytes>)>,
+) -> Result<()> {
+    let multipart = matches!(location, Location::S3 { .. });
+    for (key, chunks) in objects {
+        let path = ObjectPath::from(key.as_str());
+        let data = PutPayload::from_iter(chunks);
+        let r = if multipart && data.content_length() > PART_SIZE {
+            put_multipart(store.as_ref(), &path, data).await
+        } else {
+            store
+                .put_opts(&path, data, PutOptions::default())
+                .await
+                .map(drop)
+        };
+        r.map_err(|e| backend_err(format!("write {location}/{key}"), e))?;
+        let loc = location.clone();
+        blocking(move || sync_local(&loc, &key)).await?;
     }
     Ok(())
 }
@@ -514,7 +551,6 @@ impl Backend {
     pub(crate) fn spawn_puts(&self, objects: Vec<(String, Vec<Bytes>)>) -> PendingPuts {
         let store = self.store.clone();
         let location = self.location.clone();
-        let multipart = matches!(location, Location::S3 { .. });
         let mut objects = objects.into_iter();
         let mut written: Option<Result<String>> = None;
         if let Location::Local(_) = location {
@@ -534,35 +570,42 @@ impl Backend {
             });
         }
         let handle = self.runtime.spawn(async move {
-            let sync = |key: String| {
-                let loc = location.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || sync_local(&loc, &key))
-                        .await
-                        .map_err(|e| StoreError::Backend {
-                            context: "fsync task".into(),
-                            source: Box::new(e),
-                        })?
-                }
-            };
             if let Some(key) = written {
-                sync(key?).await?;
+                let loc = location.clone();
+                blocking(move || sync_local(&loc, &key?)).await?;
             }
-            for (key, chunks) in objects {
-                let path = ObjectPath::from(key.as_str());
-                let data = PutPayload::from_iter(chunks);
-                let r = if multipart && data.content_length() > PART_SIZE {
-                    put_multipart(store.as_ref(), &path, data).await
-                } else {
-                    store
-                        .put_opts(&path, data, PutOptions::default())
-                        .await
-                        .map(drop)
-                };
-                r.map_err(|e| backend_err(format!("write {location}/{key}"), e))?;
-                sync(key).await?;
-            }
-            Ok(())
+            put_synced(store, location, objects.collect()).await
+        });
+        PendingPuts(handle)
+    }
+
+    /// A staging file for a pack written as it fills, in a local repository; `None`
+    /// for other stores (see [`crate::staged`]).
+    pub(crate) fn stage_pack(&self) -> Result<Option<StagedFile>> {
+        match &self.location {
+            Location::Local(root) => StagedFile::create(&root.join("packs")).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Like [`Backend::spawn_puts`] with a staged file as the first object: in the
+    /// background, `staged` is made durable under `key`, then `objects` are written in
+    /// order, each durably.
+    pub(crate) fn spawn_staged_puts(
+        &self,
+        staged: StagedFile,
+        key: &str,
+        objects: Vec<(String, Vec<Bytes>)>,
+    ) -> PendingPuts {
+        let Location::Local(root) = &self.location else {
+            unreachable!("only local repositories stage files");
+        };
+        let dest = root.join(key);
+        let store = self.store.clone();
+        let location = self.location.clone();
+        let handle = self.runtime.spawn(async move {
+            blocking(move || staged.publish(&dest)).await?;
+            put_synced(store, location, objects).await
         });
         PendingPuts(handle)
     }
