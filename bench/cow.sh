@@ -6,6 +6,8 @@
 #   bash bench/cow.sh [SIZE_MiB=2048] [PCT=1] [WORK=/tmp/snapsync-cow]
 #
 # Environment: REPS (default 5) runs of each timed command, median reported;
+# BEFORE=<another snapsync binary> to time it too, in the same runs (same change, same
+# repository state, the order of the three commands rotating), for before/after;
 # DATA=random (default) or compressible for the image's content; HASH=auto (default:
 # only when the disk has room for two plain copies), 1 or 0.
 #
@@ -123,27 +125,43 @@ export SNAPSYNC_CACHE_DIR="$work/cache"
 "$bin" replicate "raw:snaps?layout=by-snapshot" "$work/repo-s1" --snapshot s1 >/dev/null
 mv "$work/cache" "$work/cache-s1"
 
-ext=(); send=()
+before=${BEFORE:+$(realpath "$BEFORE")}
+ext=(); send=(); old=()
 for k in $(seq 1 "$reps"); do
     snap="c$k"
     change "$k" "$snap"
     # The repository and its index cache as they were after s1: each run does the same.
-    rm -rf "$work/repo" "$work/cache"
-    cp -al "$work/repo-s1" "$work/repo"; cp -al "$work/cache-s1" "$work/cache"
-    run_ext() { t_ext=$(timed "$work/ext.json" "$bin" replicate "raw:snaps?layout=by-snapshot" "$work/repo" --snapshot "$snap" --json); }
+    fresh_repo() {
+        rm -rf "$work/repo" "$work/cache"
+        cp -al "$work/repo-s1" "$work/repo"; cp -al "$work/cache-s1" "$work/cache"
+    }
+    replicate() {  # replicate BIN OUT: seconds
+        fresh_repo
+        timed "$2" "$1" replicate "raw:snaps?layout=by-snapshot" "$work/repo" --snapshot "$snap" --json
+    }
+    run_ext() { t_ext=$(replicate "$bin" "$work/ext.json"); }
     run_send() { t_send=$(timed /dev/null btrfs -q send -p snaps/s1 "snaps/$snap" -f /dev/null); }
-    if [ $((k % 2)) = 1 ]; then run_ext; run_send; else run_send; run_ext; fi
+    run_old() { [ -z "$before" ] || t_old=$(replicate "$before" "$work/old.json"); }
+    case $((k % 3)) in
+        1) run_ext; run_send; run_old ;;
+        2) run_send; run_old; run_ext ;;
+        0) run_old; run_ext; run_send ;;
+    esac
     grep -q '"diff_method":"extents"' "$work/ext.json" || { echo "not diffed from extents: $(cat "$work/ext.json")" >&2; exit 1; }
-    printf 'run %d: extents %.3f s, send %.3f s   %s\n' "$k" "$t_ext" "$t_send" "$(cat "$work/ext.json")"
-    ext+=("$t_ext"); send+=("$t_send")
+    printf 'run %d: extents %.3f s, send %.3f s' "$k" "$t_ext" "$t_send"
+    [ -z "$before" ] || printf ', before %.3f s' "$t_old"
+    printf '   %s\n' "$(cat "$work/ext.json")"
+    ext+=("$t_ext"); send+=("$t_send"); [ -z "$before" ] || old+=("$t_old")
     [ "$k" = "$reps" ] || btrfs -q subvolume delete "snaps/$snap" >/dev/null
 done
 t_ext=$(median "${ext[@]}"); t_send=$(median "${send[@]}")
 t_b3=$(timed /dev/null b3sum snaps/s1/vm.img "snaps/$snap/vm.img")
 
 echo "== ${size_mib} MiB image ($data), ${pct}% changed in 100 KiB writes, btrfs, cache dropped, median of $reps"
-printf '%-28s %8.3f s\n' "snapsync, extents" "$t_ext" "btrfs send -p > /dev/null" "$t_send" \
-    "b3sum of both images" "$t_b3"
+printf '%-28s %8.3f s   (%s)\n' "snapsync, extents" "$t_ext" "$(printf '%s ' "${ext[@]}")" \
+    "btrfs send -p > /dev/null" "$t_send" "$(printf '%s ' "${send[@]}")"
+[ -z "$before" ] || printf '%-28s %8.3f s   (%s)\n' "BEFORE, extents" "$(median "${old[@]}")" "$(printf '%s ' "${old[@]}")"
+printf '%-28s %8.3f s\n' "b3sum of both images" "$t_b3"
 if [ "$hash" = 1 ]; then
     # Volume vmh in another copy of the repository after s1: its s1 is all
     # duplicates, and the last change's blocks are new to it.

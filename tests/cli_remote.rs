@@ -549,7 +549,10 @@ fn kill_client_mid_transfer(src: &str, remote: &str, repo: &str, packs: usize) {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    while count_files(&packs_dir) < before + packs {
+    // A local pack is written to a staging file while it fills: `packs` packs are full
+    // once the next one's file is there too (the server is then in the write that
+    // handed the last of them to storage).
+    while count_files(&packs_dir) < before + packs + 1 {
         if let Some(status) = client.try_wait().unwrap() {
             panic!("the replication ended ({status}) before it could be killed");
         }
@@ -616,7 +619,7 @@ fn client_killed_mid_transfer_then_a_rerun_resumes_on_the_same_server() {
 fn an_idle_session_of_a_killed_client_is_abandoned_and_releases_its_lock() {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
-    let size = 96 * MIB as u64;
+    let size = 192 * MIB as u64;
     let s1 = random(41, size as usize);
     write_image(&images, "vm", "s1", &s1, T0);
     let repo = init_repo(dir.path(), &[]);
@@ -632,7 +635,20 @@ fn an_idle_session_of_a_killed_client_is_abandoned_and_releases_its_lock() {
     let src = format!("raw:{}", images.display());
     let remote = url(&server, "repo");
 
-    kill_client_mid_transfer(&src, &remote, &repo, 1);
+    // A client killed while it sends a write leaves a truncated request, and the server
+    // ends that session at once (releasing its lock): no idle session is left. Packs
+    // are written as they fill, so the client seldom waits for the server and is often
+    // mid-request when killed: then run it again (its new session replaces the ended
+    // one and reuses its packs) and kill it one pack later, until a session is left.
+    let locks = Path::new(&repo).join("locks");
+    for attempt in 1.. {
+        kill_client_mid_transfer(&src, &remote, &repo, 1);
+        std::thread::sleep(Duration::from_millis(300));
+        if count_files(&locks) > 0 {
+            break;
+        }
+        assert!(attempt < 4, "every killed client's session ended at once");
+    }
     let killed = Instant::now();
     // The dead client's session holds a session lock on the repository, so gc waits for
     // it; when the server abandons the idle session, the lock goes and gc goes on.

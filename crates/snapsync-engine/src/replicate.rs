@@ -223,12 +223,17 @@ impl Ctx<'_> {
                 }
             }
         }
-        for target in targets(volume, only, &common) {
+        // The common snapshots are asked again before each snapshot but the first (the
+        // one just committed is then among them), not after the last: that would be two
+        // more reads of the destination's catalogs before the process can exit.
+        for (k, target) in targets(volume, only, &common).into_iter().enumerate() {
+            if k > 0 {
+                common = self.common(volume)?;
+            }
             let plan = self.plan(volume, target, &common)?;
             let report = self.replicate_one(volume, plan)?;
             (self.on_report)(&report);
             self.reports.push(report);
-            common = self.common(volume)?;
         }
         Ok(())
     }

@@ -34,6 +34,7 @@ use object_store::{
 use snapsync_store::runtime::OwnedRuntime;
 use snapsync_store::{Result, StoreError};
 
+use crate::staged::StagedFile;
 use crate::RepoOptions;
 
 /// Default bound on retries of one request: long enough to ride out a server restart or
@@ -155,6 +156,42 @@ fn sync_local(location: &Location, key: &str) -> Result<()> {
     sync(&p).map_err(|e| StoreError::io(format!("fsync {}", p.display()), e))?;
     if let Some(dir) = p.parent() {
         sync(dir).map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Run blocking file system work on the runtime's blocking threads.
+async fn blocking(f: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Backend {
+            context: "fsync task".into(),
+            source: Box::new(e),
+        })?
+}
+
+/// Write `objects` in order, each durably (fsynced with its directory on a local disk)
+/// before the next.
+async fn put_synced(
+    store: Arc<dyn ObjectStore>,
+    location: Location,
+    objects: Vec<(String, Vec<Bytes>)>,
+) -> Result<()> {
+    let multipart = matches!(location, Location::S3 { .. });
+    for (key, chunks) in objects {
+        let path = ObjectPath::from(key.as_str());
+        let data = PutPayload::from_iter(chunks);
+        let r = if multipart && data.content_length() > PART_SIZE {
+            put_multipart(store.as_ref(), &path, data).await
+        } else {
+            store
+                .put_opts(&path, data, PutOptions::default())
+                .await
+                .map(drop)
+        };
+        r.map_err(|e| backend_err(format!("write {location}/{key}"), e))?;
+        let loc = location.clone();
+        blocking(move || sync_local(&loc, &key)).await?;
     }
     Ok(())
 }
@@ -299,6 +336,29 @@ impl Backend {
         })
     }
 
+    /// Run a request to the store to completion and wait for it.
+    ///
+    /// A local store makes its file system calls on whatever thread polls the request
+    /// when no Tokio runtime is current, and inside one hands each to a thread of the
+    /// runtime's blocking pool. Outside any runtime (the command line, the engine's
+    /// threads) a local request therefore runs here, on the caller's thread: through the
+    /// runtime it woke a worker and a blocking thread and waited for both, a hand-over
+    /// per request that cost milliseconds on busy cores (and the first one started those
+    /// threads). Remote stores, and callers inside a runtime, go through the runtime.
+    fn run<F>(&self, future: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let inline = matches!(self.location, Location::Local(_))
+            && tokio::runtime::Handle::try_current().is_err();
+        if inline {
+            futures::executor::block_on(future)
+        } else {
+            self.runtime.block_on(future)
+        }
+    }
+
     pub(crate) fn location(&self) -> &Location {
         &self.location
     }
@@ -310,7 +370,7 @@ impl Backend {
     /// Read a whole object; `None` when it does not exist.
     pub(crate) fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let path = ObjectPath::from(key);
-        let r = self.runtime.block_on(async {
+        let r = self.run(async {
             let got = self.store.get(&path).await?;
             got.bytes().await
         });
@@ -327,7 +387,7 @@ impl Backend {
         requests: Vec<(String, Vec<std::ops::Range<u64>>)>,
     ) -> Result<Vec<Vec<Bytes>>> {
         let store = &self.store;
-        self.runtime.block_on(async {
+        self.run(async {
             futures::stream::iter(requests.into_iter().map(|(key, ranges)| async move {
                 let path = ObjectPath::from(key.as_str());
                 store
@@ -433,8 +493,7 @@ impl Backend {
             },
             ..Default::default()
         };
-        self.runtime
-            .block_on(self.store.put_opts(&path, PutPayload::from(data), opts))
+        self.run(self.store.put_opts(&path, PutPayload::from(data), opts))
             .map_err(|e| match e {
                 object_store::Error::AlreadyExists { .. } => backend_err(self.describe(key), e),
                 e => backend_err(format!("write {}", self.describe(key)), e),
@@ -492,7 +551,6 @@ impl Backend {
     pub(crate) fn spawn_puts(&self, objects: Vec<(String, Vec<Bytes>)>) -> PendingPuts {
         let store = self.store.clone();
         let location = self.location.clone();
-        let multipart = matches!(location, Location::S3 { .. });
         let mut objects = objects.into_iter();
         let mut written: Option<Result<String>> = None;
         if let Location::Local(_) = location {
@@ -512,35 +570,42 @@ impl Backend {
             });
         }
         let handle = self.runtime.spawn(async move {
-            let sync = |key: String| {
-                let loc = location.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || sync_local(&loc, &key))
-                        .await
-                        .map_err(|e| StoreError::Backend {
-                            context: "fsync task".into(),
-                            source: Box::new(e),
-                        })?
-                }
-            };
             if let Some(key) = written {
-                sync(key?).await?;
+                let loc = location.clone();
+                blocking(move || sync_local(&loc, &key?)).await?;
             }
-            for (key, chunks) in objects {
-                let path = ObjectPath::from(key.as_str());
-                let data = PutPayload::from_iter(chunks);
-                let r = if multipart && data.content_length() > PART_SIZE {
-                    put_multipart(store.as_ref(), &path, data).await
-                } else {
-                    store
-                        .put_opts(&path, data, PutOptions::default())
-                        .await
-                        .map(drop)
-                };
-                r.map_err(|e| backend_err(format!("write {location}/{key}"), e))?;
-                sync(key).await?;
-            }
-            Ok(())
+            put_synced(store, location, objects.collect()).await
+        });
+        PendingPuts(handle)
+    }
+
+    /// A staging file for a pack written as it fills, in a local repository; `None`
+    /// for other stores (see [`crate::staged`]).
+    pub(crate) fn stage_pack(&self) -> Result<Option<StagedFile>> {
+        match &self.location {
+            Location::Local(root) => StagedFile::create(&root.join("packs")).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Like [`Backend::spawn_puts`] with a staged file as the first object: in the
+    /// background, `staged` is made durable under `key`, then `objects` are written in
+    /// order, each durably.
+    pub(crate) fn spawn_staged_puts(
+        &self,
+        staged: StagedFile,
+        key: &str,
+        objects: Vec<(String, Vec<Bytes>)>,
+    ) -> PendingPuts {
+        let Location::Local(root) = &self.location else {
+            unreachable!("only local repositories stage files");
+        };
+        let dest = root.join(key);
+        let store = self.store.clone();
+        let location = self.location.clone();
+        let handle = self.runtime.spawn(async move {
+            blocking(move || staged.publish(&dest)).await?;
+            put_synced(store, location, objects).await
         });
         PendingPuts(handle)
     }
@@ -571,21 +636,20 @@ impl Backend {
         self.listings
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = ObjectPath::from(prefix);
-        self.runtime
-            .block_on(async {
-                self.store
-                    .list(Some(&path))
-                    .map_ok(|m| (m.location.to_string(), m.size))
-                    .try_collect::<Vec<_>>()
-                    .await
-            })
-            .map_err(|e| backend_err(format!("list {}", self.describe(prefix)), e))
+        self.run(async {
+            self.store
+                .list(Some(&path))
+                .map_ok(|m| (m.location.to_string(), m.size))
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .map_err(|e| backend_err(format!("list {}", self.describe(prefix)), e))
     }
 
     /// Delete an object; a missing object is not an error.
     pub(crate) fn delete(&self, key: &str) -> Result<()> {
         let path = ObjectPath::from(key);
-        match self.runtime.block_on(self.store.delete(&path)) {
+        match self.run(self.store.delete(&path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(backend_err(format!("delete {}", self.describe(key)), e)),
         }

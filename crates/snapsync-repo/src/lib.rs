@@ -50,6 +50,7 @@ mod repo;
 mod sealed;
 mod source;
 mod spill;
+mod staged;
 mod stream;
 mod verify;
 mod view;

@@ -20,6 +20,7 @@ use crate::format::{
 use crate::lock::SessionLock;
 use crate::repo::{key_index, key_pack, Repository, MAX_CHAIN_LEN};
 use crate::spill::Changes;
+use crate::staged::StagedFile;
 use crate::stream::{delta_between, merge_deltas, ChainCursor, CheckedManifest, Overlay};
 use crate::writer::ManifestWriter;
 
@@ -106,28 +107,35 @@ struct PackBuilder {
     /// buffers they arrived in (slices of the engine's reads or of network requests) and
     /// are written one after another, never copied into one pack buffer.
     chunks: Vec<Bytes>,
-    /// Total length of `chunks`.
+    /// In a local repository, the file the pack is written to instead, as it fills
+    /// (see [`crate::staged`]).
+    file: Option<StagedFile>,
+    /// Total length of the pack so far.
     len: usize,
     entries: Vec<IndexEntry>,
 }
 
 impl PackBuilder {
     /// Append one block as stored (`bytes`, `compression` of `raw_len` plaintext bytes;
-    /// sealed in an encrypted repository, whose packs are `version` 3).
+    /// sealed in `repo` if it is encrypted, whose packs are then version 3).
     fn add(
         &mut self,
+        repo: &Repository,
         id: BlockId,
         (compression, raw_len): (Compression, u32),
         bytes: Bytes,
-        version: u32,
-    ) {
-        if self.chunks.is_empty() {
+    ) -> Result<()> {
+        if self.entries.is_empty() {
             let mut header = Vec::with_capacity(PACK_HEADER);
             header.extend_from_slice(MAGIC_PACK);
-            header.extend_from_slice(&version.to_le_bytes());
+            header.extend_from_slice(&repo.format_version().to_le_bytes());
             header.resize(PACK_HEADER, 0);
             self.len = header.len();
-            self.chunks.push(header.into());
+            self.file = repo.backend.stage_pack()?;
+            match &mut self.file {
+                Some(file) => file.write(&header)?,
+                None => self.chunks.push(header.into()),
+            }
         }
         self.entries.push(IndexEntry {
             id,
@@ -137,7 +145,13 @@ impl PackBuilder {
             compression,
         });
         self.len += bytes.len();
-        self.chunks.push(bytes);
+        match &mut self.file {
+            Some(file) => file.write(&bytes),
+            None => {
+                self.chunks.push(bytes);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -224,10 +238,19 @@ impl RepoReceiver<'_> {
         debug!(pack = %id, size = pack.len, blocks = pack.entries.len(), "storing pack");
         // The pack before its index, in one ordered background job: an index never
         // names a pack that is not there.
-        let job = self.repo.backend.spawn_puts(vec![
-            (key_pack(&id), pack.chunks),
-            (key_index(&id), vec![Bytes::from(index)]),
-        ]);
+        let index = (key_index(&id), vec![Bytes::from(index)]);
+        let job = match pack.file {
+            Some(file) => {
+                debug_assert_eq!(file.len(), pack.len as u64);
+                self.repo
+                    .backend
+                    .spawn_staged_puts(file, &key_pack(&id), vec![index])
+            }
+            None => self
+                .repo
+                .backend
+                .spawn_puts(vec![(key_pack(&id), pack.chunks), index]),
+        };
         self.uploads.push_back((job, id, pack.entries));
         while self.uploads.len() > MAX_UPLOADS {
             self.wait_oldest_upload()?;
@@ -364,8 +387,7 @@ impl Receiver for RepoReceiver<'_> {
         let mut added = 0u64;
         for (id, compression, bytes, len) in encoded {
             added += len;
-            let version = repo.format_version();
-            self.pack.add(id, (compression, bs as u32), bytes, version);
+            self.pack.add(repo, id, (compression, bs as u32), bytes)?;
             if self.pack.len >= PACK_TARGET || self.pack.entries.len() >= PACK_MAX_BLOCKS {
                 self.flush()?;
             }
