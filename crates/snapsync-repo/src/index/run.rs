@@ -25,12 +25,14 @@
 //! | BLAKE3 of magic, salt, fences, filter and the four numbers | 32 |
 //!
 //! A page's check is the first 16 bytes of BLAKE3(salt ‖ page number ‖ records): a
-//! page of another file or another place in this one fails it too.
+//! page of another file or another place in this one fails it too. A process checks a
+//! page the first time it reads it (a run file never changes).
 
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use snapsync_core::BlockId;
 
@@ -73,6 +75,10 @@ pub(super) struct Run {
     filter_blocks: usize,
     /// The filter, when the index's budget holds it.
     filter: Option<Filter>,
+    /// One bit a page: checked already by this process (a page is checked the first
+    /// time it is read; a run file never changes, and writing a manifest looks up
+    /// every block it names, tens of times a page).
+    checked: Vec<AtomicU64>,
 }
 
 pub(super) fn prefix(id: &BlockId) -> u64 {
@@ -111,7 +117,7 @@ fn page_check(salt: &[u8; 16], page: usize, records: &[u8]) -> [u8; CHECK] {
 /// [`Page::forget`]).
 pub(super) struct Page {
     no: usize,
-    bytes: Vec<u8>,
+    bytes: [u8; PAGE],
     len: usize,
 }
 
@@ -119,7 +125,7 @@ impl Page {
     pub(super) fn new() -> Self {
         Page {
             no: usize::MAX,
-            bytes: vec![0; PAGE],
+            bytes: [0; PAGE],
             len: 0,
         }
     }
@@ -236,6 +242,7 @@ impl Run {
             filter_at,
             filter_blocks: filter.blocks.len(),
             filter: Some(filter),
+            checked: unchecked(n.div_ceil(FENCE)),
         })
     }
 
@@ -287,6 +294,7 @@ impl Run {
             filter_at,
             filter_blocks: footer.filter_blocks as usize,
             filter: None,
+            checked: unchecked(footer.pages as usize),
         }))
     }
 
@@ -330,11 +338,15 @@ impl Run {
         self.file
             .read_exact_at(bytes, HEADER + (no * PAGE) as u64)?;
         let (records, check) = bytes.split_at(len * RECORD);
-        if page_check(&self.salt, no, records) != check {
-            return Err(damaged(
-                self.path.as_deref(),
-                format!("page {no} fails its check"),
-            ));
+        let (word, bit) = (&self.checked[no / 64], 1u64 << (no % 64));
+        if word.load(Ordering::Relaxed) & bit == 0 {
+            if page_check(&self.salt, no, records) != check {
+                return Err(damaged(
+                    self.path.as_deref(),
+                    format!("page {no} fails its check"),
+                ));
+            }
+            word.fetch_or(bit, Ordering::Relaxed);
         }
         page.no = no;
         page.len = len;
@@ -430,6 +442,11 @@ fn write_page(
     out.write_all(&page_check(salt, no, page))?;
     page.clear();
     Ok(())
+}
+
+/// A bitmap of `pages` pages, none checked yet.
+fn unchecked(pages: usize) -> Vec<AtomicU64> {
+    (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()
 }
 
 /// Bytes of the pages of `count` records.
