@@ -112,20 +112,17 @@ fn from_async_code() {
         Repository::init_with(snapsync::Location::Local(remote_dir), 65536, &options.repo).unwrap();
     let token = "library-async-token-0123456789";
     let server = Server::bind(
-        ServerConfig {
-            stores: vec![(
+        ServerConfig::plaintext(
+            vec![(
                 "r".to_string(),
                 Arc::new(Served(served)) as Arc<dyn ServedStore>,
             )],
-            tokens: Tokens::parse(token).unwrap(),
-            tls: None,
-            session_idle: snapsync_remote::server::SESSION_IDLE,
-        },
+            Tokens::parse(token).unwrap(),
+        ),
         "127.0.0.1:0",
     )
     .unwrap();
-    let port = server.local_addr().unwrap().port();
-    std::thread::spawn(move || server.run());
+    let port = server.spawn().unwrap().port();
     let remote_options = OpenOptions::default().with_client(snapsync::ClientOptions::new(token));
     let remote = snapsync::open_sink(
         &format!("snapsync+http://127.0.0.1:{port}/r"),

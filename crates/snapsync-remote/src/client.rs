@@ -919,18 +919,11 @@ mod tests {
     fn serve() -> u16 {
         let store = Arc::new(Mem(MemoryStore::new("mem", 4096))) as Arc<dyn ServedStore>;
         let server = Server::bind(
-            ServerConfig {
-                stores: vec![("mem".into(), store)],
-                tokens: Tokens::parse(TOKEN).unwrap(),
-                tls: None,
-                session_idle: crate::server::SESSION_IDLE,
-            },
+            ServerConfig::plaintext(vec![("mem".into(), store)], Tokens::parse(TOKEN).unwrap()),
             "127.0.0.1:0",
         )
         .unwrap();
-        let port = server.local_addr().unwrap().port();
-        std::thread::spawn(move || server.run());
-        port
+        server.spawn().unwrap().port()
     }
 
     /// An older server asked for an operation added since (`stats` and `chains` from a

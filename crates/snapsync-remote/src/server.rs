@@ -84,6 +84,19 @@ pub struct ServerConfig {
     pub session_idle: Duration,
 }
 
+impl ServerConfig {
+    /// `stores` served to `tokens` in plain text, receive sessions abandoned after
+    /// [`SESSION_IDLE`]: a server on loopback, or behind TLS of its own.
+    pub fn plaintext(stores: Vec<(String, Arc<dyn ServedStore>)>, tokens: Tokens) -> Self {
+        ServerConfig {
+            stores,
+            tokens,
+            tls: None,
+            session_idle: SESSION_IDLE,
+        }
+    }
+}
+
 impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
@@ -187,6 +200,13 @@ impl Server {
         self.listener.local_addr().map_err(|e| RemoteError::Config {
             what: format!("cannot read the listening address: {e}"),
         })
+    }
+
+    /// Serve on a thread of its own until the process ends; the bound address.
+    pub fn spawn(self) -> Result<SocketAddr, RemoteError> {
+        let addr = self.local_addr()?;
+        std::thread::spawn(move || self.run());
+        Ok(addr)
     }
 
     /// Serve until the process ends.

@@ -23,21 +23,17 @@ const TOKEN: &str = "conformance-token-0123456789";
 
 fn serve(stores: Vec<(String, MemoryStore)>) -> u16 {
     let server = Server::bind(
-        ServerConfig {
-            stores: stores
+        ServerConfig::plaintext(
+            stores
                 .into_iter()
                 .map(|(n, s)| (n, Arc::new(Mem(s)) as Arc<dyn ServedStore>))
                 .collect(),
-            tokens: Tokens::parse(TOKEN).unwrap(),
-            tls: None,
-            session_idle: snapsync_remote::server::SESSION_IDLE,
-        },
+            Tokens::parse(TOKEN).unwrap(),
+        ),
         "127.0.0.1:0",
     )
     .unwrap();
-    let port = server.local_addr().unwrap().port();
-    std::thread::spawn(move || server.run());
-    port
+    server.spawn().unwrap().port()
 }
 
 fn client(port: u16, name: &str) -> RemoteStore {

@@ -27,21 +27,17 @@ impl ServedStore for Served {
 
 fn serve(store: Arc<MemoryStore>) -> u16 {
     let server = Server::bind(
-        ServerConfig {
-            stores: vec![(
+        ServerConfig::plaintext(
+            vec![(
                 "dest".to_string(),
                 Arc::new(Served(store)) as Arc<dyn ServedStore>,
             )],
-            tokens: Tokens::parse(TOKEN).unwrap(),
-            tls: None,
-            session_idle: snapsync_remote::server::SESSION_IDLE,
-        },
+            Tokens::parse(TOKEN).unwrap(),
+        ),
         "127.0.0.1:0",
     )
     .unwrap();
-    let port = server.local_addr().unwrap().port();
-    std::thread::spawn(move || server.run());
-    port
+    server.spawn().unwrap().port()
 }
 
 /// One request on its own connection; the status and the body.

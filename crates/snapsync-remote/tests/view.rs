@@ -60,20 +60,17 @@ fn serve(dir: &std::path::Path) -> (u16, std::path::PathBuf) {
     .unwrap();
     let tokens = format!("{READER} repo ro\n{READER} mem ro\n");
     let server = Server::bind(
-        ServerConfig {
-            stores: vec![
+        ServerConfig::plaintext(
+            vec![
                 ("repo".into(), Arc::new(Repo(repo)) as Arc<dyn ServedStore>),
                 ("mem".into(), Arc::new(Mem(mem)) as Arc<dyn ServedStore>),
             ],
-            tokens: Tokens::parse(&tokens).unwrap(),
-            tls: None,
-            session_idle: snapsync_remote::server::SESSION_IDLE,
-        },
+            Tokens::parse(&tokens).unwrap(),
+        ),
         "127.0.0.1:0",
     )
     .unwrap();
-    let port = server.local_addr().unwrap().port();
-    std::thread::spawn(move || server.run());
+    let port = server.spawn().unwrap().port();
     (port, path)
 }
 

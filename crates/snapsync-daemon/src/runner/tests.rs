@@ -91,20 +91,17 @@ impl snapsync_remote::ServedStore for ServedMemory {
 fn serve_memory(store: MemoryStore) -> String {
     use snapsync_remote::{ServedStore, Server, ServerConfig, Tokens};
     let server = Server::bind(
-        ServerConfig {
-            stores: vec![(
+        ServerConfig::plaintext(
+            vec![(
                 "mem".into(),
                 Arc::new(ServedMemory(store)) as Arc<dyn ServedStore>,
             )],
-            tokens: Tokens::parse(SERVE_TOKEN).unwrap(),
-            tls: None,
-            session_idle: snapsync_remote::server::SESSION_IDLE,
-        },
+            Tokens::parse(SERVE_TOKEN).unwrap(),
+        ),
         "127.0.0.1:0",
     )
     .unwrap();
-    let port = server.local_addr().unwrap().port();
-    std::thread::spawn(move || server.run());
+    let port = server.spawn().unwrap().port();
     format!("snapsync+http://127.0.0.1:{port}/mem")
 }
 
