@@ -182,17 +182,11 @@ const SOURCE: &str = "v1-fixture";
 #[test]
 #[ignore = "writes the committed fixture; run only to create it"]
 fn write_the_v1_fixture() {
-    if std::env::var_os("SNAPSYNC_WRITE_V1_FIXTURE").is_none() {
+    let Some(dir) = fixture::dir_to_write("SNAPSYNC_WRITE_V1_FIXTURE", fixture_dir()) else {
         return;
-    }
-    let dir = fixture_dir();
-    assert!(
-        !dir.exists(),
-        "{} exists: the fixture is never rewritten",
-        dir.display()
-    );
+    };
     let repo = snapsync_repo::Repository::init(snapsync_repo::Location::Local(dir), BS).unwrap();
-    fixture::write_fixture(&fixture::fixture_source(SOURCE), &repo);
+    fixture::replicate(&fixture::fixture_source(SOURCE), &repo);
 }
 
 #[test]

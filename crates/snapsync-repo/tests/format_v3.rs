@@ -42,15 +42,9 @@ fn kdf(lanes: u32) -> KdfParams {
 #[test]
 #[ignore = "writes the committed fixture; run only to create it"]
 fn write_the_v3_fixture() {
-    if std::env::var_os("SNAPSYNC_WRITE_V3_FIXTURE").is_none() {
+    let Some(dir) = fixture::dir_to_write("SNAPSYNC_WRITE_V3_FIXTURE", fixture_dir()) else {
         return;
-    }
-    let dir = fixture_dir();
-    assert!(
-        !dir.exists(),
-        "{} exists: the fixture is never rewritten",
-        dir.display()
-    );
+    };
     let one = RepoOptions::default()
         .with_credentials(Credentials::default().with_passphrase(ONE_LANE))
         .with_kdf(kdf(1));
@@ -59,7 +53,7 @@ fn write_the_v3_fixture() {
         .unwrap();
     repo.add_key(&Credentials::default().with_key_file(KEY_FILE), kdf(1))
         .unwrap();
-    fixture::write_fixture(&fixture::fixture_source(SOURCE), &repo);
+    fixture::replicate(&fixture::fixture_source(SOURCE), &repo);
 }
 
 /// Open a copy of the fixture with `credentials` and check it whole.
