@@ -17,7 +17,15 @@ use tracing::debug;
 use crate::cache::FileKey;
 use crate::extents::{compare, FileMap};
 use crate::sys::{extent_map, mount_id};
-use crate::HASH_BLOCK_SIZE;
+
+/// The unit extent maps are compared in and content is compared in: a page, the block
+/// of btrfs and XFS (whose extents are aligned to it). Finer than the store's hash
+/// block, so a 4 KiB write is a 4 KiB diff, and a repository of small blocks is asked
+/// about the blocks written, not about every block of the 64 KiB around each write.
+const COMPARE_UNIT: u64 = 4 << 10;
+
+/// Bytes read at once from each image when comparing content.
+const COMPARE_READ: u64 = 256 << 10;
 
 /// One image opened for an extent diff: its key when opened, and its map.
 struct Mapped {
@@ -70,7 +78,7 @@ pub(crate) fn diff(base: &Path, target: &Path) -> Result<Option<Diff>> {
         debug!("images share no extents; hashing");
         return Ok(None);
     }
-    let d = compare(&b.map, &t.map, HASH_BLOCK_SIZE);
+    let d = compare(&b.map, &t.map, COMPARE_UNIT);
     if d.to_hash.total_len() > t.key.size / 2 {
         // Mostly undecidable (a compressed btrfs, say): comparing would read both images
         // nearly whole, where hashing reads the target and has the base's hashes cached.
@@ -94,8 +102,8 @@ pub(crate) fn diff(base: &Path, target: &Path) -> Result<Option<Diff>> {
     }))
 }
 
-/// Compare the blocks of `ranges` in both images: the blocks that differ, as data and
-/// as zero (all zero in the target) ranges.
+/// Compare the units of `ranges` in both images, read [`COMPARE_READ`] bytes at a
+/// time: the units that differ, as data and as zero (all zero in the target) ranges.
 fn compare_blocks(
     b: &Mapped,
     t: &Mapped,
@@ -103,22 +111,32 @@ fn compare_blocks(
     target: &Path,
 ) -> Result<(ExtentList, ExtentList)> {
     let (mut data, mut zero) = (ExtentList::new(), ExtentList::new());
-    let mut tb = vec![0u8; HASH_BLOCK_SIZE as usize];
-    let mut bb = vec![0u8; HASH_BLOCK_SIZE as usize];
-    for k in ranges.blocks(HASH_BLOCK_SIZE) {
-        let off = k * HASH_BLOCK_SIZE;
-        let len = HASH_BLOCK_SIZE.min(t.key.size - off) as usize;
-        read_padded(&t.file, t.key.size, off, &mut tb[..len])
-            .map_err(|e| StoreError::io(format!("read {} at {off}", target.display()), e))?;
-        read_padded(&b.file, b.key.size, off, &mut bb[..len])
-            .map_err(|e| StoreError::io(format!("read base at {off}"), e))?;
-        if tb[..len] != bb[..len] {
-            let e = Extent::new(off, len as u64);
-            if tb[..len].iter().all(|&x| x == 0) {
-                zero.push(e);
-            } else {
-                data.push(e);
+    let mut tb = vec![0u8; COMPARE_READ as usize];
+    let mut bb = vec![0u8; COMPARE_READ as usize];
+    for range in ranges.as_slice() {
+        let end = range.end().min(t.key.size);
+        let mut off = range.offset;
+        while off < end {
+            let len = COMPARE_READ.min(end - off) as usize;
+            read_padded(&t.file, t.key.size, off, &mut tb[..len])
+                .map_err(|e| StoreError::io(format!("read {} at {off}", target.display()), e))?;
+            read_padded(&b.file, b.key.size, off, &mut bb[..len])
+                .map_err(|e| StoreError::io(format!("read base at {off}"), e))?;
+            for (k, (tu, bu)) in tb[..len]
+                .chunks(COMPARE_UNIT as usize)
+                .zip(bb[..len].chunks(COMPARE_UNIT as usize))
+                .enumerate()
+            {
+                if tu != bu {
+                    let e = Extent::new(off + (k as u64) * COMPARE_UNIT, tu.len() as u64);
+                    if tu.iter().all(|&x| x == 0) {
+                        zero.push(e);
+                    } else {
+                        data.push(e);
+                    }
+                }
             }
+            off += len as u64;
         }
     }
     Ok((data, zero))
