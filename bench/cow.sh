@@ -30,6 +30,11 @@
 #            snapshots (`raw:DIR?layout=by-snapshot`), committed durably
 #   send     `btrfs send -p s1 <change> -f /dev/null` (btrfs's own incremental stream,
 #            written nowhere)
+#   floor    reading, with pread at queue depth 1 and nothing else, the 64 KiB blocks
+#            that hold the change (what snapsync reads) and, separately, only the
+#            changed 4 KiB pages (the least any incremental must read); timed inside
+#            one Python process after it dropped the page cache, so no start-up is
+#            counted: the time below which reading alone cannot go on this disk
 # and once each:
 #   hash     the same replicate from plain copies of the images (no shared extents, no
 #            hash cache)
@@ -126,7 +131,30 @@ export SNAPSYNC_CACHE_DIR="$work/cache"
 mv "$work/cache" "$work/cache-s1"
 
 before=${BEFORE:+$(realpath "$BEFORE")}
-ext=(); send=(); old=()
+ext=(); send=(); old=(); floor64=(); floor4=()
+# floor RANGES_JSON: seconds to read the 64 KiB blocks, then the 4 KiB pages, of a diff.
+floor() {
+    python3 - "$1" "snaps/$snap/vm.img" <<'PY'
+import json, os, sys, time
+d = json.load(open(sys.argv[1])); f = os.open(sys.argv[2], os.O_RDONLY)
+def aligned(unit):
+    out = []
+    for off, n in d["extents"]:
+        a, b = off // unit * unit, -(-(off + n) // unit) * unit
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+for unit in (65536, 4096):
+    os.sync(); open("/proc/sys/vm/drop_caches", "w").write("3")
+    t = time.monotonic()
+    for a, b in aligned(unit):
+        while a < b:
+            a += len(os.pread(f, min(b - a, 8 << 20), a))
+    print(f"{time.monotonic() - t:.4f}", end=" ")
+PY
+}
 for k in $(seq 1 "$reps"); do
     snap="c$k"
     change "$k" "$snap"
@@ -148,7 +176,11 @@ for k in $(seq 1 "$reps"); do
         0) run_old; run_ext; run_send ;;
     esac
     grep -q '"diff_method":"extents"' "$work/ext.json" || { echo "not diffed from extents: $(cat "$work/ext.json")" >&2; exit 1; }
-    printf 'run %d: extents %.3f s, send %.3f s' "$k" "$t_ext" "$t_send"
+    "$bin" diff "raw:snaps?layout=by-snapshot" "vm@$snap" --base s1 --json > "$work/diff.json"
+    read -r t_f64 t_f4 <<< "$(floor "$work/diff.json")"
+    floor64+=("$t_f64"); floor4+=("$t_f4")
+    printf 'run %d: extents %.3f s, send %.3f s, floor %.3f s (64 KiB) %.3f s (4 KiB)' \
+        "$k" "$t_ext" "$t_send" "$t_f64" "$t_f4"
     [ -z "$before" ] || printf ', before %.3f s' "$t_old"
     printf '   %s\n' "$(cat "$work/ext.json")"
     ext+=("$t_ext"); send+=("$t_send"); [ -z "$before" ] || old+=("$t_old")
@@ -160,6 +192,8 @@ t_b3=$(timed /dev/null b3sum snaps/s1/vm.img "snaps/$snap/vm.img")
 echo "== ${size_mib} MiB image ($data), ${pct}% changed in 100 KiB writes, btrfs, cache dropped, median of $reps"
 printf '%-28s %8.3f s   (%s)\n' "snapsync, extents" "$t_ext" "$(printf '%s ' "${ext[@]}")" \
     "btrfs send -p > /dev/null" "$t_send" "$(printf '%s ' "${send[@]}")"
+printf '%-28s %8.3f s   (%s)\n' "floor: read 64 KiB blocks" "$(median "${floor64[@]}")" "$(printf '%s ' "${floor64[@]}")" \
+    "floor: read 4 KiB pages" "$(median "${floor4[@]}")" "$(printf '%s ' "${floor4[@]}")"
 [ -z "$before" ] || printf '%-28s %8.3f s   (%s)\n' "BEFORE, extents" "$(median "${old[@]}")" "$(printf '%s ' "${old[@]}")"
 printf '%-28s %8.3f s\n' "b3sum of both images" "$t_b3"
 if [ "$hash" = 1 ]; then

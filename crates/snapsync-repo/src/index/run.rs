@@ -57,6 +57,8 @@ const READ_THROUGH_AFTER: usize = if cfg!(test) { 4 } else { 1024 };
 /// read per lookup whatever its size); the others are read a block at a time from
 /// their files (the page cache, usually). 8 MiB: the filters of 8 M blocks.
 pub(super) const FILTER_MEMORY: usize = if cfg!(test) { 128 } else { 8 << 20 };
+/// The buffer a run file's fences and filter are read through.
+const OPEN_READ: usize = 1 << 20;
 
 /// Blocks written out: sorted records in a file, with a fence per page in memory and a
 /// filter in memory or in the file (see the module documentation).
@@ -268,27 +270,36 @@ impl Run {
         }
         let mut summary = blake3::Hasher::new();
         summary.update(&head);
+        // Fences and filter are read through one buffer of at most 1 MiB (a filter
+        // is held later, if at all; see `hold_filter`), so opening needs no second
+        // copy of either.
         let fences_at = HEADER + records_len(footer.count as usize);
-        let mut fences = vec![0u8; footer.pages as usize * 8];
-        file.read_exact_at(&mut fences, fences_at)?;
-        summary.update(&fences);
-        let filter_at = fences_at + fences.len() as u64;
-        let mut buf = vec![0u8; 1 << 20];
-        let filter_len = footer.filter_blocks * 64;
-        let mut at = 0u64;
-        while at < filter_len {
-            let n = (filter_len - at).min(buf.len() as u64) as usize;
-            file.read_exact_at(&mut buf[..n], filter_at + at)?;
-            summary.update(&buf[..n]);
-            at += n as u64;
-        }
+        let mut buf = vec![0u8; OPEN_READ];
+        let mut fences = Vec::with_capacity(footer.pages as usize);
+        read_chunks(&file, fences_at, footer.pages * 8, &mut buf, |bytes| {
+            summary.update(bytes);
+            fences.extend(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            );
+        })?;
+        let filter_at = fences_at + footer.pages * 8;
+        read_chunks(
+            &file,
+            filter_at,
+            footer.filter_blocks * 64,
+            &mut buf,
+            |bytes| {
+                summary.update(bytes);
+            },
+        )?;
         summary.update(&footer.to_bytes());
         let mut want = [0u8; 32];
         file.read_exact_at(&mut want, len - 32)?;
         if summary.finalize().as_bytes() != &want {
             return Ok(None);
         }
-        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
         Ok(Some(Run {
             file,
             path: Some(path.to_path_buf()),
@@ -296,7 +307,7 @@ impl Run {
             max_pack: footer.max_pack,
             count: footer.count as usize,
             salt: head[8..].try_into().expect("16 bytes"),
-            fences: fences.chunks_exact(8).map(word).collect(),
+            fences,
             filter_at,
             filter_blocks: footer.filter_blocks as usize,
             filter: None,
@@ -315,9 +326,18 @@ impl Run {
         if !hold {
             self.filter = None;
         } else if self.filter.is_none() {
-            let mut bytes = vec![0u8; self.filter_bytes()];
-            self.file.read_exact_at(&mut bytes, self.filter_at)?;
-            self.filter = Some(Filter::from_bytes(&bytes));
+            // Straight into the filter's blocks: a whole-file buffer beside them would
+            // double the filter's memory while it loads (the peak of a small command).
+            let mut blocks = Vec::with_capacity(self.filter_blocks);
+            let mut buf = vec![0u8; OPEN_READ.min(self.filter_bytes())];
+            read_chunks(
+                &self.file,
+                self.filter_at,
+                self.filter_bytes() as u64,
+                &mut buf,
+                |bytes| blocks.extend(bytes.chunks_exact(64).map(Filter::block_from)),
+            )?;
+            self.filter = Some(Filter { blocks });
         }
         Ok(())
     }
@@ -484,6 +504,25 @@ fn records_len(count: usize) -> u64 {
     (count * RECORD + count.div_ceil(FENCE) * CHECK) as u64
 }
 
+/// Read `len` bytes of `file` from `at` through `buf` (whose length is a multiple of 64),
+/// handing each filled part to `each`.
+fn read_chunks(
+    file: &File,
+    at: u64,
+    len: u64,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at + done)?;
+        each(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// The numbers at the end of a run file (see the module documentation).
 struct Footer {
     count: u64,
@@ -612,12 +651,6 @@ impl Filter {
             block[k] = u64::from_le_bytes(w.try_into().expect("8 bytes"));
         }
         block
-    }
-
-    fn from_bytes(bytes: &[u8]) -> Self {
-        Filter {
-            blocks: bytes.chunks_exact(64).map(Self::block_from).collect(),
-        }
     }
 }
 
