@@ -10,13 +10,16 @@
 //! (`sync_file_range`): measured on btrfs-on-loop over the same disk, those writes
 //! slowed the source's reads by about what they saved at the fsync.
 //!
+//! Blocks reach the file through a 1 MiB buffer: at 4 KiB blocks a write per block was
+//! 5000 system calls for a 20 MiB incremental, CPU taken from the source's readers.
+//!
 //! Durability is as before: the file is fsynced before it is renamed to its key, the
 //! directory after; the pack's index is written only then. A staging file left by a
 //! killed process is under `packs/` and in no index, so `gc` deletes it like a pack
 //! whose index was never written.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use snapsync_store::{Result, StoreError};
@@ -24,10 +27,13 @@ use snapsync_store::{Result, StoreError};
 /// Name prefix of staging files under `packs/`.
 const STAGING_PREFIX: &str = "staging-";
 
+/// Bytes gathered before they are written to the staging file.
+const WRITE_BUFFER: usize = 1 << 20;
+
 /// See the module documentation. Removed when dropped unpublished.
 #[derive(Debug)]
 pub(crate) struct StagedFile {
-    file: File,
+    file: BufWriter<File>,
     path: PathBuf,
     /// Bytes written.
     len: u64,
@@ -43,7 +49,7 @@ impl StagedFile {
         let file = File::create_new(&path)
             .map_err(|e| StoreError::io(format!("create {}", path.display()), e))?;
         Ok(Self {
-            file,
+            file: BufWriter::with_capacity(WRITE_BUFFER, file),
             path,
             len: 0,
             published: false,
@@ -68,8 +74,10 @@ impl StagedFile {
     /// `dest`'s directory): once this returns, `dest` survives a crash whole.
     pub(crate) fn publish(mut self, dest: &Path) -> Result<()> {
         let io = |what: &str, p: &Path, e| StoreError::io(format!("{what} {}", p.display()), e);
+        self.file.flush().map_err(|e| io("write", &self.path, e))?;
         // Its data and what is needed to read it back (size, allocation): fdatasync.
         self.file
+            .get_ref()
             .sync_data()
             .map_err(|e| io("fsync", &self.path, e))?;
         let dir = dest.parent().expect("an object key has a directory");
