@@ -903,21 +903,10 @@ mod tests {
     use super::*;
     use crate::{ServedStore, Server, ServerConfig, Tokens};
 
-    struct Mem(MemoryStore);
-
-    impl ServedStore for Mem {
-        fn source(&self) -> &dyn SnapshotSource {
-            &self.0
-        }
-        fn sink(&self) -> Option<&dyn SnapshotSink> {
-            Some(&self.0)
-        }
-    }
-
     const TOKEN: &str = "unit-test-token-0123456789";
 
     fn serve() -> u16 {
-        let store = Arc::new(Mem(MemoryStore::new("mem", 4096))) as Arc<dyn ServedStore>;
+        let store = Arc::new(MemoryStore::new("mem", 4096)) as Arc<dyn ServedStore>;
         let server = Server::bind(
             ServerConfig::plaintext(vec![("mem".into(), store)], Tokens::parse(TOKEN).unwrap()),
             "127.0.0.1:0",

@@ -62,6 +62,17 @@ pub trait ServedStore: Send + Sync + 'static {
     }
 }
 
+/// An in-memory store, served as a source and a destination (not a repository: no
+/// view). What tests and examples serve.
+impl ServedStore for snapsync_store::memory::MemoryStore {
+    fn source(&self) -> &dyn SnapshotSource {
+        self
+    }
+    fn sink(&self) -> Option<&dyn SnapshotSink> {
+        Some(self)
+    }
+}
+
 /// TLS certificate chain and key, PEM files.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {

@@ -6,18 +6,6 @@ use std::sync::Arc;
 use snapsync_remote::{ClientOptions, RemoteStore, ServedStore, Server, ServerConfig, Tokens};
 use snapsync_store::conformance;
 use snapsync_store::memory::MemoryStore;
-use snapsync_store::{SnapshotSink, SnapshotSource};
-
-struct Mem(MemoryStore);
-
-impl ServedStore for Mem {
-    fn source(&self) -> &dyn SnapshotSource {
-        &self.0
-    }
-    fn sink(&self) -> Option<&dyn SnapshotSink> {
-        Some(&self.0)
-    }
-}
 
 const TOKEN: &str = "conformance-token-0123456789";
 
@@ -26,7 +14,7 @@ fn serve(stores: Vec<(String, MemoryStore)>) -> u16 {
         ServerConfig::plaintext(
             stores
                 .into_iter()
-                .map(|(n, s)| (n, Arc::new(Mem(s)) as Arc<dyn ServedStore>))
+                .map(|(n, s)| (n, Arc::new(s) as Arc<dyn ServedStore>))
                 .collect(),
             Tokens::parse(TOKEN).unwrap(),
         ),

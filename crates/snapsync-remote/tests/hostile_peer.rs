@@ -10,28 +10,14 @@ use snapsync_core::{SnapshotId, SnapshotInfo, Timestamp};
 use snapsync_remote::proto::{SEQUENCE_HEADER, VERSION_HEADER};
 use snapsync_remote::{ServedStore, Server, ServerConfig, Tokens, PROTOCOL_VERSION};
 use snapsync_store::memory::MemoryStore;
-use snapsync_store::{SnapshotSink, SnapshotSource, Store};
+use snapsync_store::Store;
 
 const TOKEN: &str = "hostile-peer-token-0123456789";
-
-struct Served(Arc<MemoryStore>);
-
-impl ServedStore for Served {
-    fn source(&self) -> &dyn SnapshotSource {
-        &*self.0
-    }
-    fn sink(&self) -> Option<&dyn SnapshotSink> {
-        Some(&*self.0)
-    }
-}
 
 fn serve(store: Arc<MemoryStore>) -> u16 {
     let server = Server::bind(
         ServerConfig::plaintext(
-            vec![(
-                "dest".to_string(),
-                Arc::new(Served(store)) as Arc<dyn ServedStore>,
-            )],
+            vec![("dest".to_string(), store as Arc<dyn ServedStore>)],
             Tokens::parse(TOKEN).unwrap(),
         ),
         "127.0.0.1:0",

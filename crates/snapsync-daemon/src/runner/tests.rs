@@ -75,27 +75,12 @@ struct TestStores {
 
 const SERVE_TOKEN: &str = "runner-test-token-0123456789";
 
-/// A memory store behind a server: a destination, but not a repository.
-struct ServedMemory(MemoryStore);
-
-impl snapsync_remote::ServedStore for ServedMemory {
-    fn source(&self) -> &dyn SnapshotSource {
-        &self.0
-    }
-    fn sink(&self) -> Option<&dyn snapsync_store::SnapshotSink> {
-        Some(&self.0)
-    }
-}
-
 /// Serve `store` as `mem` on 127.0.0.1; its URL.
 fn serve_memory(store: MemoryStore) -> String {
     use snapsync_remote::{ServedStore, Server, ServerConfig, Tokens};
     let server = Server::bind(
         ServerConfig::plaintext(
-            vec![(
-                "mem".into(),
-                Arc::new(ServedMemory(store)) as Arc<dyn ServedStore>,
-            )],
+            vec![("mem".into(), Arc::new(store) as Arc<dyn ServedStore>)],
             Tokens::parse(SERVE_TOKEN).unwrap(),
         ),
         "127.0.0.1:0",
