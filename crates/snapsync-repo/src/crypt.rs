@@ -216,7 +216,9 @@ impl Keys {
 
     /// Seal `plaintext`: `nonce ‖ ciphertext ‖ tag`, bound to `ad`.
     pub(crate) fn seal(&self, ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        seal_with(&self.data, ad, plaintext)
+        seal_with(&self.data, ad, SEAL_OVERHEAD + plaintext.len(), |b| {
+            b.extend_from_slice(plaintext)
+        })
     }
 
     /// Open what [`Keys::seal`] sealed with the same `ad`; `None` when it was damaged,
@@ -258,7 +260,12 @@ impl Keys {
         let salt: [u8; 32] = random();
         let kdf = matches!(secret, Secret::Passphrase(_)).then_some(kdf);
         let wrapping = wrapping_key(secret, kdf, &salt)?;
-        let sealed = seal_with(&wrapping, &wrap_ad(repository_id, key_id), &self.master[..]);
+        let sealed = seal_with(
+            &wrapping,
+            &wrap_ad(repository_id, key_id),
+            SEAL_OVERHEAD + MASTER_LEN,
+            |b| b.extend_from_slice(&self.master[..]),
+        );
         Ok(KeyObject {
             kind: secret.kind().into(),
             kdf,
@@ -354,11 +361,18 @@ fn wrapping_key(
     Ok(out)
 }
 
-fn seal_with(key: &[u8; 32], ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+/// Seal one unit: `nonce ‖ ciphertext ‖ tag`, the plaintext being what `fill` appends
+/// to the buffer (which already holds the nonce; `capacity` bytes reserved in all).
+fn seal_with(
+    key: &[u8; 32],
+    ad: &[u8],
+    capacity: usize,
+    fill: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
     let nonce: [u8; NONCE_LEN] = random();
-    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
+    let mut out = Vec::with_capacity(capacity);
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(plaintext);
+    fill(&mut out);
     let tag = xchacha::seal_in_place(key, &nonce, ad, &mut out[NONCE_LEN..]);
     out.extend_from_slice(&tag);
     out
@@ -467,15 +481,11 @@ impl Keys {
     /// key material: these buffers are not zeroized.)
     pub(crate) fn seal_block(&self, id: &BlockId, stored: &[u8], block_size: usize) -> Vec<u8> {
         let total = sealed_block_len(stored.len(), block_size);
-        let nonce: [u8; NONCE_LEN] = random();
-        let mut buf = Vec::with_capacity(total);
-        buf.extend_from_slice(&nonce);
-        buf.extend_from_slice(&(stored.len() as u32).to_le_bytes());
-        buf.extend_from_slice(stored);
-        buf.resize(total - TAG_LEN, 0);
-        let tag = xchacha::seal_in_place(&self.data, &nonce, &block_ad(id), &mut buf[NONCE_LEN..]);
-        buf.extend_from_slice(&tag);
-        buf
+        seal_with(&self.data, &block_ad(id), total, |buf| {
+            buf.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+            buf.extend_from_slice(stored);
+            buf.resize(total - TAG_LEN, 0);
+        })
     }
 
     /// Open a sealed block: its stored bytes, or `None` when damaged or not this block.
@@ -483,18 +493,7 @@ impl Keys {
         if sealed.len() < SEAL_OVERHEAD + BLOCK_LEN_PREFIX {
             return None;
         }
-        let (nonce, rest) = sealed.split_at(NONCE_LEN);
-        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let mut plain = body.to_vec();
-        if !xchacha::open_in_place(
-            &self.data,
-            nonce.try_into().ok()?,
-            &block_ad(id),
-            &mut plain,
-            tag,
-        ) {
-            return None;
-        }
+        let mut plain = std::mem::take(&mut *open_with(&self.data, &block_ad(id), sealed)?);
         let len = u32::from_le_bytes(plain[..4].try_into().ok()?) as usize;
         if len > plain.len() - 4 {
             return None;
@@ -550,37 +549,17 @@ mod tests {
             assert_eq!(ours, theirs, "ciphertext of {len} bytes");
             assert_eq!(our_tag[..], their_tag[..], "tag of {len} bytes");
             // What the reference sealed opens here, and only as it was sealed.
-            assert!(xchacha::open_in_place(
-                &key, &nonce, &ad, &mut ours, &their_tag
-            ));
-            assert_eq!(ours, plain);
-            let mut flipped = theirs.clone();
+            let opens = |mut buf: Vec<u8>, ad: &[u8], tag: &[u8]| {
+                xchacha::open_in_place(&key, &nonce, ad, &mut buf, tag).then_some(buf)
+            };
+            assert_eq!(opens(theirs.clone(), &ad, &their_tag), Some(plain));
             if len > 0 {
+                let mut flipped = theirs.clone();
                 flipped[len / 2] ^= 1;
-                assert!(!xchacha::open_in_place(
-                    &key,
-                    &nonce,
-                    &ad,
-                    &mut flipped,
-                    &their_tag
-                ));
+                assert_eq!(opens(flipped, &ad, &their_tag), None);
             }
-            let mut other_ad = theirs.clone();
-            assert!(!xchacha::open_in_place(
-                &key,
-                &nonce,
-                b"other",
-                &mut other_ad,
-                &their_tag
-            ));
-            let mut short_tag = theirs.clone();
-            assert!(!xchacha::open_in_place(
-                &key,
-                &nonce,
-                &ad,
-                &mut short_tag,
-                &their_tag[..15]
-            ));
+            assert_eq!(opens(theirs.clone(), b"other", &their_tag), None);
+            assert_eq!(opens(theirs, &ad, &their_tag[..15]), None);
         }
     }
 
