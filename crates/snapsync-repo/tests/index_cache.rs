@@ -3,7 +3,7 @@
 //! it after a gc.
 
 use snapsync_core::Timestamp;
-use snapsync_engine::{replicate, restore, ReplicateOptions};
+use snapsync_engine::{replicate, restore, ReplicateOptions, SnapshotReport};
 use snapsync_repo::{Location, PruneOptions, RepoOptions, Repository};
 use snapsync_store::memory::MemoryStore;
 use snapsync_store::sample::pseudo_random;
@@ -16,6 +16,46 @@ fn open(root: &std::path::Path, cache: Option<&std::path::Path>) -> Repository {
     Repository::open_with(Location::Local(root.to_path_buf()), &o).unwrap()
 }
 
+/// A new repository of `BS` blocks (`root`, its cache dir `cache` beside it, both in
+/// `dir`), and a memory source holding `vm@s1` (`s1`, 64 blocks).
+struct Setup {
+    dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    cache: std::path::PathBuf,
+    src: MemoryStore,
+    s1: Vec<u8>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let cache = dir.path().join("cache");
+    Repository::init(Location::Local(root.clone()), BS).unwrap();
+    let src = MemoryStore::new("src", BS);
+    let s1 = pseudo_random(1, 64 * BS as usize);
+    src.add_snapshot("vm", "s1", Timestamp::new(1_700_000_000, 0), s1.clone());
+    Setup {
+        dir,
+        root,
+        cache,
+        src,
+        s1,
+    }
+}
+
+/// Replicate what `src` holds into `repo` (a process of its own when `repo` is a
+/// fresh `Repository`).
+fn send(src: &MemoryStore, repo: &Repository) -> Vec<SnapshotReport> {
+    replicate(
+        src,
+        repo,
+        &ReplicateOptions::default(),
+        &NoProgress,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
 fn read(repo: &Repository, snapshot: &str, dir: &std::path::Path) -> Result<Vec<u8>, String> {
     let out = dir.join(format!("{snapshot}.out"));
     let _ = std::fs::remove_file(&out);
@@ -25,27 +65,17 @@ fn read(repo: &Repository, snapshot: &str, dir: &std::path::Path) -> Result<Vec<
 
 #[test]
 fn a_later_process_starts_from_the_cache_and_a_gc_discards_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("repo");
-    let cache = dir.path().join("cache");
-    Repository::init(Location::Local(root.clone()), BS).unwrap();
-    let src = MemoryStore::new("src", BS);
-    let s1 = pseudo_random(1, 64 * BS as usize);
+    let Setup {
+        dir,
+        root,
+        cache,
+        src,
+        s1,
+    } = setup();
     let mut s2 = s1.clone();
     s2[..BS as usize].fill(7);
     // Each replication in a process of its own (a fresh `Repository`).
-    let send = |repo: &Repository| {
-        replicate(
-            &src,
-            repo,
-            &ReplicateOptions::default(),
-            &NoProgress,
-            &mut |_| {},
-        )
-        .unwrap()
-    };
-    src.add_snapshot("vm", "s1", Timestamp::new(1_700_000_000, 0), s1.clone());
-    send(&open(&root, Some(&cache)));
+    send(&src, &open(&root, Some(&cache)));
     // Cached after the commit, with the packs it stored (not only as it was loaded).
     let repo_id = open(&root, None).repository_id().to_string();
     let state = cache.join(&repo_id).join("index").join("state.json");
@@ -54,7 +84,7 @@ fn a_later_process_starts_from_the_cache_and_a_gc_discards_it() {
     let packs = cached["packs"].as_array().unwrap().len();
     assert!(packs > 0 && packs == std::fs::read_dir(root.join("index")).unwrap().count());
     src.add_snapshot("vm", "s2", Timestamp::new(1_700_000_100, 0), s2.clone());
-    send(&open(&root, Some(&cache)));
+    send(&src, &open(&root, Some(&cache)));
     assert!(state.exists(), "cached");
 
     // Proof that a later process uses it: with one pack's index object gone (nothing
@@ -97,7 +127,7 @@ fn a_later_process_starts_from_the_cache_and_a_gc_discards_it() {
     let mut s3 = s2.clone();
     s3[5 * BS as usize..6 * BS as usize].fill(9);
     src.add_snapshot("vm", "s3", Timestamp::new(1_700_000_200, 0), s3.clone());
-    send(&after);
+    send(&src, &after);
     assert!(read(&open(&root, Some(&cache)), "s3", dir.path()).unwrap() == s3);
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
     assert_eq!(s["gc_epochs"], 1, "rebuilt after the gc");
@@ -108,22 +138,14 @@ fn a_later_process_starts_from_the_cache_and_a_gc_discards_it() {
 /// from the repository and answers right, and the next process caches it anew.
 #[test]
 fn a_damaged_cache_is_rebuilt_and_nothing_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("repo");
-    let cache = dir.path().join("cache");
-    Repository::init(Location::Local(root.clone()), BS).unwrap();
-    let src = MemoryStore::new("src", BS);
-    let s1 = pseudo_random(1, 64 * BS as usize);
-    src.add_snapshot("vm", "s1", Timestamp::new(1_700_000_000, 0), s1.clone());
-    let options = ReplicateOptions::default();
-    replicate(
-        &src,
-        &open(&root, Some(&cache)),
-        &options,
-        &NoProgress,
-        &mut |_| {},
-    )
-    .unwrap();
+    let Setup {
+        dir,
+        root,
+        cache,
+        src,
+        s1,
+    } = setup();
+    send(&src, &open(&root, Some(&cache)));
     let repo_id = open(&root, None).repository_id().to_string();
     let index = cache.join(&repo_id).join("index");
     let runs = |state: &std::path::Path| -> Vec<String> {
@@ -151,7 +173,7 @@ fn a_damaged_cache_is_rebuilt_and_nothing_is_lost() {
     let mut s2 = s1.clone();
     s2[..BS as usize].fill(3);
     src.add_snapshot("vm", "s2", Timestamp::new(1_700_000_100, 0), s2.clone());
-    let reports = replicate(&src, &repo, &options, &NoProgress, &mut |_| {}).unwrap();
+    let reports = send(&src, &repo);
     assert_eq!(reports[0].base.as_deref(), Some("s1"));
     let later = open(&root, Some(&cache));
     assert!(read(&later, "s2", dir.path()).unwrap() == s2);
