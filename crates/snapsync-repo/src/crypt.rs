@@ -20,7 +20,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use snapsync_core::{BlockId, Timestamp};
 use snapsync_store::{Result, StoreError};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// The scheme an encrypted repository's `config` names.
 pub const SCHEME: &str = "xchacha20poly1305-blake3-argon2id";
@@ -341,8 +341,9 @@ fn wrapping_key(
                     .map_err(|e| {
                         StoreError::invalid_argument(format!("Argon2id parameters: {e}"))
                     })?;
+            let mut memory = KdfMemory::new(params.block_count());
             argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
-                .hash_password_into(p, salt, &mut out[..])
+                .hash_password_into_with_memory(p, salt, &mut out[..], &mut memory.0[..])
                 .map_err(|e| StoreError::invalid_argument(format!("Argon2id: {e}")))?;
         }
         Secret::KeyFile(k) => {
@@ -359,6 +360,65 @@ fn wrapping_key(
         }
     }
     Ok(out)
+}
+
+/// Argon2id's working memory (64 MiB with the default parameters), ours rather than
+/// the `argon2` crate's for two reasons:
+///
+/// - **Wiped.** The crate frees its memory without wiping it, and the last block of
+///   each lane, XORed and hashed, *is* the wrapping key: left in freed pages it would
+///   outlive the `Zeroizing` copy. Dropping this wipes every block.
+/// - **Huge pages.** Every command on an encrypted repository derives a key first, in a
+///   fresh process, so the 16 K page faults that first touch 64 MiB of 4 KiB pages are
+///   paid each time: measured, they were a third of the derivation's 0.15 s (more on a
+///   VM whose freed memory goes back to the host). Asked for transparent huge pages
+///   (`MADV_HUGEPAGE`, honoured where THP is `always` or `madvise`), the same memory is
+///   ~32 faults of 2 MiB: the derivation took 0.09–0.11 s instead of 0.14–0.15 s.
+struct KdfMemory(Vec<argon2::Block>);
+
+impl KdfMemory {
+    fn new(blocks: usize) -> Self {
+        let mut memory = Vec::with_capacity(blocks);
+        advise_huge_pages(memory.spare_capacity_mut());
+        memory.resize(blocks, argon2::Block::default());
+        Self(memory)
+    }
+}
+
+impl Drop for KdfMemory {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// Ask the kernel to back the 2 MiB-aligned part of `memory` (not yet touched) with
+/// transparent huge pages. Only a hint: refused or unsupported, nothing changes.
+fn advise_huge_pages<T>(memory: &mut [std::mem::MaybeUninit<T>]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE_PAGE: usize = 2 << 20;
+        let start = memory.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(memory);
+        let (first, last) = (
+            start.next_multiple_of(HUGE_PAGE),
+            end / HUGE_PAGE * HUGE_PAGE,
+        );
+        if last > first {
+            #[allow(unsafe_code)]
+            // SAFETY: `[first, last)` lies inside `memory`, an allocation this function
+            // borrows mutably, and MADV_HUGEPAGE neither reads nor writes it nor changes
+            // its contents or validity: it only tells the kernel how to back it.
+            unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = memory;
 }
 
 /// Seal one unit: `nonce ‖ ciphertext ‖ tag`, the plaintext being what `fill` appends
