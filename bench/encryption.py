@@ -91,6 +91,11 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     return float(wall), float(user) + float(sys_), int(rss) * KiB
 
 
+def mid(xs: list[float]) -> float:
+    """Median of a sorted list."""
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
 def du(p: Path) -> int:
     return sum(f.stat().st_blocks * 512 for f in p.rglob("*") if f.is_file())
 
@@ -102,7 +107,11 @@ def main() -> None:
     ap.add_argument("--bin", default=str(REPO_ROOT / "target/release/snapsync"))
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--restic-repeat", type=int, default=None,
+                    help="repetitions that run restic too (default: all)")
     a = ap.parse_args()
+    if a.restic_repeat is None:
+        a.restic_repeat = a.repeat
     size = parse_size(a.size)
     work = Path(a.work or tempfile.mkdtemp(prefix="snapsync-enc-bench-"))
     if work.exists():
@@ -124,17 +133,24 @@ def main() -> None:
     best: dict[tuple[str, str], tuple[float, float, int, int]] = {}
     walls: dict[tuple[str, str], list[float]] = {}
 
+    cpus: dict[tuple[str, str], list[float]] = {}
+
     def keep(mode: str, phase: str, t: tuple[float, float, int], stored: int) -> None:
         walls.setdefault((mode, phase), []).append(t[0])
+        cpus.setdefault((mode, phase), []).append(t[1])
         if (mode, phase) not in best or t[0] < best[(mode, phase)][0]:
             best[(mode, phase)] = (*t, stored)
 
     def median(mode: str, phase: str) -> float:
-        w = sorted(walls[(mode, phase)])
-        return (w[(len(w) - 1) // 2] + w[len(w) // 2]) / 2
+        return mid(sorted(walls[(mode, phase)]))
 
     for rep in range(a.repeat):
-        for mode in ("plain", "encrypted"):
+        # Plain and encrypted one after the other, the first of the two alternating, so
+        # that each repetition is a pair measured under the same conditions: the
+        # per-pair ratios cancel what drifts between repetitions (another process
+        # starting, the host reclaiming memory), which the ratio of two medians does not.
+        modes = ("plain", "encrypted") if rep % 2 == 0 else ("encrypted", "plain")
+        for mode in modes:
             repo = work / f"{mode}-{rep}"
             shutil.rmtree(images / ".snapsync", ignore_errors=True)
             shutil.rmtree(work / "cache", ignore_errors=True)
@@ -157,6 +173,8 @@ def main() -> None:
                 keep(mode, "open (Argon2id)", timed([a.bin, "list", str(repo), *extra], env), 0)
             shutil.rmtree(repo)
 
+        if rep >= a.restic_repeat:
+            continue
         renv = dict(env, RESTIC_PASSWORD="benchmark passphrase",
                     RESTIC_REPOSITORY=str(work / "restic"))
         shutil.rmtree(work / "restic", ignore_errors=True)
@@ -195,19 +213,33 @@ def main() -> None:
                      f"{human(s) if s else '–'} | {ratio} | {mratio} | {cratio} |")
     table = "\n".join(lines)
     print(table)
+    pair_lines = ["| phase | pairs | ÷ plain, wall: median of pairs | range | "
+                  "÷ plain, CPU: median of pairs | range |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for p in ("full", "incremental", "restore s2"):
         print(f"encrypted ÷ plain, {p}: {by[('encrypted', p)][0] / by[('plain', p)][0]:.2f}x "
               f"(best), {median('encrypted', p) / median('plain', p):.2f}x (median)")
+        w = sorted(e / q for e, q in zip(walls[("encrypted", p)], walls[("plain", p)]))
+        c = sorted(e / q for e, q in zip(cpus[("encrypted", p)], cpus[("plain", p)]))
+        pair_lines.append(f"| {p} | {len(w)} | {mid(w):.2f}x | {w[0]:.2f}–{w[-1]:.2f}x | "
+                          f"{mid(c):.2f}x | {c[0]:.2f}–{c[-1]:.2f}x |")
+    pairs = "\n".join(pair_lines)
+    print(pairs)
     if a.no_doc:
         return
     head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
     section = f"""{BEGIN}
-Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `python3 bench/encryption.py --size {a.size} --repeat {a.repeat}`
+Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `python3 bench/encryption.py --size {a.size} --repeat {a.repeat} --restic-repeat {a.restic_repeat}`
 (git {head}; load average at start / end {load_start:.2f} / {os.getloadavg()[0]:.2f}: other
 sessions build and test on this 2-core machine at the same time).
 
 {table}
+
+Each repetition runs plain and encrypted one after the other (alternating which goes
+first), so each is a pair measured under the same conditions; the ratio of each pair:
+
+{pairs}
 {END}"""
     doc = REPO_ROOT / "docs/BENCHMARKS.md"
     text = doc.read_text()
