@@ -9,7 +9,11 @@
 # BEFORE=<another snapsync binary> to time it too, in the same runs (same change, same
 # repository state, the order of the three commands rotating), for before/after;
 # DATA=random (default) or compressible for the image's content; HASH=auto (default:
-# only when the disk has room for two plain copies), 1 or 0.
+# only when the disk has room for two plain copies), 1 or 0; BLOCK_SIZE=<bytes> for the
+# repository's block size (default: snapsync's, 64 KiB); SMALL_BLOCKS=<bytes> (default
+# 4096, 0 for none) for a second repository with that block size, timed in the same
+# runs (`--block-size 4096` is the file systems' own extent unit: the change is read
+# and stored with no unchanged remainder of a 64 KiB block).
 #
 # Needs root (a btrfs file system on a loop device under WORK, removed at the end) and
 # btrfs-progs and b3sum (installed where missing). Builds nothing: uses
@@ -27,12 +31,14 @@
 # next to s1; the order of the two commands alternates; the page cache is dropped
 # before each. What is timed:
 #   extents  `snapsync replicate` of the change onto s1 from the directory of btrfs
-#            snapshots (`raw:DIR?layout=by-snapshot`), committed durably
+#            snapshots (`raw:DIR?layout=by-snapshot`), committed durably; and the same
+#            into the SMALL_BLOCKS repository
 #   send     `btrfs send -p s1 <change> -f /dev/null` (btrfs's own incremental stream,
 #            written nowhere)
 #   floor    reading, with pread at queue depth 1 and nothing else, the 64 KiB blocks
 #            that hold the change (what snapsync reads) and, separately, only the
-#            changed 4 KiB pages (the least any incremental must read); timed inside
+#            changed 4 KiB pages (the least any incremental must read), then the 64 KiB
+#            blocks again from 8 threads (queue depth up to 8); timed inside
 #            one Python process after it dropped the page cache, so no start-up is
 #            counted: the time below which reading alone cannot go on this disk
 # and once each:
@@ -47,6 +53,7 @@ work=${3:-/tmp/snapsync-cow}
 reps=${REPS:-5}
 data=${DATA:-random}
 hash=${HASH:-auto}
+small=${SMALL_BLOCKS:-4096}
 bin="${SNAPSYNC:-${CARGO_TARGET_DIR:-$PWD/target}/release/snapsync}"
 [ -x "$bin" ] || { echo "no $bin: build it first" >&2; exit 1; }
 bin=$(realpath "$bin")
@@ -126,12 +133,17 @@ timed() {
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
 export SNAPSYNC_CACHE_DIR="$work/cache"
-"$bin" init "$work/repo-s1" >/dev/null
+"$bin" init "$work/repo-s1" ${BLOCK_SIZE:+--block-size "$BLOCK_SIZE"} >/dev/null
 "$bin" replicate "raw:snaps?layout=by-snapshot" "$work/repo-s1" --snapshot s1 >/dev/null
 mv "$work/cache" "$work/cache-s1"
+if [ "$small" != 0 ]; then
+    "$bin" init "$work/repo-small-s1" --block-size "$small" >/dev/null
+    "$bin" replicate "raw:snaps?layout=by-snapshot" "$work/repo-small-s1" --snapshot s1 >/dev/null
+    mv "$work/cache" "$work/cache-small-s1"
+fi
 
 before=${BEFORE:+$(realpath "$BEFORE")}
-ext=(); send=(); old=(); floor64=(); floor4=()
+ext=(); small_ext=(); send=(); old=(); floor64=(); floor4=(); floor64q8=()
 # floor RANGES_JSON: seconds to read the 64 KiB blocks, then the 4 KiB pages, of a diff.
 floor() {
     python3 - "$1" "snaps/$snap/vm.img" <<'PY'
@@ -146,12 +158,20 @@ def aligned(unit):
         else:
             out.append([a, b])
     return out
-for unit in (65536, 4096):
-    os.sync(); open("/proc/sys/vm/drop_caches", "w").write("3")
-    t = time.monotonic()
-    for a, b in aligned(unit):
+def read(ranges):
+    for a, b in ranges:
         while a < b:
             a += len(os.pread(f, min(b - a, 8 << 20), a))
+for unit, depth in ((65536, 1), (4096, 1), (65536, 8)):
+    ranges = aligned(unit)
+    os.sync(); open("/proc/sys/vm/drop_caches", "w").write("3")
+    t = time.monotonic()
+    if depth == 1:
+        read(ranges)
+    else:  # `depth` threads, each reading every depth-th range (pread drops the GIL)
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(depth) as pool:
+            list(pool.map(read, [ranges[k::depth] for k in range(depth)]))
     print(f"{time.monotonic() - t:.4f}", end=" ")
 PY
 }
@@ -159,41 +179,45 @@ for k in $(seq 1 "$reps"); do
     snap="c$k"
     change "$k" "$snap"
     # The repository and its index cache as they were after s1: each run does the same.
-    fresh_repo() {
+    fresh_repo() {  # fresh_repo [-small]
         rm -rf "$work/repo" "$work/cache"
-        cp -al "$work/repo-s1" "$work/repo"; cp -al "$work/cache-s1" "$work/cache"
+        cp -al "$work/repo$1-s1" "$work/repo"; cp -al "$work/cache$1-s1" "$work/cache"
     }
-    replicate() {  # replicate BIN OUT: seconds
-        fresh_repo
+    replicate() {  # replicate BIN OUT [-small]: seconds
+        fresh_repo "${3:-}"
         timed "$2" "$1" replicate "raw:snaps?layout=by-snapshot" "$work/repo" --snapshot "$snap" --json
     }
     run_ext() { t_ext=$(replicate "$bin" "$work/ext.json"); }
+    run_small() { [ "$small" = 0 ] || t_small=$(replicate "$bin" "$work/small.json" -small); }
     run_send() { t_send=$(timed /dev/null btrfs -q send -p snaps/s1 "snaps/$snap" -f /dev/null); }
     run_old() { [ -z "$before" ] || t_old=$(replicate "$before" "$work/old.json"); }
     case $((k % 3)) in
-        1) run_ext; run_send; run_old ;;
-        2) run_send; run_old; run_ext ;;
-        0) run_old; run_ext; run_send ;;
+        1) run_ext; run_small; run_send; run_old ;;
+        2) run_send; run_old; run_small; run_ext ;;
+        0) run_old; run_ext; run_send; run_small ;;
     esac
     grep -q '"diff_method":"extents"' "$work/ext.json" || { echo "not diffed from extents: $(cat "$work/ext.json")" >&2; exit 1; }
     "$bin" diff "raw:snaps?layout=by-snapshot" "vm@$snap" --base s1 --json > "$work/diff.json"
-    read -r t_f64 t_f4 <<< "$(floor "$work/diff.json")"
-    floor64+=("$t_f64"); floor4+=("$t_f4")
-    printf 'run %d: extents %.3f s, send %.3f s, floor %.3f s (64 KiB) %.3f s (4 KiB)' \
-        "$k" "$t_ext" "$t_send" "$t_f64" "$t_f4"
+    read -r t_f64 t_f4 t_f64q8 <<< "$(floor "$work/diff.json")"
+    floor64+=("$t_f64"); floor4+=("$t_f4"); floor64q8+=("$t_f64q8")
+    printf 'run %d: extents %.3f s, send %.3f s, floor %.3f s (64 KiB) %.3f s (4 KiB) %.3f s (64 KiB, 8 threads)' \
+        "$k" "$t_ext" "$t_send" "$t_f64" "$t_f4" "$t_f64q8"
+    [ "$small" = 0 ] || printf ', extents at %s-byte blocks %.3f s' "$small" "$t_small"
     [ -z "$before" ] || printf ', before %.3f s' "$t_old"
     printf '   %s\n' "$(cat "$work/ext.json")"
-    ext+=("$t_ext"); send+=("$t_send"); [ -z "$before" ] || old+=("$t_old")
+    ext+=("$t_ext"); send+=("$t_send"); [ "$small" = 0 ] || small_ext+=("$t_small"); [ -z "$before" ] || old+=("$t_old")
     [ "$k" = "$reps" ] || btrfs -q subvolume delete "snaps/$snap" >/dev/null
 done
 t_ext=$(median "${ext[@]}"); t_send=$(median "${send[@]}")
 t_b3=$(timed /dev/null b3sum snaps/s1/vm.img "snaps/$snap/vm.img")
 
-echo "== ${size_mib} MiB image ($data), ${pct}% changed in 100 KiB writes, btrfs, cache dropped, median of $reps"
+echo "== ${size_mib} MiB image ($data), block size ${BLOCK_SIZE:-default}, ${pct}% changed in 100 KiB writes, btrfs, cache dropped, median of $reps"
 printf '%-28s %8.3f s   (%s)\n' "snapsync, extents" "$t_ext" "$(printf '%s ' "${ext[@]}")" \
     "btrfs send -p > /dev/null" "$t_send" "$(printf '%s ' "${send[@]}")"
 printf '%-28s %8.3f s   (%s)\n' "floor: read 64 KiB blocks" "$(median "${floor64[@]}")" "$(printf '%s ' "${floor64[@]}")" \
-    "floor: read 4 KiB pages" "$(median "${floor4[@]}")" "$(printf '%s ' "${floor4[@]}")"
+    "floor: read 4 KiB pages" "$(median "${floor4[@]}")" "$(printf '%s ' "${floor4[@]}")" \
+    "floor: 64 KiB, 8 threads" "$(median "${floor64q8[@]}")" "$(printf '%s ' "${floor64q8[@]}")"
+[ "$small" = 0 ] || printf '%-28s %8.3f s   (%s)\n' "snapsync, extents, $small B" "$(median "${small_ext[@]}")" "$(printf '%s ' "${small_ext[@]}")"
 [ -z "$before" ] || printf '%-28s %8.3f s   (%s)\n' "BEFORE, extents" "$(median "${old[@]}")" "$(printf '%s ' "${old[@]}")"
 printf '%-28s %8.3f s\n' "b3sum of both images" "$t_b3"
 if [ "$hash" = 1 ]; then
@@ -213,5 +237,8 @@ if [ "$hash" = 1 ]; then
 else
     echo "snapsync, hashing: skipped (HASH=0, or no room for two plain copies: ${free_mib} MiB free)"
 fi
-printf 'b3sum / extents: %.1fx   send / extents: %.2fx\n' \
+printf 'b3sum / extents: %.1fx   send / extents: %.2fx' \
     "$(echo "$t_b3 / $t_ext" | bc -l)" "$(echo "$t_send / $t_ext" | bc -l)"
+[ "$small" = 0 ] || printf '   send / extents at %s-byte blocks: %.2fx' "$small" \
+    "$(echo "$t_send / $(median "${small_ext[@]}")" | bc -l)"
+echo
