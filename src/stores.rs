@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use snapsync::{AnyStore, OpenError, OpenOptions, StoreKind, StoreUrl};
 use snapsync_remote::ClientOptions;
-use snapsync_repo::{Credentials, KdfParams, RepoOptions};
+use snapsync_repo::{Credentials, KdfParams, RepoOptions, WrappingKeyMemo};
 use snapsync_store::StoreError;
 
 /// How long transient S3 errors are retried, whole seconds.
@@ -102,8 +102,14 @@ pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>> {
 
 /// The passphrases and key files given: `--password-file`s, SNAPSYNC_PASSWORD, then
 /// `--key-file`s (the first is what `init --encryption` uses).
+///
+/// Wrapping keys derived from them are kept for the process's later opens (a daemon
+/// opens its destinations again for every run, and each open would otherwise pay
+/// Argon2id again): see `WrappingKeyMemo`.
 fn credentials() -> Result<Credentials> {
-    let mut c = Credentials::default();
+    static MEMO: std::sync::LazyLock<WrappingKeyMemo> =
+        std::sync::LazyLock::new(WrappingKeyMemo::new);
+    let mut c = Credentials::default().remembering(MEMO.clone());
     let args = SECRETS.get().cloned().unwrap_or_default();
     for f in &args.password_files {
         c = c.with_passphrase(read_password_file(f)?);

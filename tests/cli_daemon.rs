@@ -297,9 +297,10 @@ fn run_job_answers_with_its_result_and_history_survives_a_restart() {
 }
 
 /// Jobs into two encrypted repositories with different passphrases: the daemon given
-/// both (`--password-file`, repeatable) replicates into each, incrementally, and its
-/// status page reads their size and chains; a daemon given none reports the
-/// destinations failed with the one-line "is encrypted" error and keeps running.
+/// both (`--password-file`, repeatable) replicates into each, incrementally, deriving
+/// each key once however often it opens them, and its status page reads their size and
+/// chains; a daemon given none reports the destinations failed with the one-line "is
+/// encrypted" error and keeps running.
 #[test]
 fn jobs_replicate_into_encrypted_repositories_given_their_passphrases() {
     let dir = tempfile::tempdir().unwrap();
@@ -399,6 +400,19 @@ fn jobs_replicate_into_encrypted_repositories_given_their_passphrases() {
         assert_eq!(snaps[1]["base"]["snapshot"], "s1", "a delta on s1: {dest}");
     }
     assert_eq!(daemon.stop(), Some(0));
+    // Two runs and the page's reads opened each repository several times; each pair of
+    // passphrase and key object was derived (Argon2id) once, then remembered: at most
+    // 2 x 2 derivations, where every open deriving again would have made at least six.
+    let derived = daemon
+        .log()
+        .iter()
+        .filter(|l| l.contains("derived the wrapping key"))
+        .count();
+    assert!(
+        (2..=4).contains(&derived),
+        "{derived} derivations: {:?}",
+        daemon.log()
+    );
 }
 
 #[test]

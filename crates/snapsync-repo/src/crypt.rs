@@ -79,15 +79,118 @@ impl Default for KdfParams {
 pub struct Credentials {
     passphrases: Vec<Zeroizing<Vec<u8>>>,
     key_files: Vec<Zeroizing<Vec<u8>>>,
+    memo: Option<WrappingKeyMemo>,
+}
+
+/// Wrapping keys derived in this process, kept so that later opens of the same key
+/// objects with the same secrets skip Argon2id.
+///
+/// A daemon opens each destination again for every run; without this, each run of an
+/// unattended job paid one key derivation per encrypted repository (~0.1 s of both
+/// cores and 64 MiB) before doing anything. What is kept is the key that *wraps* a
+/// master key, looked up by a keyed BLAKE3 hash of the secret, its kind, the key
+/// object's Argon2id parameters and its salt (the hash key random per memo, so the
+/// lookup keys say nothing about the secrets); the master key is still unwrapped and
+/// authenticated from the key object read at each open. So a removed key object opens
+/// nothing, a rotated passphrase (a new key object, a new salt) is derived afresh, and a
+/// changed password file is a different secret. Kept keys are wiped when the memo is
+/// dropped. Opt-in ([`Credentials::remembering`]): a one-shot command gains nothing.
+#[derive(Clone)]
+pub struct WrappingKeyMemo {
+    inner: std::sync::Arc<MemoInner>,
+}
+
+struct MemoInner {
+    hash_key: Zeroizing<[u8; 32]>,
+    /// Keys derived through this memo (lookups that found nothing).
+    derived: std::sync::atomic::AtomicU64,
+    keys: std::sync::Mutex<std::collections::HashMap<[u8; 32], Zeroizing<[u8; 32]>>>,
+}
+
+impl WrappingKeyMemo {
+    /// An empty memo.
+    pub fn new() -> Self {
+        let mut hash_key = Zeroizing::new([0u8; 32]);
+        rand::rng().fill_bytes(&mut hash_key[..]);
+        Self {
+            inner: std::sync::Arc::new(MemoInner {
+                hash_key,
+                derived: Default::default(),
+                keys: Default::default(),
+            }),
+        }
+    }
+
+    /// Wrapping keys derived through this memo so far: one per secret and key object
+    /// tried, however often it is opened.
+    pub fn derived(&self) -> u64 {
+        self.inner
+            .derived
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Wrapping keys kept.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no key is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], Zeroizing<[u8; 32]>>> {
+        // A panic elsewhere cannot leave the map half-updated: inserts are single calls.
+        self.inner
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lookup_key(&self, secret: Secret<'_>, kdf: Option<KdfParams>, salt: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.inner.hash_key);
+        let bytes = match secret {
+            Secret::Passphrase(p) | Secret::KeyFile(p) => p,
+        };
+        for part in [secret.kind().as_bytes(), bytes, salt] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        if let Some(k) = kdf {
+            for n in [k.memory_kib, k.iterations, k.parallelism] {
+                h.update(&n.to_le_bytes());
+            }
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+impl Default for WrappingKeyMemo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for WrappingKeyMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WrappingKeyMemo({} kept)", self.len())
+    }
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Credentials({} passphrase(s), {} key file(s))",
+            "Credentials({} passphrase(s), {} key file(s){})",
             self.passphrases.len(),
-            self.key_files.len()
+            self.key_files.len(),
+            if self.memo.is_some() {
+                ", remembering"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -103,6 +206,42 @@ impl Credentials {
     pub fn with_key_file(mut self, contents: impl Into<Vec<u8>>) -> Self {
         self.key_files.push(Zeroizing::new(contents.into()));
         self
+    }
+
+    /// Keep the wrapping keys derived with these credentials in `memo`, and use those
+    /// it already holds (see [`WrappingKeyMemo`]).
+    pub fn remembering(mut self, memo: WrappingKeyMemo) -> Self {
+        self.memo = Some(memo);
+        self
+    }
+
+    /// The wrapping key of key object `key_id` (`kdf`, `salt`) for `secret`: from the
+    /// memo, or derived (and kept there).
+    fn wrapping_key(
+        &self,
+        secret: Secret<'_>,
+        kdf: Option<KdfParams>,
+        salt: &[u8],
+        key_id: &str,
+    ) -> Result<Zeroizing<[u8; 32]>> {
+        let Some(memo) = &self.memo else {
+            return wrapping_key(secret, kdf, salt);
+        };
+        let lookup = memo.lookup_key(secret, kdf, salt);
+        if let Some(k) = memo.lock().get(&lookup) {
+            return Ok(k.clone());
+        }
+        let derived = wrapping_key(secret, kdf, salt)?;
+        memo.lock().insert(lookup, derived.clone());
+        memo.inner
+            .derived
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            key = key_id,
+            "derived the wrapping key of keys/{key_id} ({}), kept for this process's later opens",
+            secret.kind()
+        );
+        Ok(derived)
     }
 
     /// True when there is nothing to try.
@@ -294,7 +433,7 @@ impl Keys {
                 let salt = unhex(&object.salt).ok_or_else(|| bad("salt"))?;
                 let mut sealed = unhex(&object.nonce).ok_or_else(|| bad("nonce"))?;
                 sealed.extend(unhex(&object.master_key).ok_or_else(|| bad("master key"))?);
-                let wrapping = wrapping_key(secret, object.kdf, &salt)?;
+                let wrapping = credentials.wrapping_key(secret, object.kdf, &salt, key_id)?;
                 let Some(master) = open_with(&wrapping, &wrap_ad(repository_id, key_id), &sealed)
                 else {
                     continue;

@@ -57,7 +57,7 @@ mod view;
 mod writer;
 
 pub use backend::{CustomStore, Location, DEFAULT_RETRY_TIMEOUT_SECS};
-pub use crypt::{Credentials, KdfParams};
+pub use crypt::{Credentials, KdfParams, WrappingKeyMemo};
 pub use gc::GcReport;
 pub use lock::{GcLock, SessionLock};
 /// The object-store crate the repository is written against, for [`Location::custom`].
