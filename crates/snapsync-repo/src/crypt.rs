@@ -225,13 +225,13 @@ impl Credentials {
         key_id: &str,
     ) -> Result<Zeroizing<[u8; 32]>> {
         let Some(memo) = &self.memo else {
-            return wrapping_key(secret, kdf, salt);
+            return derive_wrapping_key(secret, kdf, salt);
         };
         let lookup = memo.lookup_key(secret, kdf, salt);
         if let Some(k) = memo.lock().get(&lookup) {
             return Ok(k.clone());
         }
-        let derived = wrapping_key(secret, kdf, salt)?;
+        let derived = derive_wrapping_key(secret, kdf, salt)?;
         memo.lock().insert(lookup, derived.clone());
         memo.inner
             .derived
@@ -398,7 +398,7 @@ impl Keys {
     ) -> Result<KeyObject> {
         let salt: [u8; 32] = random();
         let kdf = matches!(secret, Secret::Passphrase(_)).then_some(kdf);
-        let wrapping = wrapping_key(secret, kdf, &salt)?;
+        let wrapping = derive_wrapping_key(secret, kdf, &salt)?;
         let sealed = seal_with(
             &wrapping,
             &wrap_ad(repository_id, key_id),
@@ -464,7 +464,7 @@ fn wrap_ad(repository_id: &str, key_id: &str) -> Vec<u8> {
 
 /// The key that wraps the master key: Argon2id of a passphrase, or a BLAKE3
 /// derive-key of a key file's bytes (which must be random: at least 32 bytes).
-fn wrapping_key(
+fn derive_wrapping_key(
     secret: Secret<'_>,
     kdf: Option<KdfParams>,
     salt: &[u8],
