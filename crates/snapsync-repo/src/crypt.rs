@@ -16,6 +16,10 @@
 //!   [`xchacha`]) on `ring`'s ChaCha20-Poly1305, which seals 1.7x as fast on this code's
 //!   machines as the RustCrypto crate; the tests check the bytes against that crate.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use snapsync_core::{BlockId, Timestamp};
@@ -97,14 +101,17 @@ pub struct Credentials {
 /// dropped. Opt-in ([`Credentials::remembering`]): a one-shot command gains nothing.
 #[derive(Clone)]
 pub struct WrappingKeyMemo {
-    inner: std::sync::Arc<MemoInner>,
+    inner: Arc<MemoInner>,
 }
+
+/// Wrapping keys by lookup key.
+type KeptKeys = HashMap<[u8; 32], Zeroizing<[u8; 32]>>;
 
 struct MemoInner {
     hash_key: Zeroizing<[u8; 32]>,
     /// Keys derived through this memo (lookups that found nothing).
-    derived: std::sync::atomic::AtomicU64,
-    keys: std::sync::Mutex<std::collections::HashMap<[u8; 32], Zeroizing<[u8; 32]>>>,
+    derived: AtomicU64,
+    keys: Mutex<KeptKeys>,
 }
 
 impl WrappingKeyMemo {
@@ -113,7 +120,7 @@ impl WrappingKeyMemo {
         let mut hash_key = Zeroizing::new([0u8; 32]);
         rand::rng().fill_bytes(&mut hash_key[..]);
         Self {
-            inner: std::sync::Arc::new(MemoInner {
+            inner: Arc::new(MemoInner {
                 hash_key,
                 derived: Default::default(),
                 keys: Default::default(),
@@ -124,9 +131,7 @@ impl WrappingKeyMemo {
     /// Wrapping keys derived through this memo so far: one per secret and key object
     /// tried, however often it is opened.
     pub fn derived(&self) -> u64 {
-        self.inner
-            .derived
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.derived.load(Ordering::Relaxed)
     }
 
     /// Wrapping keys kept.
@@ -139,14 +144,12 @@ impl WrappingKeyMemo {
         self.len() == 0
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], Zeroizing<[u8; 32]>>> {
+    fn lock(&self) -> MutexGuard<'_, KeptKeys> {
         // A panic elsewhere cannot leave the map half-updated: inserts are single calls.
         self.inner
             .keys
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lookup_key(&self, secret: Secret<'_>, kdf: Option<KdfParams>, salt: &[u8]) -> [u8; 32] {
@@ -233,9 +236,7 @@ impl Credentials {
         }
         let derived = derive_wrapping_key(secret, kdf, salt)?;
         memo.lock().insert(lookup, derived.clone());
-        memo.inner
-            .derived
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        memo.inner.derived.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             key = key_id,
             "derived the wrapping key of keys/{key_id} ({}), kept for this process's later opens",
