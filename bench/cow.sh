@@ -13,7 +13,10 @@
 # repository's block size (default: snapsync's, 64 KiB); SMALL_BLOCKS=<bytes> (default
 # 4096, 0 for none) for a second repository with that block size, timed in the same
 # runs (`--block-size 4096` is the file systems' own extent unit: the change is read
-# and stored with no unchanged remainder of a 64 KiB block).
+# and stored with no unchanged remainder of a 64 KiB block); LOOP_DIRECT_IO=1 to attach
+# the loop device with --direct-io=on (requests reach the disk in parallel, closer to
+# a real device: there the 64 KiB floor from 8 threads was 0.048 s against 0.065 s
+# from one, where without it both take the same).
 #
 # Needs root (a btrfs file system on a loop device under WORK, removed at the end) and
 # btrfs-progs and b3sum (installed where missing). Builds nothing: uses
@@ -76,7 +79,7 @@ if [ "$hash" = auto ]; then
 fi
 truncate -s $((size_mib * 4 + 2048))M "$work/fs.img"
 mkfs.btrfs -q "$work/fs.img" >/dev/null 2>&1
-loop=$(losetup -f --show "$work/fs.img")
+loop=$(losetup -f --show ${LOOP_DIRECT_IO:+--direct-io=on} "$work/fs.img")
 cleanup() { cd /; umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt"; losetup -d "$loop"; rm -rf "$work"; }
 trap cleanup EXIT
 mount "$loop" "$work/mnt"
