@@ -42,8 +42,8 @@ fn with_compressor(
     })
 }
 
-/// Blocks of incompressible data in a row that a thread has seen, and how many bytes
-/// of small blocks it stores next without trying.
+/// Bytes of small blocks that failed to compress in a row on this thread, and how many
+/// bytes of small blocks it stores next without trying.
 ///
 /// A block too small for a probe (8 KiB or less: `--block-size 4096` repositories) is
 /// compressed whole to find out, and random data made that a quarter of the CPU of such
